@@ -1,0 +1,150 @@
+"""Small float64 test networks covering the architectures the linearization must handle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 4, width: int = 8, d_out: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, d_out)).double()
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn = nn.BatchNorm2d(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class SmallResNet(nn.Module):
+    """conv-BN-relu, a residual block with BatchNorm, dropout, global pooling, linear head."""
+
+    def __init__(self, d_out: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = ResBlock(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.block(h)
+        h = h.mean(dim=(2, 3))
+        return self.head(self.drop(h))
+
+
+def resnet(seed: int = 0, d_out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    net = SmallResNet(d_out).double()
+    # Give BatchNorm non-trivial running statistics and affine weights, then leave it in train mode.
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 1, 6, 6, dtype=torch.float64) * 2 + 0.5)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+class Shared(nn.Module):
+    """The same Linear layer applied twice (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.mid = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mid(h))
+        h = torch.tanh(self.mid(h))
+        return self.out(h)
+
+
+def shared(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Shared().double()
+
+
+class Embedder(nn.Module):
+    """Integer token inputs (n, L) -> embedding -> mean -> linear: 2 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.emb(tokens).mean(dim=1)))
+
+
+def embedder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Embedder().double()
+
+
+class SingleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def single_out(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SingleOut().double()
+
+
+def inputs_for(name: str, n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name == "mlp":
+        return torch.randn(n, 4, generator=g, dtype=torch.float64)
+    if name == "resnet":
+        return torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+    if name == "shared":
+        return torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if name == "embedder":
+        return torch.randint(0, 7, (n, 5), generator=g)
+    if name == "single":
+        return torch.randn(n, 2, generator=g, dtype=torch.float64)
+    raise KeyError(name)
+
+
+BUILDERS = {"mlp": mlp, "resnet": resnet, "shared": shared, "embedder": embedder, "single": single_out}
+
+
+def reference_jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """J(X) of shape (n, c, p) by plain autograd, one output at a time, in eval mode (independent of torch.func)."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names]
+    flags = [p.requires_grad for p in chosen]
+    for p in chosen:
+        p.requires_grad_(True)
+    try:
+        rows = []
+        for i in range(X.shape[0]):
+            out = model(X[i : i + 1]).reshape(-1)
+            per_out = []
+            for a in range(out.shape[0]):
+                grads = torch.autograd.grad(out[a], chosen, retain_graph=True, allow_unused=True)
+                per_out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, chosen)]))
+            rows.append(torch.stack(per_out))
+        return torch.stack(rows).detach().to(torch.float64)
+    finally:
+        for p, f in zip(chosen, flags):
+            p.requires_grad_(f)
+        for m, t in was:
+            m.training = t
