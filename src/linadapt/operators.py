@@ -1,0 +1,174 @@
+"""The finite-width neural tangent kernel as a matrix-free ``linear_operator.LinearOperator``.
+
+K = J(X1) J(X2)ᵀ has shape (n1·c, n2·c) and is **example-major**: row i·c + a is example i, output a.
+A product K V costs one vector-Jacobian product over X2 and one Jacobian-vector product over X1, for
+all columns of V at once (vmap), chunked over the data; K is never formed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import nn
+
+from .linearize import ALGEBRA_DTYPE, Linearization
+from .selection import ParamSpec
+
+__all__ = ["NTKOperator", "ntk_gram"]
+
+OutputSpec = int | str | None
+
+
+def _check_output(output: OutputSpec, c: int) -> OutputSpec:
+    if output is None or output == "sum":
+        return output
+    if isinstance(output, bool) or not isinstance(output, int):
+        raise ValueError(f"output must be None (all outputs), 'sum', or an output index; got {output!r}")
+    if not 0 <= output < c:
+        raise ValueError(f"output index {output} is out of range for a model with {c} outputs")
+    return output
+
+
+class NTKOperator(LinearOperator):
+    """K = J(X1) J(X2)ᵀ as a lazy, matrix-free linear operator (float64).
+
+    Args:
+        model: a ``torch.nn.Module`` (linearized at its current weights, in eval mode) or an existing
+            :class:`~linadapt.linearize.Linearization` (then ``params`` and ``chunk_size`` are ignored).
+        X1: (n1, ...) inputs indexing the rows.
+        X2: (n2, ...) inputs indexing the columns; ``None`` means X1 (a square, symmetric PSD operator).
+        params: parameter selection, see :func:`linadapt.selection.select_parameters`.
+        chunk_size: examples per chunk in the products.
+        output: ``None`` — all outputs, shape (n1·c, n2·c), example-major; an index ``a`` — the kernel of
+            output a alone, J_a(X1) J_a(X2)ᵀ of shape (n1, n2); ``"sum"`` — the trace kernel
+            Σ_a J_a(X1) J_a(X2)ᵀ of shape (n1, n2).
+
+    The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
+    pivoted Cholesky); ``to_dense()`` multiplies by the identity — for a dense kernel use :func:`ntk_gram`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Linearization,
+        X1: Any,
+        X2: Any | None = None,
+        params: ParamSpec = "all",
+        chunk_size: int | None = None,
+        output: OutputSpec = None,
+        symmetric: bool | None = None,
+    ) -> None:
+        lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
+        X1t = X1 if isinstance(X1, torch.Tensor) and X1.device == lin.device else lin.prepare_inputs(X1, "X1")
+        if X2 is None:
+            X2t = X1t
+            symmetric = True if symmetric is None else symmetric
+        else:
+            X2t = X2 if isinstance(X2, torch.Tensor) and X2.device == lin.device else lin.prepare_inputs(X2, "X2")
+            symmetric = bool(symmetric) if symmetric is not None else X2t is X1t
+        c = lin.output_dim(X1t)
+        output = _check_output(output, c)
+        super().__init__(X1=X1t, X2=X2t, model=lin, output=output, symmetric=symmetric)
+        self.linearization = lin
+        self.X1, self.X2 = X1t, X2t
+        self.output = output
+        self.symmetric = symmetric
+        self.num_outputs = c
+        self._width = c if output is None else 1
+
+    # -- the linear_operator contract ------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return ALGEBRA_DTYPE
+
+    @property
+    def device(self) -> torch.device:
+        return self.linearization.device
+
+    def _size(self) -> torch.Size:
+        return torch.Size((self.X1.shape[0] * self._width, self.X2.shape[0] * self._width))
+
+    def _transpose_nonbatch(self) -> NTKOperator:
+        return NTKOperator(self.linearization, X1=self.X2, X2=self.X1, output=self.output, symmetric=self.symmetric)
+
+    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        is_vec = rhs.dim() == 1
+        R = rhs.unsqueeze(-1) if is_vec else rhs
+        batch, (N2, k) = R.shape[:-2], R.shape[-2:]
+        rows = R.reshape(-1, N2, k).transpose(-1, -2).reshape(-1, N2)
+        out = self.apply_rows(rows)  # (B*k, N1)
+        out = out.reshape(*batch, k, -1).transpose(-1, -2)
+        return out.squeeze(-1) if is_vec else out
+
+    def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
+        """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
+        lin, c = self.linearization, self.num_outputs
+        V = V.to(device=self.device, dtype=ALGEBRA_DTYPE)
+        m, n2, n1 = V.shape[0], self.X2.shape[0], self.X1.shape[0]
+        if self.output is None:
+            W = lin.vjp(self.X2, V.reshape(m, n2, c))
+            return lin.jvp(self.X1, W).reshape(m, n1 * c)
+        if self.output == "sum":
+            U = torch.zeros(c, m, n2, c, dtype=V.dtype, device=V.device)
+            for a in range(c):
+                U[a, :, :, a] = V
+            out = lin.jvp(self.X1, lin.vjp(self.X2, U.reshape(c * m, n2, c))).reshape(c, m, n1, c)
+            return torch.diagonal(out, dim1=0, dim2=3).sum(-1)
+        a = int(self.output)
+        U = torch.zeros(m, n2, c, dtype=V.dtype, device=V.device)
+        U[:, :, a] = V
+        return lin.jvp(self.X1, lin.vjp(self.X2, U))[:, :, a]
+
+    def _diagonal(self) -> torch.Tensor:
+        if not self.symmetric:
+            raise RuntimeError("the diagonal is defined for the square operator J(X) J(X)ᵀ (X2 = None)")
+        blocks = self.linearization.ntk_blocks(self.X1)  # (n, c, c)
+        diag = torch.diagonal(blocks, dim1=-2, dim2=-1)  # (n, c)
+        if self.output is None:
+            return diag.reshape(-1)
+        if self.output == "sum":
+            return diag.sum(-1)
+        return diag[:, int(self.output)]
+
+    def _get_indices(self, row_index: Any, col_index: Any, *batch_indices: Any) -> torch.Tensor:
+        # Entries K[row_index, col_index] (broadcast): compute the needed rows from the few examples they
+        # touch (a vjp over those examples, a jvp over X2), then gather the columns.
+        row_index, col_index = torch.broadcast_tensors(torch.as_tensor(row_index), torch.as_tensor(col_index))
+        w = self._width
+        uniq_rows, row_inv = torch.unique(row_index.reshape(-1), return_inverse=True)
+        examples, ex_inv = torch.unique(uniq_rows // w, return_inverse=True)
+        sub = self.X1[examples.to(self.X1.device)]
+        basis = torch.zeros(uniq_rows.numel(), examples.numel() * w, dtype=ALGEBRA_DTYPE, device=self.device)
+        basis[torch.arange(uniq_rows.numel()), ex_inv * w + uniq_rows % w] = 1.0
+        # rows of K(sub, X2) = (K(X2, sub) applied to the one-hot vectors)ᵀ
+        rows = NTKOperator(self.linearization, X1=self.X2, X2=sub, output=self.output, symmetric=False).apply_rows(
+            basis
+        )
+        picked = rows[row_inv.to(rows.device), col_index.reshape(-1).to(rows.device)]
+        return picked.reshape(row_index.shape)
+
+    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:  # pragma: no cover - no batch support
+        raise NotImplementedError("NTKOperator does not support batch dimensions")
+
+    def __repr__(self) -> str:
+        return (
+            f"NTKOperator(shape={tuple(self.shape)}, outputs={self.num_outputs}, output={self.output!r}, "
+            f"p={self.linearization.num_params})"
+        )
+
+
+def ntk_gram(
+    model: nn.Module | Linearization,
+    X1: Any,
+    X2: Any | None = None,
+    params: ParamSpec = "all",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Dense NTK J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major, float64.
+
+    Computed by contracting per-example Jacobians chunk by chunk (memory bounded by a chunk of J, never
+    the whole of it). Same ordering as :class:`NTKOperator`: entry [i·c + a, j·c + b] = J_a(x_i) · J_b(x'_j).
+    """
+    lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
+    return lin.ntk(X1, X2)
