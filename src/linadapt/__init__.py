@@ -1,0 +1,27 @@
+"""linadapt: fast adaptation of trained PyTorch networks by linearization.
+
+A trained network f(x; θ̂) becomes the Gaussian process of its first-order Taylor expansion, whose
+kernel is the finite-width neural tangent kernel J(x) J(x')ᵀ; adapting to new data is exact posterior
+inference in that GP.
+"""
+
+from .kernel import NTKKernel
+from .linearize import Linearization, LinearizationError
+from .operators import NTKOperator, ntk_gram
+from .regressor import LinearizedRegressor
+from .selection import select_parameters
+from .solvers import ConvergenceWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "Linearization",
+    "LinearizationError",
+    "LinearizedRegressor",
+    "NTKKernel",
+    "NTKOperator",
+    "__version__",
+    "ntk_gram",
+    "select_parameters",
+]

@@ -1,0 +1,304 @@
+"""Exact Gaussian-process regression with the linearized network, in function or parameter space.
+
+Model: y = m(x) + J(x) δ + ε, δ ~ N(0, s² I_p), ε ~ N(0, σ² I), with m(x) = f(x; θ̂) or 0. Both spaces
+describe one posterior over δ — mean δ̄, covariance S — and predictions f* = m(X*) + J* δ̄ with latent
+covariance J* S J*ᵀ:
+
+* function space (N = n·c sized solves, A = s² K + σ² I):  δ̄ = s² Jᵀ A⁻¹ r,
+  J* S J*ᵀ = s² K** − s⁴ K*ₙ A⁻¹ Kₙ*;
+* parameter space (p sized solves, P = JᵀJ / σ² + I / s²):  δ̄ = P⁻¹ Jᵀ r / σ²,  J* S J*ᵀ = J* P⁻¹ J*ᵀ.
+
+Each space has a dense solver (Cholesky of A or P) and a matrix-free one (preconditioned CG on kernel or
+Gauss–Newton products). A CG solve that misses its tolerance warns and, when the dense matrix fits in
+the memory budget, is redone by Cholesky.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from linear_operator.functions import pivoted_cholesky
+
+from .evidence import Spectrum
+from .linearize import ALGEBRA_DTYPE, Linearization
+from .operators import NTKOperator
+from .solvers import (
+    ConvergenceWarning,
+    SolveInfo,
+    cg_solve,
+    diagonal_preconditioner,
+    low_rank_plus_diagonal_preconditioner,
+)
+
+__all__ = ["RegressionPosterior", "RegressionProblem", "SolverOptions", "choose_solver", "choose_space"]
+
+_DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
+_DENSE_MAX_DIM = 6000
+_MEMORY_BUDGET = 2 * 2**30  # bytes for any dense matrix this module forms
+
+
+@dataclass
+class SolverOptions:
+    """Tuning knobs of the matrix-free path."""
+
+    cg_tol: float = 1e-10
+    cg_max_iter: int | None = None
+    preconditioner_rank: int = 20
+    lanczos_iter: int = 100
+    lanczos_probes: int = 16
+    seed: int = 0
+    memory_budget: int = _MEMORY_BUDGET
+
+
+def choose_space(n_obs: int, p: int) -> str:
+    """``"function"`` when N = n·c ≤ p (smaller solves), else ``"parameter"``."""
+    return "function" if n_obs <= p else "parameter"
+
+
+def dense_fits(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET) -> bool:
+    """Whether the dense matrix of this space (and, for parameter space, the explicit J) fits the budget."""
+    if space == "function":
+        return n_obs * n_obs * 8 <= memory_budget
+    return (n_obs * p + p * p) * 8 <= memory_budget
+
+
+def choose_solver(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET) -> str:
+    """``"cholesky"`` when the dense matrix is small and cheap to form, else ``"cg"``."""
+    dim = n_obs if space == "function" else p
+    flops = n_obs * n_obs * p if space == "function" else n_obs * p * p
+    if dim <= _DENSE_MAX_DIM and flops <= _DENSE_FLOP_BUDGET and dense_fits(space, n_obs, p, memory_budget):
+        return "cholesky"
+    return "cg"
+
+
+class RegressionProblem:
+    """Training data of a regression with the linearized network, and the products and dense pieces on it.
+
+    Args:
+        lin: the linearization.
+        X: (n, ...) training inputs (prepared by ``lin``).
+        r: residuals y − m(X), flattened example-major, shape (N,) with N = n·c, float64.
+        options: solver settings.
+
+    Dense pieces (K, J, JᵀJ, their spectra, preconditioner factors) are computed on first use and cached,
+    so refits at new hyperparameters reuse them.
+    """
+
+    def __init__(self, lin: Linearization, X: torch.Tensor, r: torch.Tensor, options: SolverOptions) -> None:
+        self.lin, self.X, self.r, self.options = lin, X, r, options
+        self.c = lin.output_dim(X)
+        self.n_obs = X.shape[0] * self.c
+        self.p = lin.num_params
+        self.cache: dict[str, object] = {}
+
+    def kernel(self) -> torch.Tensor:
+        """Dense K = J(X) J(X)ᵀ (N × N)."""
+        if "K" not in self.cache:
+            self.cache["K"] = self.lin.ntk(self.X)
+        return self.cache["K"]  # type: ignore[return-value]
+
+    def jacobian_matrix(self) -> torch.Tensor:
+        """Dense J(X) as (N × p)."""
+        if "J" not in self.cache:
+            self.cache["J"] = self.lin.jacobian(self.X).reshape(self.n_obs, -1)
+        return self.cache["J"]  # type: ignore[return-value]
+
+    def gram(self) -> torch.Tensor:
+        """Dense G = JᵀJ (p × p)."""
+        if "G" not in self.cache:
+            J = self.jacobian_matrix()
+            self.cache["G"] = J.T @ J
+        return self.cache["G"]  # type: ignore[return-value]
+
+    def g(self) -> torch.Tensor:
+        """g = Jᵀ r (p,)."""
+        if "g" not in self.cache:
+            self.cache["g"] = self.lin.vjp(self.X, self.r.reshape(-1, self.c))
+        return self.cache["g"]  # type: ignore[return-value]
+
+    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """K V for V (N, k), matrix-free."""
+        return NTKOperator(self.lin, self.X, symmetric=True).apply_rows(V.T).T
+
+    def g_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """G V = Jᵀ (J V) for V (p, k), matrix-free."""
+        return self.lin.vjp(self.X, self.lin.jvp(self.X, V.T)).T
+
+    def spectrum(self, space: str, solver: str) -> Spectrum:
+        """Exact (``solver="cholesky"``) or Lanczos (``"cg"``) spectral summary for the evidence."""
+        key = f"spectrum-{space}-{solver}"
+        if key not in self.cache:
+            o, r = self.options, self.r
+            if solver == "cholesky":
+                if space == "function":
+                    spec = Spectrum.from_kernel(self.kernel(), r)
+                else:
+                    spec = Spectrum.from_jacobian(self.jacobian_matrix(), r)
+            elif space == "function":
+                spec = Spectrum.from_lanczos(
+                    "function", self.k_matmul, r, self.n_obs, self.n_obs, float(r @ r),
+                    o.lanczos_probes, o.lanczos_iter, o.seed, rank_bound=self.p,
+                )
+            else:
+                spec = Spectrum.from_lanczos(
+                    "parameter", self.g_matmul, self.g(), self.p, self.n_obs, float(r @ r),
+                    o.lanczos_probes, o.lanczos_iter, o.seed, rank_bound=self.n_obs,
+                )
+            self.cache[key] = spec
+        return self.cache[key]  # type: ignore[return-value]
+
+
+class RegressionPosterior:
+    """The posterior of the linearized GP for fixed (s², σ²).
+
+    Args:
+        problem: the training data and its products.
+        prior_var: s². noise_var: σ².
+        space: ``"function"`` or ``"parameter"``. solver: ``"cholesky"`` or ``"cg"``.
+    """
+
+    def __init__(self, problem: RegressionProblem, prior_var: float, noise_var: float, space: str, solver: str) -> None:
+        self.problem = problem
+        self.lin, self.X, self.r, self.c, self.n_obs = problem.lin, problem.X, problem.r, problem.c, problem.n_obs
+        self.s2, self.sig2 = float(prior_var), float(noise_var)
+        self.space, self.solver = space, solver
+        self.options = problem.options
+        self.cache = problem.cache
+        self.solve_info: SolveInfo | None = None
+        self._fit()
+
+    # ------------------------------------------------------------------ operators
+    def _a_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """A V = s² K V + σ² V (function space)."""
+        return self.s2 * self.problem.k_matmul(V) + self.sig2 * V
+
+    def _p_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """P V = G V / σ² + V / s² (parameter space)."""
+        return self.problem.g_matmul(V) / self.sig2 + V / self.s2
+
+    def _preconditioner(self):
+        if "precond" in self.cache and self.cache.get("precond_key") == (self.s2, self.sig2):
+            return self.cache["precond"]
+        if self.space == "function":
+            if "L" not in self.cache:
+                rank = min(self.options.preconditioner_rank, self.n_obs)
+                op = NTKOperator(self.lin, self.X, symmetric=True)
+                self.cache["L"] = pivoted_cholesky(op, rank).detach()
+            pre = low_rank_plus_diagonal_preconditioner(self.cache["L"], self.s2, self.sig2)
+        else:
+            if "G_diag" not in self.cache:
+                d = torch.zeros(self.lin.num_params, dtype=ALGEBRA_DTYPE, device=self.lin.device)
+                for _, jac in self.lin.jacobian_chunks(self.X):
+                    d += (jac**2).sum(dim=(0, 1))
+                self.cache["G_diag"] = d
+            pre = diagonal_preconditioner(self.cache["G_diag"] / self.sig2 + 1.0 / self.s2)
+        self.cache["precond"], self.cache["precond_key"] = pre, (self.s2, self.sig2)
+        return pre
+
+    # ------------------------------------------------------------------ solves
+    def solve(self, B: torch.Tensor, what: str = "posterior system") -> torch.Tensor:
+        """A⁻¹ B (function space, B: N × k) or P⁻¹ B (parameter space, B: p × k)."""
+        if self.solver == "cholesky":
+            return torch.cholesky_solve(B, self._chol())
+        matmul = self._a_matmul if self.space == "function" else self._p_matmul
+        x, info = cg_solve(
+            matmul,
+            B,
+            self._preconditioner(),
+            tol=self.options.cg_tol,
+            max_iter=self.options.cg_max_iter,
+            what=f"{self.space}-space {what}",
+            warn=False,
+        )
+        self.solve_info = info
+        if info.converged:
+            return x
+        dim = self.n_obs if self.space == "function" else self.lin.num_params
+        if dense_fits(self.space, self.n_obs, self.lin.num_params, self.options.memory_budget):
+            warnings.warn(
+                f"CG did not converge on the {self.space}-space {what} (relative residual "
+                f"{info.relative_residual:.3e} after {info.iterations} products); falling back to a dense "
+                f"Cholesky solve ({dim} × {dim})",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+            self.solver = "cholesky"
+            return torch.cholesky_solve(B, self._chol())
+        warnings.warn(
+            f"CG did not converge on the {self.space}-space {what} (relative residual "
+            f"{info.relative_residual:.3e} after {info.iterations} products) and the dense {dim} × {dim} "
+            "matrix does not fit the memory budget: results are approximate (raise cg_max_iter)",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+        return x
+
+    def _chol(self) -> torch.Tensor:
+        key = ("chol", self.space, self.s2, self.sig2)
+        if self.cache.get("chol_key") != key:
+            if self.space == "function":
+                M = self.s2 * self.problem.kernel()
+                M.diagonal().add_(self.sig2)
+            else:
+                M = self.problem.gram() / self.sig2
+                M.diagonal().add_(1.0 / self.s2)
+            L, info = torch.linalg.cholesky_ex(M)
+            if int(info) != 0:
+                # A and P are positive definite by construction (σ², 1/s² > 0); failure means round-off.
+                jitter = 1e-10 * float(M.diagonal().mean())
+                M.diagonal().add_(jitter)
+                L = torch.linalg.cholesky(M)
+            self.cache["chol"], self.cache["chol_key"] = L, key
+        return self.cache["chol"]
+
+    def _fit(self) -> None:
+        r = self.r.unsqueeze(-1)
+        if self.space == "function":
+            alpha = self.solve(r, "training system").squeeze(-1)
+            self.alpha = alpha
+            self.delta = self.s2 * self.lin.vjp(self.X, alpha.reshape(-1, self.c))
+        else:
+            self.g = self.problem.g()
+            self.delta = self.solve(self.g.unsqueeze(-1), "training system").squeeze(-1) / self.sig2
+
+    def quad_term(self) -> float:
+        """rᵀ A⁻¹ r from the fitted solve (function space: rᵀα; parameter space by Woodbury)."""
+        if self.space == "function":
+            return float(self.r @ self.alpha)
+        # δ̄ = (G + σ²/s² I)⁻¹ g, so rᵀA⁻¹r = (‖r‖² − gᵀδ̄) / σ².
+        return float((self.r @ self.r - self.g @ self.delta) / self.sig2)
+
+    # ------------------------------------------------------------------ predictions
+    def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
+        """J(X*) δ̄, shape (m, c)."""
+        return self.lin.jvp(Xs, self.delta)
+
+    def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
+        """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
+        if self.space == "parameter":
+            return B @ self.solve(B.T.contiguous(), "predictive system")
+        KnS = self.lin.jvp(self.X, B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
+        return self.s2 * (B @ B.T) - self.s2**2 * (KnS.T @ self.solve(KnS, "predictive system"))
+
+    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
+        """Per-example c × c posterior covariance blocks of f*, shape (m, c, c)."""
+        out = []
+        for _, jac in self.lin.jacobian_chunks(Xs):
+            b, c, p = jac.shape
+            cov = self.latent_cov_rows(jac.reshape(b * c, p)).reshape(b, c, b, c)
+            out.append(torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1))
+        return torch.cat(out)
+
+    def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
+        """Full posterior covariance of f*, shape (m·c, m·c), example-major."""
+        need = Xs.shape[0] * self.c * self.lin.num_params * 8
+        if need > self.options.memory_budget:
+            raise ValueError(
+                f"the full predictive covariance for {Xs.shape[0]} points needs a {need / 2**30:.1f} GiB Jacobian; "
+                "predict fewer points at once or ask for return_std instead"
+            )
+        B = self.lin.jacobian(Xs).reshape(Xs.shape[0] * self.c, -1)
+        cov = self.latent_cov_rows(B)
+        return 0.5 * (cov + cov.T)

@@ -1,0 +1,234 @@
+"""``LinearizedRegressor``: scikit-learn style GP regression with a trained network's tangent kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from ._validation import as_target_tensor, check_choice, check_positive
+from .evidence import maximize_evidence
+from .linearize import Linearization
+from .regression import (
+    RegressionPosterior,
+    RegressionProblem,
+    SolverOptions,
+    choose_solver,
+    choose_space,
+)
+from .selection import ParamSpec
+
+__all__ = ["LinearizedRegressor"]
+
+
+class LinearizedRegressor(RegressorMixin, BaseEstimator):
+    """Gaussian-process regression with the finite-width NTK of a trained network.
+
+    The network f(x; θ̂) is replaced by its linearization f(x; θ̂) + J(x)(θ − θ̂) with prior
+    θ − θ̂ ~ N(0, prior_var · I) and Gaussian noise of variance noise_var on every output, i.e. a GP with
+    mean m(x) and kernel prior_var · J(x) J(x')ᵀ whose c × c output blocks couple the outputs.
+
+    Args:
+        model: a trained ``torch.nn.Module`` returning (n, c) or (n,) outputs. It is never modified.
+        params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
+        prior_var: s², the prior variance of θ − θ̂ (starting value when optimising, fixed otherwise).
+        noise_var: σ², the observation-noise variance; ``None`` starts from 0.1 × the variance of the
+            residuals y − m(X) (and, without optimisation, uses that guess).
+        optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
+            likelihood (type-II maximum likelihood).
+        mean: ``"network"`` — the prior mean is f(x; θ̂); ``"zero"`` — a zero-mean GP with the NTK.
+        space: ``"function"`` (n·c sized solves), ``"parameter"`` (p sized solves), or ``"auto"`` (the smaller).
+        solver: ``"cholesky"`` (dense), ``"cg"`` (matrix-free preconditioned CG; hyperparameters by Lanczos
+            quadrature), or ``"auto"`` (dense when the matrix is small).
+        chunk_size: examples per chunk in Jacobian products (bounds peak memory).
+        device: where to compute (default: the model's device).
+        cg_tol: relative residual target of CG solves.
+        cg_max_iter: CG iterations per round (default min(dimension, 1000)).
+        seed: seed of the stochastic log-determinant probes (matrix-free evidence).
+
+    Attributes (after ``fit``):
+        prior_var_, noise_var_: the hyperparameters used.
+        space_, solver_: the choices made (``solver_`` becomes ``"cholesky"`` after a CG fallback).
+        n_outputs_: c. linearization_: the :class:`~linadapt.linearize.Linearization`.
+        log_marginal_likelihood_value_: log p(y | prior_var_, noise_var_).
+        solve_info_: the last CG report (iterations, relative residual) or ``None`` for Cholesky.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = "all",
+        prior_var: float = 1.0,
+        noise_var: float | None = None,
+        optimize_hyperparameters: bool = True,
+        mean: str = "network",
+        space: str = "auto",
+        solver: str = "auto",
+        chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+        cg_tol: float = 1e-10,
+        cg_max_iter: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.prior_var = prior_var
+        self.noise_var = noise_var
+        self.optimize_hyperparameters = optimize_hyperparameters
+        self.mean = mean
+        self.space = space
+        self.solver = solver
+        self.chunk_size = chunk_size
+        self.device = device
+        self.cg_tol = cg_tol
+        self.cg_max_iter = cg_max_iter
+        self.seed = seed
+
+    # ------------------------------------------------------------------ fitting
+    def _options(self) -> SolverOptions:
+        check_positive(self.cg_tol, "cg_tol")
+        return SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
+
+    def fit(self, X: Any, y: Any) -> LinearizedRegressor:
+        """Condition the linearized GP on (X, y) and, if asked, learn prior_var and noise_var.
+
+        Args:
+            X: (n, ...) inputs the model accepts (array-like or tensor).
+            y: (n,) targets for a one-output model, or (n, c) for c outputs (floating point).
+        """
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        check_choice(self.mean, "mean", ("network", "zero"))
+        check_choice(self.space, "space", ("auto", "function", "parameter"))
+        check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
+        prior0 = check_positive(self.prior_var, "prior_var")
+        noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
+        lin = Linearization(self.model, self.params, self.chunk_size, self.device)
+        Xt = lin.prepare_inputs(X, "X")
+        yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
+        f0 = lin.outputs(Xt)
+        c = f0.shape[1]
+        if yt.dim() == 1 and c != 1:
+            raise ValueError(f"y has shape (n,) but the model has {c} outputs: pass y of shape (n, {c})")
+        if yt.dim() == 2 and yt.shape[1] != c:
+            raise ValueError(f"y has {yt.shape[1]} columns but the model has {c} outputs: y must be (n, {c})")
+        self._y_ndim = yt.dim()
+        Y = yt.reshape(-1, c)
+        m = f0 if self.mean == "network" else torch.zeros_like(f0)
+        r = (Y - m).reshape(-1)
+        n_obs, p = r.numel(), lin.num_params
+        space = choose_space(n_obs, p) if self.space == "auto" else self.space
+        options = self._options()
+        solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
+        problem = RegressionProblem(lin, Xt, r, options)
+        if noise0 is None:
+            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
+            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
+        if self.optimize_hyperparameters:
+            spectrum = problem.spectrum(space, solver)
+            prior, noise, _ = maximize_evidence(spectrum, prior0, noise0)
+        else:
+            prior, noise = prior0, noise0
+        posterior = RegressionPosterior(problem, prior, noise, space, solver)
+        self.linearization_ = lin
+        self.problem_ = problem
+        self.posterior_ = posterior
+        self.prior_var_, self.noise_var_ = prior, noise
+        self.space_, self.solver_ = space, posterior.solver
+        self.n_outputs_ = c
+        self.solve_info_ = posterior.solve_info
+        self.log_marginal_likelihood_value_ = self._lml_at_fit()
+        return self
+
+    def _lml_at_fit(self) -> float:
+        """log p(y) at the fitted hyperparameters: exact for Cholesky; CG quadratic + Lanczos log det for CG."""
+        post = self.posterior_
+        spec = self.problem_.spectrum(post.space, post.solver)
+        if spec.exact:
+            return spec(post.s2, post.sig2)
+        t = torch.tensor
+        _, logdet = spec.terms(t(math.log(post.s2), dtype=torch.float64), t(math.log(post.sig2), dtype=torch.float64))
+        return float(-0.5 * post.quad_term() - 0.5 * logdet - 0.5 * post.n_obs * math.log(2 * math.pi))
+
+    def log_marginal_likelihood(self, prior_var: float | None = None, noise_var: float | None = None) -> float:
+        """log p(y | prior_var, noise_var) on the training data (defaults: the fitted values).
+
+        Exact on the Cholesky path; on the CG path the log-determinant is a stochastic Lanczos estimate.
+        """
+        self._check_fitted()
+        if prior_var is None and noise_var is None:
+            return self.log_marginal_likelihood_value_
+        s2 = check_positive(prior_var if prior_var is not None else self.prior_var_, "prior_var")
+        sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
+        return self.problem_.spectrum(self.posterior_.space, self.posterior_.solver)(s2, sig2)
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "posterior_"):
+            raise NotFittedError("this LinearizedRegressor is not fitted yet: call fit(X, y) first")
+
+    def _latent_mean(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared inputs and the posterior mean of f there, m(X*) + J(X*) δ̄, shape (m, c)."""
+        lin = self.linearization_
+        Xs = lin.prepare_inputs(X, "X")
+        if self.mean == "network":
+            prior_mean = lin.outputs(Xs)
+        else:
+            prior_mean = torch.zeros(Xs.shape[0], self.n_outputs_, dtype=torch.float64, device=lin.device)
+        return Xs, prior_mean + self.posterior_.mean_shift(Xs)
+
+    def predict(
+        self,
+        X: Any,
+        return_std: bool = False,
+        return_cov: bool = False,
+        include_noise: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Predictive mean, and optionally its standard deviation or covariance.
+
+        Args:
+            X: (m, ...) inputs.
+            return_std: also return the predictive standard deviation, same shape as the mean.
+            return_cov: also return the joint predictive covariance: (m, m) for one output, (m, c, m, c)
+                for c outputs (entry [i, a, j, b] = Cov(f_a(x_i), f_b(x_j))).
+            include_noise: the std / covariance of y (adds noise_var_) rather than of the latent f.
+
+        Returns:
+            mean of shape (m,) or (m, c) (as y in ``fit``), as float64 numpy arrays; with ``return_std`` or
+            ``return_cov`` a tuple (mean, std) or (mean, cov).
+        """
+        self._check_fitted()
+        if return_std and return_cov:
+            raise ValueError("at most one of return_std and return_cov can be requested")
+        post, c = self.posterior_, self.n_outputs_
+        Xs, mean = self._latent_mean(X)
+        vector = self._y_ndim == 1
+        out_mean = (mean[:, 0] if vector else mean).cpu().numpy()
+        if not (return_std or return_cov):
+            return out_mean
+        noise = self.noise_var_ if include_noise else 0.0
+        if return_std:
+            blocks = post.latent_blocks(Xs)
+            var = torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(0.0) + noise
+            std = var.sqrt()
+            return out_mean, (std[:, 0] if vector else std).cpu().numpy()
+        cov = post.latent_cov(Xs)
+        cov.diagonal().add_(noise)
+        m = Xs.shape[0]
+        cov = cov.reshape(m, c, m, c)
+        return out_mean, (cov[:, 0, :, 0] if vector else cov).cpu().numpy()
+
+    def predict_blocks(self, X: Any, include_noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean (m, c) and per-example c × c covariance blocks (m, c, c)."""
+        self._check_fitted()
+        post, c = self.posterior_, self.n_outputs_
+        Xs, mean = self._latent_mean(X)
+        blocks = post.latent_blocks(Xs)
+        if include_noise:
+            blocks = blocks + self.noise_var_ * torch.eye(c, dtype=blocks.dtype, device=blocks.device)
+        return mean.cpu().numpy(), blocks.cpu().numpy()
