@@ -1,0 +1,132 @@
+import gpytorch
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from linear_operator.functions import pivoted_cholesky
+from models import BUILDERS, inputs_for, mlp, reference_jacobian, resnet
+
+import linadapt as la
+
+TOL = 1e-10
+
+
+def dense_reference(model, X1, X2, names):
+    J1 = reference_jacobian(model, X1, names)
+    J2 = reference_jacobian(model, X2, names)
+    n1, c, p = J1.shape
+    return J1.reshape(n1 * c, p) @ J2.reshape(-1, p).T, J1, J2
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_operator_and_gram_match_explicit_jacobian(name):
+    model = BUILDERS[name]()
+    X1, X2 = inputs_for(name, 5, seed=1), inputs_for(name, 4, seed=2)
+    lin = la.Linearization(model, chunk_size=2)
+    K12, J1, J2 = dense_reference(model, X1, X2, lin.param_names)
+    op = la.NTKOperator(lin, X1, X2)
+    c = J1.shape[1]
+    assert op.shape == (5 * c, 4 * c)
+    V = torch.randn(4 * c, 3, dtype=torch.float64)
+    # matmul = J1 (J2ᵀ V), vectors and matrices
+    assert torch.allclose(op @ V, K12 @ V, atol=TOL)
+    assert torch.allclose(op.matmul(V[:, 0]), K12 @ V[:, 0], atol=TOL)
+    assert torch.allclose(op.mT @ torch.ones(5 * c, dtype=torch.float64), K12.T @ torch.ones(5 * c, dtype=torch.float64), atol=TOL)
+    assert torch.allclose(la.ntk_gram(model, X1, X2), K12, atol=TOL)
+    assert torch.allclose(la.ntk_gram(lin, X1), dense_reference(model, X1, X1, lin.param_names)[0], atol=TOL)
+
+
+def test_example_major_ordering():
+    model, X = mlp(), inputs_for("mlp", 3)
+    lin = la.Linearization(model)
+    K = la.ntk_gram(lin, X)
+    J = lin.jacobian(X)
+    for i, a, j, b in [(0, 0, 1, 2), (2, 1, 0, 0), (1, 2, 1, 1)]:
+        assert torch.isclose(K[i * 3 + a, j * 3 + b], J[i, a] @ J[j, b])
+
+
+def test_output_selection_and_trace_kernel():
+    model, X = resnet(), inputs_for("resnet", 5)
+    lin = la.Linearization(model)
+    J = lin.jacobian(X)
+    for out in (0, 2):
+        op = la.NTKOperator(lin, X, output=out)
+        ref = J[:, out] @ J[:, out].T
+        assert torch.allclose(op.to_dense(), ref, atol=TOL)
+        assert torch.allclose(op.diagonal(), ref.diagonal(), atol=TOL)
+    op = la.NTKOperator(lin, X, output="sum")
+    ref = torch.einsum("icp,jcp->ij", J, J)
+    assert torch.allclose(op.to_dense(), ref, atol=TOL)
+    with pytest.raises(ValueError, match="out of range"):
+        la.NTKOperator(lin, X, output=3)
+
+
+def test_linear_operator_algorithms_apply():
+    model, X = resnet(), inputs_for("resnet", 6)
+    lin = la.Linearization(model)
+    op = la.NTKOperator(lin, X)
+    K = la.ntk_gram(lin, X)
+    assert torch.allclose(op.diagonal(), K.diagonal(), atol=TOL)
+    assert torch.allclose(op[4, 7], K[4, 7], atol=TOL)
+    A = op.add_diagonal(torch.tensor(0.3, dtype=torch.float64))
+    b = torch.randn(18, 2, dtype=torch.float64)
+    Ad = K + 0.3 * torch.eye(18, dtype=torch.float64)
+    assert torch.allclose(A.solve(b), torch.linalg.solve(Ad, b), atol=1e-8)
+    quad, logdet = A.inv_quad_logdet(b[:, :1], logdet=True)
+    assert torch.isclose(logdet, torch.logdet(Ad), atol=1e-8)
+    L = pivoted_cholesky(op, 18)
+    assert torch.allclose(L @ L.T, K, atol=1e-8)
+
+
+@given(seed=st.integers(0, 10_000), a=st.floats(-3, 3), b=st.floats(-3, 3))
+def test_operator_laws(seed, a, b):
+    """Symmetry, positive semi-definiteness and linearity of K = J Jᵀ, on random probes."""
+    model, X = mlp(), inputs_for("mlp", 4)
+    op = la.NTKOperator(model, X)
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    Ku, Kv = op.matmul(u), op.matmul(v)
+    scale = 1 + Ku.abs().max() + Kv.abs().max()
+    assert torch.isclose(u @ Kv, v @ Ku, atol=1e-10 * scale)  # symmetric
+    assert u @ Ku >= -1e-10 * scale  # PSD
+    assert torch.allclose(op.matmul(a * u + b * v), a * Ku + b * Kv, atol=1e-10 * scale)  # linear
+
+
+def test_ntk_kernel_in_exact_gp_matches_dense_gp():
+    model, X = resnet(d_out=2), inputs_for("resnet", 8)
+    Xflat = X.reshape(8, -1)
+    y = torch.sin(Xflat.sum(1))
+    lin = la.Linearization(model)
+    J = lin.jacobian(X)
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, kernel):
+            lik = gpytorch.likelihoods.GaussianLikelihood()
+            super().__init__(Xflat, y, lik)
+            self.mean_module = gpytorch.means.ZeroMean()
+            self.covar_module = kernel
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    for output, Jo in ((1, J[:, 1]), ("sum", None)):
+        kernel = la.NTKKernel(model, input_shape=(1, 6, 6), output=output)
+        assert not list(kernel.parameters())  # the network's weights are not GP parameters
+        gp = GP(kernel).double()
+        gp.likelihood.noise = 0.1
+        gp.eval()
+        Xs = inputs_for("resnet", 3, seed=5)
+        with torch.no_grad():
+            pred = gp(Xs.reshape(3, -1))
+        Js = lin.jacobian(Xs)
+        if output == "sum":
+            K = torch.einsum("icp,jcp->ij", J, J)
+            Ks = torch.einsum("icp,jcp->ij", Js, J)
+            Kss = torch.einsum("icp,jcp->ij", Js, Js)
+        else:
+            K, Ks, Kss = Jo @ Jo.T, Js[:, 1] @ Jo.T, Js[:, 1] @ Js[:, 1].T
+        A = K + 0.1 * torch.eye(8, dtype=torch.float64)
+        assert torch.allclose(pred.mean, Ks @ torch.linalg.solve(A, y), atol=1e-6)
+        assert torch.allclose(pred.covariance_matrix, Kss - Ks @ torch.linalg.solve(A, Ks.T), atol=1e-6)
+    with pytest.raises(ValueError, match="input_shape"):
+        la.NTKKernel(model, input_shape=(1, 5, 5))(Xflat).to_dense()
