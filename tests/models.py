@@ -8,7 +8,9 @@ from torch import nn
 
 def mlp(d_in: int = 4, width: int = 8, d_out: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, d_out)).double()
+    return nn.Sequential(
+        nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, d_out)
+    ).double()
 
 
 class ResBlock(nn.Module):
@@ -140,7 +142,11 @@ def reference_jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> t
             per_out = []
             for a in range(out.shape[0]):
                 grads = torch.autograd.grad(out[a], chosen, retain_graph=True, allow_unused=True)
-                per_out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, chosen)]))
+                per_out.append(
+                    torch.cat(
+                        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, chosen)]
+                    )
+                )
             rows.append(torch.stack(per_out))
         return torch.stack(rows).detach().to(torch.float64)
     finally:

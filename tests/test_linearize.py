@@ -69,7 +69,12 @@ def test_parameter_selection():
     assert select_parameters(model, "last") == ["head.weight", "head.bias"]
     bias = select_parameters(model, "bias")
     assert bias and all(n.endswith("bias") for n in bias)
-    assert select_parameters(model, ["block.*"]) == ["block.conv.weight", "block.conv.bias", "block.bn.weight", "block.bn.bias"]
+    assert select_parameters(model, ["block.*"]) == [
+        "block.conv.weight",
+        "block.conv.bias",
+        "block.bn.weight",
+        "block.bn.bias",
+    ]
     assert select_parameters(model, "head.weight") == ["head.weight"]
     with pytest.raises(ValueError, match="matches no parameter"):
         select_parameters(model, ["nothing.*"])

@@ -31,7 +31,9 @@ def test_operator_and_gram_match_explicit_jacobian(name):
     # matmul = J1 (J2ᵀ V), vectors and matrices
     assert torch.allclose(op @ V, K12 @ V, atol=TOL)
     assert torch.allclose(op.matmul(V[:, 0]), K12 @ V[:, 0], atol=TOL)
-    assert torch.allclose(op.mT @ torch.ones(5 * c, dtype=torch.float64), K12.T @ torch.ones(5 * c, dtype=torch.float64), atol=TOL)
+    assert torch.allclose(
+        op.mT @ torch.ones(5 * c, dtype=torch.float64), K12.T @ torch.ones(5 * c, dtype=torch.float64), atol=TOL
+    )
     assert torch.allclose(la.ntk_gram(model, X1, X2), K12, atol=TOL)
     assert torch.allclose(la.ntk_gram(lin, X1), dense_reference(model, X1, X1, lin.param_names)[0], atol=TOL)
 

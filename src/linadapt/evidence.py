@@ -84,7 +84,9 @@ class Spectrum:
 
     def __call__(self, prior_var: float, noise_var: float) -> float:
         t = torch.tensor
-        return self.log_ml(t(math.log(prior_var), dtype=torch.float64), t(math.log(noise_var), dtype=torch.float64)).item()
+        return self.log_ml(
+            t(math.log(prior_var), dtype=torch.float64), t(math.log(noise_var), dtype=torch.float64)
+        ).item()
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -129,10 +131,11 @@ class Spectrum:
         if dim <= max(num_probes, 64):
             # Small enough to take the trace exactly: probe with every standard basis vector.
             probes = torch.eye(dim, dtype=quad_vector.dtype, device=quad_vector.device)
-            num_probes = dim
+            trace_scale = 1.0  # tr f(M) = Σ_i e_iᵀ f(M) e_i
         else:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             probes = (torch.randint(0, 2, (dim, num_probes), generator=gen) * 2 - 1).to(quad_vector)
+            trace_scale = 1.0 / num_probes  # Hutchinson: tr f(M) ≈ mean over z of zᵀ f(M) z
         iters = min(max_iter, dim, rank_bound + 1 if rank_bound is not None else dim)
         if float(quad_vector.norm()) == 0.0:
             # Residual (or its projection) is exactly zero: the quadratic term needs no quadrature.
@@ -146,7 +149,7 @@ class Spectrum:
                 qn, qw, rho_sq = _split_range(qn, qw, r_sq)
             nodes, weights = nodes[1:], weights[1:]
         ld_nodes = nodes.reshape(-1)
-        ld_weights = (weights / num_probes).reshape(-1)
+        ld_weights = (weights * trace_scale).reshape(-1)
         return cls(kind, qn, qw, rho_sq, ld_nodes, ld_weights, dim, n_obs, False)
 
 

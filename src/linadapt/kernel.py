@@ -57,15 +57,15 @@ class NTKKernel(Kernel):
 
     def _to_network(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if x.dim() != 2:
-            raise ValueError(f"NTKKernel takes inputs of shape (n, d) without batch dimensions; {name} is {tuple(x.shape)}")
+            raise ValueError(
+                f"NTKKernel takes inputs of shape (n, d) without batch dimensions; {name} is {tuple(x.shape)}"
+            )
         if self.input_shape is not None:
             size = 1
             for s in self.input_shape:
                 size *= s
             if x.shape[1] != size:
-                raise ValueError(
-                    f"{name} has {x.shape[1]} features but input_shape {self.input_shape} needs {size}"
-                )
+                raise ValueError(f"{name} has {x.shape[1]} features but input_shape {self.input_shape} needs {size}")
             x = x.reshape(x.shape[0], *self.input_shape)
         return self.linearization.prepare_inputs(x, name)
 

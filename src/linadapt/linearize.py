@@ -120,9 +120,7 @@ class Linearization:
         """Raw network output on one chunk, reshaped to (b, c)."""
         out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
         if not isinstance(out, torch.Tensor):
-            raise LinearizationError(
-                f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}"
-            )
+            raise LinearizationError(f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}")
         if out.dim() == 1:
             out = out.unsqueeze(-1)
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
@@ -277,7 +275,9 @@ class Linearization:
             out, fn = vjp(lambda th: self._f(th, xb), self.theta)
             b, c = out.shape
             eye = torch.eye(b * c, dtype=out.dtype, device=out.device).reshape(b * c, b, c)
-            rows = torch.cat([self.flatten(vmap(fn)(eye[g : g + _RHS_GROUP])[0], 1) for g in range(0, b * c, _RHS_GROUP)])
+            rows = torch.cat(
+                [self.flatten(vmap(fn)(eye[g : g + _RHS_GROUP])[0], 1) for g in range(0, b * c, _RHS_GROUP)]
+            )
             return rows.reshape(b, c, -1)
 
         return self._guard("Jacobian", basis_pull)

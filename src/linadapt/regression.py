@@ -138,13 +138,29 @@ class RegressionProblem:
                     spec = Spectrum.from_jacobian(self.jacobian_matrix(), r)
             elif space == "function":
                 spec = Spectrum.from_lanczos(
-                    "function", self.k_matmul, r, self.n_obs, self.n_obs, float(r @ r),
-                    o.lanczos_probes, o.lanczos_iter, o.seed, rank_bound=self.p,
+                    "function",
+                    self.k_matmul,
+                    r,
+                    self.n_obs,
+                    self.n_obs,
+                    float(r @ r),
+                    o.lanczos_probes,
+                    o.lanczos_iter,
+                    o.seed,
+                    rank_bound=self.p,
                 )
             else:
                 spec = Spectrum.from_lanczos(
-                    "parameter", self.g_matmul, self.g(), self.p, self.n_obs, float(r @ r),
-                    o.lanczos_probes, o.lanczos_iter, o.seed, rank_bound=self.n_obs,
+                    "parameter",
+                    self.g_matmul,
+                    self.g(),
+                    self.p,
+                    self.n_obs,
+                    float(r @ r),
+                    o.lanczos_probes,
+                    o.lanczos_iter,
+                    o.seed,
+                    rank_bound=self.n_obs,
                 )
             self.cache[key] = spec
         return self.cache[key]  # type: ignore[return-value]

@@ -136,9 +136,7 @@ def low_rank_plus_diagonal_preconditioner(L: torch.Tensor, scale: float, noise: 
     return apply
 
 
-def lanczos_quadrature(
-    matmul: Matmul, start: torch.Tensor, max_iter: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss quadrature for vᵀ f(A) v from Lanczos started at each column v of ``start``.
 
     For A symmetric PSD (D × D) and start (D, k), returns nodes θ (k, m) and weights w (k, m) with
