@@ -23,7 +23,7 @@ def test_operator_and_gram_match_explicit_jacobian(name):
     model = BUILDERS[name]()
     X1, X2 = inputs_for(name, 5, seed=1), inputs_for(name, 4, seed=2)
     lin = la.Linearization(model, chunk_size=2)
-    K12, J1, J2 = dense_reference(model, X1, X2, lin.param_names)
+    K12, J1, _J2 = dense_reference(model, X1, X2, lin.param_names)
     op = la.NTKOperator(lin, X1, X2)
     c = J1.shape[1]
     assert op.shape == (5 * c, 4 * c)
@@ -75,6 +75,7 @@ def test_linear_operator_algorithms_apply():
     Ad = K + 0.3 * torch.eye(18, dtype=torch.float64)
     assert torch.allclose(A.solve(b), torch.linalg.solve(Ad, b), atol=1e-8)
     quad, logdet = A.inv_quad_logdet(b[:, :1], logdet=True)
+    assert torch.isclose(quad, b[:, 0] @ torch.linalg.solve(Ad, b[:, 0]), rtol=1e-8)
     assert torch.isclose(logdet, torch.logdet(Ad), atol=1e-8)
     L = pivoted_cholesky(op, 18)
     assert torch.allclose(L @ L.T, K, atol=1e-8)

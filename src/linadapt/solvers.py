@@ -143,7 +143,7 @@ def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tu
     vⱼᵀ f(A) vⱼ ≈ Σ_l w[j, l] f(θ[j, l]); w[j] sums to ‖vⱼ‖². Exact for polynomials of degree < 2m and,
     once m reaches the dimension of the Krylov space, for every f.
     """
-    D, k = start.shape
+    D, _k = start.shape
     norms = start.norm(dim=0)
     if bool((norms == 0).any()):
         raise ValueError("Lanczos start vectors must be non-zero")
@@ -151,7 +151,7 @@ def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tu
     probe = matmul(start[:, :1] / norms[0])
     scale = float(probe.norm()) or 1.0
     m = max(1, min(int(max_iter), D))
-    q, t = lanczos_tridiag(
+    _q, t = lanczos_tridiag(
         lambda v: matmul(v) / scale,
         max_iter=m,
         dtype=start.dtype,
