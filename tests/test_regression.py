@@ -269,3 +269,18 @@ def test_bad_input_errors():
     reg.fit(X, y)
     with pytest.raises(ValueError, match="at most one"):
         reg.predict(X, return_std=True, return_cov=True)
+
+
+def test_float32_network_float64_algebra():
+    """A float32 network gives float64 results that agree with the float64 network to float32 accuracy."""
+    model64, X = mlp(), inputs_for("mlp", 10)
+    model32 = mlp().float()
+    y = torch.randn(10, 3, dtype=torch.float64)
+    kw = dict(prior_var=0.5, noise_var=0.1, optimize_hyperparameters=False)
+    r64 = la.LinearizedRegressor(model64, **kw).fit(X, y)
+    r32 = la.LinearizedRegressor(model32, **kw).fit(X.float(), y)
+    m64, s64 = r64.predict(X, return_std=True)
+    m32, s32 = r32.predict(X.float(), return_std=True)
+    assert m32.dtype == np.float64 and s32.dtype == np.float64
+    assert rel_err(m32, m64) < 1e-5 and rel_err(s32, s64) < 1e-5
+    assert next(model32.parameters()).dtype == torch.float32  # the model is not converted
