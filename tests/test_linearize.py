@@ -138,3 +138,11 @@ def test_bad_models_and_inputs_raise_clear_errors():
         lin.outputs(torch.zeros(0, 4))
     with pytest.raises(ValueError, match="chunk_size"):
         la.Linearization(mlp(), chunk_size=0)
+
+
+def test_explicit_device_and_numpy_inputs():
+    model = mlp()
+    X = inputs_for("mlp", 4)
+    lin = la.Linearization(model, device="cpu")
+    assert lin.device == torch.device("cpu")
+    assert torch.allclose(lin.outputs(X.numpy()), lin.outputs(X))
