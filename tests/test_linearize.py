@@ -146,3 +146,16 @@ def test_explicit_device_and_numpy_inputs():
     lin = la.Linearization(model, device="cpu")
     assert lin.device == torch.device("cpu")
     assert torch.allclose(lin.outputs(X.numpy()), lin.outputs(X))
+
+
+def test_inplace_activations_work():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 2)
+    ).double()
+    X = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    lin = la.Linearization(net)
+    assert torch.allclose(lin.jacobian(X), reference_jacobian(net, X, lin.param_names), atol=TOL)
+    V = torch.randn(3, lin.num_params, dtype=torch.float64)
+    J = lin.jacobian(X)
+    assert torch.allclose(lin.jvp(X, V), torch.einsum("ncp,kp->knc", J, V), atol=TOL)
