@@ -133,3 +133,15 @@ def test_ntk_kernel_in_exact_gp_matches_dense_gp():
         assert torch.allclose(pred.covariance_matrix, Kss - Ks @ torch.linalg.solve(A, Ks.T), atol=1e-6)
     with pytest.raises(ValueError, match="input_shape"):
         la.NTKKernel(model, input_shape=(1, 5, 5))(Xflat).to_dense()
+
+
+def test_operator_casts_and_checks_raw_tensors():
+    model = mlp()  # float64 network
+    X = inputs_for("mlp", 4)
+    ref = la.NTKOperator(model, X).to_dense()
+    assert torch.allclose(la.NTKOperator(model, X.float()).to_dense(), la.ntk_gram(model, X.float()), atol=TOL)
+    assert torch.allclose(la.NTKOperator(model, X.float()).to_dense(), ref, atol=1e-5)
+    Xn = X.clone()
+    Xn[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        la.NTKOperator(model, Xn)  # checked when the operator is made, not at its first product

@@ -60,12 +60,12 @@ class NTKOperator(LinearOperator):
         symmetric: bool | None = None,
     ) -> None:
         lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
-        X1t = X1 if isinstance(X1, torch.Tensor) and X1.device == lin.device else lin.prepare_inputs(X1, "X1")
+        X1t = lin.prepare_inputs(X1, "X1")
         if X2 is None:
             X2t = X1t
             symmetric = True if symmetric is None else symmetric
         else:
-            X2t = X2 if isinstance(X2, torch.Tensor) and X2.device == lin.device else lin.prepare_inputs(X2, "X2")
+            X2t = X1t if X2 is X1 else lin.prepare_inputs(X2, "X2")
             symmetric = bool(symmetric) if symmetric is not None else X2t is X1t
         c = lin.output_dim(X1t)
         output = _check_output(output, c)
