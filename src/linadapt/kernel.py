@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,9 +62,7 @@ class NTKKernel(Kernel):
                 f"NTKKernel takes inputs of shape (n, d) without batch dimensions; {name} is {tuple(x.shape)}"
             )
         if self.input_shape is not None:
-            size = 1
-            for s in self.input_shape:
-                size *= s
+            size = math.prod(self.input_shape)
             if x.shape[1] != size:
                 raise ValueError(f"{name} has {x.shape[1]} features but input_shape {self.input_shape} needs {size}")
             x = x.reshape(x.shape[0], *self.input_shape)

@@ -91,6 +91,7 @@ class RegressionProblem:
         self.c = lin.output_dim(X)
         self.n_obs = X.shape[0] * self.c
         self.p = lin.num_params
+        self.operator = NTKOperator(lin, X)  # K = J(X) J(X)ᵀ, matrix-free
         self.cache: dict[str, object] = {}
 
     def kernel(self) -> torch.Tensor:
@@ -120,7 +121,7 @@ class RegressionProblem:
 
     def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """K V for V (N, k), matrix-free."""
-        return NTKOperator(self.lin, self.X, symmetric=True).apply_rows(V.T).T
+        return self.operator.apply_rows(V.T).T
 
     def g_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """G V = Jᵀ (J V) for V (p, k), matrix-free."""
@@ -200,8 +201,7 @@ class RegressionPosterior:
         if self.space == "function":
             if "L" not in self.cache:
                 rank = min(self.options.preconditioner_rank, self.n_obs)
-                op = NTKOperator(self.lin, self.X, symmetric=True)
-                self.cache["L"] = pivoted_cholesky(op, rank).detach()
+                self.cache["L"] = pivoted_cholesky(self.problem.operator, rank).detach()
             pre = low_rank_plus_diagonal_preconditioner(self.cache["L"], self.s2, self.sig2)
         else:
             if "G_diag" not in self.cache:
@@ -220,36 +220,28 @@ class RegressionPosterior:
             return torch.cholesky_solve(B, self._chol())
         matmul = self._a_matmul if self.space == "function" else self._p_matmul
         x, info = cg_solve(
-            matmul,
-            B,
-            self._preconditioner(),
-            tol=self.options.cg_tol,
-            max_iter=self.options.cg_max_iter,
-            what=f"{self.space}-space {what}",
-            warn=False,
+            matmul, B, self._preconditioner(), tol=self.options.cg_tol, max_iter=self.options.cg_max_iter
         )
         self.solve_info = info
         if info.converged:
             return x
         dim = self.n_obs if self.space == "function" else self.lin.num_params
-        if dense_fits(self.space, self.n_obs, self.lin.num_params, self.options.memory_budget):
-            warnings.warn(
-                f"CG did not converge on the {self.space}-space {what} (relative residual "
-                f"{info.relative_residual:.3e} after {info.iterations} products); falling back to a dense "
-                f"Cholesky solve ({dim} × {dim})",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-            self.solver = "cholesky"
-            return torch.cholesky_solve(B, self._chol())
+        fallback = dense_fits(self.space, self.n_obs, self.lin.num_params, self.options.memory_budget)
+        consequence = (
+            f"falling back to a dense Cholesky solve ({dim} × {dim})"
+            if fallback
+            else f"the dense {dim} × {dim} matrix does not fit the memory budget: results are approximate "
+            "(raise cg_max_iter)"
+        )
         warnings.warn(
-            f"CG did not converge on the {self.space}-space {what} (relative residual "
-            f"{info.relative_residual:.3e} after {info.iterations} products) and the dense {dim} × {dim} "
-            "matrix does not fit the memory budget: results are approximate (raise cg_max_iter)",
+            f"CG did not converge on the {self.space}-space {what} ({info.describe()}); {consequence}",
             ConvergenceWarning,
             stacklevel=3,
         )
-        return x
+        if not fallback:
+            return x
+        self.solver = "cholesky"
+        return torch.cholesky_solve(B, self._chol())
 
     def _chol(self) -> torch.Tensor:
         key = ("chol", self.space, self.s2, self.sig2)

@@ -142,18 +142,27 @@ class LinearizedRegressor(RegressorMixin, BaseEstimator):
         self.space_, self.solver_ = space, posterior.solver
         self.n_outputs_ = c
         self.solve_info_ = posterior.solve_info
-        self.log_marginal_likelihood_value_ = self._lml_at_fit()
         return self
 
-    def _lml_at_fit(self) -> float:
-        """log p(y) at the fitted hyperparameters: exact for Cholesky; CG quadratic + Lanczos log det for CG."""
+    @property
+    def log_marginal_likelihood_value_(self) -> float:
+        """log p(y) at the fitted hyperparameters (computed on first access, then cached).
+
+        Exact on the Cholesky path; on the CG path the quadratic term comes from the converged solve and the
+        log-determinant from stochastic Lanczos quadrature. Not computed during ``fit`` unless the
+        hyperparameters were optimised (the spectrum is then already there).
+        """
+        self._check_fitted()
         post = self.posterior_
-        spec = self.problem_.spectrum(post.space, post.solver)
-        if spec.exact:
-            return spec(post.s2, post.sig2)
-        t = torch.tensor
-        _, logdet = spec.terms(t(math.log(post.s2), dtype=torch.float64), t(math.log(post.sig2), dtype=torch.float64))
-        return float(-0.5 * post.quad_term() - 0.5 * logdet - 0.5 * post.n_obs * math.log(2 * math.pi))
+        if "lml" not in self.problem_.cache:
+            spec = self.problem_.spectrum(post.space, post.solver)
+            if spec.exact:
+                value = spec(post.s2, post.sig2)
+            else:
+                logdet = spec.logdet(post.s2, post.sig2)
+                value = -0.5 * post.quad_term() - 0.5 * logdet - 0.5 * post.n_obs * math.log(2 * math.pi)
+            self.problem_.cache["lml"] = value
+        return self.problem_.cache["lml"]  # type: ignore[return-value]
 
     def log_marginal_likelihood(self, prior_var: float | None = None, noise_var: float | None = None) -> float:
         """log p(y | prior_var, noise_var) on the training data (defaults: the fitted values).
