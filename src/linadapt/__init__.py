@@ -5,6 +5,7 @@ kernel is the finite-width neural tangent kernel J(x) J(x')ᵀ; adapting to new 
 inference in that GP.
 """
 
+from .classifier import LinearizedClassifier
 from .kernel import NTKKernel
 from .linearize import Linearization, LinearizationError
 from .operators import NTKOperator, ntk_gram
@@ -18,6 +19,7 @@ __all__ = [
     "ConvergenceWarning",
     "Linearization",
     "LinearizationError",
+    "LinearizedClassifier",
     "LinearizedRegressor",
     "NTKKernel",
     "NTKOperator",

@@ -76,3 +76,39 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value
+
+
+def as_label_tensor(y: Any, n: int, n_classes: int, name: str = "y") -> torch.Tensor:
+    """Check class labels: shape (n,), integers (integral floats accepted) in [0, n_classes). Returns int64."""
+    if isinstance(y, torch.Tensor):
+        t = y.detach().cpu()
+    else:
+        arr = np.asarray(y)
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{name} must hold integer class labels 0 … {n_classes - 1} (the model's output indices), "
+                f"got dtype {arr.dtype}"
+            )
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D array of class labels, got shape {tuple(t.shape)}")
+    if t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} labels but X has {n} examples: lengths must match")
+    if t.is_complex():
+        raise ValueError(f"{name} must hold integer class labels, got complex values")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+        fractional = t[t != t.round()]
+        if fractional.numel():
+            raise ValueError(f"{name} must hold integer class labels; got non-integral values such as {fractional[0]}")
+    t = t.to(torch.int64)
+    if int(t.min()) < 0 or int(t.max()) >= n_classes:
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise ValueError(
+            f"{name} contains label {bad}, outside [0, {n_classes}): the model has {n_classes} outputs, so labels "
+            f"must be integers 0 … {n_classes - 1}"
+        )
+    return t

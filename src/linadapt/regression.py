@@ -24,6 +24,7 @@ from linear_operator.functions import pivoted_cholesky
 from .evidence import Spectrum
 from .linearize import ALGEBRA_DTYPE, Linearization
 from .operators import NTKOperator
+from .posterior import LinearizedPosterior
 from .solvers import (
     ConvergenceWarning,
     SolveInfo,
@@ -167,7 +168,7 @@ class RegressionProblem:
         return self.cache[key]  # type: ignore[return-value]
 
 
-class RegressionPosterior:
+class RegressionPosterior(LinearizedPosterior):
     """The posterior of the linearized GP for fixed (s², σ²).
 
     Args:
@@ -182,6 +183,7 @@ class RegressionPosterior:
         self.s2, self.sig2 = float(prior_var), float(noise_var)
         self.space, self.solver = space, solver
         self.options = problem.options
+        self.memory_budget = problem.options.memory_budget
         self.cache = problem.cache
         self.solve_info: SolveInfo | None = None
         self._fit()
@@ -279,34 +281,9 @@ class RegressionPosterior:
         return float((self.r @ self.r - self.g @ self.delta) / self.sig2)
 
     # ------------------------------------------------------------------ predictions
-    def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
-        """J(X*) δ̄, shape (m, c)."""
-        return self.lin.jvp(Xs, self.delta)
-
     def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
         """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
         if self.space == "parameter":
             return B @ self.solve(B.T.contiguous(), "predictive system")
         KnS = self.lin.jvp(self.X, B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
         return self.s2 * (B @ B.T) - self.s2**2 * (KnS.T @ self.solve(KnS, "predictive system"))
-
-    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
-        """Per-example c × c posterior covariance blocks of f*, shape (m, c, c)."""
-        out = []
-        for _, jac in self.lin.jacobian_chunks(Xs):
-            b, c, p = jac.shape
-            cov = self.latent_cov_rows(jac.reshape(b * c, p)).reshape(b, c, b, c)
-            out.append(torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1))
-        return torch.cat(out)
-
-    def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
-        """Full posterior covariance of f*, shape (m·c, m·c), example-major."""
-        need = Xs.shape[0] * self.c * self.lin.num_params * 8
-        if need > self.options.memory_budget:
-            raise ValueError(
-                f"the full predictive covariance for {Xs.shape[0]} points needs a {need / 2**30:.1f} GiB Jacobian; "
-                "predict fewer points at once or ask for return_std instead"
-            )
-        B = self.lin.jacobian(Xs).reshape(Xs.shape[0] * self.c, -1)
-        cov = self.latent_cov_rows(B)
-        return 0.5 * (cov + cov.T)

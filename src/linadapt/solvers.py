@@ -18,11 +18,13 @@ from linear_operator.utils.warnings import NumericalWarning
 
 __all__ = [
     "ConvergenceWarning",
+    "SPDSystem",
     "SolveInfo",
     "cg_solve",
     "diagonal_preconditioner",
     "lanczos_quadrature",
     "low_rank_plus_diagonal_preconditioner",
+    "slq_logdet",
 ]
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
@@ -163,3 +165,129 @@ def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tu
     nodes = evals.clamp_min(0.0) * scale
     weights = evecs[:, 0, :] ** 2 * (norms**2).unsqueeze(-1)
     return nodes, weights
+
+
+def slq_logdet(
+    matmul: Matmul,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_probes: int = 16,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> float:
+    """log det A for symmetric positive definite A (dim × dim) from products, by stochastic Lanczos quadrature.
+
+    tr log A ≈ (1/P) Σ_z Σ_l w[z, l] log θ[z, l] over P Rademacher probes z (seeded); when dim ≤ max(P, 64)
+    the probes are the standard basis vectors and, with max_iter ≥ dim, the result is exact.
+    """
+    if dim <= max(num_probes, 64):
+        probes = torch.eye(dim, dtype=dtype, device=device)
+        scale = 1.0
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        probes = (torch.randint(0, 2, (dim, num_probes), generator=gen) * 2 - 1).to(dtype=dtype, device=device)
+        scale = 1.0 / num_probes
+    nodes, weights = lanczos_quadrature(matmul, probes, min(max_iter, dim))
+    tiny = torch.finfo(dtype).tiny
+    return float((weights * torch.log(nodes.clamp_min(tiny))).sum() * scale)
+
+
+class SPDSystem:
+    """A symmetric positive definite D × D matrix A to solve with and take the log-determinant of.
+
+    Dense (``matmul=None``): Cholesky of ``matrix()``. Matrix-free: preconditioned CG on ``matmul`` and
+    stochastic Lanczos quadrature for log det A; a CG solve that misses its tolerance warns and, when
+    ``matrix`` is given (the dense matrix fits memory), is redone by Cholesky from then on.
+
+    Args:
+        dim: D.
+        matrix: () -> the dense A (D × D), or None when it must never be formed.
+        matmul: V (D, k) -> A V, or None for the dense path.
+        preconditioner: () -> (V -> ≈ A⁻¹ V), built on first CG use.
+        what: a name for messages (e.g. "parameter-space Laplace system").
+        tol, max_iter: CG settings. num_probes, lanczos_iter, seed: log-determinant settings.
+        device: where the (float64) vectors live.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        matrix: Callable[[], torch.Tensor] | None = None,
+        matmul: Matmul | None = None,
+        preconditioner: Callable[[], Matmul] | None = None,
+        what: str = "system",
+        tol: float = 1e-10,
+        max_iter: int | None = None,
+        num_probes: int = 16,
+        lanczos_iter: int = 100,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if matrix is None and matmul is None:
+            raise ValueError("an SPDSystem needs a dense matrix or a product")
+        self.dim, self.what, self.device = dim, what, torch.device(device)
+        self._matrix, self._matmul, self._make_precond = matrix, matmul, preconditioner
+        self._precond: Matmul | None = None
+        self._chol: torch.Tensor | None = None
+        self.tol, self.max_iter = tol, max_iter
+        self.num_probes, self.lanczos_iter, self.seed = num_probes, lanczos_iter, seed
+        self.method = "cg" if matmul is not None else "cholesky"
+        self.info: SolveInfo | None = None
+
+    def chol(self) -> torch.Tensor:
+        """Lower Cholesky factor of A (forms A; adds a tiny jitter only if round-off breaks the factorisation)."""
+        if self._chol is None:
+            assert self._matrix is not None
+            A = self._matrix()
+            L, status = torch.linalg.cholesky_ex(A)
+            if int(status) != 0:
+                A = A + 1e-10 * float(A.diagonal().mean()) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                L = torch.linalg.cholesky(A)
+            self._chol = L
+        return self._chol
+
+    def matmul(self, V: torch.Tensor) -> torch.Tensor:
+        if self.method == "cholesky" and self._matmul is None:
+            L = self.chol()
+            return L @ (L.T @ V)
+        assert self._matmul is not None
+        return self._matmul(V)
+
+    def solve(self, B: torch.Tensor, tol: float | None = None, warn: bool = True) -> torch.Tensor:
+        """A⁻¹ B for B (D, k). ``tol`` overrides the CG tolerance (inexact Newton steps); ``warn=False``
+        accepts a CG miss silently (the caller checks progress itself)."""
+        if self.method == "cholesky":
+            return torch.cholesky_solve(B, self.chol())
+        if self._precond is None and self._make_precond is not None:
+            self._precond = self._make_precond()
+        assert self._matmul is not None
+        x, info = cg_solve(self._matmul, B, self._precond, tol=tol or self.tol, max_iter=self.max_iter)
+        self.info = info
+        if info.converged or not warn:
+            return x
+        consequence = (
+            f"falling back to a dense Cholesky solve ({self.dim} × {self.dim})"
+            if self._matrix is not None
+            else f"the dense {self.dim} × {self.dim} matrix does not fit the memory budget: results are "
+            "approximate (raise cg_max_iter)"
+        )
+        warnings.warn(
+            f"CG did not converge on the {self.what} ({info.describe()}); {consequence}",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+        if self._matrix is None:
+            return x
+        self.method = "cholesky"
+        return torch.cholesky_solve(B, self.chol())
+
+    def logdet(self) -> float:
+        """log det A: exact from the Cholesky factor, else a stochastic Lanczos estimate."""
+        if self.method == "cholesky":
+            return float(2.0 * torch.log(self.chol().diagonal()).sum())
+        assert self._matmul is not None
+        return slq_logdet(
+            self._matmul, self.dim, torch.float64, self.device, self.num_probes, self.lanczos_iter, self.seed
+        )
