@@ -5,6 +5,7 @@ kernel is the finite-width neural tangent kernel J(x) J(x')ᵀ; adapting to new 
 inference in that GP.
 """
 
+from . import metrics
 from .classifier import LinearizedClassifier
 from .kernel import NTKKernel
 from .linearize import Linearization, LinearizationError
@@ -24,6 +25,7 @@ __all__ = [
     "NTKKernel",
     "NTKOperator",
     "__version__",
+    "metrics",
     "ntk_gram",
     "select_parameters",
 ]

@@ -72,7 +72,7 @@ class LinearizedClassifier(ClassifierMixin, BaseEstimator):
         device: str | torch.device | None = None,
         cg_tol: float = 1e-10,
         cg_max_iter: int | None = None,
-        newton_tol: float = 1e-10,
+        newton_tol: float = 1e-12,
         newton_max_iter: int = 100,
         seed: int = 0,
     ) -> None:
