@@ -10,6 +10,7 @@ from .classifier import LinearizedClassifier
 from .kernel import NTKKernel
 from .linearize import Linearization, LinearizationError
 from .operators import NTKOperator, ntk_gram
+from .persistence import load, save
 from .regressor import LinearizedRegressor
 from .selection import select_parameters
 from .solvers import ConvergenceWarning
@@ -25,7 +26,9 @@ __all__ = [
     "NTKKernel",
     "NTKOperator",
     "__version__",
+    "load",
     "metrics",
     "ntk_gram",
+    "save",
     "select_parameters",
 ]

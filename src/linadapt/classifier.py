@@ -116,6 +116,10 @@ class LinearizedClassifier(ClassifierMixin, BaseEstimator):
             y: (n,) integer labels in [0, c) where c is the number of logits of the model. Classes absent
                 from y are allowed: they keep their (adapted) prior probabilities.
         """
+        return self._fit(X, y, None)
+
+    def _fit(self, X: Any, y: Any, fixed: float | None) -> LinearizedClassifier:
+        """``fit``, or with ``fixed`` = prior_var_ the Laplace posterior at that value (used by load)."""
         self._check_settings()
         prior0 = check_positive(self.prior_var, "prior_var")
         lin = Linearization(self.model, self.params, self.chunk_size, self.device)
@@ -134,7 +138,9 @@ class LinearizedClassifier(ClassifierMixin, BaseEstimator):
         solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
         problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
-        if self.optimize_hyperparameters:
+        if fixed is not None:
+            posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
+        elif self.optimize_hyperparameters:
             posterior = optimize_prior_var(problem, prior0, space, solver, tol, iters)
         else:
             posterior = LaplacePosterior(problem, prior0, space, solver, tol, iters)
@@ -147,7 +153,25 @@ class LinearizedClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = np.arange(c)
         self.n_iter_ = posterior.newton.iterations
         self.log_marginal_likelihood_value_ = posterior.log_evidence
+        self._train_data = (Xt, labels)
         return self
+
+    def save(self, path: str, model_reference: str | None = None) -> None:
+        """Write this fitted classifier to ``path`` atomically (the ``.linadapt`` format; see
+        :mod:`linadapt.persistence`). ``model_reference`` is stored as a note on where the network comes from."""
+        from .persistence import save
+
+        save(self, path, model_reference)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module) -> LinearizedClassifier:
+        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
+        from .persistence import load
+
+        est = load(path, model)
+        if not isinstance(est, cls):
+            raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
+        return est
 
     def log_marginal_likelihood(self, prior_var: float | None = None) -> float:
         """The Laplace evidence log q(y | prior_var) on the training data (default: the fitted value).

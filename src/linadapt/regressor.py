@@ -101,6 +101,10 @@ class LinearizedRegressor(RegressorMixin, BaseEstimator):
             X: (n, ...) inputs the model accepts (array-like or tensor).
             y: (n,) targets for a one-output model, or (n, c) for c outputs (floating point).
         """
+        return self._fit(X, y, None)
+
+    def _fit(self, X: Any, y: Any, fixed: tuple[float, float] | None) -> LinearizedRegressor:
+        """``fit``, or with ``fixed`` = (prior_var_, noise_var_) the posterior at those values (used by load)."""
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         check_choice(self.mean, "mean", ("network", "zero"))
@@ -129,7 +133,9 @@ class LinearizedRegressor(RegressorMixin, BaseEstimator):
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
-        if self.optimize_hyperparameters:
+        if fixed is not None:
+            prior, noise = fixed
+        elif self.optimize_hyperparameters:
             spectrum = problem.spectrum(space, solver)
             prior, noise, _ = maximize_evidence(spectrum, prior0, noise0)
         else:
@@ -142,7 +148,25 @@ class LinearizedRegressor(RegressorMixin, BaseEstimator):
         self.space_, self.solver_ = space, posterior.solver
         self.n_outputs_ = c
         self.solve_info_ = posterior.solve_info
+        self._train_data = (Xt, yt)
         return self
+
+    def save(self, path: str, model_reference: str | None = None) -> None:
+        """Write this fitted regressor to ``path`` atomically (the ``.linadapt`` format; see
+        :mod:`linadapt.persistence`). ``model_reference`` is stored as a note on where the network comes from."""
+        from .persistence import save
+
+        save(self, path, model_reference)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module) -> LinearizedRegressor:
+        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
+        from .persistence import load
+
+        est = load(path, model)
+        if not isinstance(est, cls):
+            raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
+        return est
 
     @property
     def log_marginal_likelihood_value_(self) -> float:
