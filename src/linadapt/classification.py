@@ -296,6 +296,28 @@ class LaplacePosterior(LinearizedPosterior):
     def _converged(self, dec2: float, objective: float) -> bool:
         return 0.5 * dec2 <= self.newton_tol * max(1.0, abs(objective))
 
+    def _damped_step(self, objective, f, z, df, dz, loss: float, dec2: float):
+        """One Newton update minimising objective(f, z) along (df, dz), whose decrement² is dec2.
+
+        Converged (½dec2 small): take the full step if it does not increase the objective (quadratic
+        convergence squares the error) and stop. Otherwise backtrack (Armijo, factor ½) from the full step;
+        if no step decreases the objective at working precision, stop there.
+
+        Returns (f, z, loss, done, converged).
+        """
+        if self._converged(dec2, loss):
+            cand = objective(f + df, z + dz)
+            if cand <= loss:
+                f, z, loss = f + df, z + dz, cand
+            return f, z, loss, True, True
+        t = 1.0
+        while t > 1e-10:
+            cand = objective(f + t * df, z + t * dz)
+            if cand <= loss - 1e-4 * t * dec2:
+                return f + t * df, z + t * dz, cand, False, False
+            t *= 0.5
+        return f, z, loss, True, dec2 <= 1e-6 * max(1.0, abs(loss))
+
     def _finish(self, it: int, dec2: float, converged: bool) -> None:
         self.newton = NewtonInfo(it, dec2, converged)
         if not converged:
@@ -320,10 +342,10 @@ class LaplacePosterior(LinearizedPosterior):
             f = start.logits.reshape(N).clone()
 
         def objective(f_: torch.Tensor, a_: torch.Tensor) -> float:
-            # Ψ = log p(y | f) − ½ aᵀ (f − m)   (f − m = s² K a)
-            return _log_lik(f_.reshape(n, c), pr.labels) - 0.5 * float(a_ @ (f_ - m))
+            # −Ψ = −log p(y | f) + ½ aᵀ (f − m)   (f − m = s² K a)
+            return -_log_lik(f_.reshape(n, c), pr.labels) + 0.5 * float(a_ @ (f_ - m))
 
-        psi = objective(f, a)
+        loss = objective(f, a)
         dec2, converged, it = float("inf"), False, 0
         for it in range(1, self.newton_max_iter + 1):  # noqa: B007
             pi = torch.softmax(f.reshape(n, c), dim=1)
@@ -336,24 +358,10 @@ class LaplacePosterior(LinearizedPosterior):
             a_new = b - Rx.squeeze(-1)
             f_new = m + (Kb - s2 * pr.k_mv(Rx, dense)).squeeze(-1)
             da, df = a_new - a, f_new - f
-            dec2 = float((g - a) @ df)
-            if self._converged(dec2, psi):
-                # Take the (tiny) final full step too: Newton's quadratic convergence squares the error.
-                if objective(f + df, a + da) >= psi:
-                    a, f = a + da, f + df
-                converged = True
+            dec2 = float((g - a) @ df)  # ∇Ψ = g − a; Newton step df = (W + (s²K)⁻¹)⁻¹ ∇Ψ
+            f, a, loss, done, converged = self._damped_step(objective, f, a, df, da, loss, dec2)
+            if done:
                 break
-            t, accepted = 1.0, False
-            while t > 1e-10:
-                cand = objective(f + t * df, a + t * da)
-                if cand >= psi + 1e-4 * t * dec2:
-                    accepted = True
-                    break
-                t *= 0.5
-            if not accepted:  # no ascent possible at working precision: we are at the optimum
-                converged = dec2 <= 1e-6 * max(1.0, abs(psi))
-                break
-            a, f, psi = a + t * da, f + t * df, cand
         self._finish(it, dec2, converged)
         self.a = a
         self.logits = f.reshape(n, c)
@@ -388,22 +396,9 @@ class LaplacePosterior(LinearizedPosterior):
             d = -system.solve(grad.unsqueeze(-1), tol=self._inner_tol(gnorm, grad0), warn=False).squeeze(-1)
             dec2 = float(-(grad @ d))
             Jd = pr.j_mv(d.unsqueeze(-1), dense).squeeze(-1)
-            if self._converged(dec2, loss):
-                if objective(f + Jd, delta + d) <= loss:  # the final full step squares the error
-                    delta, f = delta + d, f + Jd
-                converged = True
+            f, delta, loss, done, converged = self._damped_step(objective, f, delta, Jd, d, loss, dec2)
+            if done:
                 break
-            t, accepted = 1.0, False
-            while t > 1e-10:
-                cand = objective(f + t * Jd, delta + t * d)
-                if cand <= loss - 1e-4 * t * dec2:
-                    accepted = True
-                    break
-                t *= 0.5
-            if not accepted:
-                converged = dec2 <= 1e-6 * max(1.0, abs(loss))
-                break
-            delta, f, loss = delta + t * d, f + t * Jd, cand
         self._finish(it, dec2, converged)
         self.delta = delta
         self.logits = f.reshape(n, c)

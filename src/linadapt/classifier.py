@@ -13,6 +13,7 @@ from torch import nn
 from ._validation import as_label_tensor, check_choice, check_positive
 from .classification import ClassificationProblem, LaplacePosterior, optimize_prior_var
 from .linearize import Linearization
+from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
 from .regression import SolverOptions, choose_solver, choose_space
 from .selection import ParamSpec
@@ -20,7 +21,7 @@ from .selection import ParamSpec
 __all__ = ["LinearizedClassifier"]
 
 
-class LinearizedClassifier(ClassifierMixin, BaseEstimator):
+class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     """Softmax classification with the linearized network and a Laplace posterior over its weights.
 
     Logits f(x) = f(x; θ̂) + J(x) δ, prior δ = θ − θ̂ ~ N(0, prior_var · I) (or θ ~ N(0, prior_var · I) with
@@ -155,23 +156,6 @@ class LinearizedClassifier(ClassifierMixin, BaseEstimator):
         self.log_marginal_likelihood_value_ = posterior.log_evidence
         self._train_data = (Xt, labels)
         return self
-
-    def save(self, path: str, model_reference: str | None = None) -> None:
-        """Write this fitted classifier to ``path`` atomically (the ``.linadapt`` format; see
-        :mod:`linadapt.persistence`). ``model_reference`` is stored as a note on where the network comes from."""
-        from .persistence import save
-
-        save(self, path, model_reference)
-
-    @classmethod
-    def load(cls, path: str, model: nn.Module) -> LinearizedClassifier:
-        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
-        from .persistence import load
-
-        est = load(path, model)
-        if not isinstance(est, cls):
-            raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
-        return est
 
     def log_marginal_likelihood(self, prior_var: float | None = None) -> float:
         """The Laplace evidence log q(y | prior_var) on the training data (default: the fitted value).

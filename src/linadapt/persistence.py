@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "load", "model_checksum", "read_header", "save"]
+__all__ = ["FORMAT_VERSION", "SaveLoadMixin", "load", "model_checksum", "read_header", "save"]
 
 FORMAT = "linadapt-adapted"
 FORMAT_VERSION = 1
@@ -217,3 +217,20 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
         )
     estimator.model_reference_ = header["model"].get("reference")
     return estimator
+
+
+class SaveLoadMixin:
+    """``save`` / ``load`` methods for the estimators (the ``.linadapt`` format of this module)."""
+
+    def save(self, path: str | os.PathLike, model_reference: str | None = None) -> None:
+        """Write this fitted estimator to ``path`` atomically; ``model_reference`` is stored as a note on
+        where the source network comes from."""
+        save(self, path, model_reference)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> Any:
+        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
+        est = load(path, model)
+        if not isinstance(est, cls):
+            raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
+        return est

@@ -14,6 +14,7 @@ from torch import nn
 from ._validation import as_target_tensor, check_choice, check_positive
 from .evidence import maximize_evidence
 from .linearize import Linearization
+from .persistence import SaveLoadMixin
 from .regression import (
     RegressionPosterior,
     RegressionProblem,
@@ -26,7 +27,7 @@ from .selection import ParamSpec
 __all__ = ["LinearizedRegressor"]
 
 
-class LinearizedRegressor(RegressorMixin, BaseEstimator):
+class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
     The network f(x; θ̂) is replaced by its linearization f(x; θ̂) + J(x)(θ − θ̂) with prior
@@ -150,23 +151,6 @@ class LinearizedRegressor(RegressorMixin, BaseEstimator):
         self.solve_info_ = posterior.solve_info
         self._train_data = (Xt, yt)
         return self
-
-    def save(self, path: str, model_reference: str | None = None) -> None:
-        """Write this fitted regressor to ``path`` atomically (the ``.linadapt`` format; see
-        :mod:`linadapt.persistence`). ``model_reference`` is stored as a note on where the network comes from."""
-        from .persistence import save
-
-        save(self, path, model_reference)
-
-    @classmethod
-    def load(cls, path: str, model: nn.Module) -> LinearizedRegressor:
-        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
-        from .persistence import load
-
-        est = load(path, model)
-        if not isinstance(est, cls):
-            raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
-        return est
 
     @property
     def log_marginal_likelihood_value_(self) -> float:
