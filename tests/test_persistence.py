@@ -51,7 +51,7 @@ def test_mismatched_model_is_refused(tmp_path):
     path = tmp_path / "a.linadapt"
     reg.save(path, model_reference="my_nets:build")
     other = resnet(seed=1)
-    with pytest.raises(ValueError, match="adapted from a different network.*my_nets:build"):
+    with pytest.raises(ValueError, match=r"adapted from a different network.*my_nets:build"):
         la.load(path, other)
     with pytest.raises(ValueError, match="holds a LinearizedRegressor"):
         la.LinearizedClassifier.load(path, model)
@@ -74,17 +74,17 @@ def test_corrupted_or_foreign_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not supported by this linadapt"):
         la.load(tmp_path / "newer.linadapt", model)
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match="not a .linadapt file"):
+    with pytest.raises(ValueError, match=r"not a \.linadapt file"):
         la.load(tmp_path / "plain.safetensors", model)
     (tmp_path / "junk.linadapt").write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="not a .linadapt file"):
+    with pytest.raises(ValueError, match=r"not a \.linadapt file"):
         la.load(tmp_path / "junk.linadapt", model)
     with pytest.raises(ValueError, match="not fitted"):
         la.save(la.LinearizedRegressor(model), tmp_path / "x.linadapt")
 
 
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    model, reg = regression_fit()
+    _, reg = regression_fit()
     path = tmp_path / "a.linadapt"
     reg.save(path)
     before = path.read_bytes()

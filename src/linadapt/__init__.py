@@ -9,6 +9,7 @@ from . import metrics
 from .classifier import LinearizedClassifier
 from .kernel import NTKKernel
 from .linearize import Linearization, LinearizationError
+from .model_io import ModelLoadError, load_model
 from .operators import NTKOperator, ntk_gram
 from .persistence import load, save
 from .regressor import LinearizedRegressor
@@ -23,10 +24,12 @@ __all__ = [
     "LinearizationError",
     "LinearizedClassifier",
     "LinearizedRegressor",
+    "ModelLoadError",
     "NTKKernel",
     "NTKOperator",
     "__version__",
     "load",
+    "load_model",
     "metrics",
     "ntk_gram",
     "save",

@@ -1,0 +1,92 @@
+import os
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import linadapt as la
+from linadapt.model_io import ModelLoadError, load_model
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+    def not_a_module():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "user_nets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_nets
+
+    torch.manual_seed(0)
+    net = user_nets.build().eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+    return tmp_path, net
+
+
+def test_factory_with_safetensors_and_state_dict(workdir):
+    tmp, net = workdir
+    X = torch.randn(5, 1, 8, 8)
+    save_file(net.state_dict(), tmp / "w.safetensors")
+    torch.save(net.state_dict(), tmp / "w.pt")
+    for weights in ("w.safetensors", "w.pt"):
+        model = load_model("user_nets:build", weights)
+        assert not model.training
+        torch.testing.assert_close(model(X), net(X))
+
+
+def test_exported_program_is_loaded_and_linearizable(workdir):
+    tmp, net = workdir
+    X = torch.randn(5, 1, 8, 8)
+    program = torch.export.export(net, (X,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, tmp / "net.pt2")
+    model = load_model(str(tmp / "net.pt2"))
+    torch.testing.assert_close(model(X), net(X))
+    J = la.Linearization(model).jacobian(X)
+    torch.testing.assert_close(J, la.Linearization(net).jacobian(X))
+
+
+def test_pickled_objects_need_trust(workdir):
+    tmp, net = workdir
+    torch.save(net, tmp / "whole_model.pt")  # a pickled nn.Module, not a state dict
+    with pytest.raises(ModelLoadError, match="weights_only=True; --trust-pickle"):
+        load_model("user_nets:build", "whole_model.pt")
+    model = load_model("user_nets:build", "whole_model.pt", trust_pickle=True)
+    X = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(X), net(X))
+
+
+def test_load_errors(workdir):
+    tmp, net = workdir
+    save_file(net.state_dict(), tmp / "w.safetensors")
+    small = {k: v for k, v in net.state_dict().items() if not k.startswith("4.")}
+    save_file(small, tmp / "partial.safetensors")
+    cases = [
+        (("nope.pt2",), "does not exist"),
+        (("user_nets:build",), "name its trained weights"),
+        (("user_nets:build", "missing.safetensors"), "does not exist"),
+        (("user_nets:build", "partial.safetensors"), "missing 4.weight"),
+        (("no_such_module:build", "w.safetensors"), "cannot import 'no_such_module'"),
+        (("user_nets:nothing", "w.safetensors"), "has no attribute 'nothing'"),
+        (("user_nets:not_a_module", "w.safetensors"), "returned int, not a torch.nn.Module"),
+        (("just_a_name",), "expected a .pt2 file"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(*args)
+    (tmp / "junk.pt2").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="could not read the exported program"):
+        load_model(str(tmp / "junk.pt2"))
+    assert os.getcwd() == str(tmp)
