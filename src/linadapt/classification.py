@@ -318,7 +318,10 @@ class LaplacePosterior(LinearizedPosterior):
             t *= 0.5
         return f, z, loss, True, dec2 <= 1e-6 * max(1.0, abs(loss))
 
-    def _finish(self, it: int, dec2: float, converged: bool) -> None:
+    def _finish(self, it: int, dec2: float, converged: bool, f: torch.Tensor) -> None:
+        """Record the Newton outcome (warn on a miss) and the MAP logits f* (N,) and probabilities."""
+        self.logits = f.reshape(self.problem.n, self.problem.c)
+        self.pi = torch.softmax(self.logits, dim=1)
         self.newton = NewtonInfo(it, dec2, converged)
         if not converged:
             warnings.warn(
@@ -362,10 +365,8 @@ class LaplacePosterior(LinearizedPosterior):
             f, a, loss, done, converged = self._damped_step(objective, f, a, df, da, loss, dec2)
             if done:
                 break
-        self._finish(it, dec2, converged)
+        self._finish(it, dec2, converged, f)
         self.a = a
-        self.logits = f.reshape(n, c)
-        self.pi = torch.softmax(self.logits, dim=1)
         self.delta = pr.mu + s2 * pr.jt_mv(a.unsqueeze(-1), dense).squeeze(-1)
         self.system = self._function_system(self.pi)
 
@@ -399,10 +400,8 @@ class LaplacePosterior(LinearizedPosterior):
             f, delta, loss, done, converged = self._damped_step(objective, f, delta, Jd, d, loss, dec2)
             if done:
                 break
-        self._finish(it, dec2, converged)
+        self._finish(it, dec2, converged, f)
         self.delta = delta
-        self.logits = f.reshape(n, c)
-        self.pi = torch.softmax(self.logits, dim=1)
         self.system = self._parameter_system(self.pi)
 
     # ------------------------------------------------------------------ predictions
