@@ -1,0 +1,124 @@
+import csv
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import linadapt as la
+from linadapt.cli import app
+
+runner = CliRunner()
+
+NETS = textwrap.dedent(
+    """
+    import torch
+
+    def regressor():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def classifier():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    """
+)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import nets
+
+    importlib.reload(nets)
+    save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
+    save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, (40, 2))
+    with open(tmp_path / "reg.csv", "w") as fh:
+        fh.write("x1,x2,y\n" + "".join(f"{a},{b},{np.sin(a) + 0.1 * b}\n" for a, b in X))
+    labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)
+    with open(tmp_path / "clf.csv", "w") as fh:
+        fh.write("x1,x2,label\n" + "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels)))
+    with open(tmp_path / "new.csv", "w") as fh:
+        fh.write("x1,x2\n0.5,0.5\n-1,1.5\n")
+    return tmp_path, nets
+
+
+def read(path):
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], np.array(rows[1:], dtype=float)
+
+
+def test_adapt_and_predict_regression(project):
+    tmp, nets = project
+    res = runner.invoke(
+        app, ["adapt", "--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv",
+              "--test", "reg.csv", "--out", "run"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "test rmse" in res.output
+    cols, values = read(tmp / "run" / "predictions.csv")
+    assert cols == ["mean", "std"] and values.shape == (40, 2)
+    data = np.loadtxt(tmp / "reg.csv", delimiter=",", skiprows=1)
+    ref = la.LinearizedRegressor(nets.regressor()).fit(data[:, :2].astype(np.float32), data[:, 2])
+    mean, std = ref.predict(data[:, :2].astype(np.float32), return_std=True)
+    np.testing.assert_allclose(values[:, 0], mean, rtol=1e-8)
+    np.testing.assert_allclose(values[:, 1], std, rtol=1e-8)
+    res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "new.csv", "--out", "p.csv"])
+    assert res.exit_code == 0, res.output
+    cols, values = read(tmp / "p.csv")
+    assert cols == ["mean", "std"] and values.shape == (2, 2)
+    np.testing.assert_allclose(values[:, 0], ref.predict(np.array([[0.5, 0.5], [-1, 1.5]], np.float32)), rtol=1e-8)
+
+
+def test_adapt_classification_auto_task_and_params(project):
+    tmp, _ = project
+    res = runner.invoke(
+        app, ["adapt", "--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv",
+              "--test", "clf.csv", "--params", "last", "--out", "run"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "classification" in res.output and "test accuracy" in res.output
+    cols, values = read(tmp / "run" / "predictions.csv")
+    assert cols == ["proba_0", "proba_1", "proba_2", "label"]
+    np.testing.assert_allclose(values[:, :3].sum(1), 1.0, rtol=1e-8)
+    header = la.persistence.read_header(tmp / "run" / "adapted.linadapt")
+    assert header["settings"]["params"] == "last"
+    assert json.loads(header["model"]["reference"])["model"] == "nets:classifier"
+
+
+def test_cli_errors_are_messages_not_tracebacks(project):
+    tmp, _ = project
+    base = ["adapt", "--model", "nets:regressor", "--weights", "reg.safetensors"]
+    cases = [
+        ([*base, "--train", "reg.csv", "--target", "nope"], "no column 'nope'"),
+        ([*base, "--train", "missing.csv"], "does not exist"),
+        (["adapt", "--model", "nets:regressor", "--train", "reg.csv"], "name its trained weights"),
+        ([*base, "--train", "reg.csv", "--task", "ranking"], "--task must be"),
+        (["predict", "--adapted", "nothing.linadapt", "--data", "new.csv"], "does not exist"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert message in res.output and "Traceback" not in res.output
+    (tmp / "bad.csv").write_text("x1,x2,y\n1,abc,2\n")
+    res = runner.invoke(app, [*base, "--train", "bad.csv"])
+    assert res.exit_code == 2 and "non-numeric value 'abc'" in res.output
+
+
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "linadapt", "adapt", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--trust-pickle" in out.stdout and "Example" in out.stdout
+    torch.manual_seed(0)
