@@ -1,4 +1,4 @@
-# make demo   — create .venv if missing (torch 2.13.0 CPU first, then linadapt[dev,data], optional laplace-torch) and run the demo
+# make demo   — create .venv if missing (torch 2.13.0 CPU first, then linadapt[dev,data], optional laplace-torch) and run `linadapt demo`
 # make test   — the same setup, then ruff and the test suite
 # make bench  — the kernel-product benchmark (ratios to one forward+backward pass)
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/regression_demo.py
+	$(BIN)/linadapt demo --out linadapt-demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -192,6 +192,38 @@ def predict(
     console.print(f"wrote {out} ({values.shape[0]} rows)")
 
 
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Output folder for report.html and results.json.")] = "linadapt-demo",
+    quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests (about a minute).")] = False,
+) -> None:
+    """Adapt networks to shifted tasks (sinusoid regression; upright → rotated MNIST classification) next to
+    fine-tuning; print the results and write OUT/report.html and OUT/results.json. Needs no arguments.
+
+    Example: linadapt demo --out linadapt-demo
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .demo import run_demo
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+        try:
+            records = run_demo(out, quick=quick, step=lambda msg: bar.update(task, description=msg))
+        except ImportError as exc:
+            _fail(str(exc))
+    for experiment in dict.fromkeys(r["experiment"] for r in records):
+        rows = [r for r in records if r["experiment"] == experiment]
+        keys = list(rows[0]["metrics"])
+        table = Table(title=experiment)
+        for col in ("method", *keys, "fit s"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["method"], *[f"{r['metrics'][k]:.3f}" for k in keys], f"{r['fit_seconds']:.2f}")
+        Console().print(table)
+    console.print(f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'results.json')}")
+
+
 def main() -> None:
     """Entry point of the ``linadapt`` command."""
     app(prog_name="linadapt")

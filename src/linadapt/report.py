@@ -1,0 +1,115 @@
+"""Self-contained HTML reports: tables and matplotlib figures embedded as base64 PNG (one file, no assets)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import metrics
+
+__all__ = ["figure_html", "regression_band_figure", "reliability_figure", "table_html", "write_report"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; line-height: 1.45 }
+h1 { font-size: 1.6rem } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd }
+table { border-collapse: collapse; margin: 0.8rem 0 } th, td { padding: 0.25rem 0.7rem; border-bottom: 1px solid #eee;
+text-align: right } th:first-child, td:first-child { text-align: left } img { max-width: 100%; margin: 0.5rem 0 }
+p.note { color: #555; font-size: 0.92rem }
+"""
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_html(fig, alt: str) -> str:
+    """An <img> holding the figure as an embedded PNG (the figure is closed)."""
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def table_html(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table; floats are shown with 4 significant digits."""
+
+    def cell(v: object) -> str:
+        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def regression_band_figure(
+    x: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    curves: dict[str, np.ndarray] | None = None,
+    title: str = "",
+):
+    """Predictive mean with ±2 std band over a 1-D input (sorted by x), the training points and other curves."""
+    plt = _plt()
+    order = np.argsort(x)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.fill_between(x[order], (mean - 2 * std)[order], (mean + 2 * std)[order], alpha=0.25, label="linadapt ± 2 std")
+    ax.plot(x[order], mean[order], lw=2, label="linadapt mean")
+    for name, values in (curves or {}).items():
+        ax.plot(x[order], values[order], lw=1.2, ls="--", label=name)
+    ax.scatter(x_train, y_train, c="k", s=22, zorder=5, label="target training points")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def reliability_figure(probas: dict[str, np.ndarray], y: np.ndarray, n_bins: int = 15):
+    """Reliability diagram (accuracy vs confidence per bin) and confidence histogram for several predictors."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot([0, 1], [0, 1], color="0.6", ls=":", label="perfect calibration")
+    for name, proba in probas.items():
+        bins = metrics.reliability_bins(proba, y, n_bins)
+        keep = bins["count"] > 0
+        ece = metrics.expected_calibration_error(proba, y, n_bins)
+        ax1.plot(bins["confidence"][keep], bins["accuracy"][keep], marker="o", ms=3, label=f"{name} (ECE {ece:.3f})")
+        ax2.hist(proba.max(axis=1), bins=bins["edges"], histtype="step", lw=1.5, label=name)
+    ax1.set_xlabel("confidence (top-class probability)")
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("reliability diagram")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("test examples")
+    ax2.set_title("confidence histogram")
+    ax2.legend(fontsize=7)
+    return fig
+
+
+def write_report(path: str, title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> None:
+    """Write a one-file HTML report (sections: (heading, HTML body)); replaced atomically."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append(f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
+    if intro:
+        parts.append(f"<p>{intro}</p>")
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
+    parts.append("</body></html>")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(parts))
+    os.replace(tmp, path)
