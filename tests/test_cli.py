@@ -66,6 +66,8 @@ def test_adapt_and_predict_regression(project):
     )
     assert res.exit_code == 0, res.output
     assert "test rmse" in res.output
+    page = (tmp / "run" / "report.html").read_text()
+    assert "fine-tune all" in page and "source network" in page and page.count("data:image/png;base64,") == 1
     cols, values = read(tmp / "run" / "predictions.csv")
     assert cols == ["mean", "std"] and values.shape == (40, 2)
     data = np.loadtxt(tmp / "reg.csv", delimiter=",", skiprows=1)
@@ -84,10 +86,12 @@ def test_adapt_classification_auto_task_and_params(project):
     tmp, _ = project
     res = runner.invoke(
         app, ["adapt", "--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv",
-              "--test", "clf.csv", "--params", "last", "--out", "run"],
+              "--test", "clf.csv", "--params", "last", "--no-baselines", "--out", "run"],
     )
     assert res.exit_code == 0, res.output
     assert "classification" in res.output and "test accuracy" in res.output
+    page = (tmp / "run" / "report.html").read_text()
+    assert "ECE" in page and "fine-tune" not in page and page.count("data:image/png;base64,") == 1
     cols, values = read(tmp / "run" / "predictions.csv")
     assert cols == ["proba_0", "proba_1", "proba_2", "label"]
     np.testing.assert_allclose(values[:, :3].sum(1), 1.0, rtol=1e-8)

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import sys
+import time
 from typing import Annotated
 
 import numpy as np
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import metrics
+from . import metrics, report
 from .classifier import LinearizedClassifier
 from .data_io import DataError, Dataset, read_dataset
 from .model_io import ModelLoadError, load_model
@@ -100,9 +101,13 @@ def adapt(
     target: Annotated[str | None, typer.Option(help="CSV target column (default: the last).")] = None,
     test: Annotated[str | None, typer.Option(help="Data to predict; with targets, metrics are reported.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "linadapt-out",
+    baselines: Annotated[
+        bool, typer.Option(help="With labelled --test data, also fine-tune (last layer, all weights) to compare.")
+    ] = True,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
 ) -> None:
-    """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt (and predictions.csv).
+    """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt, OUT/report.html and, with
+    --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
 
     Example: linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv
     """
@@ -130,7 +135,9 @@ def adapt(
     est = est_cls(net, params=spec)
     try:
         with console.status(f"fitting the linearized {chosen} model on {data.X.shape[0]} examples …"):
+            t = time.perf_counter()
             est.fit(data.X, y)
+            est.fit_seconds_ = time.perf_counter() - t
     except ValueError as exc:
         _fail(str(exc))
     os.makedirs(out, exist_ok=True)
@@ -141,23 +148,90 @@ def adapt(
     table = Table(title=f"linadapt {chosen}")
     table.add_column("quantity")
     table.add_column("value")
-    table.add_row("training examples", str(data.X.shape[0]))
-    table.add_row("adapted parameters", str(est.linearization_.num_params))
-    table.add_row("prior variance", f"{est.prior_var_:.4g}")
+    summary = [
+        ("training examples", str(data.X.shape[0])),
+        ("input shape", str(tuple(data.X.shape[1:]))),
+        ("adapted parameters", str(est.linearization_.num_params)),
+        ("prior variance", f"{est.prior_var_:.4g}"),
+    ]
     if chosen == "regression":
-        table.add_row("noise variance", f"{est.noise_var_:.4g}")
-    table.add_row("log evidence", f"{est.log_marginal_likelihood_value_:.4f}")
+        summary.append(("noise variance", f"{est.noise_var_:.4g}"))
+    summary.append(("log evidence", f"{est.log_marginal_likelihood_value_:.4f}"))
+    for row in summary:
+        table.add_row(*row)
+    sections = [("Data and hyperparameters", report.table_html(["quantity", "value"], summary))]
     if test_data is not None:
         try:
             cols, values = _predictions(est, test_data.X)
-            scores = _scores(est, test_data)
+            if test_data.y is not None:
+                comparison, figure = _comparison(est, net, data, test_data, baselines, chosen)
+                sections.append(("Comparison on the test data", comparison))
+            else:
+                mean, std = est.predict(test_data.X, return_std=True) if chosen == "regression" else (None, None)
+                figure = report.prediction_figure(test_data.X, None, mean, std) if mean is not None else None
+            if figure is not None:
+                sections.append(("Predictions", report.figure_html(figure, "predictions")))
         except ValueError as exc:
             _fail(f"predicting on {test}: {exc}")
         _write_csv(os.path.join(out, "predictions.csv"), cols, values)
-        for name, value in scores.items():
+        for name, value in _scores(est, test_data).items():
             table.add_row(f"test {name}", f"{value:.4f}")
+    report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
     Console().print(table)
-    console.print(f"wrote {os.path.join(out, 'adapted.linadapt')}" + (" and predictions.csv" if test_data else ""))
+    written = ["adapted.linadapt", "report.html"] + (["predictions.csv"] if test_data is not None else [])
+    console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+
+
+def _comparison(est, net, data: Dataset, test_data: Dataset, baselines: bool, task: str):
+    """Metrics of the source network, linadapt and (optionally) fine-tuning on the test data, and a figure."""
+    from .baselines import finetune
+
+    Xtr, Xte = torch.as_tensor(data.X), torch.as_tensor(test_data.X)
+    rows, probas = [], {}
+    if task == "classification":
+        ytr = torch.as_tensor(data.y).long()
+
+        def add(name: str, proba: np.ndarray, seconds: float) -> None:
+            probas[name] = proba
+            y = test_data.y
+            rows.append([name, metrics.accuracy(proba, y), metrics.nll(proba, y),
+                         metrics.expected_calibration_error(proba, y), seconds])
+
+        with torch.no_grad():
+            add("source network", torch.softmax(net(Xte).double(), 1).numpy(), 0.0)
+        add("linadapt", est.predict_proba(test_data.X), est.fit_seconds_)
+        if baselines:
+            for params in ("last", "all"):
+                t = time.perf_counter()
+                tuned = finetune(net, Xtr, ytr, params=params, epochs=300, lr=1e-3)
+                add(f"fine-tune {params}", tuned.predict_proba(Xte), time.perf_counter() - t)
+        header = ["method", "accuracy", "NLL", "ECE", "fit seconds"]
+        return report.table_html(header, rows), report.reliability_figure(probas, test_data.y)
+    ytr = torch.as_tensor(data.y, dtype=torch.float32)
+    yte = test_data.y
+
+    def add_reg(name: str, mean: np.ndarray, std: np.ndarray, seconds: float) -> None:
+        target = yte.reshape(mean.shape)
+        rows.append([name, metrics.rmse(mean, target), metrics.gaussian_nll(mean, std, target), seconds])
+
+    def point_model(module) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            fit = module(Xtr).double().numpy().reshape(data.y.shape)
+            pred = module(Xte).double().numpy().reshape(yte.shape)
+        resid = max(float(np.sqrt(np.mean((fit - data.y) ** 2))), 1e-6)
+        return pred, np.full_like(pred, resid)
+
+    add_reg("source network (std: training RMS residual)", *point_model(net), 0.0)
+    mean, std = est.predict(test_data.X, return_std=True)
+    add_reg("linadapt", mean, std, est.fit_seconds_)
+    if baselines:
+        for params in ("last", "all"):
+            t = time.perf_counter()
+            tuned = finetune(net, Xtr, ytr, task="regression", params=params, epochs=300, lr=1e-3)
+            seconds = time.perf_counter() - t
+            add_reg(f"fine-tune {params} (std: training RMS residual)", *point_model(tuned.model), seconds)
+    figure = report.prediction_figure(test_data.X, yte, mean, std, "linadapt on the test data")
+    return report.table_html(["method", "RMSE", "NLL", "fit seconds"], rows), figure
 
 
 @app.command()

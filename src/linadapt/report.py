@@ -12,7 +12,14 @@ import numpy as np
 
 from . import metrics
 
-__all__ = ["figure_html", "regression_band_figure", "reliability_figure", "table_html", "write_report"]
+__all__ = [
+    "figure_html",
+    "prediction_figure",
+    "regression_band_figure",
+    "reliability_figure",
+    "table_html",
+    "write_report",
+]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; line-height: 1.45 }
@@ -113,3 +120,31 @@ def write_report(path: str, title: str, sections: Sequence[tuple[str, str]], int
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("".join(parts))
     os.replace(tmp, path)
+
+
+def _projection(X: np.ndarray) -> tuple[np.ndarray, str]:
+    """A 1-D coordinate for plotting: the input itself if scalar, else the first principal component."""
+    flat = X.reshape(X.shape[0], -1).astype(np.float64)
+    if flat.shape[1] == 1:
+        return flat[:, 0], "x"
+    centred = flat - flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[0], "first principal component of the inputs"
+
+
+def prediction_figure(X: np.ndarray, y: np.ndarray | None, mean: np.ndarray, std: np.ndarray, title: str = ""):
+    """Predictive mean ± 2 std (first output) along a 1-D projection of the inputs, with the targets if known."""
+    plt = _plt()
+    t, label = _projection(X)
+    m, s = mean.reshape(mean.shape[0], -1)[:, 0], std.reshape(std.shape[0], -1)[:, 0]
+    order = np.argsort(t)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.fill_between(t[order], (m - 2 * s)[order], (m + 2 * s)[order], alpha=0.25, label="± 2 std")
+    ax.plot(t[order], m[order], lw=1.5, label="predictive mean")
+    if y is not None:
+        ax.scatter(t, y.reshape(y.shape[0], -1)[:, 0], s=8, c="k", label="targets")
+    ax.set_xlabel(label)
+    ax.set_ylabel("output 0")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
