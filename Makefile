@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 	# torch, and it never imports it, so it and its runtime dependencies go in without dependency resolution.
 	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE_PKGS) \
 		|| echo "laplace-torch not installed: its agreement test will be skipped"
+	# optional: headless Chromium + chromedriver (Debian packages) for the report-rendering test
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+			|| (apt-get update -qq >/dev/null 2>&1 \
+				&& apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1)) \
+		|| echo "chromium not installed: the report-rendering test will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
