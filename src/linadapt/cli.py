@@ -298,6 +298,55 @@ def demo(
     console.print(f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'results.json')}")
 
 
+@app.command()
+def experiment(
+    name: Annotated[str, typer.Argument(help="The experiment: rotated-mnist.")],
+    seeds: Annotated[int, typer.Option(help="Seeds 0 … seeds−1 (each retrains the source network).")] = 3,
+    shots: Annotated[int | None, typer.Option(help="Labelled target examples per class (default 10).")] = None,
+    output: Annotated[str | None, typer.Option(help="Write the records as JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests.")] = False,
+) -> None:
+    """Run one of the paper-style experiments and print mean ± std over seeds per method.
+
+    Example: linadapt experiment rotated-mnist --seeds 3 --output rotated.json
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .experiments import EXPERIMENTS, run_experiment, summarize
+
+    if name not in EXPERIMENTS:
+        _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(name, total=None)
+        try:
+            records = run_experiment(name, seeds, shots, quick, step=lambda msg: bar.update(task, description=msg))
+        except (ValueError, ImportError) as exc:
+            _fail(str(exc))
+    print(summarize(records))
+    if output:
+        with open(output + ".tmp", "w") as fh:
+            json.dump(records, fh, indent=1)
+        os.replace(output + ".tmp", output)
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def bench(
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions (medians are reported).")] = 9,
+    n: Annotated[int, typer.Option(help="Inputs per product.")] = 1024,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+) -> None:
+    """Time NTK products against one forward+backward pass of the same model (ratios; MLP and CNN).
+
+    Example: linadapt bench --reps 9 --n 1024
+    """
+    from .bench import format_table, run_bench
+
+    with console.status("timing kernel products …"):
+        rows = run_bench(reps, n, threads)
+    print(format_table(rows, reps, n, threads))
+
+
 def main() -> None:
     """Entry point of the ``linadapt`` command."""
     app(prog_name="linadapt")

