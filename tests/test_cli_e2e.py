@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import linadapt as la
@@ -143,3 +144,38 @@ def test_killed_save_leaves_the_previous_file_intact(tmp_path):
 
     est = la.load(path, mlp())  # checksums verified: the file is one complete version
     assert est.posterior_.delta.shape == (27,)
+
+
+def test_adapt_predict_round_trip_csv_classification(tmp_path):
+    (tmp_path / "nets.py").write_text(
+        "import torch\n\ndef clf():\n    torch.manual_seed(1)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        sys.modules.pop("nets", None)
+        import nets
+
+        net = nets.clf()
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.save(net.state_dict(), tmp_path / "net.pt")  # a plain state dict: read with weights_only=True
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(24, 2))
+    labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.8).astype(int)
+    rows = "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels))
+    (tmp_path / "train.csv").write_text("a,b,cls\n" + rows)
+    (tmp_path / "new.csv").write_text("a,b\n0.3,-0.2\n-1,1\n")  # the target column is absent
+    res = run(["adapt", "--model", "nets:clf", "--weights", "net.pt", "--train", "train.csv", "--test", "train.csv",
+               "--task", "classification", "--out", "run"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "test accuracy" in res.stdout and (tmp_path / "run" / "report.html").exists()
+    res = run(["predict", "--adapted", "run/adapted.linadapt", "--data", "new.csv", "--out", "p.csv"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "proba_0,proba_1,proba_2,label" and len(lines) == 3
+    ref = la.LinearizedClassifier(net).fit(X.astype(np.float32), labels)
+    proba = ref.predict_proba(np.array([[0.3, -0.2], [-1, 1]], dtype=np.float32))
+    got = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(got[:, :3], proba, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(got[:, 3], proba.argmax(1))
