@@ -143,3 +143,19 @@ def test_experiment_quick_writes_records(tmp_path):
     records = json.loads(out.read_text())
     assert {r["method"] for r in records} >= {"source", "finetune-last", "linadapt", "linadapt-last-bridge"}
     assert all(r["shots"] == 3 and r["experiment"] == "rotated-mnist" for r in records)
+
+
+def test_predict_needs_a_model_when_the_file_records_none(project):
+    tmp, nets = project
+    data = np.loadtxt(tmp / "reg.csv", delimiter=",", skiprows=1)
+    reg = la.LinearizedRegressor(nets.regressor()).fit(data[:, :2].astype(np.float32), data[:, 2])
+    reg.save(tmp / "py.linadapt", model_reference="my notebook")
+    res = runner.invoke(app, ["predict", "--adapted", "py.linadapt", "--data", "new.csv"])
+    assert res.exit_code == 2 and "does not record its source model" in res.output
+    res = runner.invoke(
+        app, ["predict", "--adapted", "py.linadapt", "--data", "new.csv", "--model", "nets:regressor",
+              "--weights", "reg.safetensors", "--out", "p.csv"],
+    )
+    assert res.exit_code == 0, res.output
+    _, values = read(tmp / "p.csv")
+    np.testing.assert_allclose(values[:, 0], reg.predict(np.array([[0.5, 0.5], [-1, 1.5]], np.float32)), rtol=1e-8)

@@ -250,8 +250,13 @@ def predict(
     """
     try:
         header = read_header(adapted)
-        recorded = json.loads(header["model"].get("reference") or "{}")
-        net = load_model(model or recorded.get("model", ""), weights or recorded.get("weights"), trust_pickle)
+        try:
+            recorded = json.loads(header["model"].get("reference") or "{}")
+        except json.JSONDecodeError:
+            recorded = {}  # saved from Python with a free-text reference
+        if not (model or recorded.get("model")):
+            _fail(f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)")
+        net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
         est = load(adapted, net)
         ds = read_dataset(data, target or recorded.get("target"), require_target=False)
         cols, values = _predictions(est, ds.X)
