@@ -148,9 +148,17 @@ def adapt(
     table = Table(title=f"linadapt {chosen}")
     table.add_column("quantity")
     table.add_column("value")
+    if chosen == "classification":
+        counts = np.bincount(y, minlength=n_outputs)
+        target_summary = ("labels per class", " ".join(str(int(k)) for k in counts))
+    else:
+        target_summary = ("targets (mean ± std)", f"{float(np.mean(y)):.4g} ± {float(np.std(y)):.4g}")
     summary = [
-        ("training examples", str(data.X.shape[0])),
+        ("training data", f"{train} ({data.X.shape[0]} examples)"),
         ("input shape", str(tuple(data.X.shape[1:]))),
+        target_summary,
+        ("test data", f"{test} ({test_data.X.shape[0]} examples)" if test_data is not None else "none"),
+        ("model", model + (f" + {weights}" if weights else "")),
         ("adapted parameters", str(est.linearization_.num_params)),
         ("prior variance", f"{est.prior_var_:.4g}"),
     ]
