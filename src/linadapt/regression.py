@@ -9,13 +9,12 @@ covariance J* S J*ᵀ:
 * parameter space (p sized solves, P = JᵀJ / σ² + I / s²):  δ̄ = P⁻¹ Jᵀ r / σ²,  J* S J*ᵀ = J* P⁻¹ J*ᵀ.
 
 Each space has a dense solver (Cholesky of A or P) and a matrix-free one (preconditioned CG on kernel or
-Gauss–Newton products). A CG solve that misses its tolerance warns and, when the dense matrix fits in
-the memory budget, is redone by Cholesky.
+Gauss–Newton products), both behind one :class:`~linadapt.solvers.SPDSystem`: a CG solve that misses its
+tolerance warns and, when the dense matrix fits in the memory budget, is redone by Cholesky.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +25,8 @@ from .linearize import ALGEBRA_DTYPE, Linearization
 from .operators import NTKOperator
 from .posterior import LinearizedPosterior
 from .solvers import (
-    ConvergenceWarning,
     SolveInfo,
-    cg_solve,
+    SPDSystem,
     diagonal_preconditioner,
     low_rank_plus_diagonal_preconditioner,
 )
@@ -181,12 +179,37 @@ class RegressionPosterior(LinearizedPosterior):
         self.problem = problem
         self.lin, self.X, self.r, self.c, self.n_obs = problem.lin, problem.X, problem.r, problem.c, problem.n_obs
         self.s2, self.sig2 = float(prior_var), float(noise_var)
-        self.space, self.solver = space, solver
+        self.space = space
         self.options = problem.options
         self.memory_budget = problem.options.memory_budget
         self.cache = problem.cache
-        self.solve_info: SolveInfo | None = None
+        o = self.options
+        dense_ok = solver == "cholesky" or dense_fits(space, self.n_obs, self.lin.num_params, o.memory_budget)
+        what = "function-space system s²K + σ²I" if space == "function" else "parameter-space system JᵀJ/σ² + I/s²"
+        self.system = SPDSystem(
+            self.n_obs if space == "function" else self.lin.num_params,
+            matrix=self._matrix if dense_ok else None,
+            matmul=None if solver == "cholesky" else (self._a_matmul if space == "function" else self._p_matmul),
+            preconditioner=self._preconditioner,
+            what=what,
+            tol=o.cg_tol,
+            max_iter=o.cg_max_iter,
+            num_probes=o.lanczos_probes,
+            lanczos_iter=o.lanczos_iter,
+            seed=o.seed,
+            device=self.lin.device,
+        )
         self._fit()
+
+    @property
+    def solver(self) -> str:
+        """``"cholesky"`` or ``"cg"`` — ``"cholesky"`` after a CG miss fell back to the dense solve."""
+        return self.system.method
+
+    @property
+    def solve_info(self) -> SolveInfo | None:
+        """The last CG report, or None when only Cholesky was used."""
+        return self.system.info
 
     # ------------------------------------------------------------------ operators
     def _a_matmul(self, V: torch.Tensor) -> torch.Tensor:
@@ -197,81 +220,45 @@ class RegressionPosterior(LinearizedPosterior):
         """P V = G V / σ² + V / s² (parameter space)."""
         return self.problem.g_matmul(V) / self.sig2 + V / self.s2
 
+    def _matrix(self) -> torch.Tensor:
+        """The dense A = s²K + σ²I (function space) or P = JᵀJ/σ² + I/s² (parameter space)."""
+        if self.space == "function":
+            M = self.s2 * self.problem.kernel()
+            M.diagonal().add_(self.sig2)
+        else:
+            M = self.problem.gram() / self.sig2
+            M.diagonal().add_(1.0 / self.s2)
+        return M
+
     def _preconditioner(self):
-        if "precond" in self.cache and self.cache.get("precond_key") == (self.s2, self.sig2):
-            return self.cache["precond"]
+        """Low-rank (pivoted Cholesky of K) + diagonal for A; Jacobi for P. Factors are cached on the problem."""
         if self.space == "function":
             if "L" not in self.cache:
                 rank = min(self.options.preconditioner_rank, self.n_obs)
                 self.cache["L"] = pivoted_cholesky(self.problem.operator, rank).detach()
-            pre = low_rank_plus_diagonal_preconditioner(self.cache["L"], self.s2, self.sig2)
-        else:
-            if "G_diag" not in self.cache:
-                d = torch.zeros(self.lin.num_params, dtype=ALGEBRA_DTYPE, device=self.lin.device)
-                for _, jac in self.lin.jacobian_chunks(self.X):
-                    d += (jac**2).sum(dim=(0, 1))
-                self.cache["G_diag"] = d
-            pre = diagonal_preconditioner(self.cache["G_diag"] / self.sig2 + 1.0 / self.s2)
-        self.cache["precond"], self.cache["precond_key"] = pre, (self.s2, self.sig2)
-        return pre
+            return low_rank_plus_diagonal_preconditioner(self.cache["L"], self.s2, self.sig2)
+        if "G_diag" not in self.cache:
+            d = torch.zeros(self.lin.num_params, dtype=ALGEBRA_DTYPE, device=self.lin.device)
+            for _, jac in self.lin.jacobian_chunks(self.X):
+                d += (jac**2).sum(dim=(0, 1))
+            self.cache["G_diag"] = d
+        return diagonal_preconditioner(self.cache["G_diag"] / self.sig2 + 1.0 / self.s2)
 
     # ------------------------------------------------------------------ solves
-    def solve(self, B: torch.Tensor, what: str = "posterior system") -> torch.Tensor:
-        """A⁻¹ B (function space, B: N × k) or P⁻¹ B (parameter space, B: p × k)."""
-        if self.solver == "cholesky":
-            return torch.cholesky_solve(B, self._chol())
-        matmul = self._a_matmul if self.space == "function" else self._p_matmul
-        x, info = cg_solve(
-            matmul, B, self._preconditioner(), tol=self.options.cg_tol, max_iter=self.options.cg_max_iter
-        )
-        self.solve_info = info
-        if info.converged:
-            return x
-        dim = self.n_obs if self.space == "function" else self.lin.num_params
-        fallback = dense_fits(self.space, self.n_obs, self.lin.num_params, self.options.memory_budget)
-        consequence = (
-            f"falling back to a dense Cholesky solve ({dim} × {dim})"
-            if fallback
-            else f"the dense {dim} × {dim} matrix does not fit the memory budget: results are approximate "
-            "(raise cg_max_iter)"
-        )
-        warnings.warn(
-            f"CG did not converge on the {self.space}-space {what} ({info.describe()}); {consequence}",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-        if not fallback:
-            return x
-        self.solver = "cholesky"
-        return torch.cholesky_solve(B, self._chol())
-
-    def _chol(self) -> torch.Tensor:
-        key = ("chol", self.space, self.s2, self.sig2)
-        if self.cache.get("chol_key") != key:
-            if self.space == "function":
-                M = self.s2 * self.problem.kernel()
-                M.diagonal().add_(self.sig2)
-            else:
-                M = self.problem.gram() / self.sig2
-                M.diagonal().add_(1.0 / self.s2)
-            L, info = torch.linalg.cholesky_ex(M)
-            if int(info) != 0:
-                # A and P are positive definite by construction (σ², 1/s² > 0); failure means round-off.
-                jitter = 1e-10 * float(M.diagonal().mean())
-                M.diagonal().add_(jitter)
-                L = torch.linalg.cholesky(M)
-            self.cache["chol"], self.cache["chol_key"] = L, key
-        return self.cache["chol"]
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """A⁻¹ B (function space, B: N × k) or P⁻¹ B (parameter space, B: p × k); a CG miss warns and, when the
+        dense matrix fits the memory budget, falls back to Cholesky (see :class:`~linadapt.solvers.SPDSystem`)."""
+        return self.system.solve(B)
 
     def _fit(self) -> None:
         r = self.r.unsqueeze(-1)
         if self.space == "function":
-            alpha = self.solve(r, "training system").squeeze(-1)
+            alpha = self.solve(r).squeeze(-1)
             self.alpha = alpha
             self.delta = self.s2 * self.lin.vjp(self.X, alpha.reshape(-1, self.c))
         else:
             self.g = self.problem.g()
-            self.delta = self.solve(self.g.unsqueeze(-1), "training system").squeeze(-1) / self.sig2
+            self.delta = self.solve(self.g.unsqueeze(-1)).squeeze(-1) / self.sig2
 
     def quad_term(self) -> float:
         """rᵀ A⁻¹ r from the fitted solve (function space: rᵀα; parameter space by Woodbury)."""
@@ -284,6 +271,6 @@ class RegressionPosterior(LinearizedPosterior):
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         """B S Bᵀ: parameter space B P⁻¹ Bᵀ; function space s² BBᵀ − s⁴ (J(X)Bᵀ)ᵀ A⁻¹ (J(X)Bᵀ)."""
         if self.space == "parameter":
-            return [(1.0, B, self.solve(B.T.contiguous(), "predictive system"))]
+            return [(1.0, B, self.solve(B.T.contiguous()))]
         KnS = self.lin.jvp(self.X, B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
-        return [(self.s2, B, B.T), (-self.s2**2, KnS.T, self.solve(KnS, "predictive system"))]
+        return [(self.s2, B, B.T), (-self.s2**2, KnS.T, self.solve(KnS))]
