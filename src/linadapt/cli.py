@@ -53,13 +53,19 @@ def _choose_task(task: str, y: np.ndarray, n_outputs: int) -> str:
     return "regression"
 
 
-def _predictions(est, X: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Column names and values for predictions.csv."""
+def _predict(est, X: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Predictions at X, computed once: (proba,) for a classifier, (mean, std) for a regressor."""
     if isinstance(est, LinearizedClassifier):
-        proba = est.predict_proba(X)
-        cols = [f"proba_{k}" for k in range(proba.shape[1])] + ["label"]
-        return cols, np.column_stack([proba, proba.argmax(1)])
-    mean, std = est.predict(X, return_std=True)
+        return (est.predict_proba(X),)
+    return est.predict(X, return_std=True)
+
+
+def _columns(pred: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray]:
+    """Column names and values for predictions.csv."""
+    if len(pred) == 1:
+        proba = pred[0]
+        return [f"proba_{k}" for k in range(proba.shape[1])] + ["label"], np.column_stack([proba, proba.argmax(1)])
+    mean, std = pred
     if mean.ndim == 1:
         return ["mean", "std"], np.column_stack([mean, std])
     c = mean.shape[1]
@@ -76,19 +82,20 @@ def _write_csv(path: str, columns: list[str], values: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _scores(est, data: Dataset) -> dict[str, float]:
-    if data.y is None:
+def _scores(pred: tuple[np.ndarray, ...], y: np.ndarray | None) -> dict[str, float]:
+    """Test metrics of predictions (as from ``_predict``): accuracy / nll / ece, or rmse / nll."""
+    if y is None:
         return {}
-    if isinstance(est, LinearizedClassifier):
-        proba = est.predict_proba(data.X)
+    if len(pred) == 1:
+        proba = pred[0]
         return {
-            "accuracy": metrics.accuracy(proba, data.y),
-            "nll": metrics.nll(proba, data.y),
-            "ece": metrics.expected_calibration_error(proba, data.y),
+            "accuracy": metrics.accuracy(proba, y),
+            "nll": metrics.nll(proba, y),
+            "ece": metrics.expected_calibration_error(proba, y),
         }
-    mean, std = est.predict(data.X, return_std=True)
-    y = data.y.reshape(mean.shape)
-    return {"rmse": metrics.rmse(mean, y), "nll": metrics.gaussian_nll(mean, std, y)}
+    mean, std = pred
+    target = y.reshape(mean.shape)
+    return {"rmse": metrics.rmse(mean, target), "nll": metrics.gaussian_nll(mean, std, target)}
 
 
 @app.command()
@@ -170,19 +177,20 @@ def adapt(
     sections = [("Data and hyperparameters", report.table_html(["quantity", "value"], summary))]
     if test_data is not None:
         try:
-            cols, values = _predictions(est, test_data.X)
+            pred = _predict(est, test_data.X)
             if test_data.y is not None:
-                comparison, figure = _comparison(est, net, data, test_data, baselines, chosen)
+                comparison, figure = _comparison(pred, est.fit_seconds_, net, data, test_data, baselines)
                 sections.append(("Comparison on the test data", comparison))
+            elif len(pred) == 2:
+                figure = report.prediction_figure(test_data.X, None, *pred)
             else:
-                mean, std = est.predict(test_data.X, return_std=True) if chosen == "regression" else (None, None)
-                figure = report.prediction_figure(test_data.X, None, mean, std) if mean is not None else None
+                figure = None
             if figure is not None:
                 sections.append(("Predictions", report.figure_html(figure, "predictions")))
         except ValueError as exc:
             _fail(f"predicting on {test}: {exc}")
-        _write_csv(os.path.join(out, "predictions.csv"), cols, values)
-        for name, value in _scores(est, test_data).items():
+        _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred))
+        for name, value in _scores(pred, test_data.y).items():
             table.add_row(f"test {name}", f"{value:.4f}")
     report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
     Console().print(table)
@@ -190,56 +198,47 @@ def adapt(
     console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
 
 
-def _comparison(est, net, data: Dataset, test_data: Dataset, baselines: bool, task: str):
-    """Metrics of the source network, linadapt and (optionally) fine-tuning on the test data, and a figure."""
+def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
+    """Metrics of the source network, linadapt (predictions ``pred``) and, optionally, fine-tuning on the test
+    data, as an HTML table, and a figure (reliability diagram, or linadapt's predictive band)."""
     from .baselines import finetune
 
-    Xtr, Xte = torch.as_tensor(data.X), torch.as_tensor(test_data.X)
+    classification = len(pred) == 1
+    Xtr, Xte, yte = torch.as_tensor(data.X), torch.as_tensor(test_data.X), test_data.y
     rows, probas = [], {}
-    if task == "classification":
-        ytr = torch.as_tensor(data.y).long()
 
-        def add(name: str, proba: np.ndarray, seconds: float) -> None:
-            probas[name] = proba
-            y = test_data.y
-            rows.append([name, metrics.accuracy(proba, y), metrics.nll(proba, y),
-                         metrics.expected_calibration_error(proba, y), seconds])
+    def add(name: str, p: tuple[np.ndarray, ...], seconds: float) -> None:
+        if classification:
+            probas[name] = p[0]
+        rows.append([name, *_scores(p, yte).values(), seconds])
 
+    def outputs(module) -> tuple[np.ndarray, ...]:
+        """A point network's predictions: softmax, or the outputs with the training RMS residual as std."""
         with torch.no_grad():
-            add("source network", torch.softmax(net(Xte).double(), 1).numpy(), 0.0)
-        add("linadapt", est.predict_proba(test_data.X), est.fit_seconds_)
-        if baselines:
-            for params in ("last", "all"):
-                t = time.perf_counter()
-                tuned = finetune(net, Xtr, ytr, params=params, epochs=300, lr=1e-3)
-                add(f"fine-tune {params}", tuned.predict_proba(Xte), time.perf_counter() - t)
-        header = ["method", "accuracy", "NLL", "ECE", "fit seconds"]
-        return report.table_html(header, rows), report.reliability_figure(probas, test_data.y)
-    ytr = torch.as_tensor(data.y, dtype=torch.float32)
-    yte = test_data.y
-
-    def add_reg(name: str, mean: np.ndarray, std: np.ndarray, seconds: float) -> None:
-        target = yte.reshape(mean.shape)
-        rows.append([name, metrics.rmse(mean, target), metrics.gaussian_nll(mean, std, target), seconds])
-
-    def point_model(module) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
+            if classification:
+                return (torch.softmax(module(Xte).double(), 1).numpy(),)
             fit = module(Xtr).double().numpy().reshape(data.y.shape)
-            pred = module(Xte).double().numpy().reshape(yte.shape)
+            mean = module(Xte).double().numpy().reshape(yte.shape)
         resid = max(float(np.sqrt(np.mean((fit - data.y) ** 2))), 1e-6)
-        return pred, np.full_like(pred, resid)
+        return mean, np.full_like(mean, resid)
 
-    add_reg("source network (std: training RMS residual)", *point_model(net), 0.0)
-    mean, std = est.predict(test_data.X, return_std=True)
-    add_reg("linadapt", mean, std, est.fit_seconds_)
+    suffix = "" if classification else " (std: training RMS residual)"
+    add(f"source network{suffix}", outputs(net), 0.0)
+    add("linadapt", pred, fit_seconds)
     if baselines:
+        task = "classification" if classification else "regression"
+        ytr = torch.as_tensor(data.y).long() if classification else torch.as_tensor(data.y, dtype=torch.float32)
         for params in ("last", "all"):
             t = time.perf_counter()
-            tuned = finetune(net, Xtr, ytr, task="regression", params=params, epochs=300, lr=1e-3)
+            tuned = finetune(net, Xtr, ytr, task=task, params=params, epochs=300, lr=1e-3)
             seconds = time.perf_counter() - t
-            add_reg(f"fine-tune {params} (std: training RMS residual)", *point_model(tuned.model), seconds)
-    figure = report.prediction_figure(test_data.X, yte, mean, std, "linadapt on the test data")
-    return report.table_html(["method", "RMSE", "NLL", "fit seconds"], rows), figure
+            add(f"fine-tune {params}{suffix}", outputs(tuned.model), seconds)
+    if classification:
+        header, figure = ["method", "accuracy", "NLL", "ECE"], report.reliability_figure(probas, yte)
+    else:
+        header = ["method", "RMSE", "NLL"]
+        figure = report.prediction_figure(test_data.X, yte, *pred, "linadapt on the test data")
+    return report.table_html([*header, "fit seconds"], rows), figure
 
 
 @app.command()
@@ -267,8 +266,9 @@ def predict(
         net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
         est = load(adapted, net)
         ds = read_dataset(data, target or recorded.get("target"), require_target=False)
-        cols, values = _predictions(est, ds.X)
-        scores = _scores(est, ds)
+        pred = _predict(est, ds.X)
+        cols, values = _columns(pred)
+        scores = _scores(pred, ds.y)
     except FileNotFoundError:
         _fail(f"{adapted} does not exist")
     except (ValueError, json.JSONDecodeError) as exc:
