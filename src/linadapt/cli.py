@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import metrics, report
+from ._files import atomic_write_text
 from .classifier import LinearizedClassifier
 from .data_io import DataError, Dataset, read_dataset
 from .model_io import ModelLoadError, load_model
@@ -73,13 +75,12 @@ def _columns(pred: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray]:
 
 
 def _write_csv(path: str, columns: list[str], values: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for row in values:
-            writer.writerow([int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)])
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for row in values:
+        writer.writerow([int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _scores(pred: tuple[np.ndarray, ...], y: np.ndarray | None) -> dict[str, float]:
@@ -337,9 +338,7 @@ def experiment(
             _fail(str(exc))
     print(summarize(records))
     if output:
-        with open(output + ".tmp", "w") as fh:
-            json.dump(records, fh, indent=1)
-        os.replace(output + ".tmp", output)
+        atomic_write_text(output, json.dumps(records, indent=1))
         console.print(f"wrote {output}")
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import metrics, report
+from ._files import atomic_write_text
 from .baselines import finetune
 from .regressor import LinearizedRegressor
 
@@ -151,10 +152,7 @@ def run_demo(out: str = "linadapt-demo", quick: bool = False, step: Step | None 
     clf_records, clf_body = _classification(max(2, shots // 2) if quick else shots, quick, step)
     records = reg_records + clf_records
     step("writing results.json and report.html")
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(records, fh, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(records, indent=1))
     minutes = (time.perf_counter() - t) / 60
     report.write_report(
         os.path.join(out, "report.html"),

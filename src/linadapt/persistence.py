@@ -29,11 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._files import atomic_write
 
 __all__ = ["FORMAT_VERSION", "SaveLoadMixin", "load", "model_checksum", "read_header", "save"]
 
@@ -118,19 +119,7 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         "payload_sha256": _payload_checksum(tensors),
         "linadapt_version": __version__,
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".linadapt-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)}))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from . import metrics
+from ._files import atomic_write_text
 
 __all__ = [
     "figure_html",
@@ -116,10 +116,7 @@ def write_report(path: str, title: str, sections: Sequence[tuple[str, str]], int
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     parts.append("</body></html>")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(parts))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(parts))
 
 
 def _projection(X: np.ndarray) -> tuple[np.ndarray, str]:
