@@ -55,10 +55,6 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: floa
     return net
 
 
-def gaussian_nll(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
-    return float(np.mean(0.5 * np.log(2 * np.pi * std**2) + 0.5 * ((y - mean) / std) ** 2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
@@ -86,8 +82,8 @@ def main() -> None:
         resid_std = float(np.std(ytest_np - pred))
         record(
             "source (no adaptation)",
-            rmse=float(np.sqrt(np.mean((pred - ytest_np) ** 2))),
-            nll=gaussian_nll(ytest_np, pred, np.full_like(pred, resid_std)),
+            rmse=la.metrics.rmse(pred, ytest_np),
+            nll=la.metrics.gaussian_nll(pred, np.full_like(pred, resid_std), ytest_np),
             seconds=0.0,
         )
 
@@ -102,8 +98,8 @@ def main() -> None:
             train_resid = float(((tuned(xt) - yt) ** 2).mean().sqrt())
         record(
             "fine-tune all weights",
-            rmse=float(np.sqrt(np.mean((pred - ytest_np) ** 2))),
-            nll=gaussian_nll(ytest_np, pred, np.full_like(pred, max(train_resid, 1e-3))),
+            rmse=la.metrics.rmse(pred, ytest_np),
+            nll=la.metrics.gaussian_nll(pred, np.full_like(pred, max(train_resid, 1e-3)), ytest_np),
             seconds=ft_time,
         )
 
@@ -113,8 +109,8 @@ def main() -> None:
         la_time = time.perf_counter() - t0
         record(
             "linadapt (linearized GP)",
-            rmse=float(np.sqrt(np.mean((mean - ytest_np) ** 2))),
-            nll=gaussian_nll(ytest_np, mean, std),
+            rmse=la.metrics.rmse(mean, ytest_np),
+            nll=la.metrics.gaussian_nll(mean, std, ytest_np),
             seconds=la_time,
         )
 
