@@ -37,8 +37,7 @@ from linear_operator.functions import pivoted_cholesky
 from scipy.optimize import minimize_scalar
 
 from .linearize import ALGEBRA_DTYPE, Linearization
-from .operators import NTKOperator
-from .posterior import LinearizedPosterior
+from .posterior import LinearizedPosterior, TrainingData
 from .regression import SolverOptions
 from .solvers import ConvergenceWarning, SPDSystem, diagonal_preconditioner, low_rank_plus_diagonal_preconditioner
 
@@ -88,7 +87,7 @@ class NewtonInfo:
     converged: bool
 
 
-class ClassificationProblem:
+class ClassificationProblem(TrainingData):
     """Training data of a linearized softmax classifier and the products on it.
 
     Args:
@@ -106,30 +105,15 @@ class ClassificationProblem:
         options: SolverOptions,
         f0: torch.Tensor | None = None,
     ) -> None:
-        self.lin, self.X, self.labels, self.options = lin, X, labels, options
         self.f0 = lin.outputs(X) if f0 is None else f0
-        self.n, self.c = self.f0.shape
-        self.n_obs, self.p = self.n * self.c, lin.num_params
+        self.n = self.f0.shape[0]
+        super().__init__(lin, X, options, self.f0.shape[1])
+        self.labels = labels
         self.Y = torch.nn.functional.one_hot(labels, self.c).to(ALGEBRA_DTYPE)
         if prior_mean == "network":
             self.mu = torch.zeros(self.p, dtype=ALGEBRA_DTYPE, device=lin.device)
         else:
             self.mu = -lin.theta_vector()
-        self.operator = NTKOperator(lin, X)
-        self.cache: dict[str, torch.Tensor] = {}
-
-    # -- dense pieces (cached) ----------------------------------------------------------------
-    def kernel(self) -> torch.Tensor:
-        """Dense K = J Jᵀ, (N, N) example-major."""
-        if "K" not in self.cache:
-            self.cache["K"] = self.lin.ntk(self.X)
-        return self.cache["K"]
-
-    def jacobian_matrix(self) -> torch.Tensor:
-        """Dense J, (N, p)."""
-        if "J" not in self.cache:
-            self.cache["J"] = self.lin.jacobian(self.X).reshape(self.n_obs, self.p)
-        return self.cache["J"]
 
     # -- products: columns are (N, k) in output space, (p, k) in parameter space ---------------------
     def j_mv(self, V: torch.Tensor, dense: bool) -> torch.Tensor:
@@ -148,7 +132,7 @@ class ClassificationProblem:
         """K V: (N, k) -> (N, k)."""
         if dense:
             return self.kernel() @ V
-        return self.operator.apply_rows(V.T).T
+        return self.k_matmul(V)
 
     def prior_mean_outputs(self, dense: bool) -> torch.Tensor:
         """m = f(X; θ̂) + J μ, (n, c): the prior mean of the training logits."""

@@ -35,15 +35,13 @@ def _sinusoid(n: int, amp: float, phase: float, gen: torch.Generator, noise: flo
     return x, amp * torch.sin(x + phase) + noise * amp * torch.randn(n, 1, generator=gen, dtype=torch.float64)
 
 
-def _train(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float, loss_fn, batch: int | None = None,
-           seed: int = 0) -> nn.Module:
+def _train_source(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> nn.Module:
+    """Full-batch Adam on the mean squared error; returns the network in eval mode."""
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
-        idx = torch.randint(0, X.shape[0], (batch,), generator=gen) if batch else slice(None)
         opt.zero_grad()
-        loss_fn(net(X[idx]), y[idx]).backward()
+        nn.functional.mse_loss(net(X), y).backward()
         opt.step()
     return net.eval()
 
@@ -54,7 +52,7 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
     step("regression: training the source network on y = sin(x)")
     xs, ys = _sinusoid(2000, 1.0, 0.0, gen)
     net = nn.Sequential(nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)).double()
-    _train(net, xs, ys, 500 if quick else 1500, 3e-3, nn.functional.mse_loss)
+    _train_source(net, xs, ys, 500 if quick else 1500, 3e-3)
     amp, phase = 2.5, 0.8
     xt, yt = _sinusoid(shots, amp, phase, gen)
     xtest, ytest = _sinusoid(500, amp, phase, gen)

@@ -8,11 +8,45 @@ S (p × p); only the per-example blocks are computed when only those are wanted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .linearize import Linearization
+from .operators import NTKOperator
 
-__all__ = ["LinearizedPosterior"]
+__all__ = ["LinearizedPosterior", "TrainingData"]
+
+
+class TrainingData:
+    """Training inputs of a linearized model and the kernel / Jacobian pieces every problem needs.
+
+    Attributes: lin, X (prepared inputs), options (solver settings), c (outputs per example), n_obs = n·c,
+    p (parameters), operator (K = J(X) J(X)ᵀ, matrix-free), cache (dense pieces, computed on first use).
+    """
+
+    def __init__(self, lin: Linearization, X: torch.Tensor, options: Any, c: int) -> None:
+        self.lin, self.X, self.options, self.c = lin, X, options, c
+        self.n_obs = X.shape[0] * c
+        self.p = lin.num_params
+        self.operator = NTKOperator(lin, X)
+        self.cache: dict[str, Any] = {}
+
+    def kernel(self) -> torch.Tensor:
+        """Dense K = J(X) J(X)ᵀ (N × N, example-major), cached."""
+        if "K" not in self.cache:
+            self.cache["K"] = self.lin.ntk(self.X)
+        return self.cache["K"]
+
+    def jacobian_matrix(self) -> torch.Tensor:
+        """Dense J(X) as (N × p), cached."""
+        if "J" not in self.cache:
+            self.cache["J"] = self.lin.jacobian(self.X).reshape(self.n_obs, self.p)
+        return self.cache["J"]
+
+    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """K V for V (N, k), matrix-free."""
+        return self.operator.apply_rows(V.T).T
 
 
 class LinearizedPosterior:

@@ -22,8 +22,7 @@ from linear_operator.functions import pivoted_cholesky
 
 from .evidence import Spectrum
 from .linearize import ALGEBRA_DTYPE, Linearization
-from .operators import NTKOperator
-from .posterior import LinearizedPosterior
+from .posterior import LinearizedPosterior, TrainingData
 from .solvers import (
     SolveInfo,
     SPDSystem,
@@ -72,7 +71,7 @@ def choose_solver(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_B
     return "cg"
 
 
-class RegressionProblem:
+class RegressionProblem(TrainingData):
     """Training data of a regression with the linearized network, and the products and dense pieces on it.
 
     Args:
@@ -86,24 +85,8 @@ class RegressionProblem:
     """
 
     def __init__(self, lin: Linearization, X: torch.Tensor, r: torch.Tensor, options: SolverOptions) -> None:
-        self.lin, self.X, self.r, self.options = lin, X, r, options
-        self.c = lin.output_dim(X)
-        self.n_obs = X.shape[0] * self.c
-        self.p = lin.num_params
-        self.operator = NTKOperator(lin, X)  # K = J(X) J(X)ᵀ, matrix-free
-        self.cache: dict[str, object] = {}
-
-    def kernel(self) -> torch.Tensor:
-        """Dense K = J(X) J(X)ᵀ (N × N)."""
-        if "K" not in self.cache:
-            self.cache["K"] = self.lin.ntk(self.X)
-        return self.cache["K"]  # type: ignore[return-value]
-
-    def jacobian_matrix(self) -> torch.Tensor:
-        """Dense J(X) as (N × p)."""
-        if "J" not in self.cache:
-            self.cache["J"] = self.lin.jacobian(self.X).reshape(self.n_obs, -1)
-        return self.cache["J"]  # type: ignore[return-value]
+        super().__init__(lin, X, options, lin.output_dim(X))
+        self.r = r
 
     def gram(self) -> torch.Tensor:
         """Dense G = JᵀJ (p × p)."""
@@ -117,10 +100,6 @@ class RegressionProblem:
         if "g" not in self.cache:
             self.cache["g"] = self.lin.vjp(self.X, self.r.reshape(-1, self.c))
         return self.cache["g"]  # type: ignore[return-value]
-
-    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
-        """K V for V (N, k), matrix-free."""
-        return self.operator.apply_rows(V.T).T
 
     def g_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """G V = Jᵀ (J V) for V (p, k), matrix-free."""
