@@ -36,6 +36,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("nets", None)  # another test's tmp folder may have a different nets.py
     import nets
+
     save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
     save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
     rng = np.random.default_rng(0)
@@ -59,8 +60,20 @@ def read(path):
 def test_adapt_and_predict_regression(project):
     tmp, nets = project
     res = runner.invoke(
-        app, ["adapt", "--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv",
-              "--test", "reg.csv", "--out", "run"],
+        app,
+        [
+            "adapt",
+            "--model",
+            "nets:regressor",
+            "--weights",
+            "reg.safetensors",
+            "--train",
+            "reg.csv",
+            "--test",
+            "reg.csv",
+            "--out",
+            "run",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "test rmse" in res.output
@@ -83,8 +96,23 @@ def test_adapt_and_predict_regression(project):
 def test_adapt_classification_auto_task_and_params(project):
     tmp, _ = project
     res = runner.invoke(
-        app, ["adapt", "--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv",
-              "--test", "clf.csv", "--params", "last", "--no-baselines", "--out", "run"],
+        app,
+        [
+            "adapt",
+            "--model",
+            "nets:classifier",
+            "--weights",
+            "clf.safetensors",
+            "--train",
+            "clf.csv",
+            "--test",
+            "clf.csv",
+            "--params",
+            "last",
+            "--no-baselines",
+            "--out",
+            "run",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "classification" in res.output and "test accuracy" in res.output
@@ -153,8 +181,20 @@ def test_predict_needs_a_model_when_the_file_records_none(project):
     res = runner.invoke(app, ["predict", "--adapted", "py.linadapt", "--data", "new.csv"])
     assert res.exit_code == 2 and "does not record its source model" in res.output
     res = runner.invoke(
-        app, ["predict", "--adapted", "py.linadapt", "--data", "new.csv", "--model", "nets:regressor",
-              "--weights", "reg.safetensors", "--out", "p.csv"],
+        app,
+        [
+            "predict",
+            "--adapted",
+            "py.linadapt",
+            "--data",
+            "new.csv",
+            "--model",
+            "nets:regressor",
+            "--weights",
+            "reg.safetensors",
+            "--out",
+            "p.csv",
+        ],
     )
     assert res.exit_code == 0, res.output
     _, values = read(tmp / "p.csv")

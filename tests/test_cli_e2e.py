@@ -40,6 +40,7 @@ def project(tmp_path):
     try:
         sys.modules.pop("nets", None)  # another test's tmp folder may have a different nets.py
         import nets
+
         save_file(nets.regressor().state_dict(), tmp_path / "net.safetensors")
     finally:
         sys.path.remove(str(tmp_path))
@@ -166,8 +167,24 @@ def test_adapt_predict_round_trip_csv_classification(tmp_path):
     rows = "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels))
     (tmp_path / "train.csv").write_text("a,b,cls\n" + rows)
     (tmp_path / "new.csv").write_text("a,b\n0.3,-0.2\n-1,1\n")  # the target column is absent
-    res = run(["adapt", "--model", "nets:clf", "--weights", "net.pt", "--train", "train.csv", "--test", "train.csv",
-               "--task", "classification", "--out", "run"], tmp_path)
+    res = run(
+        [
+            "adapt",
+            "--model",
+            "nets:clf",
+            "--weights",
+            "net.pt",
+            "--train",
+            "train.csv",
+            "--test",
+            "train.csv",
+            "--task",
+            "classification",
+            "--out",
+            "run",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert "test accuracy" in res.stdout and (tmp_path / "run" / "report.html").exists()
     res = run(["predict", "--adapted", "run/adapted.linadapt", "--data", "new.csv", "--out", "p.csv"], tmp_path)

@@ -19,7 +19,12 @@ def test_quick_demo_writes_records_and_a_self_contained_report(tmp_path):
     by = {(r["experiment"], r["method"]): r for r in records}
     assert {m for e, m in by if e == "sinusoid"} == {"source", "finetune-all", "linadapt"}
     assert {m for e, m in by if e == "rotated-mnist"} == {
-        "source", "finetune-last", "finetune-all", "linadapt", "linadapt-bridge", "linadapt-map"
+        "source",
+        "finetune-last",
+        "finetune-all",
+        "linadapt",
+        "linadapt-bridge",
+        "linadapt-map",
     }
     for r in records:
         assert {"experiment", "method", "seed", "shots", "metrics", "fit_seconds"} <= set(r)

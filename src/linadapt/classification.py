@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from linear_operator.functions import pivoted_cholesky
@@ -104,10 +105,12 @@ class ClassificationProblem(TrainingData):
         prior_mean: str,
         options: SolverOptions,
         f0: torch.Tensor | None = None,
+        sharding: Any = None,
     ) -> None:
         self.f0 = lin.outputs(X) if f0 is None else f0
-        self.n = self.f0.shape[0]
-        super().__init__(lin, X, options, self.f0.shape[1])
+        super().__init__(lin, X, options, self.f0.shape[1], sharding)
+        if self.f0.shape[0] != self.n or labels.shape[0] != self.n:
+            raise ValueError(f"f0 and labels must cover all {self.n} training examples")
         self.labels = labels
         self.Y = torch.nn.functional.one_hot(labels, self.c).to(ALGEBRA_DTYPE)
         if prior_mean == "network":
@@ -120,13 +123,13 @@ class ClassificationProblem(TrainingData):
         """J V: (p, k) -> (N, k)."""
         if dense:
             return self.jacobian_matrix() @ V
-        return self.lin.jvp(self.X, V.T).reshape(V.shape[1], -1).T
+        return self.jvp(V.T).reshape(V.shape[1], -1).T
 
     def jt_mv(self, U: torch.Tensor, dense: bool) -> torch.Tensor:
         """Jᵀ U: (N, k) -> (p, k)."""
         if dense:
             return self.jacobian_matrix().T @ U
-        return self.lin.vjp(self.X, U.T.reshape(U.shape[1], self.n, self.c)).T
+        return self.vjp(U.T.reshape(U.shape[1], self.n, self.c)).T
 
     def k_mv(self, V: torch.Tensor, dense: bool) -> torch.Tensor:
         """K V: (N, k) -> (N, k)."""
@@ -142,10 +145,7 @@ class ClassificationProblem(TrainingData):
 
     def ggn_diagonal(self, pi: torch.Tensor) -> torch.Tensor:
         """diag(Jᵀ Λ J) = Σᵢ Σ_a (Rᵢᵀ Jᵢ)²_a at probabilities π (n, c), shape (p,), by Jacobian chunks."""
-        d = torch.zeros(self.p, dtype=ALGEBRA_DTYPE, device=self.lin.device)
-        for sl, jac in self.lin.jacobian_chunks(self.X):
-            d += (_rt(pi[sl], jac) ** 2).sum(dim=(0, 1))
-        return d
+        return self.chunk_sum(lambda rows, jac: (_rt(pi[rows], jac) ** 2).sum(dim=(0, 1)))
 
 
 class LaplacePosterior(LinearizedPosterior):
@@ -401,7 +401,7 @@ class LaplacePosterior(LinearizedPosterior):
         k = B.shape[0]
         JB = pr.j_mv(B.T.contiguous(), self.dense)  # (N, k)
         V = _rt(self.pi, JB.reshape(pr.n, pr.c, k)).reshape(pr.n_obs, k)
-        return [(self.s2, B, B.T), (-self.s2**2, V.T, self.system.solve(V))]
+        return [(self.s2, B, B.T), (-(self.s2**2), V.T, self.system.solve(V))]
 
 
 def optimize_prior_var(

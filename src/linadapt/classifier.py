@@ -12,6 +12,7 @@ from torch import nn
 
 from ._validation import as_label_tensor, check_choice, check_positive
 from .classification import ClassificationProblem, LaplacePosterior, optimize_prior_var
+from .distributed import check_shard_size, make_sharding, prepare_fit, shard_signature
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
@@ -49,6 +50,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             negative log posterior) is below newton_tol · max(1, |objective|).
         newton_max_iter: Newton iterations per MAP search.
         seed: seed of Monte Carlo predictions and stochastic log-determinant probes.
+        distributed: data-parallel fit inside an initialised ``torch.distributed`` process group: every rank
+            calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
+            every rank ends with the same posterior. See docs/distributed.md.
 
     Attributes (after ``fit``):
         classes_: array([0, …, c − 1]). n_classes_: c.
@@ -76,6 +80,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         newton_tol: float = 1e-12,
         newton_max_iter: int = 100,
         seed: int = 0,
+        distributed: bool = False,
     ) -> None:
         self.model = model
         self.params = params
@@ -93,6 +98,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.newton_tol = newton_tol
         self.newton_max_iter = newton_max_iter
         self.seed = seed
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ fitting
     def _check_settings(self) -> None:
@@ -123,21 +129,34 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         """``fit``, or with ``fixed`` = prior_var_ the Laplace posterior at that value (used by load)."""
         self._check_settings()
         prior0 = check_positive(self.prior_var, "prior_var")
-        lin = Linearization(self.model, self.params, self.chunk_size, self.device)
-        Xt = lin.prepare_inputs(X, "X")
-        f0 = lin.outputs(Xt)
+        distributed = bool(self.distributed)
+
+        def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
+            lin = Linearization(self.model, self.params, self.chunk_size, self.device)
+            Xt = lin.prepare_inputs(X, "X")
+            if distributed:
+                check_shard_size(Xt.shape[0])
+            f0 = lin.outputs(Xt)
+            c = f0.shape[1]
+            if c < 2:
+                raise ValueError(
+                    f"the model returns {c} logit per example; a classifier needs logits of shape (n, c) with c ≥ 2 "
+                    "(for a binary model with one logit z, return torch.cat([torch.zeros_like(z), z], 1))"
+                )
+            labels = as_label_tensor(y, Xt.shape[0], c, "y").to(lin.device)
+            return lin, Xt, labels, f0
+
+        lin, Xt, labels, f0 = prepare_fit(local, distributed, "LinearizedClassifier.fit (checking the data shard)")
         c = f0.shape[1]
-        if c < 2:
-            raise ValueError(
-                f"the model returns {c} logit per example; a classifier needs logits of shape (n, c) with c ≥ 2 "
-                "(for a binary model with one logit z, return torch.cat([torch.zeros_like(z), z], 1))"
-            )
-        labels = as_label_tensor(y, Xt.shape[0], c, "y").to(lin.device)
+        local_labels = labels
+        sharding = make_sharding(Xt.shape[0], shard_signature(Xt, labels)) if distributed else None
+        if sharding is not None:
+            f0, labels = sharding.gather(f0), sharding.gather(labels)
         options = SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
-        n_obs, p = Xt.shape[0] * c, lin.num_params
+        n_obs, p = labels.shape[0] * c, lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
         solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
-        problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0)
+        problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:
             posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
@@ -154,7 +173,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.classes_ = np.arange(c)
         self.n_iter_ = posterior.newton.iterations
         self.log_marginal_likelihood_value_ = posterior.log_evidence
-        self._train_data = (Xt, labels)
+        self._train_data = (Xt, local_labels)
+        self._sharding = sharding
         return self
 
     def log_marginal_likelihood(self, prior_var: float | None = None) -> float:

@@ -1,7 +1,7 @@
 """The ``linadapt`` command line: adapt a trained network to new data, and predict with the result.
 
-    linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv --out run/
-    linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
+linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv --out run/
+linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from . import metrics, report
 from ._files import atomic_write_text
 from .classifier import LinearizedClassifier
 from .data_io import DataError, Dataset, read_dataset
+from .distributed import DistributedError
 from .model_io import ModelLoadError, load_model
 from .persistence import load, read_header
 from .regressor import LinearizedRegressor
@@ -53,6 +54,29 @@ def _choose_task(task: str, y: np.ndarray, n_outputs: int) -> str:
     if integral and n_outputs >= 2 and y.min() >= 0 and y.max() < n_outputs:
         return "classification"
     return "regression"
+
+
+def _launch_context() -> tuple[int, int, str | None]:
+    """(rank, world size, device) under ``torchrun`` (WORLD_SIZE > 1), initialising the process group
+    (NCCL with one GPU per local rank when CUDA is available, else gloo); (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _shard(n: int, rank: int, world: int) -> slice:
+    """Contiguous rows of rank ``rank`` out of n (sizes differ by at most one)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
 
 
 def _predict(est, X: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -118,9 +142,15 @@ def adapt(
     --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
 
     Example: linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv
+
+    Data-parallel: torchrun --nproc-per-node N -m linadapt adapt ... — every process reads the data file and
+    fits on its block of rows (see docs/distributed.md); process 0 writes the outputs.
     """
     if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
         _fail(f"--task must be regression, classification or auto, got {task!r}")
+    rank, world, device = _launch_context()
+    if rank != 0:
+        console.quiet = True
     try:
         net = load_model(model, weights, trust_pickle)
         data = read_dataset(train, target)
@@ -129,8 +159,8 @@ def adapt(
     except (ModelLoadError, DataError) as exc:
         _fail(str(exc))
     assert data.y is not None
-    spec: str | list[str] = params[0] if params and len(params) == 1 and params[0] in ("all", "last", "bias") else (
-        params or "all"
+    spec: str | list[str] = (
+        params[0] if params and len(params) == 1 and params[0] in ("all", "last", "bias") else (params or "all")
     )
     try:
         with torch.no_grad():
@@ -140,19 +170,36 @@ def adapt(
     chosen = _choose_task(task, data.y, n_outputs)
     est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
     y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
-    est = est_cls(net, params=spec)
+    est = est_cls(net, params=spec, distributed=world > 1, device=device)
+    rows = _shard(data.X.shape[0], rank, world)
+    if world > 1 and data.X.shape[0] < world:
+        _fail(f"{train} has {data.X.shape[0]} examples: fewer than the {world} processes")
+    where = f" on {world} processes" if world > 1 else ""
     try:
-        with console.status(f"fitting the linearized {chosen} model on {data.X.shape[0]} examples …"):
+        with console.status(f"fitting the linearized {chosen} model on {data.X.shape[0]} examples{where} …"):
             t = time.perf_counter()
-            est.fit(data.X, y)
+            est.fit(data.X[rows], y[rows])
             est.fit_seconds_ = time.perf_counter() - t
-    except ValueError as exc:
+        log_evidence = est.log_marginal_likelihood_value_  # may need the (sharded) training data
+    except (ValueError, DistributedError) as exc:
         _fail(str(exc))
     os.makedirs(out, exist_ok=True)
     reference = json.dumps(
         {"model": model, "weights": os.path.abspath(weights) if weights else None, "target": data.target}
     )
-    est.save(os.path.join(out, "adapted.linadapt"), model_reference=reference)
+    est.save(os.path.join(out, "adapted.linadapt"), model_reference=reference)  # collective when distributed
+    pred = None
+    if test_data is not None:
+        try:
+            pred = _predict(est, test_data.X)  # every process takes part (products over the sharded data)
+        except ValueError as exc:
+            _fail(f"predicting on {test}: {exc}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     table = Table(title=f"linadapt {chosen}")
     table.add_column("quantity")
     table.add_column("value")
@@ -170,15 +217,17 @@ def adapt(
         ("adapted parameters", str(est.linearization_.num_params)),
         ("prior variance", f"{est.prior_var_:.4g}"),
     ]
+    if world > 1:
+        summary.insert(1, ("processes", f"{world} (torch.distributed, examples per process {est._sharding.counts})"))
     if chosen == "regression":
         summary.append(("noise variance", f"{est.noise_var_:.4g}"))
-    summary.append(("log evidence", f"{est.log_marginal_likelihood_value_:.4f}"))
+    summary.append(("log evidence", f"{log_evidence:.4f}"))
     for row in summary:
         table.add_row(*row)
     sections = [("Data and hyperparameters", report.table_html(["quantity", "value"], summary))]
     if test_data is not None:
+        assert pred is not None
         try:
-            pred = _predict(est, test_data.X)
             if test_data.y is not None:
                 comparison, figure = _comparison(pred, est.fit_seconds_, net, data, test_data, baselines)
                 sections.append(("Comparison on the test data", comparison))
@@ -189,7 +238,7 @@ def adapt(
             if figure is not None:
                 sections.append(("Predictions", report.figure_html(figure, "predictions")))
         except ValueError as exc:
-            _fail(f"predicting on {test}: {exc}")
+            _fail(f"comparing on {test}: {exc}")
         _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred))
         for name, value in _scores(pred, test_data.y).items():
             table.add_row(f"test {name}", f"{value:.4f}")

@@ -75,9 +75,7 @@ def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
             try:
                 v = float(cell)
             except ValueError:
-                raise DataError(
-                    f"{path}, line {i}, column {header[j]!r}: non-numeric value {cell.strip()!r}"
-                ) from None
+                raise DataError(f"{path}, line {i}, column {header[j]!r}: non-numeric value {cell.strip()!r}") from None
             if not math.isfinite(v):
                 raise DataError(f"{path}, line {i}, column {header[j]!r}: {cell.strip()} (NaN or inf) is not allowed")
             values[i - 2, j] = v

@@ -60,10 +60,16 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
     records = []
 
     def record(method: str, mean: np.ndarray, std: np.ndarray, seconds: float) -> None:
-        records.append({
-            "experiment": "sinusoid", "method": method, "seed": 0, "shots": shots, "fit_seconds": seconds,
-            "metrics": {"rmse": metrics.rmse(mean, yv), "nll": metrics.gaussian_nll(mean, std, yv)},
-        })
+        records.append(
+            {
+                "experiment": "sinusoid",
+                "method": method,
+                "seed": 0,
+                "shots": shots,
+                "fit_seconds": seconds,
+                "metrics": {"rmse": metrics.rmse(mean, yv), "nll": metrics.gaussian_nll(mean, std, yv)},
+            }
+        )
 
     with torch.no_grad():
         src = net(xtest)[:, 0].numpy()
@@ -85,7 +91,11 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
     x = xtest[:, 0].numpy()
     truth = amp * np.sin(x + phase)
     fig = report.regression_band_figure(
-        x, mean, std, xt[:, 0].numpy(), yt[:, 0].numpy(),
+        x,
+        mean,
+        std,
+        xt[:, 0].numpy(),
+        yt[:, 0].numpy(),
         {"target function": truth, "source network": src, "fine-tuned": ft},
         title=f"adapting sin(x) → {amp} sin(x + {phase}) from {shots} points",
     )
@@ -124,8 +134,12 @@ def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], st
     )
     hyper = report.table_html(
         ["hyperparameter", "value"],
-        [["prior variance s² (Laplace evidence)", clf.prior_var_], ["log evidence", clf.log_marginal_likelihood_value_],
-         ["adapted parameters", clf.linearization_.num_params], ["Newton iterations", clf.n_iter_]],
+        [
+            ["prior variance s² (Laplace evidence)", clf.prior_var_],
+            ["log evidence", clf.log_marginal_likelihood_value_],
+            ["adapted parameters", clf.linearization_.num_params],
+            ["Newton iterations", clf.n_iter_],
+        ],
     )
     body = (
         f"<p>Source: 3,500 upright digits. Target: digits rotated by 60°, {shots} labels per class; "
@@ -155,8 +169,10 @@ def run_demo(out: str = "linadapt-demo", quick: bool = False, step: Step | None 
     report.write_report(
         os.path.join(out, "report.html"),
         "linadapt demo: adapting trained networks by linearization",
-        [("Regression: a new sinusoid from 10 points", reg_body),
-         ("Classification: upright → rotated MNIST digits", clf_body)],
+        [
+            ("Regression: a new sinusoid from 10 points", reg_body),
+            ("Classification: upright → rotated MNIST digits", clf_body),
+        ],
         intro=f"{'Quick run' if quick else 'Full run'}, {minutes:.1f} min on this machine. Wall times are noisy; "
         "compare them within a table only.",
     )

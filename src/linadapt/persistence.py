@@ -82,6 +82,9 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         estimator: the fitted estimator.
         path: destination file (conventionally ``*.linadapt``); replaced atomically.
         model_reference: optional text stored with the file to say where the source network comes from.
+
+    After a ``distributed=True`` fit, every rank must call ``save`` (the shards are gathered); rank 0 writes
+    the file, which then loads as a single-process estimator.
     """
     from safetensors.torch import save_file
 
@@ -93,6 +96,15 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
     if not hasattr(estimator, "posterior_"):
         raise ValueError(f"this {type(estimator).__name__} is not fitted: nothing to save")
     X, y = estimator._train_data
+    sharding = getattr(estimator, "_sharding", None)
+    settings = _settings(estimator)
+    if sharding is not None:
+        # A data-parallel fit: gather every rank's shard (a collective — all ranks call save) and let rank 0
+        # write a file that loads as an ordinary single-process estimator.
+        X, y = sharding.gather(X), sharding.gather(y)
+        settings["distributed"] = False
+        if sharding.rank != 0:
+            return
     tensors = {
         "X": X.detach().cpu().contiguous(),
         "y": y.detach().cpu().contiguous(),
@@ -108,7 +120,7 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "estimator": type(estimator).__name__,
-        "settings": _settings(estimator),
+        "settings": settings,
         "fitted": fitted,
         "model": {
             "sha256": model_checksum(estimator.model),

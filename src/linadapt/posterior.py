@@ -8,11 +8,12 @@ S (p × p); only the per-example blocks are computed when only those are wanted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .linearize import Linearization
+from .linearize import ALGEBRA_DTYPE, Linearization
 from .operators import NTKOperator
 
 __all__ = ["LinearizedPosterior", "TrainingData"]
@@ -21,32 +22,91 @@ __all__ = ["LinearizedPosterior", "TrainingData"]
 class TrainingData:
     """Training inputs of a linearized model and the kernel / Jacobian pieces every problem needs.
 
-    Attributes: lin, X (prepared inputs), options (solver settings), c (outputs per example), n_obs = n·c,
-    p (parameters), operator (K = J(X) J(X)ᵀ, matrix-free), cache (dense pieces, computed on first use).
+    Every product with the training Jacobian J = J(X) (N × p, N = n·c, example-major) goes through this
+    class, so a sharded fit (``sharding`` given: X holds only this rank's examples, see
+    :mod:`linadapt.distributed`) changes nothing above it: output-space vectors are over all N rows and
+    parameter-space vectors are replicated on every rank.
+
+    Attributes: lin, X (prepared inputs of this process), options (solver settings), c (outputs per example),
+    n (examples, all ranks), n_obs = n·c, p (parameters), sharding (None for a single process), cache (dense
+    pieces, computed on first use).
     """
 
-    def __init__(self, lin: Linearization, X: torch.Tensor, options: Any, c: int) -> None:
+    def __init__(self, lin: Linearization, X: torch.Tensor, options: Any, c: int, sharding: Any = None) -> None:
         self.lin, self.X, self.options, self.c = lin, X, options, c
-        self.n_obs = X.shape[0] * c
+        self.sharding = sharding
+        self.n = sharding.n if sharding is not None else X.shape[0]
+        self.n_obs = self.n * c
         self.p = lin.num_params
-        self.operator = NTKOperator(lin, X)
         self.cache: dict[str, Any] = {}
 
+    # -- rows of this process -> rows of all processes ---------------------------------------------------
+    def gather_rows(self, local: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Rows of all examples along ``dim`` from this process's rows (identity without sharding)."""
+        return local if self.sharding is None else self.sharding.gather(local, dim)
+
+    def local_rows(self, full: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This process's rows of a tensor over all examples along ``dim``."""
+        return full if self.sharding is None else self.sharding.scatter_view(full, dim)
+
+    def _all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return t if self.sharding is None else self.sharding.all_reduce(t, what)
+
+    # -- products ----------------------------------------------------------------------------------------
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V for parameter-space rows V (k, p): (k, n, c)."""
+        return self.gather_rows(self.lin.jvp(self.X, V), dim=1)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U for output-space rows U (k, n, c): (k, p) — a local vjp plus one all-reduce when sharded."""
+        return self._all_reduce(self.lin.vjp(self.X, self.local_rows(U, dim=1)), "vjp")
+
+    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """K V = J (Jᵀ V) for V (N, k), matrix-free."""
+        k = V.shape[1]
+        W = self.vjp(V.T.reshape(k, self.n, self.c))
+        return self.jvp(W).reshape(k, self.n_obs).T
+
+    def chunk_sum(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Σ over Jacobian chunks of ``fn(rows, J_chunk)`` (rows: the chunk's slice of all examples,
+        J_chunk (b, c, p)); all-reduced when sharded."""
+        offset = 0 if self.sharding is None else self.sharding.local.start
+        total: torch.Tensor | None = None
+        for sl, jac in self.lin.jacobian_chunks(self.X):
+            part = fn(slice(sl.start + offset, sl.stop + offset), jac)
+            total = part if total is None else total + part
+        if total is None:  # a rank without examples contributes zeros of the right shape
+            total = fn(slice(0, 0), torch.zeros(0, self.c, self.p, dtype=ALGEBRA_DTYPE, device=self.lin.device))
+        return self._all_reduce(total, "chunk sum")
+
+    @property
+    def operator(self) -> NTKOperator:
+        """K = J(X) J(X)ᵀ over all examples as a lazy operator (used for pivoted-Cholesky preconditioners)."""
+        if "operator" not in self.cache:
+            self.cache["operator"] = NTKOperator(self.lin, self.all_inputs())
+        return self.cache["operator"]
+
+    def all_inputs(self) -> torch.Tensor:
+        """The inputs of all examples (gathered from every rank when sharded), cached."""
+        if self.sharding is None:
+            return self.X
+        if "X_all" not in self.cache:
+            self.cache["X_all"] = self.gather_rows(self.X)
+        return self.cache["X_all"]
+
+    # -- dense pieces ------------------------------------------------------------------------------------
     def kernel(self) -> torch.Tensor:
-        """Dense K = J(X) J(X)ᵀ (N × N, example-major), cached."""
+        """Dense K = J(X) J(X)ᵀ (N × N, example-major), cached. Sharded: computed on every rank from the
+        gathered inputs (the dense path is only chosen when K fits in memory)."""
         if "K" not in self.cache:
-            self.cache["K"] = self.lin.ntk(self.X)
+            self.cache["K"] = self.lin.ntk(self.all_inputs())
         return self.cache["K"]
 
     def jacobian_matrix(self) -> torch.Tensor:
-        """Dense J(X) as (N × p), cached."""
+        """Dense J(X) as (N × p), cached. Sharded: the rows of every rank, gathered."""
         if "J" not in self.cache:
-            self.cache["J"] = self.lin.jacobian(self.X).reshape(self.n_obs, self.p)
+            self.cache["J"] = self.gather_rows(self.lin.jacobian(self.X)).reshape(self.n_obs, self.p)
         return self.cache["J"]
-
-    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
-        """K V for V (N, k), matrix-free."""
-        return self.operator.apply_rows(V.T).T
 
 
 class LinearizedPosterior:

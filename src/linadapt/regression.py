@@ -16,12 +16,13 @@ tolerance warns and, when the dense matrix fits in the memory budget, is redone 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from linear_operator.functions import pivoted_cholesky
 
 from .evidence import Spectrum
-from .linearize import ALGEBRA_DTYPE, Linearization
+from .linearize import Linearization
 from .posterior import LinearizedPosterior, TrainingData
 from .solvers import (
     SolveInfo,
@@ -84,8 +85,10 @@ class RegressionProblem(TrainingData):
     so refits at new hyperparameters reuse them.
     """
 
-    def __init__(self, lin: Linearization, X: torch.Tensor, r: torch.Tensor, options: SolverOptions) -> None:
-        super().__init__(lin, X, options, lin.output_dim(X))
+    def __init__(
+        self, lin: Linearization, X: torch.Tensor, r: torch.Tensor, options: SolverOptions, sharding: Any = None
+    ) -> None:
+        super().__init__(lin, X, options, lin.output_dim(X), sharding)
         self.r = r
 
     def gram(self) -> torch.Tensor:
@@ -98,12 +101,12 @@ class RegressionProblem(TrainingData):
     def g(self) -> torch.Tensor:
         """g = Jᵀ r (p,)."""
         if "g" not in self.cache:
-            self.cache["g"] = self.lin.vjp(self.X, self.r.reshape(-1, self.c))
+            self.cache["g"] = self.vjp(self.r.reshape(1, self.n, self.c))[0]
         return self.cache["g"]  # type: ignore[return-value]
 
     def g_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """G V = Jᵀ (J V) for V (p, k), matrix-free."""
-        return self.lin.vjp(self.X, self.lin.jvp(self.X, V.T)).T
+        return self.vjp(self.jvp(V.T)).T
 
     def spectrum(self, space: str, solver: str) -> Spectrum:
         """Exact (``solver="cholesky"``) or Lanczos (``"cg"``) spectral summary for the evidence."""
@@ -217,10 +220,7 @@ class RegressionPosterior(LinearizedPosterior):
                 self.cache["L"] = pivoted_cholesky(self.problem.operator, rank).detach()
             return low_rank_plus_diagonal_preconditioner(self.cache["L"], self.s2, self.sig2)
         if "G_diag" not in self.cache:
-            d = torch.zeros(self.lin.num_params, dtype=ALGEBRA_DTYPE, device=self.lin.device)
-            for _, jac in self.lin.jacobian_chunks(self.X):
-                d += (jac**2).sum(dim=(0, 1))
-            self.cache["G_diag"] = d
+            self.cache["G_diag"] = self.problem.chunk_sum(lambda _rows, jac: (jac**2).sum(dim=(0, 1)))
         return diagonal_preconditioner(self.cache["G_diag"] / self.sig2 + 1.0 / self.s2)
 
     # ------------------------------------------------------------------ solves
@@ -234,7 +234,7 @@ class RegressionPosterior(LinearizedPosterior):
         if self.space == "function":
             alpha = self.solve(r).squeeze(-1)
             self.alpha = alpha
-            self.delta = self.s2 * self.lin.vjp(self.X, alpha.reshape(-1, self.c))
+            self.delta = self.s2 * self.problem.vjp(alpha.reshape(1, -1, self.c))[0]
         else:
             self.g = self.problem.g()
             self.delta = self.solve(self.g.unsqueeze(-1)).squeeze(-1) / self.sig2
@@ -251,5 +251,5 @@ class RegressionPosterior(LinearizedPosterior):
         """B S Bᵀ: parameter space B P⁻¹ Bᵀ; function space s² BBᵀ − s⁴ (J(X)Bᵀ)ᵀ A⁻¹ (J(X)Bᵀ)."""
         if self.space == "parameter":
             return [(1.0, B, self.solve(B.T.contiguous()))]
-        KnS = self.lin.jvp(self.X, B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
-        return [(self.s2, B, B.T), (-self.s2**2, KnS.T, self.solve(KnS))]
+        KnS = self.problem.jvp(B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
+        return [(self.s2, B, B.T), (-(self.s2**2), KnS.T, self.solve(KnS))]

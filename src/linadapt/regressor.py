@@ -12,6 +12,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from ._validation import as_target_tensor, check_choice, check_positive
+from .distributed import check_shard_size, make_sharding, prepare_fit, shard_signature
 from .evidence import maximize_evidence
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
@@ -51,6 +52,10 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         cg_tol: relative residual target of CG solves.
         cg_max_iter: CG iterations per round (default min(dimension, 1000)).
         seed: seed of the stochastic log-determinant probes (matrix-free evidence).
+        distributed: data-parallel fit inside an initialised ``torch.distributed`` process group: every rank
+            calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
+            products all-reduce over the ranks, and every rank ends with the same posterior, so ``predict``
+            gives the same answer on every rank. See docs/distributed.md.
 
     Attributes (after ``fit``):
         prior_var_, noise_var_: the hyperparameters used.
@@ -75,6 +80,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         cg_tol: float = 1e-10,
         cg_max_iter: int | None = None,
         seed: int = 0,
+        distributed: bool = False,
     ) -> None:
         self.model = model
         self.params = params
@@ -89,6 +95,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.cg_tol = cg_tol
         self.cg_max_iter = cg_max_iter
         self.seed = seed
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ fitting
     def _options(self) -> SolverOptions:
@@ -113,24 +120,38 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
         prior0 = check_positive(self.prior_var, "prior_var")
         noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
-        lin = Linearization(self.model, self.params, self.chunk_size, self.device)
-        Xt = lin.prepare_inputs(X, "X")
-        yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
-        f0 = lin.outputs(Xt)
+        distributed = bool(self.distributed)
+
+        def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
+            lin = Linearization(self.model, self.params, self.chunk_size, self.device)
+            Xt = lin.prepare_inputs(X, "X")
+            if distributed:
+                check_shard_size(Xt.shape[0])
+            yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
+            f0 = lin.outputs(Xt)
+            c = f0.shape[1]
+            if yt.dim() == 1 and c != 1:
+                raise ValueError(f"y has shape (n,) but the model has {c} outputs: pass y of shape (n, {c})")
+            if yt.dim() == 2 and yt.shape[1] != c:
+                raise ValueError(f"y has {yt.shape[1]} columns but the model has {c} outputs: y must be (n, {c})")
+            return lin, Xt, yt, f0
+
+        lin, Xt, yt, f0 = prepare_fit(local, distributed, "LinearizedRegressor.fit (checking the data shard)")
+        sharding = make_sharding(Xt.shape[0], shard_signature(Xt, yt)) if distributed else None
+        if sharding is not None:
+            f0, yt_all = sharding.gather(f0), sharding.gather(yt)
+        else:
+            yt_all = yt
         c = f0.shape[1]
-        if yt.dim() == 1 and c != 1:
-            raise ValueError(f"y has shape (n,) but the model has {c} outputs: pass y of shape (n, {c})")
-        if yt.dim() == 2 and yt.shape[1] != c:
-            raise ValueError(f"y has {yt.shape[1]} columns but the model has {c} outputs: y must be (n, {c})")
         self._y_ndim = yt.dim()
-        Y = yt.reshape(-1, c)
+        Y = yt_all.reshape(-1, c)
         m = f0 if self.mean == "network" else torch.zeros_like(f0)
         r = (Y - m).reshape(-1)
         n_obs, p = r.numel(), lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
         options = self._options()
         solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
-        problem = RegressionProblem(lin, Xt, r, options)
+        problem = RegressionProblem(lin, Xt, r, options, sharding)
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
@@ -150,6 +171,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.n_outputs_ = c
         self.solve_info_ = posterior.solve_info
         self._train_data = (Xt, yt)
+        self._sharding = sharding
         return self
 
     @property

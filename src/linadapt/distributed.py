@@ -1,0 +1,175 @@
+"""Data parallelism over ``torch.distributed``: each process (rank) holds a shard of the training data.
+
+The training data of a fit are the rows of the Jacobian J (N × p, N = n·c), split by example across the
+ranks of a process group that the user (or ``torchrun``) initialised. Every product the solvers need is
+built from the local shard plus one collective:
+
+* Jᵀ u = Σ_r J_rᵀ u_r — a local vjp and one all-reduce of a p-vector (per right-hand side);
+* J v — a local jvp on the shard; its n_r·c outputs are placed at the shard's rows of an N-vector that is
+  all-reduced, so every rank holds the whole vector (N floats);
+* K v = J (Jᵀ v) — both of the above: p + N floats per right-hand side, never O(N·p).
+
+Output-space vectors (N) and parameter-space vectors (p) are therefore *replicated*: every rank holds the
+same values, and the solvers (CG, Lanczos, Newton, the hyperparameter searches) run unchanged and
+identically on every rank — only their products communicate. The dense paths gather what they must: the
+inputs (for the dense kernel K, computed on each rank) or the rows of J (for the dense parameter-space
+matrices), both only chosen when those fit in memory.
+
+Failure on one rank (bad shard, wrong shapes, NaN) is agreed on before any product: :func:`agree` makes
+every rank raise :class:`DistributedError` naming the rank and its message, instead of leaving the others
+blocked in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["CommStats", "DistributedError", "Sharding", "agree", "require_process_group"]
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A distributed fit failed on at least one rank; raised on every rank with the failing ranks' messages."""
+
+
+def require_process_group() -> None:
+    """Raise a clear error unless ``torch.distributed`` is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group: launch with torchrun (or "
+            "another launcher) and call torch.distributed.init_process_group('gloo' or 'nccl') before fit"
+        )
+
+
+def agree(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raised on any rank, raise :class:`DistributedError` on all of them.
+
+    One all-gather of a short message per call (every rank must call ``agree`` at the same point).
+    """
+    result: Any = None
+    error: str | None = None
+    try:
+        result = fn()
+    except Exception as exc:  # reported to every rank below
+        error = f"{type(exc).__name__}: {exc}"
+        original = exc
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, error)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        err = DistributedError(f"{what} failed on {len(failed)} of {len(messages)} ranks — {detail}")
+        if error is not None:
+            raise err from original
+        raise err
+    return result
+
+
+@dataclass
+class CommStats:
+    """What the collectives of one fit moved: calls and float64 elements all-reduced (per rank)."""
+
+    all_reduce_calls: int = 0
+    all_reduce_elements: int = 0
+    gathered_elements: int = 0
+    history: list[tuple[str, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def all_reduce_bytes(self) -> int:
+        return 8 * self.all_reduce_elements
+
+    def reset(self) -> None:
+        self.all_reduce_calls = self.all_reduce_elements = self.gathered_elements = 0
+        self.history.clear()
+
+
+class Sharding:
+    """Where this rank's examples sit among all ranks' examples (contiguous blocks in rank order).
+
+    Args:
+        n_local: the number of examples on this rank (may differ between ranks; may be 0 on none of them).
+        group: the process group (default: the world).
+
+    Attributes: rank, world, counts (examples per rank), offsets, n (all examples), local (this rank's slice
+    of the global example order), stats (a :class:`CommStats`).
+    """
+
+    def __init__(self, n_local: int, group: Any = None) -> None:
+        require_process_group()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        counts = [None] * self.world
+        dist.all_gather_object(counts, int(n_local), group=group)
+        self.counts = [int(c) for c in counts]  # type: ignore[arg-type]
+        self.offsets = [sum(self.counts[:r]) for r in range(self.world)]
+        self.n = sum(self.counts)
+        self.local = slice(self.offsets[self.rank], self.offsets[self.rank] + self.counts[self.rank])
+        self.stats = CommStats()
+
+    def __repr__(self) -> str:
+        return f"Sharding(rank {self.rank} of {self.world}, examples per rank {self.counts})"
+
+    def all_reduce(self, t: torch.Tensor, what: str = "sum") -> torch.Tensor:
+        """Σ over ranks of ``t`` (a new tensor; every rank gets the same values)."""
+        out = t.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        self.stats.all_reduce_calls += 1
+        self.stats.all_reduce_elements += out.numel()
+        self.stats.history.append((what, out.numel()))
+        return out
+
+    def gather(self, local: torch.Tensor, dim: int = 0, what: str = "gather") -> torch.Tensor:
+        """The rows of all ranks in global order along ``dim``: ``local`` has this rank's count there.
+
+        Implemented as an all-reduce of a zero tensor holding this rank's rows at their offset (exact: the
+        other ranks add zeros), which handles uneven shard sizes without padding.
+        """
+        if local.shape[dim] != self.counts[self.rank]:
+            raise ValueError(f"expected {self.counts[self.rank]} rows along dim {dim}, got {local.shape[dim]}")
+        shape = list(local.shape)
+        shape[dim] = self.n
+        full = torch.zeros(shape, dtype=local.dtype, device=local.device)
+        full.narrow(dim, self.local.start, self.counts[self.rank]).copy_(local)
+        out = self.all_reduce(full, what)
+        self.stats.gathered_elements += out.numel()
+        return out
+
+    def scatter_view(self, full: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's rows of a replicated tensor (a view along ``dim``)."""
+        return full.narrow(dim, self.local.start, self.counts[self.rank])
+
+
+def shard_signature(X: torch.Tensor, y: torch.Tensor) -> tuple:
+    """What must agree between ranks' shards: trailing input shape and dtype, trailing target shape and dtype."""
+    return (tuple(X.shape[1:]), str(X.dtype), tuple(y.shape[1:]), str(y.dtype))
+
+
+def make_sharding(n_local: int, signature: tuple, group: Any = None) -> Sharding:
+    """A :class:`Sharding` after checking (on every rank) that all shards have the same ``signature``."""
+    sigs: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sigs, signature, group=group)
+    if any(s != sigs[0] for s in sigs):
+        detail = "; ".join(f"rank {r}: inputs {s[0]} {s[1]}, targets {s[2]} {s[3]}" for r, s in enumerate(sigs))
+        raise DistributedError(f"the ranks' data shards do not match in shape or dtype — {detail}")
+    return Sharding(n_local, group)
+
+
+def prepare_fit(local: Callable[[], T], distributed: bool, what: str) -> T:
+    """Run the local input checks of a fit; with ``distributed``, agree on failure across ranks."""
+    if not distributed:
+        return local()
+    require_process_group()
+    return agree(local, what)
+
+
+def check_shard_size(n_local: int) -> None:
+    """Every rank must hold at least one example."""
+    if n_local < 1:
+        raise ValueError("this rank's data shard is empty: with distributed=True every rank needs at least one example")
