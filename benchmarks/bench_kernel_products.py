@@ -1,6 +1,6 @@
 """Kernel-product benchmark (ratios to one forward+backward pass); the code lives in ``linadapt.bench``.
 
-    python benchmarks/bench_kernel_products.py [--reps 9] [--n 1024] [--threads 2]    (same as `linadapt bench`)
+python benchmarks/bench_kernel_products.py [--reps 9] [--n 1024] [--threads 2]    (same as `linadapt bench`)
 """
 
 from __future__ import annotations

@@ -80,10 +80,15 @@ class TrainingData:
         return self._all_reduce(total, "chunk sum")
 
     @property
-    def operator(self) -> NTKOperator:
+    def operator(self) -> Any:
         """K = J(X) J(X)ᵀ over all examples as a lazy operator (used for pivoted-Cholesky preconditioners)."""
         if "operator" not in self.cache:
-            self.cache["operator"] = NTKOperator(self.lin, self.all_inputs())
+            if self.sharding is None:
+                self.cache["operator"] = NTKOperator(self.lin, self.X)
+            else:
+                from .distributed import ShardedNTKOperator
+
+                self.cache["operator"] = ShardedNTKOperator(self)
         return self.cache["operator"]
 
     def all_inputs(self) -> torch.Tensor:
