@@ -7,6 +7,7 @@ inference in that GP.
 
 from . import metrics
 from .classifier import LinearizedClassifier
+from .distributed import DistributedError
 from .kernel import NTKKernel
 from .linearize import Linearization, LinearizationError
 from .model_io import ModelLoadError, load_model
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
+    "DistributedError",
     "Linearization",
     "LinearizationError",
     "LinearizedClassifier",
