@@ -22,6 +22,7 @@ def test_quick_demo_writes_records_and_a_self_contained_report(tmp_path):
         "source",
         "finetune-last",
         "finetune-all",
+        "finetune-bias",
         "linadapt",
         "linadapt-bridge",
         "linadapt-map",

@@ -22,6 +22,7 @@ METHODS = {
     "ablr",
     "linadapt",
     "linadapt-last",
+    "linadapt-rbf",
 }
 
 
