@@ -105,3 +105,22 @@ def test_model_checksum_sees_buffers():
     b.bn.running_mean.add_(1e-3)  # BatchNorm statistics change predictions, so they are part of the identity
     assert la.persistence.model_checksum(a) != la.persistence.model_checksum(b)
     assert la.persistence.model_checksum(mlp()) != la.persistence.model_checksum(a)
+
+
+def test_atomic_writes_get_normal_file_modes(tmp_path):
+    """Files written atomically get 0o666 minus the umask (not mkstemp's private 0o600); a replaced file
+    keeps its mode."""
+    import os
+
+    from linadapt._files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (os.stat(tmp_path / "a.txt").st_mode & 0o777) == 0o644
+        os.chmod(tmp_path / "a.txt", 0o640)
+        atomic_write_text(tmp_path / "a.txt", "y")
+        assert (os.stat(tmp_path / "a.txt").st_mode & 0o777) == 0o640
+        assert (tmp_path / "a.txt").read_text() == "y"
+    finally:
+        os.umask(old)
