@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, port: int, n: int, reps: int, threads: int, o
             "N": problem.n_obs,
             "cg_products": est.solve_info_.iterations if est.solve_info_ else None,
             "elements_per_product": stats.all_reduce_elements if stats else 0,
+            "bytes_per_product": stats.all_reduce_bytes if stats else 0,
             "calls_per_product": stats.all_reduce_calls if stats else 0,
         }
         with open(out, "w") as fh:
@@ -120,7 +121,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['world']} | {r['kv_s'] / base['kv_s']:.2f} | {r['fit_s'] / base['fit_s']:.2f} | "
             f"{r['cg_products']} | {r['calls_per_product']} | {r['elements_per_product']:,} | "
-            f"{8 * r['elements_per_product']:,} | {r['p'] + r['N']:,} |"
+            f"{r['bytes_per_product']:,} | {r['p'] + r['N']:,} |"
         )
     return "\n".join(lines)
 

@@ -115,7 +115,6 @@ def main() -> None:
             # 3 processes share 2 cores; the 2-process run covers the search)
             optimize = not (mode == "fit-cg" and kind == "classification")
             est = estimator(kind, space, solver, distributed=True, optimize=optimize)
-            sharding_stats = None
             t0 = time.perf_counter()
             est.fit(Xr, yr)
             if rank == 0:

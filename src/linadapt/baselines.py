@@ -148,6 +148,13 @@ def _as_2d(X: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(X).reshape(X.shape[0], -1).to(torch.float64)
 
 
+def _mean_std(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over the rows of T (std floored at 1e-8; 1 when there is a single row),
+    for standardising GP inputs and targets."""
+    sd = T.std(0).clamp_min(1e-8) if T.shape[0] > 1 else torch.ones(T.shape[1:], dtype=T.dtype)
+    return T.mean(0), sd
+
+
 def rbf_gp(X: torch.Tensor, y: torch.Tensor, iters: int = 300, lr: float = 0.05, seed: int = 0) -> GaussianPredictor:
     """Exact GP regression on the raw inputs with a scaled RBF kernel with one length scale per input
     dimension (ARD), a constant mean and Gaussian noise, all learned by maximising the marginal likelihood
@@ -162,8 +169,7 @@ def rbf_gp(X: torch.Tensor, y: torch.Tensor, iters: int = 300, lr: float = 0.05,
     yf = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
     if Xf.shape[0] != yf.shape[0]:
         raise ValueError(f"X has {Xf.shape[0]} rows but y has {yf.shape[0]} targets")
-    x_mu, x_sd = Xf.mean(0), Xf.std(0).clamp_min(1e-8) if Xf.shape[0] > 1 else torch.ones(Xf.shape[1])
-    y_mu, y_sd = yf.mean(), (yf.std().clamp_min(1e-8) if yf.numel() > 1 else torch.tensor(1.0))
+    (x_mu, x_sd), (y_mu, y_sd) = _mean_std(Xf), _mean_std(yf)
     Xs, ys = (Xf - x_mu) / x_sd, (yf - y_mu) / y_sd
 
     class _GP(gpytorch.models.ExactGP):
@@ -294,7 +300,7 @@ def ntk_plus_rbf_gp(
     start = LinearizedRegressor(model, params=params).fit(X, yf)
     input_shape = tuple(X.shape[1:])
     Xf = _as_2d(X)
-    x_mu, x_sd = Xf.mean(0), (Xf.std(0).clamp_min(1e-8) if Xf.shape[0] > 1 else torch.ones(Xf.shape[1]))
+    x_mu, x_sd = _mean_std(Xf)
     net_dtype = next(model.parameters()).dtype
 
     def network(xflat: torch.Tensor) -> torch.Tensor:

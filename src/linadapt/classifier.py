@@ -12,7 +12,7 @@ from torch import nn
 
 from ._validation import as_label_tensor, check_choice, check_positive
 from .classification import ClassificationProblem, LaplacePosterior, optimize_prior_var
-from .distributed import check_shard_size, make_sharding, prepare_fit, shard_signature
+from .distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
@@ -132,11 +132,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         distributed = bool(self.distributed)
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin = Linearization(self.model, self.params, self.chunk_size, self.device)
-            Xt = lin.prepare_inputs(X, "X")
-            if distributed:
-                check_shard_size(Xt.shape[0])
-            f0 = lin.outputs(Xt)
+            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
             c = f0.shape[1]
             if c < 2:
                 raise ValueError(

@@ -23,7 +23,7 @@ blocked in a collective.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -85,16 +85,13 @@ class CommStats:
 
     all_reduce_calls: int = 0
     all_reduce_elements: int = 0
-    gathered_elements: int = 0
-    history: list[tuple[str, int]] = field(default_factory=list, repr=False)
 
     @property
     def all_reduce_bytes(self) -> int:
         return 8 * self.all_reduce_elements
 
     def reset(self) -> None:
-        self.all_reduce_calls = self.all_reduce_elements = self.gathered_elements = 0
-        self.history.clear()
+        self.all_reduce_calls = self.all_reduce_elements = 0
 
 
 class Sharding:
@@ -124,16 +121,15 @@ class Sharding:
     def __repr__(self) -> str:
         return f"Sharding(rank {self.rank} of {self.world}, examples per rank {self.counts})"
 
-    def all_reduce(self, t: torch.Tensor, what: str = "sum") -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of ``t`` (a new tensor; every rank gets the same values)."""
         out = t.contiguous().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         self.stats.all_reduce_calls += 1
         self.stats.all_reduce_elements += out.numel()
-        self.stats.history.append((what, out.numel()))
         return out
 
-    def gather(self, local: torch.Tensor, dim: int = 0, what: str = "gather") -> torch.Tensor:
+    def gather(self, local: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """The rows of all ranks in global order along ``dim``: ``local`` has this rank's count there.
 
         Implemented as an all-reduce of a zero tensor holding this rank's rows at their offset (exact: the
@@ -145,9 +141,7 @@ class Sharding:
         shape[dim] = self.n
         full = torch.zeros(shape, dtype=local.dtype, device=local.device)
         full.narrow(dim, self.local.start, self.counts[self.rank]).copy_(local)
-        out = self.all_reduce(full, what)
-        self.stats.gathered_elements += out.numel()
-        return out
+        return self.all_reduce(full)
 
     def scatter_view(self, full: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's rows of a replicated tensor (a view along ``dim``)."""
@@ -175,6 +169,20 @@ def prepare_fit(local: Callable[[], T], distributed: bool, what: str) -> T:
         return local()
     require_process_group()
     return agree(local, what)
+
+
+def linearize_shard(
+    model: Any, params: Any, chunk_size: int | None, device: Any, X: Any, distributed: bool
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The start of every fit: the :class:`~linadapt.linearize.Linearization` of ``model``, the prepared
+    inputs X (this rank's shard when ``distributed``; it must not be empty) and f(X; θ̂), (n, c)."""
+    from .linearize import Linearization
+
+    lin = Linearization(model, params, chunk_size, device)
+    Xt = lin.prepare_inputs(X, "X")
+    if distributed:
+        check_shard_size(Xt.shape[0])
+    return lin, Xt, lin.outputs(Xt)
 
 
 def check_shard_size(n_local: int) -> None:

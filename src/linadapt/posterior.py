@@ -49,8 +49,8 @@ class TrainingData:
         """This process's rows of a tensor over all examples along ``dim``."""
         return full if self.sharding is None else self.sharding.scatter_view(full, dim)
 
-    def _all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        return t if self.sharding is None else self.sharding.all_reduce(t, what)
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.sharding is None else self.sharding.all_reduce(t)
 
     # -- products ----------------------------------------------------------------------------------------
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class TrainingData:
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for output-space rows U (k, n, c): (k, p) — a local vjp plus one all-reduce when sharded."""
-        return self._all_reduce(self.lin.vjp(self.X, self.local_rows(U, dim=1)), "vjp")
+        return self._all_reduce(self.lin.vjp(self.X, self.local_rows(U, dim=1)))
 
     def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """K V = J (Jᵀ V) for V (N, k), matrix-free."""
@@ -77,7 +77,7 @@ class TrainingData:
             total = part if total is None else total + part
         if total is None:  # a rank without examples contributes zeros of the right shape
             total = fn(slice(0, 0), torch.zeros(0, self.c, self.p, dtype=ALGEBRA_DTYPE, device=self.lin.device))
-        return self._all_reduce(total, "chunk sum")
+        return self._all_reduce(total)
 
     @property
     def operator(self) -> Any:

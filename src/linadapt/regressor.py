@@ -12,7 +12,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from ._validation import as_target_tensor, check_choice, check_positive
-from .distributed import check_shard_size, make_sharding, prepare_fit, shard_signature
+from .distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
 from .evidence import maximize_evidence
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
@@ -123,12 +123,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         distributed = bool(self.distributed)
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin = Linearization(self.model, self.params, self.chunk_size, self.device)
-            Xt = lin.prepare_inputs(X, "X")
-            if distributed:
-                check_shard_size(Xt.shape[0])
+            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
             yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
-            f0 = lin.outputs(Xt)
             c = f0.shape[1]
             if yt.dim() == 1 and c != 1:
                 raise ValueError(f"y has shape (n,) but the model has {c} outputs: pass y of shape (n, {c})")

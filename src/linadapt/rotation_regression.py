@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .compare import compare_regression
+from .experiments import make_cnn, train_source
 
 __all__ = ["SHOTS", "make_angle_cnn", "rotation_regression"]
 
@@ -26,8 +27,6 @@ Step = Callable[[str], None]
 
 def make_angle_cnn() -> nn.Module:
     """conv(1→8)-pool-conv(8→16)-pool-linear(784→32)-linear(32→1): the classification CNN with one output."""
-    from .experiments import make_cnn
-
     net = make_cnn()
     net[-1] = nn.Linear(32, 1)
     return net
@@ -42,23 +41,6 @@ def _rotated(X: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch
     for i in range(X.shape[0]):  # rotate_images takes one angle per call
         out[i : i + 1] = rotate_images(X[i : i + 1], float(angles[i]))
     return out, (angles / _UNIT).unsqueeze(1)
-
-
-def _train(X: torch.Tensor, y: torch.Tensor, seed: int, epochs: int) -> nn.Module:
-    """Adam (lr 2e-3, batches of 64) on the squared error of the scaled angle."""
-    torch.manual_seed(seed)
-    net = make_angle_cnn()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    yf = y.float()
-    for _ in range(epochs):
-        order = torch.randperm(X.shape[0], generator=gen)
-        for i in range(0, X.shape[0], 64):
-            idx = order[i : i + 64]
-            opt.zero_grad()
-            nn.functional.mse_loss(net(X[idx]), yf[idx]).backward()
-            opt.step()
-    return net.eval()
 
 
 def rotation_regression(
@@ -77,7 +59,7 @@ def rotation_regression(
     target = target[torch.randperm(target.numel(), generator=gen)]
     Xs, ys = _rotated(X[source], gen)
     step(f"rotation-regression: training the angle CNN on rotated digits 0–4 (seed {seed})")
-    net = _train(Xs, ys, seed, 1 if quick else 6)
+    net = train_source(Xs, ys.float(), seed, 1 if quick else 6, make=make_angle_cnn, loss=nn.functional.mse_loss)
     n_test = 300 if quick else 1000
     Xt, yt = _rotated(X[target[:n_test]], gen)
     pool_X, pool_y = _rotated(X[target[n_test:]], gen)
