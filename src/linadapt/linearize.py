@@ -101,6 +101,7 @@ class Linearization:
         self.num_params = int(sum(self.numels))
         self._num_outputs: int | None = None
         self._per_example_jacobian = True
+        self._structured: Any = None  # StructuredNTK once built; False when it does not apply
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -297,14 +298,60 @@ class Linearization:
         """Dense J(X), shape (n, c, p), float64. Memory n·c·p·8 bytes: for small problems and tests."""
         return torch.cat([jac for _, jac in self.jacobian_chunks(X)])
 
-    def ntk_blocks(self, X: Any) -> torch.Tensor:
-        """The per-example c×c blocks J(x_i) J(x_i)ᵀ, shape (n, c, c), float64, without storing J."""
+    def structured(self, X: torch.Tensor) -> Any:
+        """The per-layer NTK engine (:class:`~linadapt.structured.StructuredNTK`) if some selected parameter
+        has a layer rule and the rules agree with autodiff on this model (checked once, on X[:2]); else None."""
+        if self._structured is None:
+            from .structured import StructuredNTK
+
+            engine = StructuredNTK(self)
+            self._structured = engine if engine.layers else False
+        if self._structured is not False and not self._structured.check(X):
+            self._structured = False
+        return self._structured or None
+
+    def ntk_blocks(self, X: Any, method: str = "auto") -> torch.Tensor:
+        """The per-example c×c blocks J(x_i) J(x_i)ᵀ, shape (n, c, c), float64, without storing J.
+
+        ``method``: ``"auto"`` — per-layer rules where they apply (see :mod:`linadapt.structured`);
+        ``"jacobian"`` — contraction of per-example Jacobian chunks."""
+        X = self.prepare_inputs(X)
+        engine = self.structured(X) if _check_method(method) == "auto" else None
+        if engine is not None:
+            return engine.diagonal_blocks(X)
         return torch.cat([torch.einsum("bcp,bdp->bcd", jac, jac) for _, jac in self.jacobian_chunks(X)])
 
-    def ntk(self, X1: Any, X2: Any | None = None) -> torch.Tensor:
-        """Dense J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major, float64, by Jacobian contraction."""
+    def ntk(self, X1: Any, X2: Any | None = None, output: Any = None, method: str = "auto") -> torch.Tensor:
+        """Dense NTK, float64.
+
+        Args:
+            X1, X2: inputs (X2 = None: X1).
+            output: ``None`` — J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major (entry [i·c + a, j·c + b] =
+                J_a(x_i)·J_b(x'_j)); ``"sum"`` — the trace kernel Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2); an index a —
+                J_a(X1) J_a(X2)ᵀ, (n1, n2).
+            method: ``"auto"`` — per-layer structured products (Linear and convolution layers; the rest by
+                Jacobian contraction restricted to them), ``"jacobian"`` — contraction of per-example
+                Jacobian chunks of all selected parameters.
+        """
         X1 = self.prepare_inputs(X1, "X1")
-        X2t = X1 if X2 is None else self.prepare_inputs(X2, "X2")
+        X2t = None if X2 is None else self.prepare_inputs(X2, "X2")
+        c = self.output_dim(X1)
+        if output is not None and output != "sum":
+            if isinstance(output, bool) or not isinstance(output, int) or not 0 <= output < c:
+                raise ValueError(f"output must be None, 'sum' or an output index in [0, {c}); got {output!r}")
+        engine = self.structured(X1) if _check_method(method) == "auto" else None
+        if engine is not None:
+            return engine.kernel(X1, X2t, output)
+        K = self._ntk_jacobian(X1, X2t).reshape(X1.shape[0], c, -1, c)
+        if output is None:
+            return K.reshape(X1.shape[0] * c, -1)
+        if output == "sum":
+            return torch.diagonal(K, dim1=1, dim2=3).sum(-1)
+        return K[:, output, :, output].contiguous()
+
+    def _ntk_jacobian(self, X1: torch.Tensor, X2: torch.Tensor | None) -> torch.Tensor:
+        """J(X1) J(X2)ᵀ, (n1·c, n2·c), by contracting Jacobian chunks."""
+        X2t = X1 if X2 is None else X2
         c = self.output_dim(X1)
         n1, n2 = X1.shape[0], X2t.shape[0]
         K = torch.zeros(n1, c, n2, c, dtype=ALGEBRA_DTYPE, device=self.device)
@@ -319,3 +366,9 @@ class Linearization:
                 if X2 is None and second is not None:
                     K[sl2, :, sl1, :] = block.permute(2, 3, 0, 1)
         return K.reshape(n1 * c, n2 * c)
+
+
+def _check_method(method: str) -> str:
+    if method not in ("auto", "jacobian"):
+        raise ValueError(f"method must be 'auto' or 'jacobian', got {method!r}")
+    return method

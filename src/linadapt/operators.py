@@ -46,7 +46,7 @@ class NTKOperator(LinearOperator):
             Σ_a J_a(X1) J_a(X2)ᵀ of shape (n1, n2).
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
-    pivoted Cholesky); ``to_dense()`` multiplies by the identity — for a dense kernel use :func:`ntk_gram`.
+    pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
     """
 
     def __init__(
@@ -76,6 +76,7 @@ class NTKOperator(LinearOperator):
         self.symmetric = symmetric
         self.num_outputs = c
         self._width = c if output is None else 1
+        self._memo: dict[str, torch.Tensor] = {}
 
     # -- the linear_operator contract ------------------------------------------------------------
     @property
@@ -119,6 +120,13 @@ class NTKOperator(LinearOperator):
         U = torch.zeros(m, n2, c, dtype=V.dtype, device=V.device)
         U[:, :, a] = V
         return lin.jvp(self.X1, lin.vjp(self.X2, U))[:, :, a]
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense kernel by per-layer products (:func:`ntk_gram`), not by multiplying the identity."""
+        if "dense" not in self._memo:
+            X2 = None if self.symmetric and self.X2 is self.X1 else self.X2
+            self._memo["dense"] = self.linearization.ntk(self.X1, X2, output=self.output)
+        return self._memo["dense"]
 
     def _diagonal(self) -> torch.Tensor:
         if not self.symmetric:
@@ -164,11 +172,20 @@ def ntk_gram(
     X2: Any | None = None,
     params: ParamSpec = "all",
     chunk_size: int | None = None,
+    output: OutputSpec = None,
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Dense NTK J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major, float64.
+    """Dense NTK J(X1) J(X2)ᵀ, float64.
 
-    Computed by contracting per-example Jacobians chunk by chunk (memory bounded by a chunk of J, never
-    the whole of it). Same ordering as :class:`NTKOperator`: entry [i·c + a, j·c + b] = J_a(x_i) · J_b(x'_j).
+    ``output=None``: shape (n1·c, n2·c), example-major, the same ordering as :class:`NTKOperator`: entry
+    [i·c + a, j·c + b] = J_a(x_i) · J_b(x'_j). ``"sum"``: the trace kernel Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2). An
+    index a: J_a(X1) J_a(X2)ᵀ, (n1, n2).
+
+    ``method="auto"`` computes it layer by layer — for a Linear layer (a·a') (g·g'), inputs times output
+    gradients; for a convolution its per-example gradient formed from patches and output gradients — and
+    contracts per-example Jacobians only for parameters without a rule (see :mod:`linadapt.structured`);
+    ``"jacobian"`` contracts per-example Jacobian chunks of all selected parameters. Memory is bounded by a
+    chunk either way; the full J is never stored.
     """
     lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
-    return lin.ntk(X1, X2)
+    return lin.ntk(X1, X2, output=output, method=method)

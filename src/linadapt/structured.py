@@ -1,0 +1,391 @@
+"""Dense NTK by per-layer structure instead of per-example Jacobians of all p parameters.
+
+For a layer z = W a + b applied once per example (``nn.Linear`` on (n, d_in) inputs), the Jacobian of
+output a of example i with respect to W is the outer product g_{ia} a_iᵀ, with a_i the layer's input and
+g_{ia} = ∂f_a(x_i)/∂z_i the gradient flowing back into the layer's output. So that layer's share of the
+NTK is
+
+    Θ_W[i a, j b] = (a_i · a_j) (g_{ia} · g_{jb}),      Θ_b[i a, j b] = g_{ia} · g_{jb},
+
+an (n × n) Gram of inputs times an (n c × n c) Gram of output gradients: O(n² (d_in + c² d_out)) work
+against O(n² c² d_in d_out) for contracting the layer's Jacobian, and no per-example gradient is stored.
+
+For layers whose weights are reused over positions (convolutions; ``nn.Linear`` on (n, T, d) inputs) the
+per-example, per-output gradient of the layer alone is formed from the layer's inputs (unfolded patches)
+and output gradients — g_{ia} (d_out × P) times patches (P × d_in k) — and contracted: one layer at a time,
+chunk by chunk, never for all p parameters at once. Parameters outside a supported layer (normalisation
+scales, embeddings, layers used twice, grouped convolutions, ...) fall back to the Jacobian contraction
+restricted to them. The layers' inputs and output gradients come from one forward pass with hooks and c
+backward passes (one per output) per chunk of examples.
+
+The rules assume what every per-example Jacobian in this package assumes: the network treats the
+examples of a batch independently (it runs in eval mode). Before the first use on a model the structured
+kernel of two examples is checked against the plain Jacobian contraction; if they differ, the plain
+contraction is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .linearize import ALGEBRA_DTYPE, Linearization, _eval_mode
+
+__all__ = ["StructuredNTK"]
+
+_FEATURE_BUDGET = 2**26  # float64 entries of materialised per-layer gradients held at once (512 MiB)
+
+
+@dataclass
+class _Layer:
+    """A supported module and which of its parameters are selected (names in the Linearization)."""
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+
+
+@dataclass
+class _Features:
+    """What one chunk of examples contributes to kernel blocks, per layer."""
+
+    b: int
+    # structured Linear layers: (input (b, d_in) or None when the weight is not selected, output gradients
+    # (c, b, d_out), whether the bias is selected)
+    outer: list[tuple[torch.Tensor | None, torch.Tensor, bool]] = field(default_factory=list)
+    # materialised per-example, per-output gradients of some layers' parameters, (b, c, q)
+    dense: list[torch.Tensor] = field(default_factory=list)
+
+
+class StructuredNTK:
+    """Dense NTK blocks of a :class:`~linadapt.linearize.Linearization` by per-layer rules.
+
+    Args:
+        lin: the linearization (its selected parameters and weight snapshot are used).
+        verify: check the rules against the plain Jacobian contraction on two examples before first use.
+
+    Attributes:
+        layers: names of the modules handled by a rule. fallback: selected parameters that are not.
+        usable: False after a failed check (callers then use the plain contraction).
+    """
+
+    def __init__(self, lin: Linearization, verify: bool = True) -> None:
+        self.lin = lin
+        self.verify = verify
+        self.usable = True
+        self._checked = False
+        self._batched_backward = True
+        selected = set(lin.param_names)
+        owners: dict[int, int] = {}
+        for mod in lin.model.modules():
+            for p in mod.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.layers: list[_Layer] = []
+        for mname, mod in lin.model.named_modules():
+            if not _supported(mod):
+                continue
+            names = {}
+            for pname in ("weight", "bias"):
+                full = f"{mname}.{pname}" if mname else pname
+                p = getattr(mod, pname, None)
+                if full in selected and isinstance(p, nn.Parameter) and owners.get(id(p), 0) == 1:
+                    names[pname] = full
+            if names:
+                self.layers.append(_Layer(mname, mod, names.get("weight"), names.get("bias")))
+        self._set_fallback()
+
+    def _set_fallback(self) -> None:
+        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        self.fallback = [n for n in self.lin.param_names if n not in covered]
+        self._sub = _restricted(self.lin, self.fallback) if self.fallback else None
+
+    def _demote(self, names: list[str]) -> None:
+        """Stop using the rules of these layers; their parameters join the Jacobian-contraction fallback."""
+        self.layers = [layer for layer in self.layers if layer.name not in names]
+        self._set_fallback()
+
+    # ------------------------------------------------------------------ features of one chunk
+    def _features(self, xb: torch.Tensor) -> _Features:
+        lin = self.lin
+        b = xb.shape[0]
+        inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        outputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+
+        def hook_for(name: str):
+            def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                inputs[name].append(args[0])
+                outputs[name].append(out)
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(hook_for(layer.name)) for layer in self.layers]
+        try:
+            theta = {k: v.detach().requires_grad_(True) for k, v in lin.theta.items()}
+            with torch.enable_grad(), _eval_mode(lin.model):
+                out = lin._f(theta, xb)
+                bad = [
+                    layer.name
+                    for layer in self.layers
+                    if len(outputs[layer.name]) != 1  # reused (or unused) in the forward pass
+                    or inputs[layer.name][0].shape[0] != b
+                    or outputs[layer.name][0].shape[0] != b  # batch not the first dimension
+                ]
+                if bad:
+                    raise _RuleError(bad)
+                zs = [outputs[layer.name][0] for layer in self.layers]
+                grads = self._output_gradients(out, zs)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = _Features(b)
+        for layer, G in zip(self.layers, grads):  # G: (c, b, *out_shape)
+            # products in float64 whatever the network's dtype: the kernel must stay positive semi-definite
+            # to float64 precision for the solves (float32 products perturb its eigenvalues by ~1e-7·‖K‖)
+            G = G.detach().to(ALGEBRA_DTYPE)
+            A = inputs[layer.name][0].detach().to(ALGEBRA_DTYPE)
+            self._layer_features(layer, A, G, feats)
+        if self._sub is not None:
+            feats.dense.append(self._sub._jacobian_chunk(xb))
+        return feats
+
+    def _output_gradients(self, out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂f_a/∂z for every layer output z and output a, each (c, b, *z.shape[1:]): one batched backward
+        pass over the c one-hot cotangents (c separate passes where batching is not supported)."""
+        c = out.shape[1]
+        if self._batched_backward:
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            cot = eye[:, None, :].expand(c, out.shape[0], c)
+            try:
+                gs = torch.autograd.grad(out, zs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                return [z.new_zeros(c, *z.shape) if g is None else g for g, z in zip(gs, zs)]
+            except RuntimeError:
+                self._batched_backward = False
+        per_output: list[list[torch.Tensor]] = [[] for _ in zs]
+        for a in range(c):
+            gs = torch.autograd.grad(out[:, a].sum(), zs, retain_graph=True, allow_unused=True)
+            for k, (g, z) in enumerate(zip(gs, zs)):
+                per_output[k].append(torch.zeros_like(z) if g is None else g)
+        return [torch.stack(g) for g in per_output]
+
+    def _layer_features(self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, feats: _Features) -> None:
+        mod, c, b = layer.module, G.shape[0], A.shape[0]
+        if isinstance(mod, nn.Linear):
+            if A.dim() == 2:
+                feats.outer.append((A if layer.weight else None, G, layer.bias is not None))
+                return
+            A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
+            G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
+            parts = []
+            if layer.weight:
+                parts.append(torch.einsum("cbto,bti->bcoi", G4, A3).reshape(b, c, -1))
+            if layer.bias:
+                parts.append(G4.sum(2).permute(1, 0, 2))
+            feats.dense.append(torch.cat(parts, -1))
+            return
+        # Conv1d / Conv2d, groups = 1, zero padding
+        conv = mod
+        if isinstance(conv, nn.Conv1d):
+            A, G = A.unsqueeze(-2), G.unsqueeze(-2)
+            kernel, dilation, padding, stride = (
+                (1, conv.kernel_size[0]),
+                (1, conv.dilation[0]),
+                (0, conv.padding[0]),
+                (1, conv.stride[0]),
+            )
+        else:
+            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+        Gf = G.reshape(c, b, G.shape[2], -1)  # (c, b, d_out, P)
+        parts = []
+        if layer.weight:
+            patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+            parts.append(torch.einsum("cbop,bkp->bcok", Gf, patches).reshape(b, c, -1))
+        if layer.bias:
+            parts.append(Gf.sum(-1).permute(1, 0, 2))
+        feats.dense.append(torch.cat(parts, -1))
+
+    # ------------------------------------------------------------------ blocks
+    @staticmethod
+    def _block(f1: _Features, f2: _Features, trace: bool) -> torch.Tensor:
+        """Kernel block between two chunks: (b1, c, b2, c), or (b1, b2) summed over outputs with ``trace``."""
+        b1, b2 = f1.b, f2.b
+        out = None
+        for (A1, G1, bias), (A2, G2, _) in zip(f1.outer, f2.outer):
+            # weight and bias share the output-gradient Gram: Θ = (g·g) ⊙ (a·a [+ 1 with the bias])
+            if trace:  # Σ_a g_ia · g_ja: G as (b, c·d_out)
+                term = G1.permute(1, 0, 2).reshape(b1, -1) @ G2.permute(1, 0, 2).reshape(b2, -1).T
+                if A1 is not None:
+                    term.mul_(A1 @ A2.T + 1.0 if bias else A1 @ A2.T)
+            else:  # rows (i, a): G as (b·c, d_out)
+                term = G1.permute(1, 0, 2).reshape(b1 * G1.shape[0], -1)
+                term = term @ G2.permute(1, 0, 2).reshape(b2 * G2.shape[0], -1).T
+                term = term.view(b1, G1.shape[0], b2, G2.shape[0])
+                if A1 is not None:
+                    term.mul_((A1 @ A2.T + 1.0 if bias else A1 @ A2.T)[:, None, :, None])
+            out = term if out is None else out.add_(term)
+        for D1, D2 in zip(f1.dense, f2.dense):
+            if trace:
+                term = torch.einsum("iaq,jaq->ij", D1, D2)
+            else:
+                term = (D1.reshape(b1 * D1.shape[1], -1) @ D2.reshape(b2 * D2.shape[1], -1).T).view(
+                    b1, D1.shape[1], b2, D2.shape[1]
+                )
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
+
+    @staticmethod
+    def _diag_blocks(f: _Features) -> torch.Tensor:
+        """Per-example c × c blocks J(x_i) J(x_i)ᵀ, (b, c, c), float64."""
+        out = None
+        for A, G, bias in f.outer:
+            Gi = G.permute(1, 0, 2)  # (b, c, d_out)
+            term = Gi @ Gi.transpose(1, 2)
+            if A is not None:
+                sq = (A * A).sum(1)
+                term.mul_((sq + 1.0 if bias else sq)[:, None, None])
+            out = term if out is None else out.add_(term)
+        for D in f.dense:
+            term = D @ D.transpose(1, 2)
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
+
+    # ------------------------------------------------------------------ public
+    def check(self, X: torch.Tensor) -> bool:
+        """Compare the rules with plain autodiff on (up to) two examples; remember the outcome.
+
+        With U three random output-space vectors on those examples, Uᵀ K U from the rules must equal
+        (Jᵀ U)ᵀ (Jᵀ U) from vector-Jacobian products (one vjp, no per-example Jacobian of all p parameters).
+        """
+        if self._checked:
+            return self.usable
+        self._checked = True
+        xb = X[:2]
+        while True:
+            try:
+                f = self._features(xb)
+                break
+            except _RuleError as exc:  # layers run twice, or not batch-first: their parameters fall back
+                self._demote(exc.args[0])
+        if not self.layers:
+            self.usable = False
+            return False
+        if not self.verify:
+            return True
+        mine = self._block(f, f, trace=False)
+        b, c = mine.shape[0], mine.shape[1]
+        gen = torch.Generator().manual_seed(0)
+        U = torch.randn(3, b, c, generator=gen, dtype=ALGEBRA_DTYPE).to(self.lin.device)
+        W = self.lin.vjp(xb, U)  # (3, p)
+        ref = W @ W.T
+        Uf = U.reshape(3, b * c)
+        got = Uf @ mine.reshape(b * c, b * c) @ Uf.T
+        scale = ref.diagonal().abs().sqrt()
+        err = ((got - ref).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)).max()
+        tol = 1e-4 if self.lin.net_dtype != torch.float64 else 1e-9
+        if float(err) > tol:
+            self.usable = False
+            warnings.warn(
+                f"structured NTK of {type(self.lin.model).__name__} disagrees with autodiff (relative error "
+                f"{float(err):.2e}; does the model mix the examples of a batch?): using the Jacobian contraction",
+                stacklevel=3,
+            )
+        return self.usable
+
+    def kernel(self, X1: torch.Tensor, X2: torch.Tensor | None = None, output: Any = None) -> torch.Tensor:
+        """Dense NTK, float64, for prepared inputs.
+
+        ``output=None``: J(X1) J(X2)ᵀ, (n1·c, n2·c) example-major; ``"sum"``: Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2);
+        an index a: J_a(X1) J_a(X2)ᵀ, (n1, n2).
+        """
+        c = self.lin.output_dim(X1)
+        trace = output is not None
+        pick = None if output is None or output == "sum" else int(output)
+        features = self._features if pick is None else (lambda x: _only_output(self._features(x), pick))
+        size = self._size(X1, c)
+        if X2 is None:  # compute blocks j ≥ i only: with 4 or more chunks that is ≤ 5/8 of the work
+            size = min(size, max(32, -(-X1.shape[0] // 4)))
+        chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
+        second = X1 if X2 is None else X2
+        chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
+        cache = second.shape[0] * c * self._dense_q <= 2 * _FEATURE_BUDGET
+        feats2 = [features(x) for x in chunks2] if cache else None
+        n1, n2 = X1.shape[0], second.shape[0]
+        K = torch.zeros((n1, n2) if trace else (n1, c, n2, c), dtype=ALGEBRA_DTYPE, device=self.lin.device)
+        o1 = 0
+        for i, x1 in enumerate(chunks1):
+            f1 = feats2[i] if (X2 is None and feats2 is not None) else features(x1)
+            o2 = 0
+            for j, x2 in enumerate(chunks2):
+                b1, b2 = x1.shape[0], x2.shape[0]
+                if X2 is None and j < i:
+                    o2 += b2
+                    continue
+                f2 = feats2[j] if feats2 is not None else features(x2)
+                block = self._block(f1, f2, trace)
+                if X2 is None and j == i:  # exactly symmetric diagonal blocks
+                    block = 0.5 * (block + (block.T if trace else block.permute(2, 3, 0, 1)))
+                if trace:
+                    K[o1 : o1 + b1, o2 : o2 + b2] = block
+                    if X2 is None and j > i:
+                        K[o2 : o2 + b2, o1 : o1 + b1] = block.T
+                else:
+                    K[o1 : o1 + b1, :, o2 : o2 + b2, :] = block
+                    if X2 is None and j > i:
+                        K[o2 : o2 + b2, :, o1 : o1 + b1, :] = block.permute(2, 3, 0, 1)
+                o2 += b2
+            o1 += x1.shape[0]
+        return K if trace else K.reshape(n1 * c, n2 * c)
+
+    def diagonal_blocks(self, X: torch.Tensor) -> torch.Tensor:
+        """Per-example blocks J(x_i) J(x_i)ᵀ, (n, c, c), float64."""
+        c = self.lin.output_dim(X)
+        size = self._size(X, c)
+        return torch.cat([self._diag_blocks(self._features(X[i : i + size])) for i in range(0, X.shape[0], size)])
+
+    def _size(self, X: torch.Tensor, c: int) -> int:
+        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget."""
+        if not hasattr(self, "_dense_q"):
+            self._dense_q = sum(f.shape[-1] for f in self._features(X[:1]).dense)
+        per_example = max(1, c * self._dense_q)
+        return max(1, min(self.lin.chunk_size or 256, _FEATURE_BUDGET // per_example))
+
+
+def _only_output(f: _Features, a: int) -> _Features:
+    """The features of output a alone (the kernel of J_a)."""
+    return _Features(
+        f.b,
+        [(A, G[a : a + 1], bias) for A, G, bias in f.outer],
+        [D[:, a : a + 1] for D in f.dense],
+    )
+
+
+class _RuleError(RuntimeError):
+    """Layer rules that do not apply to how the model uses the layers; args[0]: the module names."""
+
+
+def _supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+    return False
+
+
+def _restricted(lin: Linearization, names: list[str]) -> Linearization:
+    """A copy of ``lin`` linearized in ``names`` only (the other selected parameters frozen at θ̂)."""
+    sub = copy.copy(lin)
+    sub.param_names = list(names)
+    sub.theta = {n: lin.theta[n] for n in names}
+    sub.frozen = {**lin.frozen, **{n: v for n, v in lin.theta.items() if n not in names}}
+    sub.shapes = [sub.theta[n].shape for n in names]
+    sub.numels = [sub.theta[n].numel() for n in names]
+    sub.num_params = int(sum(sub.numels))
+    sub._structured = False
+    return sub

@@ -1,0 +1,197 @@
+"""Per-layer (structured) dense NTK against the plain Jacobian contraction and an independent reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import BUILDERS, inputs_for, reference_jacobian
+from torch import nn
+
+from linadapt import ntk_gram
+from linadapt.linearize import Linearization
+from linadapt.structured import StructuredNTK
+
+
+class ConvZoo(nn.Module):
+    """Conv2d with stride / dilation / no bias, Conv1d, a grouped conv (no rule), LayerNorm (no rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (2, 3), dilation=(1, 2), bias=False)
+        self.g = nn.Conv2d(4, 4, 1, groups=2)
+        self.c3 = nn.Conv1d(4, 3, 2, padding=1)
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.g(torch.tanh(self.c2(h))))
+        h = torch.tanh(self.c3(h.flatten(2)))  # (n, 3, L)
+        h = self.norm(h.mean(-1))
+        return self.head(h)
+
+
+class Tokens(nn.Module):
+    """A Linear layer applied at every position of a sequence (n, T, d): the per-example gradient sums over T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.proj(x)).mean(1))
+
+
+class Mixer(nn.Module):
+    """Mixes the examples of a batch (centres by the batch mean): the per-example rules do not hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def _zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    names = ("mlp", "resnet", "shared", "embedder", "single")
+    cases = {name: (BUILDERS[name](), inputs_for(name, 7)) for name in names}
+    cases["conv"] = (ConvZoo().double(), torch.randn(7, 2, 7, 9, generator=g, dtype=torch.float64))
+    cases["tokens"] = (Tokens().double(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
+    return cases
+
+
+ZOO = _zoo()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("params", ["all", "last", "bias"])
+def test_structured_kernel_equals_reference_jacobian(name: str, params: str) -> None:
+    model, X = ZOO[name]
+    lin = Linearization(model, params, chunk_size=3)  # several chunks: off-diagonal blocks and their mirror
+    J = reference_jacobian(model, X, lin.param_names)  # (n, c, p) by plain autograd
+    n, c = J.shape[:2]
+    full = torch.einsum("iap,jbp->iajb", J, J)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these models may trigger the disagreement fallback
+        K = lin.ntk(X)
+    assert K.shape == (n * c, n * c) and K.dtype == torch.float64
+    assert _rel(K, full.reshape(n * c, n * c)) < 1e-12
+    assert _rel(lin.ntk(X, output="sum"), torch.diagonal(full, dim1=1, dim2=3).sum(-1)) < 1e-12
+    assert _rel(lin.ntk(X, output=c - 1), full[:, c - 1, :, c - 1]) < 1e-12
+    blocks = torch.einsum("iap,ibp->iab", J, J)
+    assert _rel(lin.ntk_blocks(X), blocks) < 1e-12
+    # cross kernel between different inputs, against the plain contraction
+    X2 = X[2:5]
+    assert _rel(lin.ntk(X, X2), lin.ntk(X, X2, method="jacobian")) < 1e-12
+    assert _rel(lin.ntk(X2, X, output="sum"), lin.ntk(X2, X, output="sum", method="jacobian")) < 1e-12
+
+
+def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
+    model, X = ZOO["conv"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert engine is not None
+    assert {layer.name for layer in engine.layers} == {"c1", "c2", "c3", "head"}
+    assert engine.fallback == ["g.weight", "g.bias", "norm.weight", "norm.bias"]
+    # a layer run twice loses its rule (its weight gets contributions from both calls); the others keep theirs
+    model, X = ZOO["shared"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {layer.name for layer in engine.layers} == {"inp", "out"}
+    assert engine.fallback == ["mid.weight", "mid.bias"]
+
+
+def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode() -> None:
+    model, X = ZOO["resnet"]
+    assert model.training
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert set(engine.fallback) == {"bn.weight", "bn.bias", "block.bn.weight", "block.bn.bias"}
+    K1 = lin.ntk(X[:3])
+    K2 = lin.ntk(X)  # BatchNorm uses running statistics: a block does not depend on the other examples
+    assert _rel(K2[:9, :9], K1) < 1e-12
+    assert model.training  # the user's flags are restored
+
+
+def test_a_model_that_mixes_examples_is_detected_and_uses_the_jacobian_contraction() -> None:
+    torch.manual_seed(0)
+    model = Mixer().double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    lin = Linearization(model)
+    with pytest.warns(UserWarning, match="disagrees with autodiff"):
+        K = lin.ntk(X)
+    assert lin.structured(lin.prepare_inputs(X)) is None
+    assert torch.equal(K, lin.ntk(X, method="jacobian"))
+
+
+def test_float32_network_kernel_is_float64_and_accurate_to_network_precision() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    X = torch.randn(9, 1, 6, 6)
+    K32 = ntk_gram(net, X)
+    K64 = ntk_gram(net.double(), X.double(), method="jacobian")
+    assert K32.dtype == torch.float64
+    assert _rel(K32, K64) < 1e-5
+
+
+def test_ntk_gram_and_operator_options() -> None:
+    model, X = ZOO["mlp"]
+    lin = Linearization(model)
+    with pytest.raises(ValueError, match="method"):
+        ntk_gram(lin, X, method="fast")
+    with pytest.raises(ValueError, match="output"):
+        ntk_gram(lin, X, output=3)
+    from linadapt import NTKOperator
+
+    op = NTKOperator(lin, X)
+    assert _rel(op.to_dense(), ntk_gram(lin, X, method="jacobian")) < 1e-12
+    op_sum = NTKOperator(lin, X, X[:3], output="sum")
+    assert _rel(op_sum.to_dense(), ntk_gram(lin, X, X[:3], output="sum", method="jacobian")) < 1e-12
+
+
+def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result() -> None:
+    model, X = ZOO["conv"]
+    lin = Linearization(model, chunk_size=2)
+    engine = StructuredNTK(lin, verify=False)
+    assert engine.check(lin.prepare_inputs(X))
+    K = engine.kernel(lin.prepare_inputs(X))
+    assert _rel(K, Linearization(model).ntk(X, method="jacobian")) < 1e-12
+
+
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    c=st.integers(1, 4),
+    n=st.integers(1, 9),
+    act=st.sampled_from(["tanh", "relu", "gelu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_structured_mlp_kernel_is_the_jacobian_kernel(widths: list[int], c: int, n: int, act: str, seed: int) -> None:
+    """Random MLPs: the structured kernel equals the contraction, is symmetric and positive semi-definite."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = 3
+    for w in widths:
+        layers += [nn.Linear(d, w), {"tanh": nn.Tanh(), "relu": nn.ReLU(), "gelu": nn.GELU()}[act]]
+        d = w
+    net = nn.Sequential(*layers, nn.Linear(d, c)).double()
+    X = torch.randn(n, 3, dtype=torch.float64)
+    lin = Linearization(net, chunk_size=4)
+    K = lin.ntk(X)
+    assert _rel(K, lin.ntk(X, method="jacobian")) < 1e-11
+    assert torch.equal(K, K.T)
+    assert float(torch.linalg.eigvalsh(K).min()) > -1e-10 * max(1.0, float(K.diagonal().max()))
