@@ -264,6 +264,19 @@ def test_predictive_blocks_are_symmetric_positive_semidefinite():
     assert np.linalg.eigvalsh(cov).min() > -1e-10
 
 
+def test_map_link_is_the_softmax_of_the_posterior_mean_logits():
+    model, X = mlp(), inputs_for("mlp", 12)
+    clf = la.LinearizedClassifier(model, prior_var=3.0, optimize_hyperparameters=False, link="map")
+    clf.fit(X, labels_for(12, 3))
+    Xt = inputs_for("mlp", 5, seed=7)
+    mean = clf.predict_logits(Xt, return_cov=False)
+    np.testing.assert_allclose(clf.predict_proba(Xt), torch.softmax(torch.from_numpy(mean), 1).numpy(), rtol=1e-14)
+    probit = clf.set_params(link="probit").predict_proba(Xt)
+    assert np.abs(probit - clf.set_params(link="map").predict_proba(Xt)).max() > 1e-3  # the covariance matters
+    with pytest.raises(ValueError, match="needs the covariance"):
+        class_probabilities(torch.from_numpy(mean), None, "probit")
+
+
 # ---------------------------------------------------------------------------- conventions and errors
 def test_sklearn_conventions_and_unseen_classes():
     model, X = mlp(d_out=4), inputs_for("mlp", 20)

@@ -157,9 +157,25 @@ def test_module_entry_point_help():
 def test_experiment_and_bench_commands(tmp_path):
     res = runner.invoke(app, ["experiment", "no-such-thing"])
     assert res.exit_code == 2 and "unknown experiment" in res.output and "rotated-mnist" in res.output
-    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1"])
+    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain"])
     assert res.exit_code == 0, res.output
     assert "| MLP 64-256-256-10 |" in res.output and "per vector" in res.output
+    assert "trace NTK, n = 1024, structured" in res.output and "Jacobian contraction |" not in res.output
+
+
+def test_dense_bench_row_checks_structured_against_plain():
+    from torch import nn
+
+    from linadapt.bench import bench_dense, format_dense_table
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    row = bench_dense("tiny", net, torch.randn(6, 3), torch.randn(9, 3), reps=1, plain=True)
+    assert row["p"] == 50 and row["n_full"] == 6 and row["n_trace"] == 9
+    assert row["full"] > 0 and row["trace"] > 0 and row["full_plain"] > 0
+    assert row["max_rel_diff"] < 1e-6  # float32 network: both kernels agree to its precision
+    table = format_dense_table([row], 1, 1)
+    assert "| tiny | 50 |" in table and "speed-up" in table
 
 
 def test_experiment_quick_writes_records(tmp_path):

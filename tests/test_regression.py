@@ -194,6 +194,10 @@ def test_evidence_gradient_matches_finite_differences(space):
         e[i] = h
         fd = (direct(x[0].item() + e[0], x[1].item() + e[1]) - direct(x[0].item() - e[0], x[1].item() - e[1])) / (2 * h)
         assert abs(fd - grad[i].item()) < 1e-6 * max(1.0, abs(fd))
+    # the optimiser's closed-form numpy objective: the same value and gradient (negated)
+    value, g_np = spec.negative_log_ml_and_grad(np.array(x.tolist()))
+    assert abs(value + val.item()) < 1e-12 * abs(val.item())
+    np.testing.assert_allclose(g_np, -grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_cg_nonconvergence_warns_and_falls_back_to_cholesky():

@@ -234,6 +234,8 @@ def ablr(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> GaussianPredicto
     """
     from scipy.optimize import minimize
 
+    from .evidence import single_threaded_blas
+
     Phi = torch.cat([last_layer_features(model, X), torch.ones(X.shape[0], 1, dtype=torch.float64)], 1).numpy()
     t = np.asarray(torch.as_tensor(y, dtype=torch.float64).reshape(-1))
     if Phi.shape[0] != t.shape[0]:
@@ -255,9 +257,9 @@ def ablr(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> GaussianPredicto
 
     var_y = float(np.var(t)) if n > 1 else 1.0
     starts = [np.log([a, 1.0 / (f * max(var_y, 1e-12))]) for a in (1e-2, 1.0, 1e2) for f in (0.01, 0.1, 1.0)]
-    best = min(
-        (minimize(neg_evidence, z0, method="L-BFGS-B", bounds=[(-20, 20)] * 2) for z0 in starts), key=lambda r: r.fun
-    )
+    with single_threaded_blas():
+        results = [minimize(neg_evidence, z0, method="L-BFGS-B", bounds=[(-20, 20)] * 2) for z0 in starts]
+    best = min(results, key=lambda r: r.fun)
     alpha, beta = np.exp(best.x)
     A = beta * Phi.T @ Phi + alpha * np.eye(D)
     A_inv = np.linalg.inv(A)

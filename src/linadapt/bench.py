@@ -10,7 +10,14 @@ each divided by the time of one forward+backward pass (sum of outputs, gradients
 the same 1024 inputs. Timings are interleaved (unit, K·v, K·V, unit, ...) and the medians of the
 repetitions are compared, so machine noise hits all of them alike.
 
-    linadapt bench [--reps 9] [--n 1024] [--threads 2]     (or python benchmarks/bench_kernel_products.py)
+The dense-kernel table (``dense=True``) times :func:`~linadapt.operators.ntk_gram` — the full NTK
+(n·c × n·c) at n = 256 and the trace kernel (n × n) at n = 1024 — by per-layer structured products
+(``method="auto"``) and, with ``plain=True``, by contraction of per-example Jacobians (``method="jacobian"``,
+one repetition: it is slow), each as a ratio to the forward+backward pass over the same inputs, and checks
+that both give the same kernel.
+
+    linadapt bench [--reps 9] [--n 1024] [--threads 2] [--no-dense] [--no-plain]
+    (or python benchmarks/bench_kernel_products.py with the same options)
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-from .operators import NTKOperator
+from .operators import NTKOperator, ntk_gram
 
 
 def mlp() -> nn.Module:
@@ -82,6 +89,100 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         "kv16": med["kv16"] / med["unit"],
         "kv16_per_vec": med["kv16"] / med["unit"] / 16,
     }
+
+
+def _unit(model: nn.Module, X: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def unit() -> None:
+        torch.autograd.grad(model(X).sum(), params)
+
+    return unit
+
+
+def bench_dense(
+    name: str, model: nn.Module, X_full: torch.Tensor, X_trace: torch.Tensor, reps: int, plain: bool = True
+) -> dict[str, float]:
+    """Dense NTK timings as ratios to one forward+backward pass over the same inputs (medians, interleaved).
+
+    full: ntk_gram(model, X_full) (n·c × n·c); trace: ntk_gram(model, X_trace, output="sum") (n × n); with
+    ``plain`` also the Jacobian contraction of the full kernel (one run) and the largest relative difference
+    between the two full kernels."""
+    model.eval()
+    unit_full, unit_trace = _unit(model, X_full), _unit(model, X_trace)
+
+    def full() -> None:
+        ntk_gram(model, X_full)
+
+    def trace() -> None:
+        ntk_gram(model, X_trace, output="sum")
+
+    for fn in (unit_full, unit_trace, full, trace):
+        fn()
+    times: dict[str, list[float]] = {"unit_full": [], "unit_trace": [], "full": [], "trace": []}
+    for _ in range(reps):
+        for key, fn in (("unit_full", unit_full), ("full", full), ("unit_trace", unit_trace), ("trace", trace)):
+            times[key].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {
+        "model": name,
+        "p": sum(p.numel() for p in model.parameters()),
+        "n_full": X_full.shape[0],
+        "n_trace": X_trace.shape[0],
+        "full": med["full"] / med["unit_full"],
+        "trace": med["trace"] / med["unit_trace"],
+    }
+    if plain:
+        K = ntk_gram(model, X_full)
+        t0 = time.perf_counter()
+        K_plain = ntk_gram(model, X_full, method="jacobian")
+        row["full_plain"] = (time.perf_counter() - t0) / statistics.median([timed(unit_full) for _ in range(reps)])
+        row["max_rel_diff"] = float((K - K_plain).abs().max() / K_plain.abs().max())
+    return row
+
+
+def run_dense_bench(reps: int = 5, threads: int = 2, plain: bool = True) -> list[dict[str, float]]:
+    """The dense-kernel benchmark on the MLP and the CNN (n = 256 full, n = 1024 trace)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return [
+                bench_dense("MLP 64-256-256-10", mlp(), torch.randn(256, 64), torch.randn(1024, 64), reps, plain),
+                bench_dense(
+                    "CNN 1x8x8 (16,32 ch)",
+                    cnn(),
+                    torch.randn(256, 1, 8, 8),
+                    torch.randn(1024, 1, 8, 8),
+                    reps,
+                    plain,
+                ),
+            ]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def format_dense_table(rows: list[dict[str, float]], reps: int, threads: int) -> str:
+    """The dense-kernel rows as a Markdown table with its caption."""
+    plain = "full_plain" in rows[0]
+    lines = [
+        f"dense NTK, {threads} threads, medians of {reps} interleaved repetitions (Jacobian contraction: one run)",
+        "ratios to one forward+backward pass of the same model over the same inputs",
+        "",
+        "| model | p | full NTK, n = 256, structured | "
+        + ("full NTK, Jacobian contraction | speed-up | max rel. difference | " if plain else "")
+        + "trace NTK, n = 1024, structured |",
+        "|---|---|---|" + ("---|---|---|" if plain else "") + "---|",
+    ]
+    for r in rows:
+        extra = (
+            f"{r['full_plain']:,.0f}× | {r['full_plain'] / r['full']:,.0f}× | {r['max_rel_diff']:.1e} | "
+            if plain
+            else ""
+        )
+        lines.append(f"| {r['model']} | {r['p']:,} | {r['full']:.0f}× | {extra}{r['trace']:.0f}× |")
+    return "\n".join(lines)
 
 
 def run_bench(reps: int = 9, n: int = 1024, threads: int = 2) -> list[dict[str, float]]:

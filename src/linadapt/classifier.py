@@ -37,7 +37,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         prior_var: s² (starting value when optimising, fixed otherwise).
         optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
         link: how probabilities are computed from the Gaussian over logits: ``"probit"``, ``"mc"``
-            (Monte Carlo with ``n_samples`` draws, seeded by ``seed``) or ``"bridge"`` (Laplace bridge).
+            (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge) or
+            ``"map"`` (softmax of the posterior mean logits, the covariance ignored).
         n_samples: Monte Carlo draws per example for ``link="mc"``.
         prior_mean: ``"network"`` — the prior is centred at the trained weights (adaptation);
             ``"zero"`` — centred at 0, the weight-decay prior of post-hoc Laplace on the training data.
@@ -209,8 +210,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (m, c) from the Gaussian over logits by the ``link`` chosen."""
         self._check_fitted()
-        mean, cov = self._logits(X, True)
-        assert cov is not None
+        mean, cov = self._logits(X, self.link != "map")
         proba = class_probabilities(mean, cov, self.link, self.n_samples, self.seed)
         return proba.cpu().numpy()
 

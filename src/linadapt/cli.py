@@ -407,16 +407,26 @@ def bench(
     reps: Annotated[int, typer.Option(help="Interleaved repetitions (medians are reported).")] = 9,
     n: Annotated[int, typer.Option(help="Inputs per product.")] = 1024,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    dense: Annotated[bool, typer.Option(help="Also time the dense NTK (full at n = 256, trace at n = 1024).")] = True,
+    plain: Annotated[
+        bool, typer.Option(help="In the dense table, also time the per-example Jacobian contraction (slow).")
+    ] = True,
 ) -> None:
-    """Time NTK products against one forward+backward pass of the same model (ratios; MLP and CNN).
+    """Time NTK products and dense kernels against one forward+backward pass of the same model (ratios).
 
     Example: linadapt bench --reps 9 --n 1024
     """
-    from .bench import format_table, run_bench
+    from .bench import format_dense_table, format_table, run_bench, run_dense_bench
 
     with console.status("timing kernel products …"):
         rows = run_bench(reps, n, threads)
     print(format_table(rows, reps, n, threads))
+    if dense:
+        dense_reps = max(1, min(reps, 5))
+        with console.status("timing dense kernels …"):
+            drows = run_dense_bench(dense_reps, threads, plain)
+        print()
+        print(format_dense_table(drows, dense_reps, threads))
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from .solvers import Matmul, lanczos_quadrature
 
@@ -81,6 +82,27 @@ class Spectrum:
         """log p(y | s², σ²); differentiable in both log-hyperparameters."""
         quad, logdet = self.terms(log_s2, log_sig2)
         return -0.5 * quad - 0.5 * logdet - 0.5 * self.n_obs * _LOG_2PI
+
+    def negative_log_ml_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """−log p(y | s², σ²) and its gradient in x = (log s², log σ²), in closed form with numpy (the
+        optimiser's objective: ~20 µs per call instead of ~0.5 ms through autograd).
+
+        With q_i = s² λ_i + σ²: ∂/∂log s² of Σ w_i / q_i is −Σ w_i s² λ_i / q_i², of Σ v_j log q_j is
+        Σ v_j s² μ_j / q_j; ∂/∂log σ² likewise with σ² in place of s² λ (and −ρ²/σ², + (N − dim) outside)."""
+        if not hasattr(self, "_np"):
+            self._np = tuple(
+                t.detach().cpu().numpy() for t in (self.quad_nodes, self.quad_weights, self.ld_nodes, self.ld_weights)
+            )
+        qn, qw, ln, lw = self._np
+        s2, sig2 = math.exp(x[0]), math.exp(x[1])
+        qq = s2 * qn + sig2
+        ql = s2 * ln + sig2
+        quad = float((qw / qq).sum()) + self.rho_sq / sig2
+        logdet = float((lw * np.log(ql)).sum()) + (self.n_obs - self.dim) * x[1]
+        d_quad = np.array([-(qw * s2 * qn / qq**2).sum(), -(qw * sig2 / qq**2).sum() - self.rho_sq / sig2])
+        d_logdet = np.array([(lw * s2 * ln / ql).sum(), (lw * sig2 / ql).sum() + (self.n_obs - self.dim)])
+        value = 0.5 * quad + 0.5 * logdet + 0.5 * self.n_obs * _LOG_2PI
+        return value, 0.5 * d_quad + 0.5 * d_logdet
 
     @staticmethod
     def _logs(prior_var: float, noise_var: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +184,14 @@ class Spectrum:
         return cls(kind, qn, qw, rho_sq, ld_nodes, ld_weights, dim, n_obs, False)
 
 
+def single_threaded_blas() -> threadpool_limits:
+    """Context: numpy/scipy's BLAS on one thread. Around scipy's optimisers of cheap objectives that call
+    torch: their BLAS threads and torch's OpenMP threads otherwise spin against each other — on 2 cores
+    this made a 200-point regression fit 17× slower (1.7 s against 0.10 s). torch's own BLAS is not
+    affected."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def maximize_evidence(spectrum: Spectrum, prior_var: float, noise_var: float) -> tuple[float, float, float]:
     """Type-II maximum likelihood: argmax over (s², σ²) of log p(y | s², σ²).
 
@@ -179,19 +209,16 @@ def maximize_evidence(spectrum: Spectrum, prior_var: float, noise_var: float) ->
     lower, upper = [b[0] for b in bounds], [b[1] for b in bounds]
     x0 = np.clip(np.array([math.log(prior_var), math.log(noise_var)]), lower, upper)
 
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-        val = -spectrum.log_ml(t[0], t[1])
-        (grad,) = torch.autograd.grad(val, t)
-        return val.item(), grad.numpy()
+    objective = spectrum.negative_log_ml_and_grad
 
     best: tuple[float, np.ndarray] | None = None
-    for ds in (0.0, -4.6, 4.6):
-        for dn in (0.0, -4.6, 4.6):
-            start = np.clip(x0 + np.array([ds, dn]), lower, upper)
-            res = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
-            if np.isfinite(res.fun) and (best is None or res.fun < best[0]):
-                best = (float(res.fun), res.x)
+    with single_threaded_blas():
+        for ds in (0.0, -4.6, 4.6):
+            for dn in (0.0, -4.6, 4.6):
+                start = np.clip(x0 + np.array([ds, dn]), lower, upper)
+                res = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+                if np.isfinite(res.fun) and (best is None or res.fun < best[0]):
+                    best = (float(res.fun), res.x)
     if best is None:
         raise FloatingPointError("the log marginal likelihood is not finite at any starting point")
     return float(math.exp(best[1][0])), float(math.exp(best[1][1])), -best[0]
