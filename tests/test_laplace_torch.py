@@ -70,3 +70,53 @@ def test_probit_probabilities_and_evidence_match_laplace_torch():
         np.testing.assert_allclose(clf.predict_proba(Xs), ref_proba, rtol=0, atol=1e-4)
         np.testing.assert_allclose(clf.predict_proba(Xs), ref_proba, rtol=0, atol=1e-7)  # in fact far tighter
         assert clf.log_marginal_likelihood_value_ == pytest.approx(ref_evidence, rel=1e-8)
+
+
+def regression_trained_to_the_map(prior_var: float, noise_var: float):
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(40, 2, generator=g, dtype=torch.float64) * 4 - 2
+    y = torch.sin(X[:, :1] * 1.5) * X[:, 1:] + 0.1 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).double()
+    params = list(model.parameters())
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=3000, tolerance_grad=1e-13, tolerance_change=0, history_size=50)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((model(X) - y) ** 2).sum() / noise_var + 0.5 * sum((p**2).sum() for p in params) / prior_var
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    closure()
+    assert float(torch.cat([p.grad.reshape(-1) for p in params]).norm()) < 1e-8, "the test network must sit at the MAP"
+    return model, X, y
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_regression_with_weight_decay_prior_matches_laplace_torch_glm_predictive():
+    prior_var, noise_var = 0.5, 0.02
+    model, X, y = regression_trained_to_the_map(prior_var, noise_var)
+    Xs = torch.randn(15, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64)
+    ref = laplace.Laplace(
+        copy.deepcopy(model),
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=1.0 / prior_var,
+        sigma_noise=noise_var**0.5,
+        backend=curvature.AsdlGGN,
+    )
+    ref.fit(loader)
+    with torch.no_grad():
+        f_mu, f_var = ref(Xs, pred_type="glm")
+    for space in ("function", "parameter"):
+        reg = la.LinearizedRegressor(
+            model, prior_var=prior_var, noise_var=noise_var, optimize_hyperparameters=False, prior_mean="zero", space=space
+        ).fit(X, y[:, 0])
+        assert float(reg.posterior_.delta.abs().max()) < 1e-7  # the posterior mean is θ̂ itself
+        mean, std = reg.predict(Xs, return_std=True, include_noise=False)
+        np.testing.assert_allclose(mean, f_mu[:, 0].numpy(), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(std**2, f_var.reshape(-1).numpy(), rtol=1e-7, atol=1e-12)

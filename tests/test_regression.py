@@ -288,3 +288,29 @@ def test_float32_network_float64_algebra():
     assert m32.dtype == np.float64 and s32.dtype == np.float64
     assert rel_err(m32, m64) < 1e-5 and rel_err(s32, s64) < 1e-5
     assert next(model32.parameters()).dtype == torch.float32  # the model is not converted
+
+
+@pytest.mark.parametrize("space,solver", [("function", "cholesky"), ("parameter", "cholesky"), ("function", "cg")])
+def test_weight_decay_prior_is_the_gp_with_shifted_mean(space, solver):
+    """prior_mean='zero': θ ~ N(0, s² I) is the GP with mean f(x; θ̂) − J(x) θ̂ and kernel s² K, in every path."""
+    model, X = mlp(d_out=2), inputs_for("mlp", 12)
+    Xs = inputs_for("mlp", 5, seed=3)
+    Y = torch.randn(12, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    s2, sig2 = 0.3, 0.05
+    lin = la.Linearization(model)
+    J, Js = lin.jacobian(X).reshape(24, -1), lin.jacobian(Xs).reshape(10, -1)
+    theta = lin.theta_vector()
+    m, ms = lin.outputs(X).reshape(-1) - J @ theta, lin.outputs(Xs).reshape(-1) - Js @ theta
+    A = s2 * J @ J.T + sig2 * torch.eye(24, dtype=torch.float64)
+    mean = ms + s2 * Js @ J.T @ torch.linalg.solve(A, Y.reshape(-1) - m)
+    cov = s2 * Js @ Js.T - s2**2 * Js @ J.T @ torch.linalg.solve(A, J @ Js.T)
+    reg = la.LinearizedRegressor(
+        model, prior_var=s2, noise_var=sig2, optimize_hyperparameters=False, prior_mean="zero", space=space, solver=solver
+    ).fit(X, Y)
+    got_mean, got_cov = reg.predict(Xs, return_cov=True, include_noise=False)
+    np.testing.assert_allclose(got_mean.reshape(-1), mean.numpy(), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(got_cov.reshape(10, 10), cov.numpy(), rtol=1e-7, atol=1e-9)
+    lml = -0.5 * (Y.reshape(-1) - m) @ torch.linalg.solve(A, Y.reshape(-1) - m) - 0.5 * torch.logdet(A)
+    assert reg.log_marginal_likelihood() == pytest.approx(float(lml) - 12 * math.log(2 * math.pi), rel=1e-8)
+    with pytest.raises(ValueError, match="alternatives"):
+        la.LinearizedRegressor(model, mean="zero", prior_mean="zero").fit(X, Y)

@@ -157,8 +157,17 @@ class RegressionPosterior(LinearizedPosterior):
         space: ``"function"`` or ``"parameter"``. solver: ``"cholesky"`` or ``"cg"``.
     """
 
-    def __init__(self, problem: RegressionProblem, prior_var: float, noise_var: float, space: str, solver: str) -> None:
+    def __init__(
+        self,
+        problem: RegressionProblem,
+        prior_var: float,
+        noise_var: float,
+        space: str,
+        solver: str,
+        prior_offset: torch.Tensor | None = None,
+    ) -> None:
         self.problem = problem
+        self.prior_offset = prior_offset
         self.lin, self.X, self.r, self.c, self.n_obs = problem.lin, problem.X, problem.r, problem.c, problem.n_obs
         self.s2, self.sig2 = float(prior_var), float(noise_var)
         self.space = space
@@ -230,21 +239,23 @@ class RegressionPosterior(LinearizedPosterior):
         return self.system.solve(B)
 
     def _fit(self) -> None:
+        """δ̄ = μ + (posterior mean of δ − μ), μ the prior offset (0 unless the prior is centred elsewhere)."""
         r = self.r.unsqueeze(-1)
         if self.space == "function":
             alpha = self.solve(r).squeeze(-1)
             self.alpha = alpha
-            self.delta = self.s2 * self.problem.vjp(alpha.reshape(1, -1, self.c))[0]
+            self.centred = self.s2 * self.problem.vjp(alpha.reshape(1, -1, self.c))[0]
         else:
             self.g = self.problem.g()
-            self.delta = self.solve(self.g.unsqueeze(-1)).squeeze(-1) / self.sig2
+            self.centred = self.solve(self.g.unsqueeze(-1)).squeeze(-1) / self.sig2
+        self.delta = self.centred if self.prior_offset is None else self.centred + self.prior_offset
 
     def quad_term(self) -> float:
         """rᵀ A⁻¹ r from the fitted solve (function space: rᵀα; parameter space by Woodbury)."""
         if self.space == "function":
             return float(self.r @ self.alpha)
-        # δ̄ = (G + σ²/s² I)⁻¹ g, so rᵀA⁻¹r = (‖r‖² − gᵀδ̄) / σ².
-        return float((self.r @ self.r - self.g @ self.delta) / self.sig2)
+        # δ̄' = (G + σ²/s² I)⁻¹ g (the centred mean), so rᵀA⁻¹r = (‖r‖² − gᵀδ̄') / σ².
+        return float((self.r @ self.r - self.g @ self.centred) / self.sig2)
 
     # ------------------------------------------------------------------ predictions
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:

@@ -16,6 +16,7 @@ from .distributed import linearize_shard, make_sharding, prepare_fit, shard_sign
 from .evidence import maximize_evidence
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
+from .posterior import TrainingData
 from .regression import (
     RegressionPosterior,
     RegressionProblem,
@@ -44,6 +45,10 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
             likelihood (type-II maximum likelihood).
         mean: ``"network"`` — the prior mean is f(x; θ̂); ``"zero"`` — a zero-mean GP with the NTK.
+        prior_mean: where the weight prior is centred: ``"network"`` — θ − θ̂ ~ N(0, prior_var · I)
+            (adaptation: the trained weights are the prior guess); ``"zero"`` — θ ~ N(0, prior_var · I), the
+            weight-decay prior of post-hoc Laplace (a GP with mean f(x; θ̂) − J(x) θ̂); at a network trained
+            to the MAP of that prior this is the GLM Laplace posterior (equal to laplace-torch's).
         space: ``"function"`` (n·c sized solves), ``"parameter"`` (p sized solves), or ``"auto"`` (the smaller).
         solver: ``"cholesky"`` (dense), ``"cg"`` (matrix-free preconditioned CG; hyperparameters by Lanczos
             quadrature), or ``"auto"`` (dense when the matrix is small).
@@ -73,6 +78,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         noise_var: float | None = None,
         optimize_hyperparameters: bool = True,
         mean: str = "network",
+        prior_mean: str = "network",
         space: str = "auto",
         solver: str = "auto",
         chunk_size: int | None = None,
@@ -88,6 +94,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.noise_var = noise_var
         self.optimize_hyperparameters = optimize_hyperparameters
         self.mean = mean
+        self.prior_mean = prior_mean
         self.space = space
         self.solver = solver
         self.chunk_size = chunk_size
@@ -116,6 +123,12 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         check_choice(self.mean, "mean", ("network", "zero"))
+        check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
+        if self.mean == "zero" and self.prior_mean == "zero":
+            raise ValueError(
+                "mean='zero' (drop the network's outputs from the GP mean) and prior_mean='zero' (centre the "
+                "weight prior at 0) are alternatives: choose one"
+            )
         check_choice(self.space, "space", ("auto", "function", "parameter"))
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
         prior0 = check_positive(self.prior_var, "prior_var")
@@ -142,10 +155,14 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self._y_ndim = yt.dim()
         Y = yt_all.reshape(-1, c)
         m = f0 if self.mean == "network" else torch.zeros_like(f0)
+        options = self._options()
+        offset = None
+        if self.prior_mean == "zero":  # δ = θ − θ̂ ~ N(−θ̂, s² I): prior mean of the outputs f(X; θ̂) − J θ̂
+            offset = -lin.theta_vector()
+            m = m + TrainingData(lin, Xt, options, c, sharding).jvp(offset.unsqueeze(0))[0]
         r = (Y - m).reshape(-1)
         n_obs, p = r.numel(), lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
-        options = self._options()
         solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
         problem = RegressionProblem(lin, Xt, r, options, sharding)
         if noise0 is None:
@@ -158,7 +175,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             prior, noise, _ = maximize_evidence(spectrum, prior0, noise0)
         else:
             prior, noise = prior0, noise0
-        posterior = RegressionPosterior(problem, prior, noise, space, solver)
+        posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
         self.linearization_ = lin
         self.problem_ = problem
         self.posterior_ = posterior
