@@ -105,7 +105,7 @@ def main() -> None:
     print(f"1-50-50-1 tanh regression, 200 training points, 500 test points, {args.threads} threads, {args.reps} reps")
     print("time ratio: laplace-torch's median fit time / this method's")
     print()
-    print("| method | fit with hyperparameter learning (median s) | laplace-torch is slower by | test RMSE | test NLL |")
+    print("| method | fit with hyperparameter learning (median s) | laplace-torch slower by | test RMSE | test NLL |")
     print("|---|---|---|---|---|")
     names = {
         "network": "linadapt LinearizedRegressor (prior at the trained weights)",

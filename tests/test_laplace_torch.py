@@ -113,9 +113,8 @@ def test_regression_with_weight_decay_prior_matches_laplace_torch_glm_predictive
     with torch.no_grad():
         f_mu, f_var = ref(Xs, pred_type="glm")
     for space in ("function", "parameter"):
-        reg = la.LinearizedRegressor(
-            model, prior_var=prior_var, noise_var=noise_var, optimize_hyperparameters=False, prior_mean="zero", space=space
-        ).fit(X, y[:, 0])
+        settings = {"optimize_hyperparameters": False, "prior_mean": "zero", "space": space}
+        reg = la.LinearizedRegressor(model, prior_var=prior_var, noise_var=noise_var, **settings).fit(X, y[:, 0])
         assert float(reg.posterior_.delta.abs().max()) < 1e-7  # the posterior mean is θ̂ itself
         mean, std = reg.predict(Xs, return_std=True, include_noise=False)
         np.testing.assert_allclose(mean, f_mu[:, 0].numpy(), rtol=0, atol=1e-8)

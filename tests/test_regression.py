@@ -304,9 +304,8 @@ def test_weight_decay_prior_is_the_gp_with_shifted_mean(space, solver):
     A = s2 * J @ J.T + sig2 * torch.eye(24, dtype=torch.float64)
     mean = ms + s2 * Js @ J.T @ torch.linalg.solve(A, Y.reshape(-1) - m)
     cov = s2 * Js @ Js.T - s2**2 * Js @ J.T @ torch.linalg.solve(A, J @ Js.T)
-    reg = la.LinearizedRegressor(
-        model, prior_var=s2, noise_var=sig2, optimize_hyperparameters=False, prior_mean="zero", space=space, solver=solver
-    ).fit(X, Y)
+    settings = {"optimize_hyperparameters": False, "prior_mean": "zero", "space": space, "solver": solver}
+    reg = la.LinearizedRegressor(model, prior_var=s2, noise_var=sig2, **settings).fit(X, Y)
     got_mean, got_cov = reg.predict(Xs, return_cov=True, include_noise=False)
     np.testing.assert_allclose(got_mean.reshape(-1), mean.numpy(), rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(got_cov.reshape(10, 10), cov.numpy(), rtol=1e-7, atol=1e-9)
