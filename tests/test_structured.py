@@ -195,3 +195,53 @@ def test_structured_mlp_kernel_is_the_jacobian_kernel(widths: list[int], c: int,
     assert _rel(K, lin.ntk(X, method="jacobian")) < 1e-11
     assert torch.equal(K, K.T)
     assert float(torch.linalg.eigvalsh(K).min()) > -1e-10 * max(1.0, float(K.diagonal().max()))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("k", [1, 6])  # one vector (broadcast products) and several (batched matmuls)
+def test_factored_jacobian_products_equal_autodiff(name: str, k: int) -> None:
+    from linadapt.structured import factored_jacobian
+
+    model, X = ZOO[name]
+    for params in ("all", "bias"):
+        lin = Linearization(model, params, chunk_size=3)  # factors built over chunks, then joined
+        Xp = lin.prepare_inputs(X)
+        fj = factored_jacobian(lin, Xp, budget=2**30)
+        assert fj is not None and fj.nbytes() > 0
+        g = torch.Generator().manual_seed(k)
+        U = torch.randn(k, X.shape[0], lin.output_dim(Xp), generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(Xp, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
+
+
+def test_factored_jacobian_declines_when_too_big_or_too_many_outputs() -> None:
+    from linadapt.structured import factored_jacobian
+
+    model, X = ZOO["mlp"]
+    lin = Linearization(model)
+    Xp = lin.prepare_inputs(X)
+    assert factored_jacobian(lin, Xp, budget=100) is None  # factors would not fit
+    assert factored_jacobian(lin, Xp, budget=2**30, max_outputs=2) is None  # 3 outputs: building costs 3 passes
+    assert factored_jacobian(lin, Xp[:0], budget=2**30) is None
+
+
+def test_solvers_use_the_factors_and_agree_with_torch_func_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    import linadapt as la
+    from linadapt.posterior import TrainingData
+
+    model, X = ZOO["conv"]
+    Y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Xs = X[:3] * 0.5
+    settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
+    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    assert reg.problem_.factored() is not None  # the CG products went through the cached factors
+    with monkeypatch.context() as m:
+        m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
+        plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+        expected = plain.predict(Xs, return_std=True)
+    got = reg.predict(Xs, return_std=True)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)

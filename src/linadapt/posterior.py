@@ -53,13 +53,30 @@ class TrainingData:
         return t if self.sharding is None else self.sharding.all_reduce(t)
 
     # -- products ----------------------------------------------------------------------------------------
+    def factored(self) -> Any:
+        """This process's J(X) as cached per-layer factors (:class:`~linadapt.structured.FactoredJacobian`),
+        built on first use when the model's layers have rules, it has ≤ 32 outputs and the factors fit in half
+        the memory budget; else None. Products with it need no pass through the network."""
+        if "factored" not in self.cache:
+            fj = None
+            if getattr(self.options, "factorize", True):
+                from .structured import factored_jacobian
+
+                fj = factored_jacobian(self.lin, self.X, int(self.options.memory_budget) // 2)
+            self.cache["factored"] = fj if fj is not None else False
+        return self.cache["factored"] or None
+
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """J V for parameter-space rows V (k, p): (k, n, c)."""
-        return self.gather_rows(self.lin.jvp(self.X, V), dim=1)
+        fj = self.factored()
+        local = fj.jvp(V) if fj is not None else self.lin.jvp(self.X, V)
+        return self.gather_rows(local, dim=1)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for output-space rows U (k, n, c): (k, p) — a local vjp plus one all-reduce when sharded."""
-        return self._all_reduce(self.lin.vjp(self.X, self.local_rows(U, dim=1)))
+        fj = self.factored()
+        U_local = self.local_rows(U, dim=1)
+        return self._all_reduce(fj.vjp(U_local) if fj is not None else self.lin.vjp(self.X, U_local))
 
     def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """K V = J (Jᵀ V) for V (N, k), matrix-free."""

@@ -49,6 +49,7 @@ class SolverOptions:
     lanczos_probes: int = 16
     seed: int = 0
     memory_budget: int = _MEMORY_BUDGET
+    factorize: bool = True  # cache J(X_train) as per-layer factors for the solvers' products
 
 
 def choose_space(n_obs: int, p: int) -> str:

@@ -36,9 +36,10 @@ from torch import nn
 
 from .linearize import ALGEBRA_DTYPE, Linearization, _eval_mode
 
-__all__ = ["StructuredNTK"]
+__all__ = ["FactoredJacobian", "StructuredNTK", "factored_jacobian"]
 
 _FEATURE_BUDGET = 2**26  # float64 entries of materialised per-layer gradients held at once (512 MiB)
+_FACTOR_MAX_OUTPUTS = 32  # cached factors: building them costs a backward pass per output
 
 
 @dataclass
@@ -61,6 +62,10 @@ class _Features:
     outer: list[tuple[torch.Tensor | None, torch.Tensor, bool]] = field(default_factory=list)
     # materialised per-example, per-output gradients of some layers' parameters, (b, c, q)
     dense: list[torch.Tensor] = field(default_factory=list)
+    # the parameters behind each entry: (weight name or None, bias name or None) per outer entry; the
+    # names in column order per dense entry (each parameter's columns are its flattened entries)
+    outer_names: list[tuple[str | None, str | None]] = field(default_factory=list)
+    dense_names: list[list[str]] = field(default_factory=list)
 
 
 class StructuredNTK:
@@ -111,7 +116,8 @@ class StructuredNTK:
         self._set_fallback()
 
     # ------------------------------------------------------------------ features of one chunk
-    def _features(self, xb: torch.Tensor) -> _Features:
+    def _features(self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE) -> _Features:
+        """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below)."""
         lin = self.lin
         b = xb.shape[0]
         inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
@@ -147,11 +153,12 @@ class StructuredNTK:
         for layer, G in zip(self.layers, grads):  # G: (c, b, *out_shape)
             # products in float64 whatever the network's dtype: the kernel must stay positive semi-definite
             # to float64 precision for the solves (float32 products perturb its eigenvalues by ~1e-7·‖K‖)
-            G = G.detach().to(ALGEBRA_DTYPE)
-            A = inputs[layer.name][0].detach().to(ALGEBRA_DTYPE)
+            G = G.detach().to(dtype)
+            A = inputs[layer.name][0].detach().to(dtype)
             self._layer_features(layer, A, G, feats)
         if self._sub is not None:
-            feats.dense.append(self._sub._jacobian_chunk(xb))
+            feats.dense.append(self._sub._jacobian_chunk(xb).to(dtype))
+            feats.dense_names.append(list(self.fallback))
         return feats
 
     def _output_gradients(self, out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -178,6 +185,7 @@ class StructuredNTK:
         if isinstance(mod, nn.Linear):
             if A.dim() == 2:
                 feats.outer.append((A if layer.weight else None, G, layer.bias is not None))
+                feats.outer_names.append((layer.weight, layer.bias))
                 return
             A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
             G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
@@ -187,6 +195,7 @@ class StructuredNTK:
             if layer.bias:
                 parts.append(G4.sum(2).permute(1, 0, 2))
             feats.dense.append(torch.cat(parts, -1))
+            feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
             return
         # Conv1d / Conv2d, groups = 1, zero padding
         conv = mod
@@ -208,6 +217,7 @@ class StructuredNTK:
         if layer.bias:
             parts.append(Gf.sum(-1).permute(1, 0, 2))
         feats.dense.append(torch.cat(parts, -1))
+        feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
 
     # ------------------------------------------------------------------ blocks
     @staticmethod
@@ -363,7 +373,141 @@ def _only_output(f: _Features, a: int) -> _Features:
         f.b,
         [(A, G[a : a + 1], bias) for A, G, bias in f.outer],
         [D[:, a : a + 1] for D in f.dense],
+        f.outer_names,
+        f.dense_names,
     )
+
+
+class FactoredJacobian:
+    """J(X) for fixed inputs X, held as the per-layer factors of :class:`StructuredNTK` (layer inputs and
+    output gradients; materialised per-layer gradients for convolutions and parameters without a rule).
+
+    Products then need no pass through the network: for a Linear layer with inputs a_i and output
+    gradients g_ia, (Jᵀ u)_W = Σ_i (Σ_a u_ia g_ia) a_iᵀ and (J v)_ia = g_ia · (V_W a_i + v_b); a
+    materialised block D (n, c, q) gives Σ_ia u_ia D_ia and D v. Built once (one forward and one batched
+    backward pass over the c outputs per chunk); used by the iterative solvers, which multiply by the
+    same training Jacobian hundreds of times.
+
+    The factors and the products are in the network's dtype, as in the torch.func products (for a float32
+    network these are float32 products, returned as float64).
+
+    Args:
+        engine: a checked :class:`StructuredNTK`. X: (n, ...) prepared inputs. chunks: the example slices
+            the factors are built over (bounding the memory of each backward pass); they are then joined.
+    """
+
+    def __init__(self, engine: StructuredNTK, X: torch.Tensor, chunks: list[slice]) -> None:
+        lin = engine.lin
+        self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
+        f = _join([engine._features(X[sl], self.dtype) for sl in chunks])
+        self.c = lin.output_dim(X)
+        # Linear layers: (inputs (n, d_in) or None, output gradients laid out (n, c, d_out), weight, bias names)
+        self.outer = [(A, G.transpose(0, 1).contiguous(), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
+        self.dense = list(zip(f.dense, f.dense_names))  # ((n, c, q), parameter names in column order)
+        offsets, start = {}, 0
+        for name, numel in zip(lin.param_names, lin.numels):
+            offsets[name] = slice(start, start + numel)
+            start += numel
+        self._slices = offsets
+
+    def nbytes(self) -> int:
+        """Memory held by the factors."""
+        tensors = [t for A, G, _, _ in self.outer for t in (A, G) if t is not None] + [D for D, _ in self.dense]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @staticmethod
+    def feature_bytes(f: _Features) -> int:
+        tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U for U (k, n, c): (k, p), float64."""
+        U = U.to(self.dtype)
+        k = U.shape[0]
+        out = torch.zeros(k, self.lin.num_params, dtype=self.dtype, device=U.device)
+        for A, G, w, b in self.outer:
+            W = _contract_outputs(G, U)  # (k, n, d_out): Σ_a u_ia g_ia
+            if w is not None:
+                out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A).reshape(k, -1)
+            if b is not None:
+                out[:, self._slices[b]] += W.sum(1)
+        for D, names in self.dense:
+            flat = torch.einsum("bcq,kbc->kq", D, U)
+            q0 = 0
+            for name in names:
+                sl_p = self._slices[name]
+                out[:, sl_p] += flat[:, q0 : q0 + sl_p.stop - sl_p.start]
+                q0 += sl_p.stop - sl_p.start
+        return out.to(ALGEBRA_DTYPE)
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V for V (k, p): (k, n, c), float64."""
+        V = V.to(self.dtype)
+        k = V.shape[0]
+        out = torch.zeros(k, self.n, self.c, dtype=self.dtype, device=V.device)
+        for A, G, w, b in self.outer:
+            M = None
+            if w is not None:
+                Vw = V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1])  # (k, d_out, d_in)
+                M = torch.einsum("bi,koi->kbo", A, Vw)
+            if b is not None:
+                vb = V[:, self._slices[b]].unsqueeze(1)  # (k, 1, d_out)
+                M = vb.expand(k, self.n, vb.shape[-1]) if M is None else M + vb
+            out += _expand_outputs(G, M)
+        for D, names in self.dense:
+            Vq = torch.cat([V[:, self._slices[name]] for name in names], dim=1)
+            out += torch.einsum("bcq,kq->kbc", D, Vq)
+        return out.to(ALGEBRA_DTYPE)
+
+
+def _join(parts: list[_Features]) -> _Features:
+    """The factors of consecutive chunks as one (concatenated along the examples)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    outer = []
+    for k, (A, _, bias) in enumerate(first.outer):
+        A_all = None if A is None else torch.cat([p.outer[k][0] for p in parts])
+        outer.append((A_all, torch.cat([p.outer[k][1] for p in parts], dim=1), bias))
+    dense = [torch.cat([p.dense[k] for p in parts]) for k in range(len(first.dense))]
+    return _Features(sum(p.b for p in parts), outer, dense, first.outer_names, first.dense_names)
+
+
+_FEW = 4  # up to this many vectors, per-example contractions over outputs run as broadcast products
+
+
+def _contract_outputs(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """W[k, b, o] = Σ_a U[k, b, a] G[b, a, o] for G (n, c, o), U (k, n, c): per-example (1 × c)(c × o)."""
+    if U.shape[0] <= _FEW:
+        return torch.stack([torch.bmm(u.unsqueeze(1), G).squeeze(1) for u in U])
+    return torch.bmm(U.transpose(0, 1), G).transpose(0, 1)
+
+
+def _expand_outputs(G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """out[k, b, a] = Σ_o G[b, a, o] M[k, b, o] for G (n, c, o), M (k, n, o)."""
+    if M.shape[0] <= _FEW:  # batched matrix-vector products are slow here: multiply and sum instead
+        return torch.stack([(G * m.unsqueeze(1)).sum(-1) for m in M])
+    return torch.bmm(G, M.permute(1, 2, 0)).permute(2, 0, 1)
+
+
+def factored_jacobian(
+    lin: Linearization, X: torch.Tensor, budget: int, max_outputs: int = _FACTOR_MAX_OUTPUTS
+) -> FactoredJacobian | None:
+    """A :class:`FactoredJacobian` of J(X) when the per-layer rules apply to the model, the model has at most
+    ``max_outputs`` outputs (building costs one backward pass per output and chunk) and the factors fit in
+    ``budget`` bytes; else None (callers then use torch.func products)."""
+    if X.shape[0] == 0 or lin.output_dim(X) > max_outputs:
+        return None
+    engine = lin.structured(X)
+    if engine is None:
+        return None
+    c = lin.output_dim(X)
+    probe = engine._features(X[:1], lin.net_dtype)
+    per_example = FactoredJacobian.feature_bytes(probe)
+    if per_example * X.shape[0] > budget:
+        return None
+    size = engine._size(X, c)
+    return FactoredJacobian(engine, X, [slice(i, min(i + size, X.shape[0])) for i in range(0, X.shape[0], size)])
 
 
 class _RuleError(RuntimeError):
