@@ -14,7 +14,7 @@ trained network and learn the prior and the noise variance by marginal likelihoo
 Times are wall-clock medians of ``--reps`` alternating runs, reported as a ratio; the NLL is the test
 Gaussian negative log likelihood per point with the learned noise.
 
-    python benchmarks/bench_laplace_torch.py [--reps 3] [--threads 2]
+    python benchmarks/bench_laplace_torch.py [--seeds 5] [--reps 3] [--threads 2]
 
 Needs laplace-torch (installed by `make setup` where possible); exits with a message without it.
 """
@@ -87,6 +87,7 @@ def run_laplace_torch(net, X, y, Xt, yt):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     try:
@@ -95,26 +96,37 @@ def main() -> None:
         sys.exit("laplace-torch is not installed: pip install --no-deps laplace-torch==0.3 (see the Makefile)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    net, X, y, Xt, yt = task()
-    runs: dict[str, list] = {"network": [], "zero": [], "laplace": []}
-    for _ in range(args.reps):
-        runs["network"].append(run_linadapt(net, X, y, Xt, yt, "network"))
-        runs["zero"].append(run_linadapt(net, X, y, Xt, yt, "zero"))
-        runs["laplace"].append(run_laplace_torch(net, X, y, Xt, yt))
-    t = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
-    print(f"1-50-50-1 tanh regression, 200 training points, 500 test points, {args.threads} threads, {args.reps} reps")
-    print("time ratio: laplace-torch's median fit time / this method's")
-    print()
-    print("| method | fit with hyperparameter learning (median s) | laplace-torch slower by | test RMSE | test NLL |")
-    print("|---|---|---|---|---|")
     names = {
         "network": "linadapt LinearizedRegressor (prior at the trained weights)",
         "zero": "linadapt LinearizedRegressor(prior_mean='zero') (weight-decay prior)",
         "laplace": "laplace-torch FunctionalLaplace + marglik Adam",
     }
+    # per seed (new data, new network): median time over reps, and the test RMSE / NLL
+    per_seed: dict[str, list[tuple[float, float, float]]] = {k: [] for k in names}
+    for seed in range(args.seeds):
+        net, X, y, Xt, yt = task(seed)
+        runs: dict[str, list] = {k: [] for k in names}
+        for _ in range(args.reps):
+            runs["network"].append(run_linadapt(net, X, y, Xt, yt, "network"))
+            runs["zero"].append(run_linadapt(net, X, y, Xt, yt, "zero"))
+            runs["laplace"].append(run_laplace_torch(net, X, y, Xt, yt))
+        for k, v in runs.items():
+            per_seed[k].append((statistics.median(r[0] for r in v), v[-1][1], v[-1][2]))
+    print(
+        f"1-50-50-1 tanh regression, 200 training points, 500 test points, {args.threads} threads; "
+        f"{args.seeds} seeds (mean ± std), each timed as the median of {args.reps} alternating runs"
+    )
+    print("speed ratio: laplace-torch's fit time / this method's, per seed")
+    print()
+    print("| method | fit with hyperparameter learning (s) | laplace-torch slower by | test RMSE | test NLL |")
+    print("|---|---|---|---|---|")
+    lap_t = np.array([r[0] for r in per_seed["laplace"]])
     for key, name in names.items():
-        last = runs[key][-1]
-        print(f"| {name} | {t[key]:.3f} | {t['laplace'] / t[key]:.1f}× | {last[1]:.4f} | {last[2]:.4f} |")
+        arr = np.array(per_seed[key])
+        ratio = lap_t / arr[:, 0]
+        rmse = f"{arr[:, 1].mean():.4f} ± {arr[:, 1].std():.4f}"
+        nll = f"{arr[:, 2].mean():.4f} ± {arr[:, 2].std():.4f}"
+        print(f"| {name} | {arr[:, 0].mean():.3f} | {ratio.mean():.1f}× | {rmse} | {nll} |")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_experiment_and_bench_commands(tmp_path):
     assert res.exit_code == 2 and "unknown experiment" in res.output and "rotated-mnist" in res.output
     res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain"])
     assert res.exit_code == 0, res.output
-    assert "| MLP 64-256-256-10 |" in res.output and "per vector" in res.output
+    assert "| MLP 64-256-256-10 |" in res.output and "cached, per vector" in res.output
     assert "trace NTK, n = 1024, structured" in res.output and "Jacobian contraction |" not in res.output
 
 

@@ -4,7 +4,9 @@ For an MLP 64-256-256-10 (ReLU) and a CNN conv3x3(1→16)-ReLU-conv3x3(16→32)-
 on 1×8×8 inputs, float32 networks, n = 1024 inputs, this times
 
 * one K·v = J (Jᵀ v) (a vjp then a jvp) on one vector,
-* K·V on 16 right-hand sides at once (vmap), reported per call and per vector,
+* K·V on 16 right-hand sides at once (vmap), reported per vector,
+* the same two products through the cached per-layer factors the solvers use (amortised; the one-off
+  cost of building the factors is reported separately),
 
 each divided by the time of one forward+backward pass (sum of outputs, gradients of all parameters) over
 the same 1024 inputs. Timings are interleaved (unit, K·v, K·V, unit, ...) and the medians of the
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from .operators import NTKOperator, ntk_gram
+from .structured import factored_jacobian
 
 
 def mlp() -> nn.Module:
@@ -54,34 +57,44 @@ def timed(fn) -> float:
 
 
 def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, float]:
-    """Median times of one forward+backward pass, one K·v and K·V (16 vectors), as ratios to the pass."""
+    """Median times of one forward+backward pass, one K·v and K·V (16 vectors) — by torch.func products and
+    by the cached per-layer factors the solvers use (:class:`~linadapt.structured.FactoredJacobian`,
+    amortised: built once) — as ratios to the pass; plus the one-off cost of building the factors."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     op = NTKOperator(model, X)
-    N = op.shape[0]
+    lin, Xp = op.linearization, op.X1
+    n, c = Xp.shape[0], op.num_outputs
     g = torch.Generator().manual_seed(0)
-    v1 = torch.randn(N, 1, generator=g, dtype=torch.float64)
-    v16 = torch.randn(N, 16, generator=g, dtype=torch.float64)
+    v1 = torch.randn(1, n, c, generator=g, dtype=torch.float64)
+    v16 = torch.randn(16, n, c, generator=g, dtype=torch.float64)
 
     def unit() -> None:
         out = model(X)
         torch.autograd.grad(out.sum(), params)
 
-    def kv() -> None:
-        op.apply_rows(v1.T)
-
-    def kv16() -> None:
-        op.apply_rows(v16.T)
-
-    for fn in (unit, kv, kv16):  # warm up
+    t0 = time.perf_counter()
+    factors = factored_jacobian(lin, Xp, budget=2**31)
+    build = time.perf_counter() - t0
+    fns = {
+        "unit": unit,
+        "kv": lambda: op.apply_rows(v1.reshape(1, -1)),
+        "kv16": lambda: op.apply_rows(v16.reshape(16, -1)),
+    }
+    if factors is not None:
+        t0 = time.perf_counter()
+        factors = factored_jacobian(lin, Xp, budget=2**31)  # warm: the first build also warms up torch
+        build = time.perf_counter() - t0
+        fns["cached"] = lambda: factors.jvp(factors.vjp(v1))
+        fns["cached16"] = lambda: factors.jvp(factors.vjp(v16))
+    for fn in fns.values():  # warm up
         fn()
-    times: dict[str, list[float]] = {"unit": [], "kv": [], "kv16": []}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        times["unit"].append(timed(unit))
-        times["kv"].append(timed(kv))
-        times["kv16"].append(timed(kv16))
+        for key, fn in fns.items():
+            times[key].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {
+    row = {
         "model": name,
         "p": sum(p.numel() for p in params),
         "unit_ms": med["unit"] * 1e3,
@@ -89,6 +102,14 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         "kv16": med["kv16"] / med["unit"],
         "kv16_per_vec": med["kv16"] / med["unit"] / 16,
     }
+    if factors is not None:
+        row.update(
+            cached=med["cached"] / med["unit"],
+            cached16_per_vec=med["cached16"] / med["unit"] / 16,
+            build=build / med["unit"],
+            factor_mib=factors.nbytes() / 2**20,
+        )
+    return row
 
 
 def _unit(model: nn.Module, X: torch.Tensor):
@@ -207,12 +228,19 @@ def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) 
         f"n = {n}, {threads} threads, medians of {reps} interleaved repetitions",
         "ratios to one forward+backward pass of the same model over the same inputs",
         "",
-        "| model | p | fwd+bwd (ms) | one K·v | K·V, 16 vectors | per vector |",
-        "|---|---|---|---|---|---|",
+        "torch.func: vjp then jvp, primal pass recomputed; cached: per-layer factors built once (the solvers' path)",
+        "",
+        "| model | p | fwd+bwd (ms) | one K·v, torch.func | 16 vectors, per vector | one K·v, cached | "
+        "16 vectors, cached, per vector | building the factors | factors (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cached = (
+            f"{r['cached']:.2f}× | {r['cached16_per_vec']:.2f}× | {r['build']:.1f}× | {r['factor_mib']:.0f} |"
+            if "cached" in r
+            else "— | — | — | — |"
+        )
         lines.append(
-            f"| {r['model']} | {r['p']:,} | {r['unit_ms']:.1f} | {r['kv']:.2f}× | {r['kv16']:.2f}× | "
-            f"{r['kv16_per_vec']:.2f}× |"
+            f"| {r['model']} | {r['p']:,} | {r['unit_ms']:.1f} | {r['kv']:.2f}× | {r['kv16_per_vec']:.2f}× | {cached}"
         )
     return "\n".join(lines)
