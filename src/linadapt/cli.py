@@ -363,7 +363,12 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="The experiment: rotated-mnist, rotation-regression, sinusoids.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The experiment: bikeshare, mnist-to-animals, rotated-mnist, rotation-regression, sinusoids."
+        ),
+    ],
     seeds: Annotated[int, typer.Option(help="Seeds 0 … seeds−1 (each retrains the source network).")] = 3,
     shots: Annotated[int | None, typer.Option(help="Labelled target examples per class (default 10).")] = None,
     output: Annotated[str | None, typer.Option(help="Write the records as JSON here.")] = None,

@@ -26,6 +26,31 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
+def load_animals() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 Animal-MNIST silhouettes (28 × 28, 10 classes, 1,000 each) shipped inside the animal-mnist
+    package, read from its gzip pickles (its own loader imports tensorflow; install the package with
+    ``pip install --no-deps animal-mnist``; `make setup` does).
+
+    Returns:
+        X: (10000, 1, 28, 28) float32 in [0, 1]; y: (10000,) int64 labels 0–9 (stored sorted by class).
+    """
+    import gzip
+    import importlib.resources
+    import pickle
+
+    try:
+        base = importlib.resources.files("animal_mnist.data") / "Animal_MNIST"
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the mnist-to-animals experiment needs: pip install --no-deps animal-mnist==0.4") from exc
+    # The package's own data files: trusted like the package's code (they are part of the installed wheel).
+    with gzip.open(base / "animal_data_version_3.gz", "rb") as f:
+        images = np.asarray(pickle.load(f), dtype=np.float32)
+    with gzip.open(base / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    X = torch.from_numpy(images / 255.0).reshape(-1, 1, 28, 28)
+    return X, torch.from_numpy(labels)
+
+
 def rotate_images(X: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate (n, ch, h, w) images counter-clockwise by ``degrees`` about their centre (bilinear, zero fill)."""
     arr = ndimage.rotate(X.numpy(), degrees, axes=(3, 2), reshape=False, order=1, mode="constant", cval=0.0)

@@ -12,18 +12,12 @@ of the labels) and linadapt (all weights and last layer; probit, Laplace bridge,
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
-from .baselines import finetune
-from .classifier import LinearizedClassifier
-from .predictive import class_probabilities
+from .compare import ClassificationComparison, compare_classification
 
 __all__ = ["EXPERIMENTS", "RotatedMnist", "make_cnn", "rotated_mnist", "run_experiment", "summarize"]
 
@@ -70,14 +64,7 @@ def train_source(
     return net.eval()
 
 
-@dataclass
-class RotatedMnist:
-    """Records of one seed, plus what a report needs: probabilities per method, test labels, the classifier."""
-
-    records: list[dict]
-    probas: dict[str, np.ndarray] = field(default_factory=dict)
-    labels: np.ndarray | None = None
-    classifier: LinearizedClassifier | None = None
+RotatedMnist = ClassificationComparison  # records of one seed plus probabilities, labels, the classifier
 
 
 def rotated_mnist(
@@ -108,47 +95,10 @@ def rotated_mnist(
     Xa, ya, Xt, yt = Xp[chosen], yp[chosen], Xp[rest], yp[rest]
     if quick:
         Xt, yt = Xt[:300], yt[:300]
-    out = RotatedMnist([], labels=yt.numpy())
-
-    def record(method: str, proba: np.ndarray, seconds: float, **extra) -> None:
-        out.probas[method] = proba
-        out.records.append(
-            {
-                "experiment": "rotated-mnist",
-                "method": method,
-                "seed": seed,
-                "shots": shots,
-                "metrics": {
-                    "accuracy": metrics.accuracy(proba, yt),
-                    "nll": metrics.nll(proba, yt),
-                    "ece": metrics.expected_calibration_error(proba, yt),
-                },
-                "fit_seconds": seconds,
-                **extra,
-            }
-        )
-
-    with torch.no_grad():
-        record("source", torch.softmax(net(Xt).double(), 1).numpy(), 0.0)
-    for params in ("last", "all", "bias"):
-        step(f"rotated-mnist: fine-tuning ({params})")
-        t = time.perf_counter()
-        tuned = finetune(net, Xa, ya, params=params, epochs=60 if quick else 300, lr=1e-3, seed=seed)
-        record(f"finetune-{params}", tuned.predict_proba(Xt), time.perf_counter() - t, best_epoch=tuned.best_epoch)
-    for params, name in (("all", "linadapt"), ("last", "linadapt-last"))[: 2 if last_layer else 1]:
-        step(f"rotated-mnist: linadapt ({params})")
-        t = time.perf_counter()
-        clf = LinearizedClassifier(net, params=params).fit(Xa, ya)
-        seconds = time.perf_counter() - t
-        info = {"prior_var": clf.prior_var_, "space": clf.space_}
-        mean, cov = (torch.from_numpy(a) for a in clf.predict_logits(Xt))
-        record(name, class_probabilities(mean, cov, "probit").numpy(), seconds, **info)
-        # The same posterior read out two other ways: the Laplace bridge, and the MAP logits alone.
-        record(f"{name}-bridge", class_probabilities(mean, cov, "bridge").numpy(), seconds, **info)
-        record(f"{name}-map", torch.softmax(mean, 1).numpy(), seconds, **info)
-        if params == "all":
-            out.classifier = clf
-    return out
+    tag = {"experiment": "rotated-mnist", "seed": seed, "shots": shots}
+    return compare_classification(
+        net, (Xa, ya), (Xt, yt), tag, seed, quick, lambda m: step(f"rotated-mnist: {m}"), last_layer
+    )
 
 
 def _rotated_mnist_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
@@ -167,7 +117,21 @@ def _rotation_regression_records(seed: int, shots: int | None, quick: bool, step
     return rotation_regression(seed, shots, quick=quick, step=step)
 
 
+def _animals_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .animals import mnist_to_animals
+
+    return mnist_to_animals(seed, shots, quick=quick, step=step)
+
+
+def _bikeshare_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .bikeshare import bikeshare
+
+    return bikeshare(seed, shots, quick=quick, step=step)
+
+
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
+    "bikeshare": _bikeshare_records,
+    "mnist-to-animals": _animals_records,
     "rotated-mnist": _rotated_mnist_records,
     "rotation-regression": _rotation_regression_records,
     "sinusoids": _sinusoids_records,
