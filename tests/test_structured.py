@@ -215,6 +215,22 @@ def test_factored_jacobian_products_equal_autodiff(name: str, k: int) -> None:
         assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
 
 
+def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import linadapt.structured as structured
+
+    monkeypatch.setattr(structured, "_PRODUCT_BUDGET", 7)  # blocks of one example: temporaries stay bounded
+    model, X = ZOO["conv"]
+    lin = Linearization(model)
+    Xp = lin.prepare_inputs(X)
+    fj = structured.factored_jacobian(lin, Xp, budget=2**30)
+    assert [sl.stop - sl.start for sl in fj._blocks(6)] == [1] * X.shape[0]
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(6, X.shape[0], 3, generator=g, dtype=torch.float64)
+    V = torch.randn(2, lin.num_params, generator=g, dtype=torch.float64)
+    assert _rel(fj.vjp(U), lin.vjp(Xp, U)) < 1e-13
+    assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
+
+
 def test_factored_jacobian_declines_when_too_big_or_too_many_outputs() -> None:
     from linadapt.structured import factored_jacobian
 

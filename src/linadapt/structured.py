@@ -18,6 +18,9 @@ scales, embeddings, layers used twice, grouped convolutions, ...) fall back to t
 restricted to them. The layers' inputs and output gradients come from one forward pass with hooks and c
 backward passes (one per output) per chunk of examples.
 
+The same factors, kept for fixed training inputs (:class:`FactoredJacobian`), give J v and Jᵀ u without a
+pass through the network; the iterative solvers use them (see :class:`~linadapt.posterior.TrainingData`).
+
 The rules assume what every per-example Jacobian in this package assumes: the network treats the
 examples of a batch independently (it runs in eval mode). Before the first use on a model the structured
 kernel of two examples is checked against the plain Jacobian contraction; if they differ, the plain
@@ -40,6 +43,7 @@ __all__ = ["FactoredJacobian", "StructuredNTK", "factored_jacobian"]
 
 _FEATURE_BUDGET = 2**26  # float64 entries of materialised per-layer gradients held at once (512 MiB)
 _FACTOR_MAX_OUTPUTS = 32  # cached factors: building them costs a backward pass per output
+_PRODUCT_BUDGET = 2**24  # entries of the per-block temporaries of a product with the cached factors
 
 
 @dataclass
@@ -420,24 +424,32 @@ class FactoredJacobian:
         tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def _blocks(self, k: int) -> list[slice]:
+        """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
+        width = max([G.shape[1] * G.shape[2] for _, G, _, _ in self.outer] + [self.c])
+        size = max(1, min(self.n, _PRODUCT_BUDGET // max(1, k * width)))
+        return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
+
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for U (k, n, c): (k, p), float64."""
         U = U.to(self.dtype)
         k = U.shape[0]
         out = torch.zeros(k, self.lin.num_params, dtype=self.dtype, device=U.device)
-        for A, G, w, b in self.outer:
-            W = _contract_outputs(G, U)  # (k, n, d_out): Σ_a u_ia g_ia
-            if w is not None:
-                out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A).reshape(k, -1)
-            if b is not None:
-                out[:, self._slices[b]] += W.sum(1)
-        for D, names in self.dense:
-            flat = torch.einsum("bcq,kbc->kq", D, U)
-            q0 = 0
-            for name in names:
-                sl_p = self._slices[name]
-                out[:, sl_p] += flat[:, q0 : q0 + sl_p.stop - sl_p.start]
-                q0 += sl_p.stop - sl_p.start
+        for sl in self._blocks(k):
+            Ub = U[:, sl]
+            for A, G, w, b in self.outer:
+                W = _contract_outputs(G[sl], Ub)  # (k, block, d_out): Σ_a u_ia g_ia
+                if w is not None:
+                    out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A[sl]).reshape(k, -1)
+                if b is not None:
+                    out[:, self._slices[b]] += W.sum(1)
+            for D, names in self.dense:
+                flat = torch.einsum("bcq,kbc->kq", D[sl], Ub)
+                q0 = 0
+                for name in names:
+                    sl_p = self._slices[name]
+                    out[:, sl_p] += flat[:, q0 : q0 + sl_p.stop - sl_p.start]
+                    q0 += sl_p.stop - sl_p.start
         return out.to(ALGEBRA_DTYPE)
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
@@ -445,18 +457,20 @@ class FactoredJacobian:
         V = V.to(self.dtype)
         k = V.shape[0]
         out = torch.zeros(k, self.n, self.c, dtype=self.dtype, device=V.device)
+        pieces = []
         for A, G, w, b in self.outer:
-            M = None
-            if w is not None:
-                Vw = V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1])  # (k, d_out, d_in)
-                M = torch.einsum("bi,koi->kbo", A, Vw)
-            if b is not None:
-                vb = V[:, self._slices[b]].unsqueeze(1)  # (k, 1, d_out)
-                M = vb.expand(k, self.n, vb.shape[-1]) if M is None else M + vb
-            out += _expand_outputs(G, M)
-        for D, names in self.dense:
-            Vq = torch.cat([V[:, self._slices[name]] for name in names], dim=1)
-            out += torch.einsum("bcq,kq->kbc", D, Vq)
+            Vw = None if w is None else V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1])  # (k, o, i)
+            vb = None if b is None else V[:, self._slices[b]].unsqueeze(1)  # (k, 1, o)
+            pieces.append((A, G, Vw, vb))
+        dense = [(D, torch.cat([V[:, self._slices[name]] for name in names], dim=1)) for D, names in self.dense]
+        for sl in self._blocks(k):
+            for A, G, Vw, vb in pieces:
+                M = None if Vw is None else torch.einsum("bi,koi->kbo", A[sl], Vw)
+                if vb is not None:
+                    M = vb.expand(k, sl.stop - sl.start, vb.shape[-1]) if M is None else M + vb
+                out[:, sl] += _expand_outputs(G[sl], M)
+            for D, Vq in dense:
+                out[:, sl] += torch.einsum("bcq,kq->kbc", D[sl], Vq)
         return out.to(ALGEBRA_DTYPE)
 
 
