@@ -328,7 +328,7 @@ class StructuredNTK:
         chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
         second = X1 if X2 is None else X2
         chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
-        cache = second.shape[0] * c * self._dense_q <= 2 * _FEATURE_BUDGET
+        cache = second.shape[0] * self._example_bytes <= 8 * 2 * _FEATURE_BUDGET  # all features of X2 ≤ 1 GiB
         feats2 = [features(x) for x in chunks2] if cache else None
         n1, n2 = X1.shape[0], second.shape[0]
         K = torch.zeros((n1, n2) if trace else (n1, c, n2, c), dtype=ALGEBRA_DTYPE, device=self.lin.device)
@@ -366,7 +366,9 @@ class StructuredNTK:
     def _size(self, X: torch.Tensor, c: int) -> int:
         """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget."""
         if not hasattr(self, "_dense_q"):
-            self._dense_q = sum(f.shape[-1] for f in self._features(X[:1]).dense)
+            probe = self._features(X[:1])
+            self._dense_q = sum(f.shape[-1] for f in probe.dense)
+            self._example_bytes = FactoredJacobian.feature_bytes(probe)
         per_example = max(1, c * self._dense_q)
         return max(1, min(self.lin.chunk_size or 256, _FEATURE_BUDGET // per_example))
 
