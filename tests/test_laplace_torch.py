@@ -79,17 +79,39 @@ def regression_trained_to_the_map(prior_var: float, noise_var: float):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(2, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).double()
     params = list(model.parameters())
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=3000, tolerance_grad=1e-13, tolerance_change=0, history_size=50)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in params]
 
-    def closure():
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        tree, i = {}, 0
+        for name, shape in zip(names, shapes):
+            tree[name] = flat[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        out = torch.func.functional_call(model, tree, (X,))
+        return 0.5 * ((out - y) ** 2).sum() / noise_var + 0.5 * (flat**2).sum() / prior_var
+
+    # Adam to the basin, then damped Newton with the exact Hessian (49 parameters) to machine precision.
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(2000):
         opt.zero_grad()
-        loss = 0.5 * ((model(X) - y) ** 2).sum() / noise_var + 0.5 * sum((p**2).sum() for p in params) / prior_var
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
-    closure()
+        loss_of(torch.nn.utils.parameters_to_vector(params)).backward()
+        opt.step()
+    flat = torch.nn.utils.parameters_to_vector(params).detach()
+    damping = 1e-3
+    for _ in range(200):  # Levenberg–Marquardt: Newton steps, damped until they decrease the loss
+        grad = torch.func.grad(loss_of)(flat)
+        if float(grad.norm()) < 1e-11:
+            break
+        H = torch.func.hessian(loss_of)(flat)
+        step = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), grad)
+        if float(loss_of(flat - step)) <= float(loss_of(flat)):
+            flat, damping = flat - step, max(damping / 10, 1e-12)
+        else:
+            damping *= 10
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat, params)
+    model.zero_grad()
+    (0.5 * ((model(X) - y) ** 2).sum() / noise_var + 0.5 * sum((p**2).sum() for p in params) / prior_var).backward()
     assert float(torch.cat([p.grad.reshape(-1) for p in params]).norm()) < 1e-8, "the test network must sit at the MAP"
     return model, X, y
 
