@@ -24,8 +24,10 @@ that both give the same kernel.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -61,7 +63,6 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
     by the cached per-layer factors the solvers use (:class:`~linadapt.structured.FactoredJacobian`,
     amortised: built once) — as ratios to the pass; plus the one-off cost of building the factors."""
     model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
     op = NTKOperator(model, X)
     lin, Xp = op.linearization, op.X1
     n, c = Xp.shape[0], op.num_outputs
@@ -69,10 +70,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
     v1 = torch.randn(1, n, c, generator=g, dtype=torch.float64)
     v16 = torch.randn(16, n, c, generator=g, dtype=torch.float64)
 
-    def unit() -> None:
-        out = model(X)
-        torch.autograd.grad(out.sum(), params)
-
+    unit = _unit(model, X)
     t0 = time.perf_counter()
     factors = factored_jacobian(lin, Xp, budget=2**31)
     build = time.perf_counter() - t0
@@ -96,7 +94,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {
         "model": name,
-        "p": sum(p.numel() for p in params),
+        "p": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "unit_ms": med["unit"] * 1e3,
         "kv": med["kv"] / med["unit"],
         "kv16": med["kv16"] / med["unit"],
@@ -162,26 +160,28 @@ def bench_dense(
     return row
 
 
-def run_dense_bench(reps: int = 5, threads: int = 2, plain: bool = True) -> list[dict[str, float]]:
-    """The dense-kernel benchmark on the MLP and the CNN (n = 256 full, n = 1024 trace)."""
+@contextlib.contextmanager
+def _threads_and_seed(threads: int) -> Iterator[None]:
+    """torch on ``threads`` threads with seed 0; the caller's thread count and random state are restored."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return [
-                bench_dense("MLP 64-256-256-10", mlp(), torch.randn(256, 64), torch.randn(1024, 64), reps, plain),
-                bench_dense(
-                    "CNN 1x8x8 (16,32 ch)",
-                    cnn(),
-                    torch.randn(256, 1, 8, 8),
-                    torch.randn(1024, 1, 8, 8),
-                    reps,
-                    plain,
-                ),
-            ]
+            yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_dense_bench(reps: int = 5, threads: int = 2, plain: bool = True) -> list[dict[str, float]]:
+    """The dense-kernel benchmark on the MLP and the CNN (n = 256 full, n = 1024 trace)."""
+    with _threads_and_seed(threads):
+        return [
+            bench_dense("MLP 64-256-256-10", mlp(), torch.randn(256, 64), torch.randn(1024, 64), reps, plain),
+            bench_dense(
+                "CNN 1x8x8 (16,32 ch)", cnn(), torch.randn(256, 1, 8, 8), torch.randn(1024, 1, 8, 8), reps, plain
+            ),
+        ]
 
 
 def format_dense_table(rows: list[dict[str, float]], reps: int, threads: int) -> str:
@@ -209,17 +209,11 @@ def format_dense_table(rows: list[dict[str, float]], reps: int, threads: int) ->
 def run_bench(reps: int = 9, n: int = 1024, threads: int = 2) -> list[dict[str, float]]:
     """The kernel-product benchmark on the MLP and the CNN; one row (dict) per model. The caller's torch
     thread count and random state are restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return [
-                bench("MLP 64-256-256-10", mlp(), torch.randn(n, 64), reps),
-                bench("CNN 1x8x8 (16,32 ch)", cnn(), torch.randn(n, 1, 8, 8), reps),
-            ]
-    finally:
-        torch.set_num_threads(previous)
+    with _threads_and_seed(threads):
+        return [
+            bench("MLP 64-256-256-10", mlp(), torch.randn(n, 64), reps),
+            bench("CNN 1x8x8 (16,32 ch)", cnn(), torch.randn(n, 1, 8, 8), reps),
+        ]
 
 
 def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) -> str:

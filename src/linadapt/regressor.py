@@ -16,7 +16,6 @@ from .distributed import linearize_shard, make_sharding, prepare_fit, shard_sign
 from .evidence import maximize_evidence
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
-from .posterior import TrainingData
 from .regression import (
     RegressionPosterior,
     RegressionProblem,
@@ -156,15 +155,15 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         Y = yt_all.reshape(-1, c)
         m = f0 if self.mean == "network" else torch.zeros_like(f0)
         options = self._options()
+        problem = RegressionProblem(lin, Xt, (Y - m).reshape(-1), options, sharding)
         offset = None
         if self.prior_mean == "zero":  # δ = θ − θ̂ ~ N(−θ̂, s² I): prior mean of the outputs f(X; θ̂) − J θ̂
             offset = -lin.theta_vector()
-            m = m + TrainingData(lin, Xt, options, c, sharding).jvp(offset.unsqueeze(0))[0]
-        r = (Y - m).reshape(-1)
+            problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
+        r = problem.r
         n_obs, p = r.numel(), lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
         solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
-        problem = RegressionProblem(lin, Xt, r, options, sharding)
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
