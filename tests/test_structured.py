@@ -36,6 +36,25 @@ class ConvZoo(nn.Module):
         return self.head(h)
 
 
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass that pads asymmetrically inside ``forward`` (as TF-style "same" padding layers do):
+    the module's input is not what ``F.conv2d`` sees, so no layer rule may be used for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class Padded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SamePadConv(2, 3, 3, stride=2)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.stem(x)))).flatten(1))
+
+
 class Tokens(nn.Module):
     """A Linear layer applied at every position of a sequence (n, T, d): the per-example gradient sums over T."""
 
@@ -68,6 +87,7 @@ def _zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     cases = {name: (BUILDERS[name](), inputs_for(name, 7)) for name in names}
     cases["conv"] = (ConvZoo().double(), torch.randn(7, 2, 7, 9, generator=g, dtype=torch.float64))
     cases["tokens"] = (Tokens().double(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
+    cases["samepad"] = (Padded().double(), torch.randn(7, 2, 8, 8, generator=g, dtype=torch.float64))
     return cases
 
 
@@ -114,6 +134,12 @@ def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
     engine = lin.structured(lin.prepare_inputs(X))
     assert {layer.name for layer in engine.layers} == {"inp", "out"}
     assert engine.fallback == ["mid.weight", "mid.bias"]
+    # a conv subclass with its own forward (padding applied inside) goes to the fallback
+    model, X = ZOO["samepad"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {layer.name for layer in engine.layers} == {"conv", "head"}
+    assert engine.fallback == ["stem.weight", "stem.bias"]
 
 
 def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode() -> None:

@@ -530,11 +530,18 @@ class _RuleError(RuntimeError):
     """Layer rules that do not apply to how the model uses the layers; args[0]: the module names."""
 
 
+_STOCK_FORWARD = {nn.Linear: nn.Linear.forward, nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward}
+
+
 def _supported(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Linear):
-        return True
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+    """A layer rule applies: a Linear / Conv1d / Conv2d (groups = 1, zero padding) whose ``forward`` is the
+    stock one. A subclass that changes ``forward`` (e.g. "same" padding applied before ``F.conv2d``) computes
+    something the rule cannot see from the module's input, so it goes to the Jacobian-contraction fallback."""
+    for base, forward in _STOCK_FORWARD.items():
+        if isinstance(mod, base) and type(mod).forward is forward:
+            if base is nn.Linear:
+                return True
+            return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
     return False
 
 
