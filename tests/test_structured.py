@@ -98,9 +98,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+@pytest.fixture(params=["auto", "position-gram"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form."""
+    import linadapt.structured as structured
+
+    if request.param == "position-gram":
+        monkeypatch.setattr(structured, "_position_gram_cheaper", lambda *_: True)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 @pytest.mark.parametrize("params", ["all", "last", "bias"])
-def test_structured_kernel_equals_reference_jacobian(name: str, params: str) -> None:
+def test_structured_kernel_equals_reference_jacobian(name: str, params: str, route: str) -> None:
     model, X = ZOO[name]
     lin = Linearization(model, params, chunk_size=3)  # several chunks: off-diagonal blocks and their mirror
     J = reference_jacobian(model, X, lin.param_names)  # (n, c, p) by plain autograd
@@ -140,6 +150,28 @@ def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
     engine = lin.structured(lin.prepare_inputs(X))
     assert {layer.name for layer in engine.layers} == {"conv", "head"}
     assert engine.fallback == ["stem.weight", "stem.bias"]
+
+
+def test_layers_with_few_positions_and_many_weights_use_the_position_gram() -> None:
+    """A 1 × 1 convolution (64 → 64 channels) on a 2 × 2 map: the position Gram (4² pairs) is cheaper than
+    contracting its 4,160 per-example gradients per output; a 3 × 3 convolution on 8 × 8 is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(64, 64, 1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(256, 4),
+    ).double()
+    X = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    lin = Linearization(model, chunk_size=4)
+    engine = lin.structured(lin.prepare_inputs(X))
+    f = engine._features(lin.prepare_inputs(X))
+    assert f.spatial_names == [("3.weight", "3.bias")] and len(f.dense) == 1  # conv 0: per-example gradients
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(24, 24)) < 1e-12
 
 
 def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode() -> None:
@@ -225,7 +257,7 @@ def test_structured_mlp_kernel_is_the_jacobian_kernel(widths: list[int], c: int,
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 @pytest.mark.parametrize("k", [1, 6])  # one vector (broadcast products) and several (batched matmuls)
-def test_factored_jacobian_products_equal_autodiff(name: str, k: int) -> None:
+def test_factored_jacobian_products_equal_autodiff(name: str, k: int, route: str) -> None:
     from linadapt.structured import factored_jacobian
 
     model, X = ZOO[name]

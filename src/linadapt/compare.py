@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +15,7 @@ from .baselines import ablr, finetune, ntk_plus_rbf_gp, rbf_gp
 from .classifier import LinearizedClassifier
 from .predictive import class_probabilities
 from .regressor import LinearizedRegressor
+from .selection import ParamSpec
 
 __all__ = ["ClassificationComparison", "compare_classification", "compare_regression"]
 
@@ -116,14 +117,20 @@ def compare_classification(
     quick: bool,
     step: Step,
     last_layer: bool = True,
+    variants: Sequence[tuple[ParamSpec, str]] | None = None,
+    finetune_epochs: int | None = None,
 ) -> ClassificationComparison:
     """Every classification method on one draw of labelled target examples (x (n, ...), integer y (n,)).
 
     Records are ``tag`` plus method, metrics (accuracy, NLL, ECE on the test set), fit seconds. Methods: the
     source network, fine-tuning (last layer, all weights, biases; Adam, early stopping on 20 % of the
-    labels), linadapt with all weights (probit, the Laplace bridge, the MAP logits alone) and, with
-    ``last_layer``, the same for the last layer.
+    labels; ``finetune_epochs`` epochs, default 300, 60 with ``quick``), linadapt with all weights (probit, the
+    Laplace bridge, the MAP logits alone) and, with ``last_layer``, the same for the last layer. ``variants``
+    replaces those linadapt runs by (params, method name) pairs.
     """
+    if variants is None:
+        variants = (("all", "linadapt"), ("last", "linadapt-last"))[: 2 if last_layer else 1]
+    epochs = finetune_epochs or (60 if quick else 300)
     (xa, ya), (xt, yt) = train, test
     out = ClassificationComparison([], labels=yt.numpy())
 
@@ -141,9 +148,9 @@ def compare_classification(
     for params in ("last", "all", "bias"):
         step(f"fine-tuning ({params})")
         t = time.perf_counter()
-        tuned = finetune(net, xa, ya, params=params, epochs=60 if quick else 300, lr=1e-3, seed=seed)
+        tuned = finetune(net, xa, ya, params=params, epochs=epochs, lr=1e-3, seed=seed)
         record(f"finetune-{params}", tuned.predict_proba(xt), time.perf_counter() - t, best_epoch=tuned.best_epoch)
-    for params, name in (("all", "linadapt"), ("last", "linadapt-last"))[: 2 if last_layer else 1]:
+    for params, name in variants:
         step(f"linadapt ({params})")
         t = time.perf_counter()
         clf = LinearizedClassifier(net, params=params).fit(xa, ya)
@@ -154,6 +161,6 @@ def compare_classification(
         # The same posterior read out two other ways: the Laplace bridge, and the MAP logits alone.
         record(f"{name}-bridge", class_probabilities(mean, cov, "bridge").numpy(), seconds, **info)
         record(f"{name}-map", class_probabilities(mean, None, "map").numpy(), seconds, **info)
-        if params == "all":
+        if out.classifier is None:
             out.classifier = clf
     return out

@@ -129,9 +129,16 @@ def _bikeshare_records(seed: int, shots: int | None, quick: bool, step: Step | N
     return bikeshare(seed, shots, quick=quick, step=step)
 
 
+def _backbone_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .backbone import pretrained_backbone
+
+    return pretrained_backbone(seed, shots, quick=quick, step=step)
+
+
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
     "bikeshare": _bikeshare_records,
     "mnist-to-animals": _animals_records,
+    "pretrained-backbone": _backbone_records,
     "rotated-mnist": _rotated_mnist_records,
     "rotation-regression": _rotation_regression_records,
     "sinusoids": _sinusoids_records,

@@ -13,10 +13,15 @@ against O(n² c² d_in d_out) for contracting the layer's Jacobian, and no per-e
 For layers whose weights are reused over positions (convolutions; ``nn.Linear`` on (n, T, d) inputs) the
 per-example, per-output gradient of the layer alone is formed from the layer's inputs (unfolded patches)
 and output gradients — g_{ia} (d_out × P) times patches (P × d_in k) — and contracted: one layer at a time,
-chunk by chunk, never for all p parameters at once. Parameters outside a supported layer (normalisation
-scales, embeddings, layers used twice, grouped convolutions, ...) fall back to the Jacobian contraction
-restricted to them. The layers' inputs and output gradients come from one forward pass with hooks and c
-backward passes (one per output) per chunk of examples.
+chunk by chunk, never for all p parameters at once. When the layer has few positions P and many weights
+(a 1 × 1 convolution on a 2 × 2 map late in an image network) the position Gram is cheaper:
+
+    Θ_W[i a, j b] = Σ_{s,t} (a_{is} · a_{jt}) (g_{ias} · g_{jbt})      (a_{is}: patch s of example i),
+
+O(P² (d_in k + c² d_out)) per pair of examples against O(c² d_out d_in k); the cheaper form is chosen per layer.
+Parameters outside a supported layer (normalisation scales, embeddings, layers used twice, grouped
+convolutions, ...) fall back to the Jacobian contraction restricted to them. The layers' inputs and output
+gradients come from one forward pass with hooks and c backward passes (one per output) per chunk of examples.
 
 The same factors, kept for fixed training inputs (:class:`FactoredJacobian`), give J v and Jᵀ u without a
 pass through the network; the iterative solvers use them (see :class:`~linadapt.posterior.TrainingData`).
@@ -66,10 +71,14 @@ class _Features:
     outer: list[tuple[torch.Tensor | None, torch.Tensor, bool]] = field(default_factory=list)
     # materialised per-example, per-output gradients of some layers' parameters, (b, c, q)
     dense: list[torch.Tensor] = field(default_factory=list)
+    # layers with few positions (position-Gram form): (patches (b, P, k), output gradients (c, b, P, d_out),
+    # whether the bias is selected)
+    spatial: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
     # the parameters behind each entry: (weight name or None, bias name or None) per outer entry; the
     # names in column order per dense entry (each parameter's columns are its flattened entries)
     outer_names: list[tuple[str | None, str | None]] = field(default_factory=list)
     dense_names: list[list[str]] = field(default_factory=list)
+    spatial_names: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 class StructuredNTK:
@@ -193,6 +202,10 @@ class StructuredNTK:
                 return
             A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
             G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
+            if layer.weight and _position_gram_cheaper(A3.shape[1], A3.shape[2], G4.shape[-1], c):
+                feats.spatial.append((A3, G4, layer.bias is not None))
+                feats.spatial_names.append((layer.weight, layer.bias))
+                return
             parts = []
             if layer.weight:
                 parts.append(torch.einsum("cbto,bti->bcoi", G4, A3).reshape(b, c, -1))
@@ -217,6 +230,10 @@ class StructuredNTK:
         parts = []
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+            if _position_gram_cheaper(patches.shape[2], patches.shape[1], Gf.shape[2], c):
+                feats.spatial.append((patches.transpose(1, 2), Gf.transpose(2, 3), layer.bias is not None))
+                feats.spatial_names.append((layer.weight, layer.bias))
+                return
             parts.append(torch.einsum("cbop,bkp->bcok", Gf, patches).reshape(b, c, -1))
         if layer.bias:
             parts.append(Gf.sum(-1).permute(1, 0, 2))
@@ -242,6 +259,9 @@ class StructuredNTK:
                 if A1 is not None:
                     term.mul_((A1 @ A2.T + 1.0 if bias else A1 @ A2.T)[:, None, :, None])
             out = term if out is None else out.add_(term)
+        for (A1, G1, bias), (A2, G2, _) in zip(f1.spatial, f2.spatial):
+            term = _position_gram_block(A1, G1, A2, G2, bias, trace)
+            out = term if out is None else out.add_(term)
         for D1, D2 in zip(f1.dense, f2.dense):
             if trace:
                 term = torch.einsum("iaq,jaq->ij", D1, D2)
@@ -263,6 +283,13 @@ class StructuredNTK:
             if A is not None:
                 sq = (A * A).sum(1)
                 term.mul_((sq + 1.0 if bias else sq)[:, None, None])
+            out = term if out is None else out.add_(term)
+        for A, G, bias in f.spatial:
+            AA = A @ A.transpose(1, 2)  # (b, P, P)
+            if bias:
+                AA = AA + 1.0
+            Gi = G.permute(1, 0, 2, 3)  # (b, c, P, d_out)
+            term = torch.einsum("bst,bcso,bdto->bcd", AA, Gi, Gi)
             out = term if out is None else out.add_(term)
         for D in f.dense:
             term = D @ D.transpose(1, 2)
@@ -368,6 +395,7 @@ class StructuredNTK:
         if not hasattr(self, "_dense_q"):
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
+            self._dense_q += sum(G.shape[2] * G.shape[3] for _, G, _ in probe.spatial)
             self._example_bytes = FactoredJacobian.feature_bytes(probe)
         per_example = max(1, c * self._dense_q)
         return max(1, min(self.lin.chunk_size or 256, _FEATURE_BUDGET // per_example))
@@ -379,8 +407,10 @@ def _only_output(f: _Features, a: int) -> _Features:
         f.b,
         [(A, G[a : a + 1], bias) for A, G, bias in f.outer],
         [D[:, a : a + 1] for D in f.dense],
+        [(A, G[a : a + 1], bias) for A, G, bias in f.spatial],
         f.outer_names,
         f.dense_names,
+        f.spatial_names,
     )
 
 
@@ -410,6 +440,10 @@ class FactoredJacobian:
         # Linear layers: (inputs (n, d_in) or None, output gradients laid out (n, c, d_out), weight, bias names)
         self.outer = [(A, G.transpose(0, 1).contiguous(), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
         self.dense = list(zip(f.dense, f.dense_names))  # ((n, c, q), parameter names in column order)
+        # position-Gram layers: (patches (n, P, k), output gradients laid out (n, c, P, d_out), weight, bias names)
+        self.spatial = [
+            (A, G.transpose(0, 1).contiguous(), w, b) for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
+        ]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -419,16 +453,22 @@ class FactoredJacobian:
     def nbytes(self) -> int:
         """Memory held by the factors."""
         tensors = [t for A, G, _, _ in self.outer for t in (A, G) if t is not None] + [D for D, _ in self.dense]
+        tensors += [t for A, G, _, _ in self.spatial for t in (A, G)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def feature_bytes(f: _Features) -> int:
         tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
+        tensors += [t for A, G, _ in f.spatial for t in (A, G)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
-        width = max([G.shape[1] * G.shape[2] for _, G, _, _ in self.outer] + [self.c])
+        width = max(
+            [G.shape[1] * G.shape[2] for _, G, _, _ in self.outer]
+            + [G.shape[2] * G.shape[3] for _, G, _, _ in self.spatial]
+            + [self.c]
+        )
         size = max(1, min(self.n, _PRODUCT_BUDGET // max(1, k * width)))
         return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
 
@@ -445,6 +485,11 @@ class FactoredJacobian:
                     out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A[sl]).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
+            for A, G, w, b in self.spatial:
+                W = torch.einsum("bcso,kbc->kbso", G[sl], Ub)  # Σ_a u_ia g_ias
+                out[:, self._slices[w]] += torch.einsum("kbso,bsi->koi", W, A[sl]).reshape(k, -1)
+                if b is not None:
+                    out[:, self._slices[b]] += W.sum((1, 2))
             for D, names in self.dense:
                 flat = torch.einsum("bcq,kbc->kq", D[sl], Ub)
                 q0 = 0
@@ -465,7 +510,21 @@ class FactoredJacobian:
             vb = None if b is None else V[:, self._slices[b]].unsqueeze(1)  # (k, 1, o)
             pieces.append((A, G, Vw, vb))
         dense = [(D, torch.cat([V[:, self._slices[name]] for name in names], dim=1)) for D, names in self.dense]
+        spatial = [
+            (
+                A,
+                G,
+                V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1]),
+                None if b is None else V[:, self._slices[b]][:, None, None, :],
+            )
+            for A, G, w, b in self.spatial
+        ]
         for sl in self._blocks(k):
+            for A, G, Vw, vb in spatial:
+                M = torch.einsum("bsi,koi->kbso", A[sl], Vw)
+                if vb is not None:
+                    M = M + vb
+                out[:, sl] += torch.einsum("bcso,kbso->kbc", G[sl], M)
             for A, G, Vw, vb in pieces:
                 M = None if Vw is None else torch.einsum("bi,koi->kbo", A[sl], Vw)
                 if vb is not None:
@@ -486,7 +545,52 @@ def _join(parts: list[_Features]) -> _Features:
         A_all = None if A is None else torch.cat([p.outer[k][0] for p in parts])
         outer.append((A_all, torch.cat([p.outer[k][1] for p in parts], dim=1), bias))
     dense = [torch.cat([p.dense[k] for p in parts]) for k in range(len(first.dense))]
-    return _Features(sum(p.b for p in parts), outer, dense, first.outer_names, first.dense_names)
+    spatial = [
+        (torch.cat([p.spatial[k][0] for p in parts]), torch.cat([p.spatial[k][1] for p in parts], dim=1), bias)
+        for k, (_, _, bias) in enumerate(first.spatial)
+    ]
+    return _Features(
+        sum(p.b for p in parts),
+        outer,
+        dense,
+        spatial,
+        first.outer_names,
+        first.dense_names,
+        first.spatial_names,
+    )
+
+
+_MAX_POSITION_PAIRS = 256  # the position-Gram form loops over P² position pairs
+
+
+def _position_gram_cheaper(P: int, k: int, d_out: int, c: int) -> bool:
+    """Whether a reused-weight layer (P positions, k inputs per position, d_out outputs, c network outputs)
+    is cheaper in the position-Gram form — O(P² (k + c² d_out)) per pair of examples — than by contracting its
+    materialised per-example gradients, O(c² d_out k); with a factor 2 in favour of the latter."""
+    return P * P <= _MAX_POSITION_PAIRS and 2 * P * P * (k + c * c * (d_out + 1)) < c * c * d_out * k
+
+
+def _position_gram_block(
+    A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
+) -> torch.Tensor:
+    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o):
+    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``; one matrix product per position pair."""
+    AA = torch.einsum("isk,jtk->ijst", A1, A2)
+    if bias:
+        AA = AA + 1.0
+    c, b1, P, _ = G1.shape
+    b2 = G2.shape[1]
+    rows1 = G1.permute(2, 1, 0, 3).reshape(P, b1, -1) if trace else G1.permute(2, 1, 0, 3).reshape(P, b1 * c, -1)
+    rows2 = G2.permute(2, 1, 0, 3).reshape(P, b2, -1) if trace else G2.permute(2, 1, 0, 3).reshape(P, b2 * c, -1)
+    out = torch.zeros((b1, b2) if trace else (b1, c, b2, c), dtype=G1.dtype, device=G1.device)
+    for s_ in range(P):
+        for t in range(P):
+            M = rows1[s_] @ rows2[t].T
+            if trace:
+                out.add_(AA[:, :, s_, t] * M)
+            else:
+                out.add_(AA[:, None, :, None, s_, t] * M.view(b1, c, b2, c))
+    return out
 
 
 _FEW = 4  # up to this many vectors, per-example contractions over outputs run as broadcast products
