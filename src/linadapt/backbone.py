@@ -92,7 +92,7 @@ def pretrained_backbone(
     seed: int = 0, shots: int | None = None, quick: bool = False, step: Step | None = None, size: int = 64
 ) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: 32 × 32
-    images, 2 shots, 100 test images, short fine-tuning, the last-layer variant only; not for quoting."""
+    images, 5 shots, 100 test images, short fine-tuning, the last-layer variant only; not for quoting."""
     step = step or (lambda _msg: None)
     size = 32 if quick else size
     step(f"pretrained-backbone: loading EfficientNet-Lite0 (ImageNet weights) and Animal-MNIST at {size}×{size}")
@@ -103,7 +103,7 @@ def pretrained_backbone(
     test, pool = order[:n_test], order[n_test:]
     variants = (("last", "linadapt-last"),) if quick else (("last", "linadapt-last"), (HEAD_BLOCK, "linadapt-head"))
     records: list[dict] = []
-    for k in (shots,) if shots else ((2,) if quick else SHOTS):
+    for k in (shots,) if shots else ((5,) if quick else SHOTS):
         g = torch.Generator().manual_seed(100 * seed + k)
         pick = torch.cat(
             [idx[torch.randperm(idx.numel(), generator=g)[:k]] for idx in (pool[a[pool] == c] for c in range(10))]

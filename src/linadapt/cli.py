@@ -25,6 +25,7 @@ from ._files import atomic_write_text
 from .classifier import LinearizedClassifier
 from .data_io import DataError, Dataset, read_dataset
 from .distributed import DistributedError
+from .experiments import EXPERIMENTS
 from .model_io import ModelLoadError, load_model
 from .persistence import load, read_header
 from .regressor import LinearizedRegressor
@@ -365,12 +366,13 @@ def demo(
 def experiment(
     name: Annotated[
         str,
-        typer.Argument(
-            help="The experiment: bikeshare, mnist-to-animals, rotated-mnist, rotation-regression, sinusoids."
-        ),
+        typer.Argument(help=f"The experiment: {', '.join(sorted(EXPERIMENTS))}."),
     ],
     seeds: Annotated[int, typer.Option(help="Seeds 0 … seeds−1 (each retrains the source network).")] = 3,
-    shots: Annotated[int | None, typer.Option(help="Labelled target examples per class (default 10).")] = None,
+    shots: Annotated[
+        int | None,
+        typer.Option(help="Labelled target examples (per class for classification; default: the experiment's set)."),
+    ] = None,
     output: Annotated[str | None, typer.Option(help="Write the records as JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests.")] = False,
     plot: Annotated[
@@ -383,7 +385,7 @@ def experiment(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .experiments import EXPERIMENTS, run_experiment, summarize
+    from .experiments import run_experiment, summarize
 
     if name not in EXPERIMENTS:
         _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")

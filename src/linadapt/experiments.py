@@ -135,6 +135,12 @@ def _backbone_records(seed: int, shots: int | None, quick: bool, step: Step | No
     return pretrained_backbone(seed, shots, quick=quick, step=step)
 
 
+def _unsup_records(seed: int, shots: int | None, quick: bool, step: Step | None) -> list[dict]:
+    from .unsupervised import unsup_to_sup
+
+    return unsup_to_sup(seed, shots, quick=quick, step=step)
+
+
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
     "bikeshare": _bikeshare_records,
     "mnist-to-animals": _animals_records,
@@ -142,6 +148,7 @@ EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]
     "rotated-mnist": _rotated_mnist_records,
     "rotation-regression": _rotation_regression_records,
     "sinusoids": _sinusoids_records,
+    "unsup-to-sup": _unsup_records,
 }
 
 
