@@ -5,6 +5,7 @@ import pytest
 import torch
 from models import mlp
 from scipy import stats
+from torch import nn
 
 import linadapt as la
 from linadapt.baselines import finetune
@@ -167,3 +168,35 @@ def test_ntk_plus_rbf_contains_linadapt_and_fits_what_the_tangent_features_canno
     truth = f(xs)[:, 0].numpy()
     assert M.rmse(mean, truth) < 0.5 * M.rmse(ref_mean, truth)
     assert np.all(std > 0) and both.hyperparameters["rbf_scale"] > 0
+
+
+def test_laplace_torch_baseline_regression_and_classification(monkeypatch):
+    pytest.importorskip("laplace", reason="laplace-torch is not installed (optional)")
+    from linadapt.baselines import laplace_torch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.linspace(-2, 2, 20)[:, None]
+    y = torch.sin(2 * x) + 0.05 * torch.randn(20, 1)
+    lt = laplace_torch(net, x, y, task="regression", epochs=200, batch_size=20, seed=0)
+    xs = torch.linspace(-3, 3, 13)[:, None]
+    mean, std = lt.predict(xs)
+    assert mean.shape == std.shape == (13,)
+    # the GLM predictive mean is the fine-tuned network (the same fine-tuning, same seed)
+    tuned = finetune(net, x, y, task="regression", epochs=200, batch_size=20, weight_decay=1e-4, seed=0)
+    assert np.allclose(mean, tuned.predict(xs)[:, 0], atol=1e-5)
+    info = lt.hyperparameters
+    assert info["hessian"] == "kron" and info["subset"] == "all" and info["prior_precision"] > 0
+    assert np.all(std >= info["noise_std"] - 1e-6)  # noise plus the weights' uncertainty
+
+    clf_net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
+    labels = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    for subset in ("all", "last_layer"):
+        proba = laplace_torch(clf_net, X, labels, subset=subset, epochs=50, seed=0).predict_proba(X[:11])
+        assert proba.shape == (11, 3) and np.allclose(proba.sum(1), 1.0) and (proba > 0).all()
+    with pytest.raises(ValueError, match="subset"):
+        laplace_torch(clf_net, X, labels, subset="some")
+    monkeypatch.setitem(__import__("sys").modules, "laplace", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="laplace-torch"):
+        laplace_torch(clf_net, X, labels)

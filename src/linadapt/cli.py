@@ -23,6 +23,7 @@ from rich.table import Table
 from . import metrics, report
 from ._files import atomic_write_text
 from .classifier import LinearizedClassifier
+from .compare import METHODS
 from .data_io import DataError, Dataset, read_dataset
 from .distributed import DistributedError
 from .experiments import EXPERIMENTS
@@ -378,6 +379,20 @@ def experiment(
     plot: Annotated[
         str | None, typer.Option(help="Write a plot of the error against the shots (default: OUTPUT with .png).")
     ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Comma-separated methods to run (default: all): {', '.join(METHODS)}. The same seeds draw "
+            "the same data, so the records can be merged with another run's."
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Merge into OUTPUT's existing records (records of the same method, seed and shots are replaced).",
+        ),
+    ] = False,
 ) -> None:
     """Run one of the paper-style experiments and print mean ± std over seeds per method.
 
@@ -392,9 +407,18 @@ def experiment(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(name, total=None)
         try:
-            records = run_experiment(name, seeds, shots, quick, step=lambda msg: bar.update(task, description=msg))
+            chosen = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+            records = run_experiment(
+                name, seeds, shots, quick, step=lambda msg: bar.update(task, description=msg), methods=chosen
+            )
         except (ValueError, ImportError) as exc:
             _fail(str(exc))
+    if not records:
+        _fail(f"no records: none of the methods {methods!r} applies to the {name} experiment")
+    if merge:
+        if not output:
+            _fail("--merge needs --output (the file to merge into)")
+        records = _merge_records(output, records)
     print(summarize(records))
     if output:
         atomic_write_text(output, json.dumps(records, indent=1))
@@ -407,6 +431,26 @@ def experiment(
 
         atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         console.print(f"wrote {plot}")
+
+
+def _merge_records(path: str, new: list[dict]) -> list[dict]:
+    """The records in JSON file ``path`` (if it exists) with those of ``new``'s (experiment, method, seed, shots,
+    variant) replaced by ``new``'s, followed by ``new``."""
+    if not os.path.exists(path):
+        return new
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, list) or not all(isinstance(r, dict) and "method" in r for r in old):
+            raise ValueError("not a list of experiment records")
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot merge into {path}: {exc}")
+
+    def key(r: dict) -> tuple:
+        return (r.get("experiment"), r.get("method"), r.get("seed"), r.get("shots"), r.get("variant"))
+
+    replaced = {key(r) for r in new}
+    return [r for r in old if key(r) not in replaced] + new
 
 
 @app.command()

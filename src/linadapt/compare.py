@@ -1,9 +1,16 @@
-"""One comparison harness per task type: every method on the same draw of target data."""
+"""One comparison harness per task type: every method on the same draw of target data.
+
+Which methods run can be narrowed with :func:`selected_methods` (``linadapt experiment --methods``): the same
+seeds give the same data draws, so records of a later run of one method can be merged with an earlier run.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,15 +18,57 @@ import torch
 from torch import nn
 
 from . import metrics
-from .baselines import ablr, finetune, ntk_plus_rbf_gp, rbf_gp
+from .baselines import ablr, finetune, laplace_torch, ntk_plus_rbf_gp, rbf_gp
 from .classifier import LinearizedClassifier
 from .predictive import class_probabilities
 from .regressor import LinearizedRegressor
 from .selection import ParamSpec
 
-__all__ = ["ClassificationComparison", "compare_classification", "compare_regression"]
+__all__ = ["METHODS", "ClassificationComparison", "compare_classification", "compare_regression", "selected_methods"]
 
 Step = Callable[[str], None]
+
+#: method names that can be selected (a linadapt variant's name also selects its -bridge / -map readouts)
+METHODS = (
+    "source",
+    "finetune-all",
+    "finetune-last",
+    "finetune-bias",
+    "rbf-gp",
+    "ablr",
+    "laplace-torch",
+    "linadapt",
+    "linadapt-last",
+    "linadapt-head",
+    "linadapt-rbf",
+)
+_SELECTED: ContextVar[frozenset[str] | None] = ContextVar("linadapt_selected_methods", default=None)
+
+
+@contextmanager
+def selected_methods(methods: Iterable[str] | None) -> Iterator[None]:
+    """Run only ``methods`` (names from :data:`METHODS`) in the comparisons inside the block; None: all.
+
+    Raises:
+        ValueError: an unknown method name.
+    """
+    chosen = None if methods is None else frozenset(methods)
+    if chosen is not None:
+        unknown = sorted(chosen - set(METHODS))
+        if unknown or not chosen:
+            raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from: {', '.join(METHODS)}")
+    token = _SELECTED.set(chosen)
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
+def _wanted(method: str) -> bool:
+    chosen = _SELECTED.get()
+    if method == "laplace-torch" and importlib.util.find_spec("laplace") is None:
+        return False  # optional dependency
+    return chosen is None or method in chosen
 
 
 def compare_regression(
@@ -57,8 +106,11 @@ def compare_regression(
             mean = module(xt)[:, 0].numpy()
         return mean, np.full_like(mean, max(resid, 1e-3))
 
-    record("source", *point(net), 0.0)
+    if _wanted("source"):
+        record("source", *point(net), 0.0)
     for params in ("all", "last", "bias"):
+        if not _wanted(f"finetune-{params}"):
+            continue
         step(f"fine-tuning ({params})")
         t = time.perf_counter()
         tuned = finetune(
@@ -74,21 +126,40 @@ def compare_regression(
             seed=seed,
         )
         record(f"finetune-{params}", *point(tuned.model), time.perf_counter() - t, best_epoch=tuned.best_epoch)
-    step("RBF-GP and ABLR")
-    t = time.perf_counter()
-    gp = rbf_gp(x, y, iters=100 if quick else 300, seed=seed)
-    record("rbf-gp", *gp.predict(xt), time.perf_counter() - t)
-    t = time.perf_counter()
-    bl = ablr(net, x, y)
-    record("ablr", *bl.predict(xt), time.perf_counter() - t)
+    if _wanted("rbf-gp"):
+        step("RBF-GP")
+        t = time.perf_counter()
+        gp = rbf_gp(x, y, iters=100 if quick else 300, seed=seed)
+        record("rbf-gp", *gp.predict(xt), time.perf_counter() - t)
+    if _wanted("ablr"):
+        step("ABLR")
+        t = time.perf_counter()
+        bl = ablr(net, x, y)
+        record("ablr", *bl.predict(xt), time.perf_counter() - t)
+    if _wanted("laplace-torch"):
+        step("laplace-torch (fine-tuned with weight decay, then K-FAC Laplace, GLM predictive)")
+        t = time.perf_counter()
+        lt = laplace_torch(
+            net,
+            x,
+            y,
+            task="regression",
+            epochs=ft_epochs,
+            batch_size=n_shots,
+            patience=max(ft_epochs // 5, 20),
+            seed=seed,
+        )
+        record("laplace-torch", *lt.predict(xt), time.perf_counter() - t, **lt.hyperparameters)
     for params, name in (("all", "linadapt"), ("last", "linadapt-last")):
+        if not _wanted(name):
+            continue
         step(name)
         t = time.perf_counter()
         reg = LinearizedRegressor(net, params=params).fit(x, y[:, 0])
         seconds = time.perf_counter() - t
         mean, std = reg.predict(xt, return_std=True)
         record(name, mean, std, seconds, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
-    if not composite:
+    if not composite or not _wanted("linadapt-rbf"):
         return records
     step("linadapt-rbf (NTK + RBF kernel, both scales by marginal likelihood)")
     t = time.perf_counter()
@@ -119,6 +190,7 @@ def compare_classification(
     last_layer: bool = True,
     variants: Sequence[tuple[ParamSpec, str]] | None = None,
     finetune_epochs: int | None = None,
+    laplace_subset: str = "all",
 ) -> ClassificationComparison:
     """Every classification method on one draw of labelled target examples (x (n, ...), integer y (n,)).
 
@@ -126,7 +198,8 @@ def compare_classification(
     source network, fine-tuning (last layer, all weights, biases; Adam, early stopping on 20 % of the
     labels; ``finetune_epochs`` epochs, default 300, 60 with ``quick``), linadapt with all weights (probit, the
     Laplace bridge, the MAP logits alone) and, with ``last_layer``, the same for the last layer. ``variants``
-    replaces those linadapt runs by (params, method name) pairs.
+    replaces those linadapt runs by (params, method name) pairs. Where laplace-torch is installed, also its
+    Laplace (``laplace_subset`` weights, K-FAC) on a copy fine-tuned with weight decay (probit GLM predictive).
     """
     if variants is None:
         variants = (("all", "linadapt"), ("last", "linadapt-last"))[: 2 if last_layer else 1]
@@ -143,14 +216,25 @@ def compare_classification(
         }
         out.records.append({**tag, "method": method, "metrics": scores, "fit_seconds": seconds, **extra})
 
-    with torch.no_grad():
-        record("source", torch.softmax(net(xt).double(), 1).numpy(), 0.0)
+    if _wanted("source"):
+        with torch.no_grad():
+            record("source", torch.softmax(net(xt).double(), 1).numpy(), 0.0)
     for params in ("last", "all", "bias"):
+        if not _wanted(f"finetune-{params}"):
+            continue
         step(f"fine-tuning ({params})")
         t = time.perf_counter()
         tuned = finetune(net, xa, ya, params=params, epochs=epochs, lr=1e-3, seed=seed)
         record(f"finetune-{params}", tuned.predict_proba(xt), time.perf_counter() - t, best_epoch=tuned.best_epoch)
+    if _wanted("laplace-torch"):
+        step("laplace-torch (fine-tuned with weight decay, then K-FAC Laplace, probit GLM predictive)")
+        t = time.perf_counter()
+        lt = laplace_torch(net, xa, ya, subset=laplace_subset, epochs=epochs, seed=seed)
+        seconds = time.perf_counter() - t
+        record("laplace-torch", lt.predict_proba(xt), seconds, **lt.hyperparameters)
     for params, name in variants:
+        if not _wanted(name):
+            continue
         step(f"linadapt ({params})")
         t = time.perf_counter()
         clf = LinearizedClassifier(net, params=params).fit(xa, ya)

@@ -124,9 +124,13 @@ def _records_table(records: list[dict]) -> str:
 
 
 def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
+    from .compare import selected_methods
     from .experiments import rotated_mnist
 
-    result = rotated_mnist(seed=0, shots=shots, quick=quick, step=step, last_layer=False)
+    # the demo's fixed method set: the optional laplace-torch baseline belongs to `linadapt experiment`
+    demo_methods = ("source", "finetune-last", "finetune-all", "finetune-bias", "linadapt")
+    with selected_methods(demo_methods):
+        result = rotated_mnist(seed=0, shots=shots, quick=quick, step=step, last_layer=False)
     records, probas, clf = result.records, result.probas, result.classifier
     assert clf is not None and result.labels is not None
     fig = report.reliability_figure(

@@ -12,12 +12,12 @@ of the labels) and linadapt (all weights and last layer; probit, Laplace bridge,
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .compare import ClassificationComparison, compare_classification
+from .compare import ClassificationComparison, compare_classification, selected_methods
 
 __all__ = ["EXPERIMENTS", "RotatedMnist", "make_cnn", "rotated_mnist", "run_experiment", "summarize"]
 
@@ -153,16 +153,23 @@ EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]
 
 
 def run_experiment(
-    name: str, seeds: int = 3, shots: int | None = None, quick: bool = False, step: Step | None = None
+    name: str,
+    seeds: int = 3,
+    shots: int | None = None,
+    quick: bool = False,
+    step: Step | None = None,
+    methods: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Run experiment ``name`` for seeds 0 … seeds − 1 and return all records."""
+    """Run experiment ``name`` for seeds 0 … seeds − 1 and return all records; ``methods``: only these
+    (names from :data:`linadapt.compare.METHODS`; the data draws do not depend on the choice)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     records = []
-    for seed in range(seeds):
-        records += EXPERIMENTS[name](seed, shots, quick, step)
+    with selected_methods(methods):
+        for seed in range(seeds):
+            records += EXPERIMENTS[name](seed, shots, quick, step)
     return records
 
 
