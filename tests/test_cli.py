@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import sys
 import textwrap
 
@@ -157,10 +158,23 @@ def test_module_entry_point_help():
 def test_experiment_and_bench_commands(tmp_path):
     res = runner.invoke(app, ["experiment", "no-such-thing"])
     assert res.exit_code == 2 and "unknown experiment" in res.output and "rotated-mnist" in res.output
-    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain"])
+    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain", "--no-memory"])
     assert res.exit_code == 0, res.output
     assert "| MLP 64-256-256-10 |" in res.output and "cached, per vector" in res.output
+    assert "one fine-tuning epoch |" in res.output and "peak resident memory" not in res.output
     assert "trace NTK, n = 1024, structured" in res.output and "Jacobian contraction |" not in res.output
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak-memory reset needs Linux /proc")
+def test_memory_bench_measures_a_product_in_a_fresh_process():
+    from linadapt.bench import _run_case, format_memory_table
+
+    small = _run_case("MLP 64-256-256-10", "kv", 64, 1)
+    big = _run_case("MLP 64-256-256-10", "kv16", 4096, 1)  # 16 vectors × 4096 inputs: tens of MiB more
+    assert small["before_mib"] > 50 and small["peak_mib"] >= small["before_mib"]
+    assert big["peak_mib"] - big["before_mib"] > small["peak_mib"] - small["before_mib"] + 20
+    row = {"model": "m", "base_mib": 300.0, "kv": 1.0, "kv16": 2.0, "cached": 3.0, "full": 4.0}
+    assert "| m | 300 | 1 | 2 | 3 | 4 |" in format_memory_table([row], 64)
 
 
 def test_dense_bench_row_checks_structured_against_plain():

@@ -8,8 +8,9 @@ on 1×8×8 inputs, float32 networks, n = 1024 inputs, this times
 * the same two products through the cached per-layer factors the solvers use (amortised; the one-off
   cost of building the factors is reported separately),
 
-each divided by the time of one forward+backward pass (sum of outputs, gradients of all parameters) over
-the same 1024 inputs. Timings are interleaved (unit, K·v, K·V, unit, ...) and the medians of the
+and, for scale, one epoch of fine-tuning (Adam, batches of 64, cross-entropy against fixed random labels, on
+a copy of the model), each divided by the time of one forward+backward pass (sum of outputs, gradients of all
+parameters) over the same 1024 inputs. Timings are interleaved (unit, K·v, K·V, unit, ...) and the medians of the
 repetitions are compared, so machine noise hits all of them alike.
 
 The dense-kernel table (``dense=True``) times :func:`~linadapt.operators.ntk_gram` — the full NTK
@@ -18,14 +19,23 @@ The dense-kernel table (``dense=True``) times :func:`~linadapt.operators.ntk_gra
 one repetition: it is slow), each as a ratio to the forward+backward pass over the same inputs, and checks
 that both give the same kernel.
 
-    linadapt bench [--reps 9] [--n 1024] [--threads 2] [--no-dense] [--no-plain]
+The memory table (``memory=True``) runs each product in a fresh Python process (so no earlier case's freed
+memory is reused) and reports the peak resident memory during the product above the resident memory just
+before it, after the model, the inputs and one forward+backward pass exist: Linux's peak counter (VmHWM) is
+reset right before the product. This is the operating system's figure, so it covers torch's allocations.
+
+    linadapt bench [--reps 9] [--n 1024] [--threads 2] [--no-dense] [--no-plain] [--no-memory]
     (or python benchmarks/bench_kernel_products.py with the same options)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -71,6 +81,16 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
     v16 = torch.randn(16, n, c, generator=g, dtype=torch.float64)
 
     unit = _unit(model, X)
+    tuned = copy.deepcopy(model)
+    opt = torch.optim.Adam(tuned.parameters(), lr=1e-3)
+    labels = torch.randint(0, c, (n,), generator=g)
+
+    def epoch() -> None:
+        for i in range(0, n, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(tuned(X[i : i + 64]), labels[i : i + 64]).backward()
+            opt.step()
+
     t0 = time.perf_counter()
     factors = factored_jacobian(lin, Xp, budget=2**31)
     build = time.perf_counter() - t0
@@ -78,6 +98,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         "unit": unit,
         "kv": lambda: op.apply_rows(v1.reshape(1, -1)),
         "kv16": lambda: op.apply_rows(v16.reshape(16, -1)),
+        "epoch": epoch,
     }
     if factors is not None:
         t0 = time.perf_counter()
@@ -99,6 +120,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         "kv": med["kv"] / med["unit"],
         "kv16": med["kv16"] / med["unit"],
         "kv16_per_vec": med["kv16"] / med["unit"] / 16,
+        "epoch": med["epoch"] / med["unit"],
     }
     if factors is not None:
         row.update(
@@ -225,8 +247,8 @@ def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) 
         "torch.func: vjp then jvp, primal pass recomputed; cached: per-layer factors built once (the solvers' path)",
         "",
         "| model | p | fwd+bwd (ms) | one K·v, torch.func | 16 vectors, per vector | one K·v, cached | "
-        "16 vectors, cached, per vector | building the factors | factors (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "16 vectors, cached, per vector | building the factors | factors (MiB) | one fine-tuning epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cached = (
@@ -236,5 +258,98 @@ def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) 
         )
         lines.append(
             f"| {r['model']} | {r['p']:,} | {r['unit_ms']:.1f} | {r['kv']:.2f}× | {r['kv16_per_vec']:.2f}× | {cached}"
+            f" {r['epoch']:.1f}× |"
         )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+MEMORY_CASES = ("kv", "kv16", "cached", "full")
+_MODELS = {"MLP 64-256-256-10": (mlp, (64,)), "CNN 1x8x8 (16,32 ch)": (cnn, (1, 8, 8))}
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_case(model_name: str, case: str, n: int, threads: int) -> dict:
+    """Run one case in this process: the resident memory before it and the peak during it (MiB).
+
+    Cases: ``kv`` (one K·v by torch.func), ``kv16`` (16 vectors at once), ``cached`` (build the cached
+    factors, one K·v through them), ``full`` (the full structured NTK at 256 of the inputs). Before the case:
+    the model, the inputs, one forward+backward pass, the operator and the vectors; then the peak counter is
+    reset (Linux: ``/proc/self/clear_refs``)."""
+    make, shape = _MODELS[model_name]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = make().eval()
+    X = torch.randn(n, *shape)
+    _unit(model, X)()
+    op = NTKOperator(model, X)
+    k = 16 if case == "kv16" else 1
+    V = torch.randn(k, n * op.num_outputs, dtype=torch.float64)
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    if case in ("kv", "kv16"):
+        op.apply_rows(V)
+    elif case == "cached":
+        factors = factored_jacobian(op.linearization, op.X1, budget=2**31)
+        if factors is None:
+            raise RuntimeError("no cached factors for this model")
+        factors.jvp(factors.vjp(V.reshape(1, n, -1)))
+    elif case == "full":
+        ntk_gram(model, X[:256])
+    else:
+        raise ValueError(f"unknown memory case {case!r}")
+    return {"model": model_name, "case": case, "before_mib": before, "peak_mib": _status_mib("VmHWM")}
+
+
+def _run_case(model_name: str, case: str, n: int, threads: int) -> dict:
+    code = (
+        "import json, sys; from linadapt.bench import memory_case; "
+        "print(json.dumps(memory_case(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, model_name, case, str(n), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory case {case} of {model_name} failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_memory_bench(n: int = 1024, threads: int = 2) -> list[dict[str, float]]:
+    """Peak memory of each case above the resident memory before it, one row per model (MiB), and the
+    largest resident size before a case; each case in its own process (``python -c``)."""
+    rows = []
+    for name in _MODELS:
+        row: dict = {"model": name, "base_mib": 0.0}
+        for case in MEMORY_CASES:
+            res = _run_case(name, case, n, threads)
+            row[case] = res["peak_mib"] - res["before_mib"]
+            row["base_mib"] = max(row["base_mib"], res["before_mib"])
+        rows.append(row)
+    return rows
+
+
+def format_memory_table(rows: list[dict[str, float]], n: int) -> str:
+    """The memory rows as a Markdown table with its caption."""
+    lines = [
+        f"peak resident memory during each product above the memory just before it (MiB; n = {n}; each case in a "
+        "fresh process holding the model, the inputs and the vectors)",
+        "",
+        "| model | resident before (MiB) | one K·v, torch.func | 16 vectors | cached factors + one K·v | "
+        "full NTK, n = 256 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = " | ".join(f"{max(r[c], 0.0):,.0f}" for c in MEMORY_CASES)
+        lines.append(f"| {r['model']} | {r['base_mib']:,.0f} | {cells} |")
     return "\n".join(lines)

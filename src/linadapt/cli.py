@@ -462,6 +462,9 @@ def bench(
     plain: Annotated[
         bool, typer.Option(help="In the dense table, also time the per-example Jacobian contraction (slow).")
     ] = True,
+    memory: Annotated[
+        bool, typer.Option(help="Also measure peak memory per product (each in a fresh process).")
+    ] = True,
 ) -> None:
     """Time NTK products and dense kernels against one forward+backward pass of the same model (ratios).
 
@@ -478,6 +481,13 @@ def bench(
             drows = run_dense_bench(dense_reps, threads, plain)
         print()
         print(format_dense_table(drows, dense_reps, threads))
+    if memory:
+        from .bench import format_memory_table, run_memory_bench
+
+        with console.status("measuring peak memory …"):
+            mrows = run_memory_bench(n, threads)
+        print()
+        print(format_memory_table(mrows, n))
 
 
 def main() -> None:
