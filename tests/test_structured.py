@@ -319,3 +319,19 @@ def test_solvers_use_the_factors_and_agree_with_torch_func_products(monkeypatch:
     got = reg.predict(Xs, return_std=True)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
+
+
+def test_dense_kernel_cost_model_and_the_solver_choice_it_informs() -> None:
+    from linadapt.regression import choose_solver, dense_kernel_flops
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    lin = Linearization(net)
+    X = lin.prepare_inputs(torch.randn(5, 3, dtype=torch.float64))
+    # per pair of examples: (3 + 2²·8) + (8 + 2²·2) multiply-adds
+    assert lin.structured(X).pair_flops(X) == 35 + 16
+    assert dense_kernel_flops(lin, X) == 25 * 51
+    # 1,000 examples, 1M weights: N² p = 1e12 says CG; per-layer rules (~4,000 per pair) make it cheap
+    assert choose_solver("function", 1000, 1_000_000) == "cg"
+    assert choose_solver("function", 1000, 1_000_000, kernel_flops=4e9) == "cholesky"
+    assert choose_solver("function", 8000, 1_000_000, kernel_flops=1.0) == "cg"  # too big to factorise

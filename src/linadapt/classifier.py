@@ -16,7 +16,7 @@ from .distributed import linearize_shard, make_sharding, prepare_fit, shard_sign
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
-from .regression import SolverOptions, choose_solver, choose_space
+from .regression import SolverOptions, choose_solver, choose_space, dense_kernel_flops
 from .selection import ParamSpec
 
 __all__ = ["LinearizedClassifier"]
@@ -152,7 +152,12 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         options = SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
         n_obs, p = labels.shape[0] * c, lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
-        solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
+        if self.solver == "auto":
+            # per-layer rules can make the dense kernel far cheaper than N² p (not counted for a sharded fit)
+            flops = dense_kernel_flops(lin, Xt) if space == "function" and sharding is None else None
+            solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
+        else:
+            solver = self.solver
         problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:

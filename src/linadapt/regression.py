@@ -31,7 +31,14 @@ from .solvers import (
     low_rank_plus_diagonal_preconditioner,
 )
 
-__all__ = ["RegressionPosterior", "RegressionProblem", "SolverOptions", "choose_solver", "choose_space"]
+__all__ = [
+    "RegressionPosterior",
+    "RegressionProblem",
+    "SolverOptions",
+    "choose_solver",
+    "choose_space",
+    "dense_kernel_flops",
+]
 
 _DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
 _DENSE_MAX_DIM = 6000
@@ -64,13 +71,30 @@ def dense_fits(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDG
     return (n_obs * p + p * p) * 8 <= memory_budget
 
 
-def choose_solver(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET) -> str:
-    """``"cholesky"`` when the dense matrix is small and cheap to form, else ``"cg"``."""
+def choose_solver(
+    space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET, kernel_flops: float | None = None
+) -> str:
+    """``"cholesky"`` when the dense matrix is small and cheap to form, else ``"cg"``.
+
+    Forming the dense matrix costs N² p (function space, contracting Jacobians) or N p² (parameter space);
+    ``kernel_flops``: the cost of the function-space kernel when per-layer rules form it for less (see
+    :func:`dense_kernel_flops`); the factorisation's N³/3 is added to it."""
     dim = n_obs if space == "function" else p
     flops = n_obs * n_obs * p if space == "function" else n_obs * p * p
+    if space == "function" and kernel_flops is not None:
+        flops = min(flops, kernel_flops + n_obs**3 / 3)
     if dim <= _DENSE_MAX_DIM and flops <= _DENSE_FLOP_BUDGET and dense_fits(space, n_obs, p, memory_budget):
         return "cholesky"
     return "cg"
+
+
+def dense_kernel_flops(lin: Linearization, X: torch.Tensor) -> float | None:
+    """Multiply-adds of the dense function-space kernel of X (n examples) by per-layer rules, n² × the cost
+    per pair of examples (:meth:`~linadapt.structured.StructuredNTK.pair_flops`); None without rules."""
+    engine = lin.structured(X) if X.shape[0] else None
+    if engine is None:
+        return None
+    return float(X.shape[0]) ** 2 * engine.pair_flops(X)
 
 
 class RegressionProblem(TrainingData):

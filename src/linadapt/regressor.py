@@ -22,6 +22,7 @@ from .regression import (
     SolverOptions,
     choose_solver,
     choose_space,
+    dense_kernel_flops,
 )
 from .selection import ParamSpec
 
@@ -163,7 +164,12 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         r = problem.r
         n_obs, p = r.numel(), lin.num_params
         space = choose_space(n_obs, p) if self.space == "auto" else self.space
-        solver = choose_solver(space, n_obs, p, options.memory_budget) if self.solver == "auto" else self.solver
+        if self.solver == "auto":
+            # per-layer rules can make the dense kernel far cheaper than N² p (not counted for a sharded fit)
+            flops = dense_kernel_flops(lin, Xt) if space == "function" and sharding is None else None
+            solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
+        else:
+            solver = self.solver
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)

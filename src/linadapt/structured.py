@@ -384,6 +384,22 @@ class StructuredNTK:
             o1 += x1.shape[0]
         return K if trace else K.reshape(n1 * c, n2 * c)
 
+    def pair_flops(self, X: torch.Tensor) -> float:
+        """Multiply-adds per pair of examples of the full (c × c block) kernel by these rules: Σ over Linear
+        layers of d_in + c² d_out, over position-Gram layers of P² (k + c² d_out), over materialised blocks of
+        c² q (q: their columns, the fallback's included). From the features of one example of X."""
+        f = self._features(X[:1])
+        flops = 0.0
+        for A, G, _ in f.outer:
+            c = G.shape[0]
+            flops += (0 if A is None else A.shape[-1]) + c * c * G.shape[-1]
+        for A, G, _ in f.spatial:
+            c, P = G.shape[0], A.shape[1]
+            flops += P * P * (A.shape[-1] + c * c * G.shape[-1])
+        for D in f.dense:
+            flops += D.shape[1] ** 2 * D.shape[2]
+        return flops
+
     def diagonal_blocks(self, X: torch.Tensor) -> torch.Tensor:
         """Per-example blocks J(x_i) J(x_i)ᵀ, (n, c, c), float64."""
         c = self.lin.output_dim(X)
