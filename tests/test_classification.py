@@ -385,3 +385,57 @@ def test_convergence_warning_is_not_raised_on_a_normal_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error", la.ConvergenceWarning)
         la.LinearizedClassifier(model).fit(X, labels_for(20, 3))
+
+
+# ---------------------------------------------------------------------------- leave-one-out link choice
+def test_loo_cavity_equals_removing_the_site_in_weight_space():
+    """The cavity from the c × c marginals equals dropping example i's Gaussian site from the weight-space
+    posterior (precision H − J_iᵀΛ_iJ_i, linear term Hδ* − J_iᵀ(Λ_i f̂_i + g_i − Λ_i f0_i))."""
+    from linadapt.loo import cavity
+
+    model, X = mlp(), inputs_for("mlp", 10)
+    y, s2 = labels_for(10, 3), 2.0
+    clf = la.LinearizedClassifier(model, prior_var=s2, optimize_hyperparameters=False, solver="cholesky").fit(X, y)
+    mean, cov = (torch.from_numpy(a) for a in clf.predict_logits(X))
+    mu_loo, cav = cavity(mean, cov, y)
+    J = reference_jacobian(model, X, clf.linearization_.param_names)  # (n, c, p)
+    with torch.no_grad():
+        f0 = model(X).double()
+    delta = clf.posterior_.delta.double()
+    assert rel_err(f0 + torch.einsum("iap,p->ia", J, delta), mean) < 1e-10
+    pi = torch.softmax(mean, 1)
+    lam = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None, :]
+    g = torch.nn.functional.one_hot(y, 3).double() - pi
+    H = torch.einsum("iap,iab,ibq->pq", J, lam, J) + torch.eye(J.shape[2], dtype=torch.float64) / s2
+    for i in range(10):
+        Ji = J[i]
+        P = H - Ji.T @ lam[i] @ Ji
+        eta = H @ delta - Ji.T @ (lam[i] @ mean[i] + g[i] - lam[i] @ f0[i])
+        assert rel_err(f0[i] + Ji @ torch.linalg.solve(P, eta), mu_loo[i]) < 1e-7
+        assert rel_err(Ji @ torch.linalg.solve(P, Ji.T), cav[i]) < 1e-7
+
+
+def test_auto_link_takes_the_best_leave_one_out_likelihood(tmp_path):
+    from linadapt.loo import AUTO_LINKS, loo_nll
+
+    model, X = mlp(), inputs_for("mlp", 30)
+    y = labels_for(30, 3)
+    clf = la.LinearizedClassifier(model, link="auto").fit(X, y)
+    assert set(clf.loo_nll_) == set(AUTO_LINKS) and all(math.isfinite(v) for v in clf.loo_nll_.values())
+    assert clf.link_ == min(clf.loo_nll_, key=clf.loo_nll_.get)
+    mean, cov = (torch.from_numpy(a) for a in clf.predict_logits(X))
+    assert clf.loo_nll_ == loo_nll(mean, cov, y)
+    Xt = inputs_for("mlp", 6, seed=9)
+    chosen = la.LinearizedClassifier(model, link=clf.link_, prior_var=clf.prior_var_, optimize_hyperparameters=False)
+    np.testing.assert_allclose(clf.predict_proba(Xt), chosen.fit(X, y).predict_proba(Xt), rtol=1e-12)
+    # set_params after fit switches the readout, as for any link
+    np.testing.assert_allclose(
+        clf.set_params(link="probit").predict_proba(Xt), chosen.set_params(link="probit").predict_proba(Xt), rtol=1e-12
+    )
+    clf.set_params(link="auto")
+    clf.save(tmp_path / "a.linadapt")
+    again = la.LinearizedClassifier.load(tmp_path / "a.linadapt", model)
+    assert again.link_ == clf.link_
+    np.testing.assert_allclose(again.predict_proba(Xt), clf.predict_proba(Xt), rtol=1e-10)
+    with pytest.raises(ValueError, match="distributed"):
+        la.LinearizedClassifier(model, link="auto", distributed=True).fit(X, y)

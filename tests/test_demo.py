@@ -26,6 +26,7 @@ def test_quick_demo_writes_records_and_a_self_contained_report(tmp_path):
         "linadapt",
         "linadapt-bridge",
         "linadapt-map",
+        "linadapt-auto",
     }
     for r in records:
         assert {"experiment", "method", "seed", "shots", "metrics", "fit_seconds"} <= set(r)

@@ -113,7 +113,7 @@ def test_mnist_to_animals_quick_records():
     records = run_experiment("mnist-to-animals", seeds=1, quick=True)
     by_method = {r["method"]: r["metrics"] for r in records}
     expected = OPTIONAL | {"source", "finetune-last", "finetune-all", "finetune-bias"}
-    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map")}
+    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map", "-auto")}
     assert set(by_method) == expected
     assert all(r["shots"] == 5 and r["experiment"] == "mnist-to-animals" for r in records)
     assert by_method["source"]["accuracy"] < 0.25  # digit units reused for animals: near chance before adapting
@@ -149,7 +149,7 @@ def test_pretrained_backbone_loads_the_imagenet_network_and_quick_records():
         "pretrained-backbone", seeds=1, quick=True, methods=["source", "finetune-last", "linadapt-last"]
     )
     by_method = {r["method"]: r["metrics"] for r in records}
-    expected = {"source", "finetune-last"} | {f"linadapt-last{link}" for link in ("", "-bridge", "-map")}
+    expected = {"source", "finetune-last"} | {f"linadapt-last{link}" for link in ("", "-bridge", "-map", "-auto")}
     assert set(by_method) == expected
     assert all(r["shots"] == 5 and r["experiment"] == "pretrained-backbone" for r in records)
     assert by_method["linadapt-last"]["accuracy"] > by_method["source"]["accuracy"] + 0.1
@@ -162,7 +162,7 @@ def test_unsup_to_sup_quick_records():
     records = run_experiment("unsup-to-sup", seeds=1, quick=True)
     by_method = {r["method"]: r["metrics"] for r in records}
     expected = OPTIONAL | {"source", "finetune-last", "finetune-all", "finetune-bias"}
-    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map")}
+    expected |= {f"linadapt{p}{link}" for p in ("", "-last") for link in ("", "-bridge", "-map", "-auto")}
     assert set(by_method) == expected
     assert all(r["shots"] == 5 and r["experiment"] == "unsup-to-sup" for r in records)
     assert all(0.0 < r["reconstruction_loss"] < 0.7 for r in records)  # below log 2: the autoencoder learned

@@ -14,6 +14,7 @@ from ._validation import as_label_tensor, check_choice, check_positive
 from .classification import ClassificationProblem, LaplacePosterior, optimize_prior_var
 from .distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
 from .linearize import Linearization
+from .loo import loo_nll
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
 from .regression import SolverOptions, choose_solver, choose_space, dense_kernel_flops
@@ -38,7 +39,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
         link: how probabilities are computed from the Gaussian over logits: ``"probit"``, ``"mc"``
             (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge) or
-            ``"map"`` (softmax of the posterior mean logits, the covariance ignored).
+            ``"map"`` (softmax of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of
+            probit, bridge and map has the best approximate leave-one-out log-likelihood on the training data
+            (:mod:`linadapt.loo`; chosen at ``fit``, in ``link_``).
         n_samples: Monte Carlo draws per example for ``link="mc"``.
         prior_mean: ``"network"`` — the prior is centred at the trained weights (adaptation);
             ``"zero"`` — centred at 0, the weight-decay prior of post-hoc Laplace on the training data.
@@ -61,6 +64,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         linearization_, posterior_: the linearization and the :class:`~linadapt.classification.LaplacePosterior`.
         n_iter_: Newton iterations of the final MAP search.
         log_marginal_likelihood_value_: the Laplace evidence at prior_var_.
+        link_: the link used by ``predict_proba`` (``link``, or the choice made with ``link="auto"``).
+        loo_nll_: with ``link="auto"``, the mean LOO negative log-likelihood of each candidate link.
     """
 
     def __init__(
@@ -105,7 +110,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def _check_settings(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        check_choice(self.link, "link", LINKS)
+        check_choice(self.link, "link", (*LINKS, "auto"))
+        if self.link == "auto" and self.distributed:
+            raise ValueError("link='auto' (leave-one-out choice) is not available with distributed=True")
         check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
         check_choice(self.space, "space", ("auto", "function", "parameter"))
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
@@ -177,7 +184,22 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.log_marginal_likelihood_value_ = posterior.log_evidence
         self._train_data = (Xt, local_labels)
         self._sharding = sharding
+        self.link_, self.loo_nll_ = self.link, None
+        if self.link == "auto":
+            self._choose_link()
         return self
+
+    def _choose_link(self) -> str:
+        """The link of ``predict_proba``: ``link``, or with ``"auto"`` the one with the best LOO likelihood
+        (computed once per fit, on the first call)."""
+        if self.link != "auto":
+            return self.link
+        if self.loo_nll_ is None:
+            Xt, labels = self._train_data
+            mean, cov = self._logits(Xt, True)
+            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device))
+            self.link_ = min(self.loo_nll_, key=self.loo_nll_.__getitem__)
+        return self.link_
 
     def log_marginal_likelihood(self, prior_var: float | None = None) -> float:
         """The Laplace evidence log q(y | prior_var) on the training data (default: the fitted value).
@@ -215,8 +237,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (m, c) from the Gaussian over logits by the ``link`` chosen."""
         self._check_fitted()
-        mean, cov = self._logits(X, self.link != "map")
-        proba = class_probabilities(mean, cov, self.link, self.n_samples, self.seed)
+        link = self._choose_link()
+        mean, cov = self._logits(X, link != "map")
+        proba = class_probabilities(mean, cov, link, self.n_samples, self.seed)
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:

@@ -197,7 +197,8 @@ def compare_classification(
     Records are ``tag`` plus method, metrics (accuracy, NLL, ECE on the test set), fit seconds. Methods: the
     source network, fine-tuning (last layer, all weights, biases; Adam, early stopping on 20 % of the
     labels; ``finetune_epochs`` epochs, default 300, 60 with ``quick``), linadapt with all weights (probit, the
-    Laplace bridge, the MAP logits alone) and, with ``last_layer``, the same for the last layer. ``variants``
+    Laplace bridge, the MAP logits alone, and ``-auto``: the one of those three chosen by leave-one-out
+    likelihood on the labelled examples) and, with ``last_layer``, the same for the last layer. ``variants``
     replaces those linadapt runs by (params, method name) pairs. Where laplace-torch is installed, also its
     Laplace (``laplace_subset`` weights, K-FAC) on a copy fine-tuned with weight decay (probit GLM predictive).
     """
@@ -245,6 +246,19 @@ def compare_classification(
         # The same posterior read out two other ways: the Laplace bridge, and the MAP logits alone.
         record(f"{name}-bridge", class_probabilities(mean, cov, "bridge").numpy(), seconds, **info)
         record(f"{name}-map", class_probabilities(mean, None, "map").numpy(), seconds, **info)
+        # link="auto": the readout with the best approximate leave-one-out likelihood on the training labels
+        t = time.perf_counter()
+        chosen = clf.set_params(link="auto")._choose_link()
+        loo_seconds = time.perf_counter() - t
+        record(
+            f"{name}-auto",
+            out.probas[name if chosen == "probit" else f"{name}-{chosen}"],
+            seconds + loo_seconds,
+            **info,
+            link=chosen,
+            loo_nll=clf.loo_nll_,
+        )
+        clf.set_params(link="probit")
         if out.classifier is None:
             out.classifier = clf
     return out

@@ -147,7 +147,9 @@ def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], st
     )
     body = (
         f"<p>Source: 3,500 upright digits. Target: digits rotated by 60°, {shots} labels per class; "
-        f"{len(result.labels)} rotated test digits. <i>linadapt-map</i> is the softmax of the MAP logits alone.</p>"
+        f"{len(result.labels)} rotated test digits. <i>linadapt-map</i> is the softmax of the MAP logits alone; "
+        "<i>linadapt-auto</i> the readout (probit, bridge or MAP) with the best leave-one-out likelihood on the "
+        "labelled digits.</p>"
         f"{_records_table(records)}{hyper}"
         f"{report.figure_html(fig, 'reliability diagram')}"
         "<p class='note'>On this shift the Laplace Gaussian around the linearized MAP is too wide, so the probit "
