@@ -404,6 +404,8 @@ def experiment(
 
     if name not in EXPERIMENTS:
         _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+    if merge and not output:
+        _fail("--merge needs --output (the file to merge into)")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(name, total=None)
         try:
@@ -416,8 +418,6 @@ def experiment(
     if not records:
         _fail(f"no records: none of the methods {methods!r} applies to the {name} experiment")
     if merge:
-        if not output:
-            _fail("--merge needs --output (the file to merge into)")
         records = _merge_records(output, records)
     print(summarize(records))
     if output:
@@ -433,10 +433,10 @@ def experiment(
         console.print(f"wrote {plot}")
 
 
-def _merge_records(path: str, new: list[dict]) -> list[dict]:
+def _merge_records(path: str | None, new: list[dict]) -> list[dict]:
     """The records in JSON file ``path`` (if it exists) with those of ``new``'s (experiment, method, seed, shots,
     variant) replaced by ``new``'s, followed by ``new``."""
-    if not os.path.exists(path):
+    if path is None or not os.path.exists(path):
         return new
     try:
         with open(path) as f:
