@@ -313,3 +313,25 @@ def test_weight_decay_prior_is_the_gp_with_shifted_mean(space, solver):
     assert reg.log_marginal_likelihood() == pytest.approx(float(lml) - 12 * math.log(2 * math.pi), rel=1e-8)
     with pytest.raises(ValueError, match="alternatives"):
         la.LinearizedRegressor(model, mean="zero", prior_mean="zero").fit(X, Y)
+
+
+def test_forced_cholesky_that_cannot_fit_says_so():
+    """solver='cholesky' in parameter space with p = 100k would need a 75 GiB matrix: a clear ValueError, not an
+    allocation failure deep inside torch."""
+    import torch
+    from torch import nn
+
+    import linadapt as la
+
+    net = nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 1))
+    X, y = torch.randn(20, 3), torch.randn(20)
+    for est in (la.LinearizedRegressor(net, space="parameter", solver="cholesky"),):
+        with pytest.raises(ValueError, match="solver='cholesky' in parameter space needs dense matrices"):
+            est.fit(X, y)
+    clf = la.LinearizedClassifier(
+        nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 2)),
+        space="parameter",
+        solver="cholesky",
+    )
+    with pytest.raises(ValueError, match="use solver='cg' or 'auto'"):
+        clf.fit(X, (y > 0).long())

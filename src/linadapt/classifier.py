@@ -17,7 +17,7 @@ from .linearize import Linearization
 from .loo import loo_nll
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
-from .regression import SolverOptions, choose_solver, choose_space, dense_kernel_flops
+from .regression import SolverOptions, choose_solver, choose_space, dense_fits, dense_kernel_flops
 from .selection import ParamSpec
 
 __all__ = ["LinearizedClassifier"]
@@ -165,6 +165,13 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
         else:
             solver = self.solver
+        if solver == "cholesky" and not dense_fits(space, n_obs, p, options.memory_budget):
+            need = (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8 / 2**30
+            raise ValueError(
+                f"solver='cholesky' in {space} space needs dense matrices of {need:,.1f} GiB (N = {n_obs:,} "
+                f"outputs, p = {p:,} parameters), above the memory budget of "
+                f"{options.memory_budget / 2**30:.1f} GiB; use solver='cg' or 'auto'"
+            )
         problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:

@@ -22,6 +22,7 @@ from .regression import (
     SolverOptions,
     choose_solver,
     choose_space,
+    dense_fits,
     dense_kernel_flops,
 )
 from .selection import ParamSpec
@@ -170,6 +171,13 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
         else:
             solver = self.solver
+        if solver == "cholesky" and not dense_fits(space, n_obs, p, options.memory_budget):
+            need = (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8 / 2**30
+            raise ValueError(
+                f"solver='cholesky' in {space} space needs dense matrices of {need:,.1f} GiB (N = {n_obs:,} "
+                f"outputs, p = {p:,} parameters), above the memory budget of "
+                f"{options.memory_budget / 2**30:.1f} GiB; use solver='cg' or 'auto'"
+            )
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
