@@ -27,7 +27,7 @@ def mnist_to_animals(
 ) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: one
     source epoch, 5 shots, 300 test images, shorter fine-tuning; not for quoting."""
-    from .data import load_animals, load_mnist
+    from .data import load_animals, load_mnist, per_class_sample
     from .experiments import train_source
 
     step = step or (lambda _msg: None)
@@ -43,8 +43,7 @@ def mnist_to_animals(
     records: list[dict] = []
     for k in (shots,) if shots else ((5,) if quick else SHOTS):
         g = torch.Generator().manual_seed(100 * seed + k)
-        per_class = [pool[a[pool] == c] for c in range(10)]
-        pick = torch.cat([idx[torch.randperm(idx.numel(), generator=g)[:k]] for idx in per_class])
+        pick = per_class_sample(pool, a, k, g)
         tag = {"experiment": "mnist-to-animals", "seed": seed, "shots": k}
         result = compare_classification(
             net,

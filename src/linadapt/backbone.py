@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .compare import compare_classification
+from .data import per_class_sample
 
 __all__ = ["HEAD_BLOCK", "SHOTS", "efficientnet_lite0", "pretrained_backbone"]
 
@@ -105,9 +106,7 @@ def pretrained_backbone(
     records: list[dict] = []
     for k in (shots,) if shots else ((5,) if quick else SHOTS):
         g = torch.Generator().manual_seed(100 * seed + k)
-        pick = torch.cat(
-            [idx[torch.randperm(idx.numel(), generator=g)[:k]] for idx in (pool[a[pool] == c] for c in range(10))]
-        )
+        pick = per_class_sample(pool, a, k, g)
         tag = {"experiment": "pretrained-backbone", "seed": seed, "shots": k}
         result = compare_classification(
             net,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["load_mnist", "rotate_images"]
+__all__ = ["load_animals", "load_mnist", "per_class_sample", "rotate_images"]
 
 
 def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +49,18 @@ def load_animals() -> tuple[torch.Tensor, torch.Tensor]:
         labels = np.asarray(pickle.load(f), dtype=np.int64)
     X = torch.from_numpy(images / 255.0).reshape(-1, 1, 28, 28)
     return X, torch.from_numpy(labels)
+
+
+def per_class_sample(
+    pool: torch.Tensor, labels: torch.Tensor, k: int, generator: torch.Generator, n_classes: int = 10
+) -> torch.Tensor:
+    """Indices of ``k`` examples of each class 0 … n_classes − 1 drawn without replacement from ``pool``
+    (indices into ``labels``), class by class in order, each by one ``randperm`` from ``generator``."""
+    picks = []
+    for c in range(n_classes):
+        idx = pool[labels[pool] == c]
+        picks.append(idx[torch.randperm(idx.numel(), generator=generator)[:k]])
+    return torch.cat(picks)
 
 
 def rotate_images(X: torch.Tensor, degrees: float) -> torch.Tensor:

