@@ -17,7 +17,7 @@ from .linearize import Linearization
 from .loo import loo_nll
 from .persistence import SaveLoadMixin
 from .predictive import LINKS, class_probabilities
-from .regression import SolverOptions, choose_solver, choose_space, dense_fits, dense_kernel_flops
+from .regression import SolverOptions, choose_space_and_solver
 from .selection import ParamSpec
 
 __all__ = ["LinearizedClassifier"]
@@ -157,21 +157,10 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         if sharding is not None:
             f0, labels = sharding.gather(f0), sharding.gather(labels)
         options = SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
-        n_obs, p = labels.shape[0] * c, lin.num_params
-        space = choose_space(n_obs, p) if self.space == "auto" else self.space
-        if self.solver == "auto":
-            # per-layer rules can make the dense kernel far cheaper than N² p (not counted for a sharded fit)
-            flops = dense_kernel_flops(lin, Xt) if space == "function" and sharding is None else None
-            solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
-        else:
-            solver = self.solver
-        if solver == "cholesky" and not dense_fits(space, n_obs, p, options.memory_budget):
-            need = (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8 / 2**30
-            raise ValueError(
-                f"solver='cholesky' in {space} space needs dense matrices of {need:,.1f} GiB (N = {n_obs:,} "
-                f"outputs, p = {p:,} parameters), above the memory budget of "
-                f"{options.memory_budget / 2**30:.1f} GiB; use solver='cg' or 'auto'"
-            )
+        n_obs = labels.shape[0] * c
+        space, solver = choose_space_and_solver(
+            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+        )
         problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:

@@ -37,6 +37,7 @@ __all__ = [
     "SolverOptions",
     "choose_solver",
     "choose_space",
+    "choose_space_and_solver",
     "dense_kernel_flops",
 ]
 
@@ -64,11 +65,14 @@ def choose_space(n_obs: int, p: int) -> str:
     return "function" if n_obs <= p else "parameter"
 
 
+def dense_bytes(space: str, n_obs: int, p: int) -> int:
+    """Bytes of the dense matrix of this space (and, for parameter space, the explicit J), float64."""
+    return (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8
+
+
 def dense_fits(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET) -> bool:
     """Whether the dense matrix of this space (and, for parameter space, the explicit J) fits the budget."""
-    if space == "function":
-        return n_obs * n_obs * 8 <= memory_budget
-    return (n_obs * p + p * p) * 8 <= memory_budget
+    return dense_bytes(space, n_obs, p) <= memory_budget
 
 
 def choose_solver(
@@ -86,6 +90,38 @@ def choose_solver(
     if dim <= _DENSE_MAX_DIM and flops <= _DENSE_FLOP_BUDGET and dense_fits(space, n_obs, p, memory_budget):
         return "cholesky"
     return "cg"
+
+
+def choose_space_and_solver(
+    lin: Linearization,
+    X: torch.Tensor,
+    n_obs: int,
+    space: str,
+    solver: str,
+    memory_budget: int = _MEMORY_BUDGET,
+    sharded: bool = False,
+) -> tuple[str, str]:
+    """The estimators' ``space`` / ``solver`` settings resolved for N = n_obs outputs on inputs X.
+
+    ``"auto"`` space: :func:`choose_space`; ``"auto"`` solver: :func:`choose_solver`, costing the dense
+    function-space kernel by the per-layer rules when they apply (not for a ``sharded`` fit, whose X is one
+    shard).
+
+    Raises:
+        ValueError: ``solver="cholesky"`` given where the dense matrices exceed ``memory_budget``.
+    """
+    p = lin.num_params
+    space = choose_space(n_obs, p) if space == "auto" else space
+    if solver == "auto":
+        flops = dense_kernel_flops(lin, X) if space == "function" and not sharded else None
+        solver = choose_solver(space, n_obs, p, memory_budget, flops)
+    if solver == "cholesky" and not dense_fits(space, n_obs, p, memory_budget):
+        raise ValueError(
+            f"solver='cholesky' in {space} space needs dense matrices of "
+            f"{dense_bytes(space, n_obs, p) / 2**30:,.1f} GiB (N = {n_obs:,} outputs, p = {p:,} parameters), "
+            f"above the memory budget of {memory_budget / 2**30:.1f} GiB; use solver='cg' or 'auto'"
+        )
+    return space, solver
 
 
 def dense_kernel_flops(lin: Linearization, X: torch.Tensor) -> float | None:

@@ -20,10 +20,7 @@ from .regression import (
     RegressionPosterior,
     RegressionProblem,
     SolverOptions,
-    choose_solver,
-    choose_space,
-    dense_fits,
-    dense_kernel_flops,
+    choose_space_and_solver,
 )
 from .selection import ParamSpec
 
@@ -163,21 +160,10 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             offset = -lin.theta_vector()
             problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
         r = problem.r
-        n_obs, p = r.numel(), lin.num_params
-        space = choose_space(n_obs, p) if self.space == "auto" else self.space
-        if self.solver == "auto":
-            # per-layer rules can make the dense kernel far cheaper than N² p (not counted for a sharded fit)
-            flops = dense_kernel_flops(lin, Xt) if space == "function" and sharding is None else None
-            solver = choose_solver(space, n_obs, p, options.memory_budget, flops)
-        else:
-            solver = self.solver
-        if solver == "cholesky" and not dense_fits(space, n_obs, p, options.memory_budget):
-            need = (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8 / 2**30
-            raise ValueError(
-                f"solver='cholesky' in {space} space needs dense matrices of {need:,.1f} GiB (N = {n_obs:,} "
-                f"outputs, p = {p:,} parameters), above the memory budget of "
-                f"{options.memory_budget / 2**30:.1f} GiB; use solver='cg' or 'auto'"
-            )
+        n_obs = r.numel()
+        space, solver = choose_space_and_solver(
+            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+        )
         if noise0 is None:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
