@@ -129,8 +129,9 @@ class StructuredNTK:
         self._set_fallback()
 
     # ------------------------------------------------------------------ features of one chunk
-    def _features(self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE) -> _Features:
-        """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below)."""
+    def _features(self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE, products: bool = False) -> _Features:
+        """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below); with ``products``, each
+        reused-weight layer in the form cheaper for Jacobian-vector products rather than for kernels."""
         lin = self.lin
         b = xb.shape[0]
         inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
@@ -168,7 +169,7 @@ class StructuredNTK:
             # to float64 precision for the solves (float32 products perturb its eigenvalues by ~1e-7·‖K‖)
             G = G.detach().to(dtype)
             A = inputs[layer.name][0].detach().to(dtype)
-            self._layer_features(layer, A, G, feats)
+            self._layer_features(layer, A, G, feats, products)
         if self._sub is not None:
             feats.dense.append(self._sub._jacobian_chunk(xb).to(dtype))
             feats.dense_names.append(list(self.fallback))
@@ -193,8 +194,11 @@ class StructuredNTK:
                 per_output[k].append(torch.zeros_like(z) if g is None else g)
         return [torch.stack(g) for g in per_output]
 
-    def _layer_features(self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, feats: _Features) -> None:
+    def _layer_features(
+        self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, feats: _Features, products: bool = False
+    ) -> None:
         mod, c, b = layer.module, G.shape[0], A.shape[0]
+        position_form = _position_form_for_products if products else _position_gram_cheaper
         if isinstance(mod, nn.Linear):
             if A.dim() == 2:
                 feats.outer.append((A if layer.weight else None, G, layer.bias is not None))
@@ -202,7 +206,7 @@ class StructuredNTK:
                 return
             A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
             G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
-            if layer.weight and _position_gram_cheaper(A3.shape[1], A3.shape[2], G4.shape[-1], c):
+            if layer.weight and position_form(A3.shape[1], A3.shape[2], G4.shape[-1], c):
                 feats.spatial.append((A3, G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -230,7 +234,7 @@ class StructuredNTK:
         parts = []
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
-            if _position_gram_cheaper(patches.shape[2], patches.shape[1], Gf.shape[2], c):
+            if position_form(patches.shape[2], patches.shape[1], Gf.shape[2], c):
                 feats.spatial.append((patches.transpose(1, 2), Gf.transpose(2, 3), layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -451,14 +455,17 @@ class FactoredJacobian:
     def __init__(self, engine: StructuredNTK, X: torch.Tensor, chunks: list[slice]) -> None:
         lin = engine.lin
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
-        f = _join([engine._features(X[sl], self.dtype) for sl in chunks])
+        f = _join([engine._features(X[sl], self.dtype, products=True) for sl in chunks])
         self.c = lin.output_dim(X)
-        # Linear layers: (inputs (n, d_in) or None, output gradients laid out (n, c, d_out), weight, bias names)
-        self.outer = [(A, G.transpose(0, 1).contiguous(), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
+        # Linear layers: (inputs (n, d_in) or None, output gradients (c, n, d_out) — or None when they are the
+        # identity (a layer producing the network's outputs: g_ia = e_a) —, weight, bias names)
+        self.outer = [(A, _unless_identity(G), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
+        self._outer_widths = [G.shape[0] * G.shape[2] for _, G, _ in f.outer]
         self.dense = list(zip(f.dense, f.dense_names))  # ((n, c, q), parameter names in column order)
-        # position-Gram layers: (patches (n, P, k), output gradients laid out (n, c, P, d_out), weight, bias names)
+        # reused-weight layers kept unexpanded: (patches (n, P, k), output gradients (c, n, P·d_out), weight,
+        # bias names)
         self.spatial = [
-            (A, G.transpose(0, 1).contiguous(), w, b) for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
+            (A, G.reshape(G.shape[0], G.shape[1], -1), w, b) for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
         ]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
@@ -480,11 +487,7 @@ class FactoredJacobian:
 
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
-        width = max(
-            [G.shape[1] * G.shape[2] for _, G, _, _ in self.outer]
-            + [G.shape[2] * G.shape[3] for _, G, _, _ in self.spatial]
-            + [self.c]
-        )
+        width = max(self._outer_widths + [G.shape[0] * G.shape[2] for _, G, _, _ in self.spatial] + [self.c])
         size = max(1, min(self.n, _PRODUCT_BUDGET // max(1, k * width)))
         return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
 
@@ -496,16 +499,17 @@ class FactoredJacobian:
         for sl in self._blocks(k):
             Ub = U[:, sl]
             for A, G, w, b in self.outer:
-                W = _contract_outputs(G[sl], Ub)  # (k, block, d_out): Σ_a u_ia g_ia
-                if w is not None:
+                W = Ub if G is None else _contract_outputs(G[:, sl], Ub)  # (k, block, d_out): Σ_a u_ia g_ia
+                if w is not None:  # Σ_i w_i a_iᵀ: one matrix product for all k vectors
                     out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A[sl]).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
             for A, G, w, b in self.spatial:
-                W = torch.einsum("bcso,kbc->kbso", G[sl], Ub)  # Σ_a u_ia g_ias
-                out[:, self._slices[w]] += torch.einsum("kbso,bsi->koi", W, A[sl]).reshape(k, -1)
+                nb, P, d_in = A[sl].shape
+                W = _contract_outputs(G[:, sl], Ub).reshape(k, nb * P, -1)  # Σ_a u_ia g_ias, rows (example, s)
+                out[:, self._slices[w]] += torch.einsum("kro,ri->koi", W, A[sl].reshape(nb * P, d_in)).reshape(k, -1)
                 if b is not None:
-                    out[:, self._slices[b]] += W.sum((1, 2))
+                    out[:, self._slices[b]] += W.sum(1)
             for D, names in self.dense:
                 flat = torch.einsum("bcq,kbc->kq", D[sl], Ub)
                 q0 = 0
@@ -522,30 +526,31 @@ class FactoredJacobian:
         out = torch.zeros(k, self.n, self.c, dtype=self.dtype, device=V.device)
         pieces = []
         for A, G, w, b in self.outer:
-            Vw = None if w is None else V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1])  # (k, o, i)
+            d_out = self.c if G is None else G.shape[-1]
+            Vw = None if w is None else V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])  # (k, o, i)
             vb = None if b is None else V[:, self._slices[b]].unsqueeze(1)  # (k, 1, o)
             pieces.append((A, G, Vw, vb))
         dense = [(D, torch.cat([V[:, self._slices[name]] for name in names], dim=1)) for D, names in self.dense]
-        spatial = [
-            (
-                A,
-                G,
-                V[:, self._slices[w]].reshape(k, G.shape[-1], A.shape[-1]),
-                None if b is None else V[:, self._slices[b]][:, None, None, :],
-            )
-            for A, G, w, b in self.spatial
-        ]
+        spatial = []
+        for A, G, w, b in self.spatial:
+            d_out = G.shape[-1] // A.shape[1]
+            Vw = V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])
+            spatial.append((A, G, Vw, None if b is None else V[:, self._slices[b]][:, None, :]))
         for sl in self._blocks(k):
             for A, G, Vw, vb in spatial:
-                M = torch.einsum("bsi,koi->kbso", A[sl], Vw)
+                nb, P, d_in = A[sl].shape
+                M = torch.einsum("ri,koi->kro", A[sl].reshape(nb * P, d_in), Vw)
                 if vb is not None:
-                    M = M + vb
-                out[:, sl] += torch.einsum("bcso,kbso->kbc", G[sl], M)
+                    M += vb
+                out[:, sl] += _expand_outputs(G[:, sl], M.reshape(k, nb, -1))  # Σ_s g_ias · (V_W a_is + v_b)
             for A, G, Vw, vb in pieces:
-                M = None if Vw is None else torch.einsum("bi,koi->kbo", A[sl], Vw)
-                if vb is not None:
-                    M = vb.expand(k, sl.stop - sl.start, vb.shape[-1]) if M is None else M + vb
-                out[:, sl] += _expand_outputs(G[sl], M)
+                if Vw is None:
+                    M = vb.expand(k, sl.stop - sl.start, vb.shape[-1])
+                else:  # (k, block, d_out): V_W a_i [+ v_b], one matrix product for all k vectors
+                    M = torch.einsum("bi,koi->kbo", A[sl], Vw)
+                    if vb is not None:
+                        M += vb
+                out[:, sl] += M if G is None else _expand_outputs(G[:, sl], M)
             for D, Vq in dense:
                 out[:, sl] += torch.einsum("bcq,kq->kbc", D[sl], Vq)
         return out.to(ALGEBRA_DTYPE)
@@ -586,6 +591,17 @@ def _position_gram_cheaper(P: int, k: int, d_out: int, c: int) -> bool:
     return P * P <= _MAX_POSITION_PAIRS and 2 * P * P * (k + c * c * (d_out + 1)) < c * c * d_out * k
 
 
+_MACS_PER_READ = 16  # multiply-adds of a matrix product that cost about as much as reading one entry from memory
+
+
+def _position_form_for_products(P: int, k: int, d_out: int, c: int) -> bool:
+    """Whether Jacobian-vector products through a reused-weight layer are cheaper from its patches (P, k) and
+    output gradients (c, P, d_out) per example — one pass over those plus a matrix product with P·k·d_out
+    multiply-adds — than from its materialised per-example gradients (c, d_out·(k + 1)), which are one
+    memory-bound pass per product."""
+    return P * k * d_out + _MACS_PER_READ * (c * P * d_out + P * k) < _MACS_PER_READ * c * d_out * (k + 1)
+
+
 def _position_gram_block(
     A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
 ) -> torch.Tensor:
@@ -609,21 +625,48 @@ def _position_gram_block(
     return out
 
 
+_CACHE_ENTRIES = 2**19  # entries of a product's temporary that stay in the CPU caches
 _FEW = 4  # up to this many vectors, per-example contractions over outputs run as broadcast products
 
 
 def _contract_outputs(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """W[k, b, o] = Σ_a U[k, b, a] G[b, a, o] for G (n, c, o), U (k, n, c): per-example (1 × c)(c × o)."""
-    if U.shape[0] <= _FEW:
-        return torch.stack([torch.bmm(u.unsqueeze(1), G).squeeze(1) for u in U])
-    return torch.bmm(U.transpose(0, 1), G).transpose(0, 1)
+    """W[k, b, o] = Σ_a U[k, b, a] G[a, b, o] for G (c, n, o), U (k, n, c)."""
+    if U.shape[0] <= _FEW:  # accumulate over the outputs in place: one pass over G, no (c, n, o) temporary
+        out = []
+        for u in U.transpose(1, 2):  # (c, n)
+            w = G[0] * u[0].unsqueeze(1)
+            for a in range(1, G.shape[0]):
+                w.addcmul_(G[a], u[a].unsqueeze(1))
+            out.append(w)
+        return torch.stack(out)
+    return torch.einsum("kba,abo->kbo", U, G)
 
 
 def _expand_outputs(G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """out[k, b, a] = Σ_o G[b, a, o] M[k, b, o] for G (n, c, o), M (k, n, o)."""
-    if M.shape[0] <= _FEW:  # batched matrix-vector products are slow here: multiply and sum instead
-        return torch.stack([(G * m.unsqueeze(1)).sum(-1) for m in M])
-    return torch.bmm(G, M.permute(1, 2, 0)).permute(2, 0, 1)
+    """out[k, b, a] = Σ_o G[a, b, o] M[k, b, o] for G (c, n, o), M (k, n, o)."""
+    c, n, o = G.shape
+    rows = max(1, _CACHE_ENTRIES // (c * o))  # row blocks whose temporaries stay in cache
+    if M.shape[0] > _FEW:  # per example (c × o)(o × k), on a copy of the block's G laid out per example
+        per_example = torch.empty(n, c, M.shape[0], dtype=G.dtype, device=G.device)
+        for s in range(0, n, rows):
+            blk = G[:, s : s + rows].transpose(0, 1).contiguous()
+            torch.bmm(blk, M[:, s : s + rows].permute(1, 2, 0), out=per_example[s : s + rows])
+        return per_example.permute(2, 0, 1)
+    out = torch.empty(M.shape[0], n, c, dtype=G.dtype, device=G.device)
+    for m, res in zip(M, out):  # multiply and sum
+        for s in range(0, n, rows):
+            res[s : s + rows] = (G[:, s : s + rows] * m[s : s + rows]).sum(-1).t()
+    return out
+
+
+def _unless_identity(G: torch.Tensor) -> torch.Tensor | None:
+    """None when the output gradients G (c, n, o) are g_ia = e_a for every example (a layer whose outputs are the
+    network's outputs), so that products skip them; else G."""
+    c, n, o = G.shape
+    if c != o:
+        return G
+    eye = torch.eye(c, dtype=G.dtype, device=G.device).unsqueeze(1)
+    return None if torch.equal(G, eye.expand(c, n, c)) else G
 
 
 def factored_jacobian(
