@@ -100,11 +100,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(params=["auto", "position-gram"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form."""
+    """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form (kernels)
+    and unexpanded (patches and output gradients, for the cached-factor products)."""
     import linadapt.structured as structured
 
     if request.param == "position-gram":
         monkeypatch.setattr(structured, "_position_gram_cheaper", lambda *_: True)
+        monkeypatch.setattr(structured, "_position_form_for_products", lambda *_: True)
     return request.param
 
 
@@ -273,7 +275,7 @@ def test_factored_jacobian_products_equal_autodiff(name: str, k: int, route: str
         assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
 
 
-def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     import linadapt.structured as structured
 
     monkeypatch.setattr(structured, "_PRODUCT_BUDGET", 7)  # blocks of one example: temporaries stay bounded
