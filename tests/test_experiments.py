@@ -26,6 +26,7 @@ METHODS = OPTIONAL | {
     "linadapt",
     "linadapt-last",
     "linadapt-rbf",
+    "linadapt-layers",
 }
 
 

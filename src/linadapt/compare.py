@@ -41,6 +41,7 @@ METHODS = (
     "linadapt-last",
     "linadapt-head",
     "linadapt-rbf",
+    "linadapt-layers",
 )
 _SELECTED: ContextVar[frozenset[str] | None] = ContextVar("linadapt_selected_methods", default=None)
 
@@ -159,6 +160,13 @@ def compare_regression(
         seconds = time.perf_counter() - t
         mean, std = reg.predict(xt, return_std=True)
         record(name, mean, std, seconds, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
+    if _wanted("linadapt-layers"):
+        step("linadapt-layers (one prior variance per layer, by the evidence)")
+        t = time.perf_counter()
+        reg = LinearizedRegressor(net, prior_groups="layers").fit(x, y[:, 0])
+        seconds = time.perf_counter() - t
+        mean, std = reg.predict(xt, return_std=True)
+        record("linadapt-layers", mean, std, seconds, prior_vars=reg.prior_vars_, noise_var=reg.noise_var_)
     if not composite or not _wanted("linadapt-rbf"):
         return records
     step("linadapt-rbf (NTK + RBF kernel, both scales by marginal likelihood)")

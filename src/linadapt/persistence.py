@@ -110,9 +110,11 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         "y": y.detach().cpu().contiguous(),
         "delta": estimator.posterior_.delta.detach().cpu().contiguous(),
     }
-    fitted: dict[str, float] = {"prior_var_": float(estimator.prior_var_)}
+    fitted: dict[str, Any] = {"prior_var_": None if estimator.prior_var_ is None else float(estimator.prior_var_)}
     if isinstance(estimator, LinearizedRegressor):
         fitted["noise_var_"] = float(estimator.noise_var_)
+        if estimator.prior_vars_ is not None:
+            fitted["prior_vars_"] = dict(estimator.prior_vars_)
     lin = estimator.linearization_
     from . import __version__
 
@@ -203,7 +205,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
     estimator = cls(model, **header["settings"])
     fitted = header["fitted"]
     if cls is LinearizedRegressor:
-        estimator._fit(payload["X"], payload["y"], (fitted["prior_var_"], fitted["noise_var_"]))
+        prior = fitted["prior_vars_"] if fitted.get("prior_vars_") is not None else fitted["prior_var_"]
+        estimator._fit(payload["X"], payload["y"], (prior, fitted["noise_var_"]))
     else:
         estimator._fit(payload["X"], payload["y"], fitted["prior_var_"])
     if list(estimator.linearization_.param_names) != header["model"]["selected"]:

@@ -14,6 +14,7 @@ from torch import nn
 from ._validation import as_target_tensor, check_choice, check_positive
 from .distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
 from .evidence import maximize_evidence
+from .groups import GroupedKernels, GroupedPosterior, GroupSpec, maximize_group_evidence, resolve_groups
 from .linearize import Linearization
 from .persistence import SaveLoadMixin
 from .regression import (
@@ -38,6 +39,12 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         model: a trained ``torch.nn.Module`` returning (n, c) or (n,) outputs. It is never modified.
         params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
         prior_var: s², the prior variance of θ − θ̂ (starting value when optimising, fixed otherwise).
+        prior_groups: one prior variance per group of weights instead of one for all: ``"layers"`` (a group
+            per module owning adapted weights), ``"tensors"`` (per parameter tensor), or a list of name /
+            glob patterns (or lists of them), one group each, the unmatched weights forming a group
+            ``"rest"``. The kernel is then Σ_g s²_g J_g Jᵀ_g, every s²_g learned by the evidence (starting
+            from the best single s²; ``prior_var`` is each group's value without optimisation). Uses the dense
+            function-space path (space ``"function"``, solver ``"cholesky"``); see :mod:`linadapt.groups`.
         noise_var: σ², the observation-noise variance; ``None`` starts from 0.1 × the variance of the
             residuals y − m(X) (and, without optimisation, uses that guess).
         optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
@@ -61,7 +68,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             gives the same answer on every rank. See docs/distributed.md.
 
     Attributes (after ``fit``):
-        prior_var_, noise_var_: the hyperparameters used.
+        prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
+        prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
         space_, solver_: the choices made (``solver_`` becomes ``"cholesky"`` after a CG fallback).
         n_outputs_: c. linearization_: the :class:`~linadapt.linearize.Linearization`.
         log_marginal_likelihood_value_: log p(y | prior_var_, noise_var_).
@@ -73,6 +81,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         model: nn.Module,
         params: ParamSpec = "all",
         prior_var: float = 1.0,
+        prior_groups: GroupSpec = None,
         noise_var: float | None = None,
         optimize_hyperparameters: bool = True,
         mean: str = "network",
@@ -89,6 +98,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.model = model
         self.params = params
         self.prior_var = prior_var
+        self.prior_groups = prior_groups
         self.noise_var = noise_var
         self.optimize_hyperparameters = optimize_hyperparameters
         self.mean = mean
@@ -116,8 +126,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         """
         return self._fit(X, y, None)
 
-    def _fit(self, X: Any, y: Any, fixed: tuple[float, float] | None) -> LinearizedRegressor:
-        """``fit``, or with ``fixed`` = (prior_var_, noise_var_) the posterior at those values (used by load)."""
+    def _fit(self, X: Any, y: Any, fixed: tuple[Any, float] | None) -> LinearizedRegressor:
+        """``fit``, or with ``fixed`` = (prior_var_, noise_var_) the posterior at those values (used by load;
+        with prior groups, prior_var_ is the {label: s²_g} dict)."""
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         check_choice(self.mean, "mean", ("network", "zero"))
@@ -132,6 +143,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         prior0 = check_positive(self.prior_var, "prior_var")
         noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
         distributed = bool(self.distributed)
+        if self.prior_groups is not None:
+            self._check_group_settings()
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
             lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
@@ -161,6 +174,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
         r = problem.r
         n_obs = r.numel()
+        self.prior_vars_ = self.groups_ = None
+        if self.prior_groups is not None:
+            return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed)
         space, solver = choose_space_and_solver(
             lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
         )
@@ -186,6 +202,62 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self._sharding = sharding
         return self
 
+    def _check_group_settings(self) -> None:
+        if self.distributed:
+            raise ValueError("prior_groups is not available with distributed=True (it uses the dense kernels)")
+        if self.prior_mean != "network":
+            raise ValueError("prior_groups needs prior_mean='network' (the weight prior centred at the trained θ̂)")
+        if self.space == "parameter" or self.solver == "cg":
+            raise ValueError(
+                f"prior_groups uses the dense function-space path (space='function', solver='cholesky'); got "
+                f"space={self.space!r}, solver={self.solver!r}"
+            )
+
+    def _fit_groups(
+        self,
+        lin: Linearization,
+        Xt: torch.Tensor,
+        yt: torch.Tensor,
+        r: torch.Tensor,
+        prior0: float,
+        noise0: float | None,
+        fixed: tuple[Any, float] | None,
+    ) -> LinearizedRegressor:
+        """The fit with one prior variance per group (dense function space, :mod:`linadapt.groups`)."""
+        groups = resolve_groups(list(lin.param_names), self.prior_groups)
+        n_obs = r.numel()
+        need = 8 * (len(groups) + 2) * n_obs * n_obs
+        budget = self._options().memory_budget
+        if need > budget:
+            raise ValueError(
+                f"prior_groups needs {len(groups)} dense {n_obs} × {n_obs} kernels ({need / 2**30:.1f} GiB), more "
+                f"than the memory budget ({budget / 2**30:.1f} GiB): use fewer groups or fewer training points"
+            )
+        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device)
+        Ks = kernels.gram(Xt)
+        if noise0 is None:
+            noise0 = max(0.1 * (float(r.var()) if n_obs > 1 else float(r @ r)), 1e-12)
+        labels = [label for label, _ in groups]
+        if fixed is not None:
+            given, noise = fixed
+            if set(given) != set(labels):
+                raise ValueError(f"saved prior groups {sorted(given)} differ from this model's {sorted(labels)}")
+            s2 = np.array([float(given[label]) for label in labels])
+        elif self.optimize_hyperparameters:
+            s2, noise, _ = maximize_group_evidence(Ks, r, prior0, noise0)
+        else:
+            s2, noise = np.full(len(groups), prior0), noise0
+        posterior = GroupedPosterior(kernels, lin, Xt, r, Ks, s2, noise)
+        c = r.numel() // Xt.shape[0]
+        self.linearization_, self.problem_, self.posterior_ = lin, None, posterior
+        self.prior_var_, self.noise_var_ = None, float(noise)
+        self.prior_vars_ = {label: float(v) for label, v in zip(labels, s2)}
+        self.groups_ = {label: list(names) for label, names in groups}
+        self.space_, self.solver_, self.n_outputs_, self.solve_info_ = "function", "cholesky", c, None
+        self._train_data = (Xt, yt)
+        self._sharding = None
+        return self
+
     @property
     def log_marginal_likelihood_value_(self) -> float:
         """log p(y) at the fitted hyperparameters (computed on first access, then cached).
@@ -196,6 +268,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         """
         self._check_fitted()
         post = self.posterior_
+        if isinstance(post, GroupedPosterior):
+            return post.log_ml
         if "lml" not in self.problem_.cache:
             spec = self.problem_.spectrum(post.space, post.solver)
             if spec.exact:
@@ -214,6 +288,16 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self._check_fitted()
         if prior_var is None and noise_var is None:
             return self.log_marginal_likelihood_value_
+        post = self.posterior_
+        if isinstance(post, GroupedPosterior):  # prior_var: one value for every group, or {label: s²_g}
+            given = prior_var if prior_var is not None else self.prior_vars_
+            if not isinstance(given, dict):
+                given = dict.fromkeys(self.prior_vars_, given)
+            if set(given) != set(self.prior_vars_):
+                raise ValueError(f"prior_var must give every group {sorted(self.prior_vars_)}, got {sorted(given)}")
+            s2 = np.array([check_positive(given[label], f"prior_var[{label!r}]") for label in self.prior_vars_])
+            sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
+            return post.evidence(s2, sig2)
         s2 = check_positive(prior_var if prior_var is not None else self.prior_var_, "prior_var")
         sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
         return self.problem_.spectrum(self.posterior_.space, self.posterior_.solver)(s2, sig2)
