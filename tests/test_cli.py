@@ -94,6 +94,23 @@ def test_adapt_and_predict_regression(project):
     np.testing.assert_allclose(values[:, 0], ref.predict(np.array([[0.5, 0.5], [-1, 1.5]], np.float32)), rtol=1e-8)
 
 
+def test_adapt_regression_with_prior_groups(project):
+    tmp, nets = project
+    args = ["adapt", "--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv"]
+    res = runner.invoke(app, [*args, "--test", "reg.csv", "--out", "grp", "--prior-groups", "layers", "--no-baselines"])
+    assert res.exit_code == 0, res.output
+    assert "prior variances" in res.output
+    _, values = read(tmp / "grp" / "predictions.csv")
+    data = np.loadtxt(tmp / "reg.csv", delimiter=",", skiprows=1)
+    X = data[:, :2].astype(np.float32)
+    ref = la.LinearizedRegressor(nets.regressor(), prior_groups="layers").fit(X, data[:, 2])
+    np.testing.assert_allclose(values[:, 0], ref.predict(X), rtol=1e-8)
+    res = runner.invoke(app, ["predict", "--adapted", "grp/adapted.linadapt", "--data", "new.csv", "--out", "q.csv"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args, "--prior-groups", "per-layer"])
+    assert res.exit_code != 0 and "--prior-groups must be layers or tensors" in res.output
+
+
 def test_adapt_classification_auto_task_and_params(project):
     tmp, _ = project
     res = runner.invoke(

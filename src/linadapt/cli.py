@@ -125,6 +125,13 @@ def _scores(pred: tuple[np.ndarray, ...], y: np.ndarray | None) -> dict[str, flo
     return {"rmse": metrics.rmse(mean, target), "nll": metrics.gaussian_nll(mean, std, target)}
 
 
+def _prior_row(est: LinearizedRegressor | LinearizedClassifier) -> tuple[str, str]:
+    groups = getattr(est, "prior_vars_", None)
+    if groups:
+        return ("prior variances", ", ".join(f"{label}: {v:.4g}" for label, v in groups.items()))
+    return ("prior variance", f"{est.prior_var_:.4g}")
+
+
 @app.command()
 def adapt(
     model: Annotated[str, typer.Option(help="A torch.export program (.pt2) or 'package.module:factory'.")],
@@ -139,6 +146,10 @@ def adapt(
         bool, typer.Option(help="With labelled --test data, also fine-tune (last layer, all weights) to compare.")
     ] = True,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
+    prior_groups: Annotated[
+        str | None,
+        typer.Option(help="Regression: one prior variance per 'layers' or per parameter 'tensors', by the evidence."),
+    ] = None,
 ) -> None:
     """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt, OUT/report.html and, with
     --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
@@ -150,6 +161,8 @@ def adapt(
     """
     if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
         _fail(f"--task must be regression, classification or auto, got {task!r}")
+    if prior_groups not in (None, "layers", "tensors"):
+        _fail(f"--prior-groups must be layers or tensors, got {prior_groups!r}")
     rank, world, device = _launch_context()
     if rank != 0:
         console.quiet = True
@@ -172,7 +185,12 @@ def adapt(
     chosen = _choose_task(task, data.y, n_outputs)
     est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
     y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
-    est = est_cls(net, params=spec, distributed=world > 1, device=device)
+    extra: dict = {}
+    if prior_groups is not None:
+        if chosen == "classification":
+            _fail("--prior-groups is available for regression only")
+        extra["prior_groups"] = prior_groups
+    est = est_cls(net, params=spec, distributed=world > 1, device=device, **extra)
     rows = _shard(data.X.shape[0], rank, world)
     if world > 1 and data.X.shape[0] < world:
         _fail(f"{train} has {data.X.shape[0]} examples: fewer than the {world} processes")
@@ -217,7 +235,7 @@ def adapt(
         ("test data", f"{test} ({test_data.X.shape[0]} examples)" if test_data is not None else "none"),
         ("model", model + (f" + {weights}" if weights else "")),
         ("adapted parameters", str(est.linearization_.num_params)),
-        ("prior variance", f"{est.prior_var_:.4g}"),
+        _prior_row(est),
     ]
     if world > 1:
         summary.insert(1, ("processes", f"{world} (torch.distributed, examples per process {est._sharding.counts})"))
