@@ -54,9 +54,9 @@ def gaussian_nll(mean: np.ndarray, var: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var))
 
 
-def run_linadapt(net, X, y, Xt, yt, prior_mean: str = "network"):
+def run_linadapt(net, X, y, Xt, yt, prior_mean: str = "network", prior_groups: str | None = None):
     t0 = time.perf_counter()
-    reg = la.LinearizedRegressor(net, prior_mean=prior_mean).fit(X, y[:, 0])
+    reg = la.LinearizedRegressor(net, prior_mean=prior_mean, prior_groups=prior_groups).fit(X, y[:, 0])
     seconds = time.perf_counter() - t0
     mean, std = reg.predict(Xt, return_std=True)  # std of y: includes the learned noise
     var = std**2
@@ -99,6 +99,7 @@ def main() -> None:
     names = {
         "network": "linadapt LinearizedRegressor (prior at the trained weights)",
         "zero": "linadapt LinearizedRegressor(prior_mean='zero') (weight-decay prior)",
+        "layers": "linadapt LinearizedRegressor(prior_groups='layers') (a prior variance per layer)",
         "laplace": "laplace-torch FunctionalLaplace + marglik Adam",
     }
     # per seed (new data, new network): median time over reps, and the test RMSE / NLL
@@ -109,6 +110,7 @@ def main() -> None:
         for _ in range(args.reps):
             runs["network"].append(run_linadapt(net, X, y, Xt, yt, "network"))
             runs["zero"].append(run_linadapt(net, X, y, Xt, yt, "zero"))
+            runs["layers"].append(run_linadapt(net, X, y, Xt, yt, "network", "layers"))
             runs["laplace"].append(run_laplace_torch(net, X, y, Xt, yt))
         for k, v in runs.items():
             per_seed[k].append((statistics.median(r[0] for r in v), v[-1][1], v[-1][2]))
@@ -127,6 +129,14 @@ def main() -> None:
         rmse = f"{arr[:, 1].mean():.4f} ± {arr[:, 1].std():.4f}"
         nll = f"{arr[:, 2].mean():.4f} ± {arr[:, 2].std():.4f}"
         print(f"| {name} | {arr[:, 0].mean():.3f} | {ratio.mean():.1f}× | {rmse} | {nll} |")
+    lap_nll = np.array([r[2] for r in per_seed["laplace"]])
+    print()
+    print("paired test-NLL difference to laplace-torch, per seed (negative: linadapt better)")
+    for key, name in names.items():
+        if key != "laplace":
+            d = np.array([r[2] for r in per_seed[key]]) - lap_nll
+            err = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            print(f"  {name}: {d.mean():+.4f} ± {err:.4f} (standard error), better on {(d < 0).sum()} of {len(d)} seeds")
 
 
 if __name__ == "__main__":

@@ -291,23 +291,49 @@ def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.
     assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
 
 
-def test_factored_jacobian_skips_identity_output_gradients() -> None:
-    """The output layer's gradients are g_ia = e_a: not stored, products use the vectors directly; a layer
-    followed by a fixed mixing of the outputs keeps its gradients."""
+def test_factored_jacobian_compact_output_gradients() -> None:
+    """The output layer's gradients are g_ia = e_a: not stored (None). A layer followed by an elementwise map
+    and a linear output layer has g_ia = R_a ⊙ D_i: stored as the two factors. Deeper layers, and layers
+    followed by a fixed mixing of the outputs where that breaks neither form, keep what they need."""
     from linadapt.structured import factored_jacobian
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    deep = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     mixed = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), _Mix()).double()
     X = torch.randn(7, 4, dtype=torch.float64)
-    for model, identity in ((plain, [False, True]), (mixed, [False, False])):
+
+    def form(G) -> str:
+        return "identity" if G is None else "rank-one" if isinstance(G, tuple) else "full"
+
+    for model, forms in (
+        (plain, ["rank-one", "identity"]),
+        (deep, ["full", "rank-one", "identity"]),
+        (mixed, ["rank-one", "rank-one"]),  # the mixing is the same for every example: rank one, not identity
+    ):
         lin = Linearization(model)
         fj = factored_jacobian(lin, X, budget=2**30)
-        assert [G is None for _, G, _, _ in fj.outer] == identity
-        U = torch.randn(2, 7, 3, dtype=torch.float64)
-        V = torch.randn(2, lin.num_params, dtype=torch.float64)
-        assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
-        assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+        assert [form(G) for _, G, _, _ in fj.outer] == forms
+        for k in (1, 6):
+            U = torch.randn(k, 7, 3, dtype=torch.float64)
+            V = torch.randn(k, lin.num_params, dtype=torch.float64)
+            assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+            assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
+def test_rank_one_detection_rejects_near_rank_one() -> None:
+    from linadapt.structured import _rank_one_outputs
+
+    g = torch.Generator().manual_seed(0)
+    R, D = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    G = R[:, None] * D[None]
+    R2, D2 = _rank_one_outputs(G)
+    assert torch.allclose(R2[:, None] * D2[None], G, rtol=0, atol=1e-15)
+    G[1, 2, 3] += 1e-9  # one entry off: not rank one
+    assert _rank_one_outputs(G) is None
+    D[:, 1] = 0.0  # a column of zeros (a dead unit) is fine
+    R3, D3 = _rank_one_outputs(R[:, None] * D[None])
+    assert torch.allclose(R3[:, None] * D3[None], R[:, None] * D[None], rtol=0, atol=1e-15)
 
 
 class _Mix(nn.Module):

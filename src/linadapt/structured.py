@@ -99,6 +99,7 @@ class StructuredNTK:
         self.usable = True
         self._checked = False
         self._batched_backward = True
+        self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         selected = set(lin.param_names)
         owners: dict[int, int] = {}
         for mod in lin.model.modules():
@@ -206,7 +207,7 @@ class StructuredNTK:
                 return
             A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
             G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
-            if layer.weight and position_form(A3.shape[1], A3.shape[2], G4.shape[-1], c):
+            if layer.weight and self._unexpanded(layer, position_form, A3.shape[1], A3.shape[2], G4, products):
                 feats.spatial.append((A3, G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -234,8 +235,9 @@ class StructuredNTK:
         parts = []
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
-            if position_form(patches.shape[2], patches.shape[1], Gf.shape[2], c):
-                feats.spatial.append((patches.transpose(1, 2), Gf.transpose(2, 3), layer.bias is not None))
+            G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
+            if self._unexpanded(layer, position_form, patches.shape[2], patches.shape[1], G4, products):
+                feats.spatial.append((patches.transpose(1, 2), G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
             parts.append(torch.einsum("cbop,bkp->bcok", Gf, patches).reshape(b, c, -1))
@@ -243,6 +245,19 @@ class StructuredNTK:
             parts.append(Gf.sum(-1).permute(1, 0, 2))
         feats.dense.append(torch.cat(parts, -1))
         feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
+
+    def _unexpanded(self, layer: _Layer, position_form: Any, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
+        """Whether a reused-weight layer is kept as patches and output gradients G4 (c, b, P, d_out) rather than
+        as materialised per-example gradients. For products the choice is made on the first chunk and kept
+        (all chunks must agree to be joined); output gradients of rank one over the outputs (see
+        :func:`_rank_one_outputs`) are stored once rather than per output."""
+        c, d_out = G4.shape[0], G4.shape[-1]
+        if not products:
+            return position_form(P, k, d_out, c)
+        if layer.name not in self._product_forms:
+            rank_one = _rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
+            self._product_forms[layer.name] = position_form(P, k, d_out, c, rank_one)
+        return self._product_forms[layer.name]
 
     # ------------------------------------------------------------------ blocks
     @staticmethod
@@ -457,16 +472,20 @@ class FactoredJacobian:
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         f = _join([engine._features(X[sl], self.dtype, products=True) for sl in chunks])
         self.c = lin.output_dim(X)
-        # Linear layers: (inputs (n, d_in) or None, output gradients (c, n, d_out) — or None when they are the
-        # identity (a layer producing the network's outputs: g_ia = e_a) —, weight, bias names)
-        self.outer = [(A, _unless_identity(G), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
-        self._outer_widths = [G.shape[0] * G.shape[2] for _, G, _ in f.outer]
+        # Linear layers: (inputs (n, d_in) or None, output gradients, weight, bias names); the output gradients
+        # as None when they are the identity (a layer producing the network's outputs: g_ia = e_a), as the
+        # factors (R (c, d_out), D (n, d_out)) when g_ia = R_a ⊙ D_i (a layer followed by an elementwise
+        # activation and the output layer), else as (c, n, d_out)
+        self.outer = [(A, _compact(G), w, b) for (A, G, _), (w, b) in zip(f.outer, f.outer_names)]
+        self._widths = [G.shape[0] * G.shape[2] for _, G, _ in f.outer]
         self.dense = list(zip(f.dense, f.dense_names))  # ((n, c, q), parameter names in column order)
-        # reused-weight layers kept unexpanded: (patches (n, P, k), output gradients (c, n, P·d_out), weight,
-        # bias names)
+        # reused-weight layers kept unexpanded: (patches (n, P, k), output gradients over P·d_out as above,
+        # weight, bias names)
         self.spatial = [
-            (A, G.reshape(G.shape[0], G.shape[1], -1), w, b) for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
+            (A, _compact(G.reshape(G.shape[0], G.shape[1], -1)), w, b)
+            for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
         ]
+        self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -475,8 +494,9 @@ class FactoredJacobian:
 
     def nbytes(self) -> int:
         """Memory held by the factors."""
-        tensors = [t for A, G, _, _ in self.outer for t in (A, G) if t is not None] + [D for D, _ in self.dense]
-        tensors += [t for A, G, _, _ in self.spatial for t in (A, G)]
+        tensors = [D for D, _ in self.dense]
+        for A, G, _, _ in self.outer + self.spatial:
+            tensors += [t for t in (A, *(G if isinstance(G, tuple) else (G,))) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
@@ -487,7 +507,7 @@ class FactoredJacobian:
 
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
-        width = max(self._outer_widths + [G.shape[0] * G.shape[2] for _, G, _, _ in self.spatial] + [self.c])
+        width = max([*self._widths, self.c])
         size = max(1, min(self.n, _PRODUCT_BUDGET // max(1, k * width)))
         return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
 
@@ -499,14 +519,15 @@ class FactoredJacobian:
         for sl in self._blocks(k):
             Ub = U[:, sl]
             for A, G, w, b in self.outer:
-                W = Ub if G is None else _contract_outputs(G[:, sl], Ub)  # (k, block, d_out): Σ_a u_ia g_ia
+                W = _contract_any(G, Ub, sl)  # (k, block, d_out): Σ_a u_ia g_ia
                 if w is not None:  # Σ_i w_i a_iᵀ: one matrix product for all k vectors
-                    out[:, self._slices[w]] += torch.einsum("kbo,bi->koi", W, A[sl]).reshape(k, -1)
+                    Wt = W.transpose(1, 2).reshape(k * W.shape[-1], -1)  # (k·d_out, block); a view for k = 1
+                    out[:, self._slices[w]] += torch.mm(Wt, A[sl]).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
             for A, G, w, b in self.spatial:
                 nb, P, d_in = A[sl].shape
-                W = _contract_outputs(G[:, sl], Ub).reshape(k, nb * P, -1)  # Σ_a u_ia g_ias, rows (example, s)
+                W = _contract_any(G, Ub, sl).reshape(k, nb * P, -1)  # Σ_a u_ia g_ias, rows (example, s)
                 out[:, self._slices[w]] += torch.einsum("kro,ri->koi", W, A[sl].reshape(nb * P, d_in)).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
@@ -526,14 +547,14 @@ class FactoredJacobian:
         out = torch.zeros(k, self.n, self.c, dtype=self.dtype, device=V.device)
         pieces = []
         for A, G, w, b in self.outer:
-            d_out = self.c if G is None else G.shape[-1]
+            d_out = _width(G, self.c)
             Vw = None if w is None else V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])  # (k, o, i)
             vb = None if b is None else V[:, self._slices[b]].unsqueeze(1)  # (k, 1, o)
             pieces.append((A, G, Vw, vb))
         dense = [(D, torch.cat([V[:, self._slices[name]] for name in names], dim=1)) for D, names in self.dense]
         spatial = []
         for A, G, w, b in self.spatial:
-            d_out = G.shape[-1] // A.shape[1]
+            d_out = _width(G, self.c) // A.shape[1]
             Vw = V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])
             spatial.append((A, G, Vw, None if b is None else V[:, self._slices[b]][:, None, :]))
         for sl in self._blocks(k):
@@ -542,15 +563,16 @@ class FactoredJacobian:
                 M = torch.einsum("ri,koi->kro", A[sl].reshape(nb * P, d_in), Vw)
                 if vb is not None:
                     M += vb
-                out[:, sl] += _expand_outputs(G[:, sl], M.reshape(k, nb, -1))  # Σ_s g_ias · (V_W a_is + v_b)
+                out[:, sl] += _expand_any(G, M.reshape(k, nb, -1), sl)  # Σ_s g_ias · (V_W a_is + v_b)
             for A, G, Vw, vb in pieces:
                 if Vw is None:
-                    M = vb.expand(k, sl.stop - sl.start, vb.shape[-1])
-                else:  # (k, block, d_out): V_W a_i [+ v_b], one matrix product for all k vectors
-                    M = torch.einsum("bi,koi->kbo", A[sl], Vw)
+                    M = vb.transpose(0, 1).expand(sl.stop - sl.start, k, vb.shape[-1])
+                else:  # (block, k, d_out): V_W a_i [+ v_b], one matrix product for all k vectors
+                    d_out = Vw.shape[1]
+                    M = torch.nn.functional.linear(A[sl], Vw.reshape(k * d_out, -1)).reshape(-1, k, d_out)
                     if vb is not None:
-                        M += vb
-                out[:, sl] += M if G is None else _expand_outputs(G[:, sl], M)
+                        M += vb.transpose(0, 1)
+                out[:, sl] += _expand_any(G, M, sl, examples_first=True)
             for D, Vq in dense:
                 out[:, sl] += torch.einsum("bcq,kq->kbc", D[sl], Vq)
         return out.to(ALGEBRA_DTYPE)
@@ -591,15 +613,15 @@ def _position_gram_cheaper(P: int, k: int, d_out: int, c: int) -> bool:
     return P * P <= _MAX_POSITION_PAIRS and 2 * P * P * (k + c * c * (d_out + 1)) < c * c * d_out * k
 
 
-_MACS_PER_READ = 16  # multiply-adds of a matrix product that cost about as much as reading one entry from memory
-
-
-def _position_form_for_products(P: int, k: int, d_out: int, c: int) -> bool:
+def _position_form_for_products(P: int, k: int, d_out: int, c: int, rank_one: bool = False) -> bool:
     """Whether Jacobian-vector products through a reused-weight layer are cheaper from its patches (P, k) and
-    output gradients (c, P, d_out) per example — one pass over those plus a matrix product with P·k·d_out
-    multiply-adds — than from its materialised per-example gradients (c, d_out·(k + 1)), which are one
-    memory-bound pass per product."""
-    return P * k * d_out + _MACS_PER_READ * (c * P * d_out + P * k) < _MACS_PER_READ * c * d_out * (k + 1)
+    output gradients (c, P, d_out) per example — a matrix product with P·k·d_out multiply-adds per vector plus a
+    pass over those factors — than from its materialised per-example gradients (c, d_out·(k + 1)). The latter
+    are one pass per product, memory-bound for one vector but shared by many (solvers multiply 17 vectors at
+    once for the evidence), so the unexpanded form must win on arithmetic alone. Output gradients of rank one
+    over the outputs are stored once, not c times."""
+    stored = (1 if rank_one else c) * P * d_out + P * k
+    return P * k * d_out + stored < c * d_out * (k + 1)
 
 
 def _position_gram_block(
@@ -657,6 +679,69 @@ def _expand_outputs(G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         for s in range(0, n, rows):
             res[s : s + rows] = (G[:, s : s + rows] * m[s : s + rows]).sum(-1).t()
     return out
+
+
+_OutputGradients = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _compact(G: torch.Tensor) -> _OutputGradients:
+    """Output gradients G (c, n, m) in their most compact exact form: None for the identity, (R, D) when of
+    rank one over the outputs, else G."""
+    if _unless_identity(G) is None:
+        return None
+    factors = _rank_one_outputs(G)
+    return G if factors is None else factors
+
+
+def _width(G: _OutputGradients, c: int) -> int:
+    return c if G is None else G[1].shape[-1] if isinstance(G, tuple) else G.shape[-1]
+
+
+def _contract_any(G: _OutputGradients, U: torch.Tensor, sl: slice) -> torch.Tensor:
+    """Σ_a U[k, b, a] g_ba for the examples ``sl`` (U already restricted to them): (k, b, m)."""
+    if G is None:
+        return U
+    if isinstance(G, tuple):  # D ⊙ (U R), computed laid out (k, m, b) so that Σ_b w_b a_bᵀ needs no copy
+        R, D = G
+        return ((R.T @ U.transpose(1, 2)) * D[sl].T).transpose(1, 2)
+    return _contract_outputs(G[:, sl], U)
+
+
+def _expand_any(G: _OutputGradients, M: torch.Tensor, sl: slice, examples_first: bool = False) -> torch.Tensor:
+    """out[k, b, a] = g_ba · M[k, b] for the examples ``sl``: (k, b, c); M is (k, b, m), or (b, k, m) with
+    ``examples_first`` (the layout a matrix product for all k vectors at once gives)."""
+    if G is None:
+        return M.transpose(0, 1) if examples_first else M
+    if isinstance(G, tuple):
+        R, D = G
+        if examples_first:
+            return ((M * D[sl].unsqueeze(1)) @ R.T).transpose(0, 1)
+        return (D[sl] * M) @ R.T
+    return _expand_outputs(G[:, sl], M.transpose(0, 1) if examples_first else M)
+
+
+def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(R (c, m), D (n, m)) with G[a, i, j] = R[a, j] D[i, j] to rounding, for output gradients G (c, n, m);
+    else None. This holds for a layer followed by an elementwise map and the output layer (g_ia = W_a ⊙ σ'(z_i)):
+    products then cost a small matrix product instead of a pass over c·n·m entries. Checked entry by entry
+    (within 32 ulps of each column's largest entry); one output gains nothing (None)."""
+    c, n, m = G.shape
+    if c < 2 or n == 0:
+        return None
+    col_max = G.abs().amax(1)  # (c, m)
+    a_star = col_max.argmax(0)  # per column, the output with the largest entry
+    D = G.gather(0, a_star.view(1, 1, m).expand(1, n, m))[0]  # (n, m)
+    i_star = D.abs().argmax(0)  # per column, the example with the largest entry
+    pivot = D.gather(0, i_star.view(1, m))[0]
+    G_pivot = G.gather(1, i_star.view(1, 1, m).expand(c, 1, m))[:, 0]  # (c, m)
+    nonzero = pivot != 0
+    R = torch.where(nonzero, G_pivot / torch.where(nonzero, pivot, torch.ones_like(pivot)), torch.zeros_like(pivot))
+    tol = 32 * torch.finfo(G.dtype).eps * col_max.amax(0)  # (m,)
+    rows = max(1, _PRODUCT_BUDGET // max(1, c * m))
+    for s in range(0, n, rows):
+        if bool(((G[:, s : s + rows] - R[:, None] * D[None, s : s + rows]).abs() > tol).any()):
+            return None
+    return R, D
 
 
 def _unless_identity(G: torch.Tensor) -> torch.Tensor | None:
