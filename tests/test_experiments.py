@@ -27,6 +27,7 @@ METHODS = OPTIONAL | {
     "linadapt-last",
     "linadapt-rbf",
     "linadapt-layers",
+    "linadapt-marginal",
 }
 
 

@@ -7,6 +7,7 @@ seeds give the same data draws, so records of a later run of one method can be m
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ METHODS = (
     "linadapt-head",
     "linadapt-rbf",
     "linadapt-layers",
+    "linadapt-marginal",
 )
 _SELECTED: ContextVar[frozenset[str] | None] = ContextVar("linadapt_selected_methods", default=None)
 
@@ -96,9 +98,14 @@ def compare_regression(
     ft_epochs = 100 if quick else 1000
     records: list[dict] = []
 
-    def record(method: str, mean: np.ndarray, std: np.ndarray, seconds: float, **extra) -> None:
+    def record(
+        method: str, mean: np.ndarray, std: np.ndarray, seconds: float, nll: float | None = None, **extra
+    ) -> None:
+        """``nll``: the method's own test NLL in the targets' unit (for a non-Gaussian predictive), else
+        the Gaussian NLL of (mean, std)."""
         mean, std = unit * mean, unit * std
-        scores = {"rmse": metrics.rmse(mean, target), "nll": metrics.gaussian_nll(mean, std, target)}
+        gaussian = metrics.gaussian_nll(mean, std, target)
+        scores = {"rmse": metrics.rmse(mean, target), "nll": gaussian if nll is None else nll + math.log(unit)}
         records.append({**tag, "method": method, "metrics": scores, "fit_seconds": seconds, **extra})
 
     def point(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +167,14 @@ def compare_regression(
         seconds = time.perf_counter() - t
         mean, std = reg.predict(xt, return_std=True)
         record(name, mean, std, seconds, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
+    if _wanted("linadapt-marginal"):
+        step("linadapt-marginal (predictive averaged over the hyperparameters)")
+        t = time.perf_counter()
+        reg = LinearizedRegressor(net, marginalize=True).fit(x, y[:, 0])
+        seconds = time.perf_counter() - t
+        mean, std = reg.predict(xt, return_std=True)
+        nll = -float(reg.log_predictive_density(xt, yt[:, 0]).mean())  # the mixture's exact density
+        record("linadapt-marginal", mean, std, seconds, nll=nll, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
     if _wanted("linadapt-layers"):
         step("linadapt-layers (one prior variance per layer, by the evidence)")
         t = time.perf_counter()

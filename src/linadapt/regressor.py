@@ -16,6 +16,7 @@ from .distributed import linearize_shard, make_sharding, prepare_fit, shard_sign
 from .evidence import maximize_evidence
 from .groups import GroupedKernels, GroupedPosterior, GroupSpec, maximize_group_evidence, resolve_groups
 from .linearize import Linearization
+from .marginal import HyperparameterMixture
 from .persistence import SaveLoadMixin
 from .regression import (
     RegressionPosterior,
@@ -49,6 +50,12 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             residuals y − m(X) (and, without optimisation, uses that guess).
         optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
             likelihood (type-II maximum likelihood).
+        marginalize: average the predictive over (prior_var, noise_var) instead of fixing them: a
+            log-uniform hyperprior over the evidence search's box, the posterior on a grid, the predictive a
+            mixture of Gaussians (see :mod:`linadapt.marginal`). Guards against the over-confident tiny-noise
+            optimum few points can produce. ``predict`` then gives the mixture's mean and std, and
+            ``log_predictive_density`` its exact density. One-output models, dense function space,
+            ``prior_mean="network"``, no prior groups; ``prior_var_`` / ``noise_var_`` stay the optimum.
         mean: ``"network"`` — the prior mean is f(x; θ̂); ``"zero"`` — a zero-mean GP with the NTK.
         prior_mean: where the weight prior is centred: ``"network"`` — θ − θ̂ ~ N(0, prior_var · I)
             (adaptation: the trained weights are the prior guess); ``"zero"`` — θ ~ N(0, prior_var · I), the
@@ -84,6 +91,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         prior_groups: GroupSpec = None,
         noise_var: float | None = None,
         optimize_hyperparameters: bool = True,
+        marginalize: bool = False,
         mean: str = "network",
         prior_mean: str = "network",
         space: str = "auto",
@@ -101,6 +109,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.prior_groups = prior_groups
         self.noise_var = noise_var
         self.optimize_hyperparameters = optimize_hyperparameters
+        self.marginalize = marginalize
         self.mean = mean
         self.prior_mean = prior_mean
         self.space = space
@@ -145,6 +154,20 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         distributed = bool(self.distributed)
         if self.prior_groups is not None:
             self._check_group_settings()
+        if self.marginalize:
+            bad = [
+                why
+                for why, cond in (
+                    ("prior_groups", self.prior_groups is not None),
+                    ("distributed=True", distributed),
+                    ("prior_mean='zero'", self.prior_mean != "network"),
+                    ("space='parameter'", self.space == "parameter"),
+                    ("solver='cg'", self.solver == "cg"),
+                )
+                if cond
+            ]
+            if bad:
+                raise ValueError(f"marginalize=True uses the dense function-space path; not with {', '.join(bad)}")
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
             lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
@@ -191,6 +214,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         else:
             prior, noise = prior0, noise0
         posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+        self.mixture_ = None
+        if self.marginalize:
+            self.mixture_ = self._mixture(lin, Xt, r, prior, noise, c)
         self.linearization_ = lin
         self.problem_ = problem
         self.posterior_ = posterior
@@ -201,6 +227,45 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self._train_data = (Xt, yt)
         self._sharding = sharding
         return self
+
+    def _mixture(
+        self, lin: Linearization, Xt: torch.Tensor, r: torch.Tensor, prior: float, noise: float, c: int
+    ) -> HyperparameterMixture:
+        if c != 1:
+            raise ValueError(f"marginalize=True supports one-output models; this one has {c} outputs")
+        n_obs = r.numel()
+        budget = self._options().memory_budget
+        if 3 * 8 * n_obs * n_obs > budget:
+            raise ValueError(
+                f"marginalize=True needs the dense {n_obs} × {n_obs} kernel and its eigenvectors, more than the "
+                f"memory budget ({budget / 2**30:.1f} GiB)"
+            )
+        log_scale = math.log(max(float(r @ r) / max(n_obs, 1), 1e-12))
+        bounds = ((-28.0, 28.0), (log_scale - 28.0, log_scale + 12.0))  # the evidence search's box
+        return HyperparameterMixture(lin.ntk(Xt), r, prior, noise, bounds)
+
+    def log_predictive_density(self, X: Any, y: Any) -> np.ndarray:
+        """log p(y* | training data) of observed targets y* at X, per example (one output) or per
+        (example, output): the Gaussian predictive at the fitted hyperparameters, or the mixture over them
+        with ``marginalize=True``. Its negative mean is the test NLL."""
+        self._check_fitted()
+        lin = self.linearization_
+        Xs = lin.prepare_inputs(X, "X")
+        yt = as_target_tensor(y, Xs.shape[0], "y").reshape(Xs.shape[0], -1).to(lin.device)
+        if yt.shape[1] != self.n_outputs_:
+            raise ValueError(f"y has {yt.shape[1]} outputs per example, the model {self.n_outputs_}")
+        if self.mixture_ is not None:
+            prior_mean = lin.outputs(Xs) if self.mean == "network" else torch.zeros_like(yt)
+            Ks = lin.ntk(Xs, self._train_data[0])
+            kss = lin.ntk_blocks(Xs)[:, 0, 0]
+            out = self.mixture_.log_density(Ks, kss, (yt - prior_mean)[:, 0])
+        else:
+            mean, std = self.predict(X, return_std=True)
+            mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(yt.shape)
+            var = torch.as_tensor(std, dtype=torch.float64).reshape(yt.shape) ** 2
+            out = -0.5 * (math.log(2 * math.pi) + torch.log(var)) - 0.5 * (yt.cpu() - mean_t) ** 2 / var
+        out = out.cpu().numpy()
+        return out.reshape(-1) if self._y_ndim == 1 or out.ndim == 1 else out
 
     def _check_group_settings(self) -> None:
         if self.distributed:
@@ -252,6 +317,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.linearization_, self.problem_, self.posterior_ = lin, None, posterior
         self.prior_var_, self.noise_var_ = None, float(noise)
         self.prior_vars_ = {label: float(v) for label, v in zip(labels, s2)}
+        self.mixture_ = None
         self.groups_ = {label: list(names) for label, names in groups}
         self.space_, self.solver_, self.n_outputs_, self.solve_info_ = "function", "cholesky", c, None
         self._train_data = (Xt, yt)
@@ -341,6 +407,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if return_std and return_cov:
             raise ValueError("at most one of return_std and return_cov can be requested")
         post, c = self.posterior_, self.n_outputs_
+        if getattr(self, "mixture_", None) is not None:
+            return self._predict_mixture(X, return_std, return_cov, include_noise)
         Xs, mean = self._latent_mean(X)
         vector = self._y_ndim == 1
         out_mean = (mean[:, 0] if vector else mean).cpu().numpy()
@@ -358,9 +426,29 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         cov = cov.reshape(m, c, m, c)
         return out_mean, (cov[:, 0, :, 0] if vector else cov).cpu().numpy()
 
+    def _predict_mixture(
+        self, X: Any, return_std: bool, return_cov: bool, include_noise: bool
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Mean (and std) of the predictive averaged over the hyperparameters (``marginalize=True``)."""
+        if return_cov:
+            raise ValueError("return_cov is not available with marginalize=True (the predictive is a mixture)")
+        lin = self.linearization_
+        Xs = lin.prepare_inputs(X, "X")
+        Ks = lin.ntk(Xs, self._train_data[0])
+        kss = lin.ntk_blocks(Xs)[:, 0, 0]
+        shift, var = self.mixture_.moments(Ks, kss, include_noise)
+        prior_mean = lin.outputs(Xs)[:, 0] if self.mean == "network" else torch.zeros_like(shift)
+        mean = (prior_mean + shift).cpu().numpy()
+        shape = (-1,) if self._y_ndim == 1 else (-1, 1)
+        if not return_std:
+            return mean.reshape(shape)
+        return mean.reshape(shape), var.sqrt().cpu().numpy().reshape(shape)
+
     def predict_blocks(self, X: Any, include_noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Predictive mean (m, c) and per-example c × c covariance blocks (m, c, c)."""
         self._check_fitted()
+        if getattr(self, "mixture_", None) is not None:
+            raise ValueError("predict_blocks is not available with marginalize=True; use predict(return_std=True)")
         post, c = self.posterior_, self.n_outputs_
         Xs, mean = self._latent_mean(X)
         blocks = post.latent_blocks(Xs)
