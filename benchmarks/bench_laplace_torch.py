@@ -136,7 +136,8 @@ def main() -> None:
         if key != "laplace":
             d = np.array([r[2] for r in per_seed[key]]) - lap_nll
             err = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            print(f"  {name}: {d.mean():+.4f} ± {err:.4f} (standard error), better on {(d < 0).sum()} of {len(d)} seeds")
+            better = int((d < 0).sum())
+            print(f"  {name}: {d.mean():+.4f} ± {err:.4f} (standard error), better on {better} of {len(d)} seeds")
 
 
 if __name__ == "__main__":
