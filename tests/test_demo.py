@@ -17,7 +17,7 @@ def test_quick_demo_writes_records_and_a_self_contained_report(tmp_path):
     assert steps and steps[-1].startswith("writing")
     assert json.loads((tmp_path / "results.json").read_text()) == records
     by = {(r["experiment"], r["method"]): r for r in records}
-    assert {m for e, m in by if e == "sinusoid"} == {"source", "finetune-all", "linadapt"}
+    assert {m for e, m in by if e == "sinusoid"} == {"source", "finetune-all", "linadapt", "linadapt-marginal"}
     assert {m for e, m in by if e == "rotated-mnist"} == {
         "source",
         "finetune-last",

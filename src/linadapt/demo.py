@@ -59,7 +59,7 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
     yv = ytest[:, 0].numpy()
     records = []
 
-    def record(method: str, mean: np.ndarray, std: np.ndarray, seconds: float) -> None:
+    def record(method: str, mean: np.ndarray, std: np.ndarray, seconds: float, nll: float | None = None) -> None:
         records.append(
             {
                 "experiment": "sinusoid",
@@ -67,7 +67,10 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
                 "seed": 0,
                 "shots": shots,
                 "fit_seconds": seconds,
-                "metrics": {"rmse": metrics.rmse(mean, yv), "nll": metrics.gaussian_nll(mean, std, yv)},
+                "metrics": {
+                    "rmse": metrics.rmse(mean, yv),
+                    "nll": metrics.gaussian_nll(mean, std, yv) if nll is None else nll,
+                },
             }
         )
 
@@ -88,6 +91,12 @@ def _regression(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
     seconds = time.perf_counter() - t
     mean, std = reg.predict(xtest, return_std=True)
     record("linadapt", mean, std, seconds)
+    step("regression: linadapt with the hyperparameters averaged (marginalize=True)")
+    t = time.perf_counter()
+    marg = LinearizedRegressor(net, params="all", marginalize=True).fit(xt, yt[:, 0])
+    marg_seconds = time.perf_counter() - t
+    m_mean, m_std = marg.predict(xtest, return_std=True)
+    record("linadapt-marginal", m_mean, m_std, marg_seconds, -float(marg.log_predictive_density(xtest, yv).mean()))
     x = xtest[:, 0].numpy()
     truth = amp * np.sin(x + phase)
     fig = report.regression_band_figure(
