@@ -116,7 +116,9 @@ def shots_figure(records: list[dict], metric: str, title: str = ""):
     fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 3.8), squeeze=False)
     for ax, variant in zip(axes[0], variants):
         rows = [r for r in records if r.get("variant") == variant]
-        for method in dict.fromkeys(r["method"] for r in rows):
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+        for i, method in enumerate(methods):
             by_shots: dict[int, list[float]] = {}
             for r in rows:
                 if r["method"] == method:
@@ -124,7 +126,10 @@ def shots_figure(records: list[dict], metric: str, title: str = ""):
             shots = sorted(by_shots)
             mean = np.array([np.mean(by_shots[k]) for k in shots])
             sd = np.array([np.std(by_shots[k], ddof=1) if len(by_shots[k]) > 1 else 0.0 for k in shots])
-            (line,) = ax.plot(shots, mean, marker="o", ms=3, label=method)
+            # ten hues; methods beyond the tenth reuse them lighter and dashed
+            style = "-" if i % 20 < 10 else "--"
+            colour = colours[(2 * i) % 20 + (i % 20 >= 10)]
+            (line,) = ax.plot(shots, mean, style, marker="o", ms=3, label=method, color=colour)
             ax.fill_between(shots, mean - sd, mean + sd, color=line.get_color(), alpha=0.12)
         ax.set_xlabel("target points (shots)")
         ax.set_ylabel(metric)
