@@ -47,6 +47,8 @@ def test_resolve_groups() -> None:
         resolve_groups(NAMES, "per-layer")
     with pytest.raises(ValueError, match="non-empty list"):
         resolve_groups(NAMES, [])
+    with pytest.raises(ValueError, match="distinct"):
+        resolve_groups(["rest", "0.weight"], ["rest"])  # a parameter named rest, and the unmatched group
 
 
 def _dense_reference(model: nn.Module, X, Y, Xs, s2_by_name: dict[str, float], sig2: float):

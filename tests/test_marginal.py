@@ -67,6 +67,19 @@ def test_mixture_equals_brute_force_quadrature() -> None:
 def test_grid_border_carries_no_weight_and_optimum_is_kept() -> None:
     net, x, y, _ = _problem(12)
     reg = LinearizedRegressor(net, marginalize=True).fit(x, y)
+    # a finer grid over the same region changes the predictive by less than the quadrature error we accept
+    import linadapt.marginal as marginal
+
+    xt = torch.linspace(-3, 3, 7, dtype=torch.float64).unsqueeze(1)
+    coarse = reg.predict(xt, return_std=True)
+    old = marginal._GRID
+    try:
+        marginal._GRID = 121
+        fine = LinearizedRegressor(net, marginalize=True).fit(x, y).predict(xt, return_std=True)
+    finally:
+        marginal._GRID = old
+    np.testing.assert_allclose(coarse[0], fine[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(coarse[1], fine[1], rtol=1e-2)
     iso = LinearizedRegressor(net).fit(x, y)
     assert reg.prior_var_ == pytest.approx(iso.prior_var_) and reg.noise_var_ == pytest.approx(iso.noise_var_)
     mix = reg.mixture_
@@ -117,6 +130,10 @@ def test_log_predictive_density_of_the_gaussian_predictive() -> None:
     m, s = reg.predict(xt, return_std=True)
     ref = -0.5 * np.log(2 * math.pi * s**2) - 0.5 * (yt - m) ** 2 / s**2
     np.testing.assert_allclose(reg.log_predictive_density(xt, yt), ref, rtol=1e-12)
+    # y given as (n, 1): densities (m, 1), with and without averaging over the hyperparameters
+    for kw in ({}, {"marginalize": True}):
+        col = LinearizedRegressor(net, **kw).fit(x, y.unsqueeze(1))
+        assert col.log_predictive_density(xt, yt[:, None]).shape == (9, 1)
 
 
 def test_marginalized_estimator_saves_and_loads(tmp_path) -> None:

@@ -101,8 +101,8 @@ def compare_regression(
     def record(
         method: str, mean: np.ndarray, std: np.ndarray, seconds: float, nll: float | None = None, **extra
     ) -> None:
-        """``nll``: the method's own test NLL in the targets' unit (for a non-Gaussian predictive), else
-        the Gaussian NLL of (mean, std)."""
+        """``nll``: the method's own test NLL (for a non-Gaussian predictive) in the scaled targets' unit,
+        converted here to ``unit``; else the Gaussian NLL of (mean, std)."""
         mean, std = unit * mean, unit * std
         gaussian = metrics.gaussian_nll(mean, std, target)
         scores = {"rmse": metrics.rmse(mean, target), "nll": gaussian if nll is None else nll + math.log(unit)}

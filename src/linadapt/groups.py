@@ -77,6 +77,9 @@ def resolve_groups(param_names: list[str], spec: GroupSpec) -> list[tuple[str, l
     rest = [n for n in param_names if n not in owner]
     if rest:
         out.append(("rest", rest))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"prior group labels must be distinct (the unmatched parameters form 'rest'): {labels}")
     return out
 
 
@@ -194,7 +197,11 @@ class GroupedPosterior:
         self.c = r.numel() // X.shape[0]
         A = _scaled(Ks, self.s2)
         A.diagonal().add_(self.sig2)
-        self.L = torch.linalg.cholesky(A)
+        L, status = torch.linalg.cholesky_ex(A)
+        if int(status) != 0:  # round-off at a tiny noise variance: a relative jitter, as the solvers do
+            A.diagonal().add_(1e-10 * float(A.diagonal().mean()))
+            L = torch.linalg.cholesky(A)
+        self.L = L
         self.alpha = torch.cholesky_solve(r.unsqueeze(1), self.L)[:, 0]
         self.evidence = GroupEvidence(Ks, r)
         self.log_ml = self.evidence(self.s2, self.sig2)

@@ -265,7 +265,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             var = torch.as_tensor(std, dtype=torch.float64).reshape(yt.shape) ** 2
             out = -0.5 * (math.log(2 * math.pi) + torch.log(var)) - 0.5 * (yt.cpu() - mean_t) ** 2 / var
         out = out.cpu().numpy()
-        return out.reshape(-1) if self._y_ndim == 1 or out.ndim == 1 else out
+        return out.reshape(-1) if self._y_ndim == 1 else out.reshape(Xs.shape[0], -1)
 
     def _check_group_settings(self) -> None:
         if self.distributed:

@@ -724,7 +724,7 @@ def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     """(R (c, m), D (n, m)) with G[a, i, j] = R[a, j] D[i, j] to rounding, for output gradients G (c, n, m);
     else None. This holds for a layer followed by an elementwise map and the output layer (g_ia = W_a ⊙ σ'(z_i)):
     products then cost a small matrix product instead of a pass over c·n·m entries. Checked entry by entry
-    (within 32 ulps of each column's largest entry); one output gains nothing (None)."""
+    (within 32 ulps of the largest entry of each output in each column); one output gains nothing (None)."""
     c, n, m = G.shape
     if c < 2 or n == 0:
         return None
@@ -736,10 +736,10 @@ def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     G_pivot = G.gather(1, i_star.view(1, 1, m).expand(c, 1, m))[:, 0]  # (c, m)
     nonzero = pivot != 0
     R = torch.where(nonzero, G_pivot / torch.where(nonzero, pivot, torch.ones_like(pivot)), torch.zeros_like(pivot))
-    tol = 32 * torch.finfo(G.dtype).eps * col_max.amax(0)  # (m,)
+    tol = 32 * torch.finfo(G.dtype).eps * col_max  # (c, m): each output's own scale in each column
     rows = max(1, _PRODUCT_BUDGET // max(1, c * m))
     for s in range(0, n, rows):
-        if bool(((G[:, s : s + rows] - R[:, None] * D[None, s : s + rows]).abs() > tol).any()):
+        if bool(((G[:, s : s + rows] - R[:, None] * D[None, s : s + rows]).abs() > tol[:, None]).any()):
             return None
     return R, D
 
@@ -766,8 +766,10 @@ def factored_jacobian(
     if engine is None:
         return None
     c = lin.output_dim(X)
-    probe = engine._features(X[:1], lin.net_dtype)
-    per_example = FactoredJacobian.feature_bytes(probe)
+    # sized in the layout the products use (which also fixes each reused-weight layer's form, on a few
+    # examples so that the rank-one test means something)
+    probe = engine._features(X[:8], lin.net_dtype, products=True)
+    per_example = FactoredJacobian.feature_bytes(probe) / probe.b
     if per_example * X.shape[0] > budget:
         return None
     size = engine._size(X, c)
