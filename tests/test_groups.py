@@ -98,6 +98,15 @@ def test_grouped_posterior_equals_weight_space_closed_form() -> None:
     np.testing.assert_allclose(mb, mean.numpy(), rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(blocks, cov.reshape(5, 2, 5, 2).numpy()[np.arange(5), :, np.arange(5), :], atol=1e-10)
     np.testing.assert_allclose(reg.posterior_.delta.numpy(), delta.numpy(), rtol=1e-8, atol=1e-10)
+    import linadapt.groups as groups  # predictions in blocks of test points give the same numbers
+
+    old, groups._BLOCK_ENTRIES = groups._BLOCK_ENTRIES, 1
+    try:
+        mb2, blocks2 = reg.predict_blocks(Xs, include_noise=False)
+    finally:
+        groups._BLOCK_ENTRIES = old
+    np.testing.assert_allclose(mb2, mb, rtol=1e-12)
+    np.testing.assert_allclose(blocks2, blocks, rtol=1e-10, atol=1e-14)
     assert reg.log_marginal_likelihood_value_ == pytest.approx(lml, abs=1e-8)
     assert reg.log_marginal_likelihood({"0": 1.0, "2": 1.0, "4": 1.0}, 0.02) == pytest.approx(
         _dense_reference(model, X, Y, Xs, dict.fromkeys(NAMES, 1.0), 0.02)[3], abs=1e-8

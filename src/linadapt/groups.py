@@ -32,6 +32,7 @@ __all__ = ["GroupSpec", "resolve_groups"]
 
 GroupSpec = str | list[Any] | None
 _LOG_2PI = math.log(2 * math.pi)
+_BLOCK_ENTRIES = 2**24  # bound on the entries of the per-group cross kernels held at once in predictions
 
 
 def resolve_groups(param_names: list[str], spec: GroupSpec) -> list[tuple[str, list[str]]]:
@@ -216,15 +217,24 @@ class GroupedPosterior:
         """(m·c, N): Σ_g s²_g J_g(X*) J_g(X)ᵀ."""
         return _scaled(self.kernels.gram(Xs, self.X), self.s2)
 
+    def _blocks(self, m: int) -> list[slice]:
+        """Test-point blocks keeping the G per-group cross kernels (G, block·c, N) under _BLOCK_ENTRIES."""
+        size = max(1, _BLOCK_ENTRIES // max(1, len(self.s2) * self.c * self.alpha.numel()))
+        return [slice(i, min(i + size, m)) for i in range(0, m, size)]
+
     def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
         """(m, c): K*ᵀ α, the posterior mean of f(X*) minus its prior mean."""
-        return (self._cross(Xs) @ self.alpha).reshape(Xs.shape[0], self.c)
+        parts = [(self._cross(Xs[sl]) @ self.alpha).reshape(-1, self.c) for sl in self._blocks(Xs.shape[0])]
+        return torch.cat(parts)
 
     def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
         """(m, c, c): per-example blocks of Σ_g s²_g K_g(X*, X*) − K* A⁻¹ K*ᵀ."""
-        m, c = Xs.shape[0], self.c
-        V = torch.linalg.solve_triangular(self.L, self._cross(Xs).T, upper=False).reshape(-1, m, c)
-        return _scaled(self.kernels.blocks(Xs), self.s2) - torch.einsum("nia,nib->iab", V, V)
+        out = []
+        for sl in self._blocks(Xs.shape[0]):
+            xb = Xs[sl]
+            V = torch.linalg.solve_triangular(self.L, self._cross(xb).T, upper=False).reshape(-1, xb.shape[0], self.c)
+            out.append(_scaled(self.kernels.blocks(xb), self.s2) - torch.einsum("nia,nib->iab", V, V))
+        return torch.cat(out)
 
     def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
         """(m·c, m·c): the joint posterior covariance of f(X*)."""
