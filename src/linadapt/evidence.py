@@ -18,6 +18,7 @@ the log-determinant, so (s², σ²) are learned from a fixed number of kernel pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,21 +205,39 @@ def maximize_evidence(spectrum: Spectrum, prior_var: float, noise_var: float) ->
         (prior_var, noise_var, log marginal likelihood at the optimum).
     """
     r_sq = float(spectrum.quad_weights.sum()) + spectrum.rho_sq
-    log_scale = math.log(max(r_sq / max(spectrum.n_obs, 1), 1e-12))
-    bounds = [(-28.0, 28.0), (log_scale - 28.0, log_scale + 12.0)]
-    lower, upper = [b[0] for b in bounds], [b[1] for b in bounds]
-    x0 = np.clip(np.array([math.log(prior_var), math.log(noise_var)]), lower, upper)
+    bounds = list(evidence_bounds(r_sq, spectrum.n_obs))
+    lower, upper = zip(*bounds)
+    x0 = np.clip([math.log(prior_var), math.log(noise_var)], lower, upper)  # the grid is around the clipped start
+    starts = [x0 + np.array([ds, dn]) for ds in (0.0, -4.6, 4.6) for dn in (0.0, -4.6, 4.6)]
+    x, value = minimize_from(spectrum.negative_log_ml_and_grad, starts, bounds)
+    return float(math.exp(x[0])), float(math.exp(x[1])), -value
 
-    objective = spectrum.negative_log_ml_and_grad
 
+def evidence_bounds(r_sq: float, n_obs: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The box of the evidence searches, in (log s², log σ²): s² in [e⁻²⁸, e²⁸]; σ² in [e⁻²⁸, e¹²] times the
+    mean squared residual r_sq / n_obs. (Also the support of the hyperprior in :mod:`linadapt.marginal`.)"""
+    log_scale = math.log(max(r_sq / max(n_obs, 1), 1e-12))
+    return (-28.0, 28.0), (log_scale - 28.0, log_scale + 12.0)
+
+
+def minimize_from(
+    objective: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    starts: list[np.ndarray],
+    bounds: list[tuple[float, float]],
+) -> tuple[np.ndarray, float]:
+    """The best L-BFGS-B minimum of ``objective`` (value and gradient) over the starting points (each clipped
+    into ``bounds``), with numpy's BLAS on one thread (see :func:`single_threaded_blas`): (x, value).
+
+    Raises:
+        FloatingPointError: the objective is not finite at the end of any start.
+    """
+    lower, upper = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
     best: tuple[float, np.ndarray] | None = None
     with single_threaded_blas():
-        for ds in (0.0, -4.6, 4.6):
-            for dn in (0.0, -4.6, 4.6):
-                start = np.clip(x0 + np.array([ds, dn]), lower, upper)
-                res = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
-                if np.isfinite(res.fun) and (best is None or res.fun < best[0]):
-                    best = (float(res.fun), res.x)
+        for x0 in starts:
+            res = minimize(objective, np.clip(x0, lower, upper), jac=True, method="L-BFGS-B", bounds=bounds)
+            if np.isfinite(res.fun) and (best is None or res.fun < best[0]):
+                best = (float(res.fun), res.x)
     if best is None:
         raise FloatingPointError("the log marginal likelihood is not finite at any starting point")
-    return float(math.exp(best[1][0])), float(math.exp(best[1][1])), -best[0]
+    return best[1], best[0]

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
-from .evidence import Spectrum, maximize_evidence, single_threaded_blas
+from .evidence import Spectrum, evidence_bounds, maximize_evidence, minimize_from
 from .linearize import Linearization
 
 __all__ = ["GroupSpec", "resolve_groups"]
@@ -148,28 +147,13 @@ def maximize_group_evidence(
     iso_s2, iso_sig2, _ = maximize_evidence(Spectrum.from_kernel(Ks.sum(0), r), prior_var, noise_var)
     evidence = GroupEvidence(Ks, r)
     G = evidence.G
-    log_scale = math.log(max(float(r @ r) / max(r.numel(), 1), 1e-12))
-    bounds = [(-28.0, 28.0)] * G + [(log_scale - 28.0, log_scale + 12.0)]
-    lower, upper = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+    log_s2_bounds, log_sig2_bounds = evidence_bounds(float(r @ r), r.numel())
     starts = [
         np.append(np.full(G, math.log(iso_s2)), math.log(iso_sig2)),
         np.append(np.full(G, math.log(prior_var)), math.log(noise_var)),
     ]
-    best: tuple[float, np.ndarray] | None = None
-    with single_threaded_blas():
-        for x0 in starts:
-            res = minimize(
-                evidence.negative_log_ml_and_grad,
-                np.clip(x0, lower, upper),
-                jac=True,
-                method="L-BFGS-B",
-                bounds=bounds,
-            )
-            if np.isfinite(res.fun) and (best is None or res.fun < best[0]):
-                best = (float(res.fun), res.x)
-    if best is None:
-        raise FloatingPointError("the log marginal likelihood is not finite at any starting point")
-    return np.exp(best[1][:G]), float(math.exp(best[1][G])), -best[0]
+    x, value = minimize_from(evidence.negative_log_ml_and_grad, starts, [log_s2_bounds] * G + [log_sig2_bounds])
+    return np.exp(x[:G]), float(math.exp(x[G])), -value
 
 
 class GroupedPosterior:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._validation import as_target_tensor, check_choice, check_positive
 from .distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
-from .evidence import maximize_evidence
+from .evidence import evidence_bounds, maximize_evidence
 from .groups import GroupedKernels, GroupedPosterior, GroupSpec, maximize_group_evidence, resolve_groups
 from .linearize import Linearization
 from .marginal import HyperparameterMixture
@@ -240,8 +240,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 f"marginalize=True needs the dense {n_obs} × {n_obs} kernel and its eigenvectors, more than the "
                 f"memory budget ({budget / 2**30:.1f} GiB)"
             )
-        log_scale = math.log(max(float(r @ r) / max(n_obs, 1), 1e-12))
-        bounds = ((-28.0, 28.0), (log_scale - 28.0, log_scale + 12.0))  # the evidence search's box
+        bounds = evidence_bounds(float(r @ r), n_obs)  # the hyperprior's support: the evidence search's box
         return HyperparameterMixture(lin.ntk(Xt), r, prior, noise, bounds)
 
     def log_predictive_density(self, X: Any, y: Any) -> np.ndarray:
