@@ -153,21 +153,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
         distributed = bool(self.distributed)
         if self.prior_groups is not None:
-            self._check_group_settings()
+            self._check_dense_only("prior_groups")
         if self.marginalize:
-            bad = [
-                why
-                for why, cond in (
-                    ("prior_groups", self.prior_groups is not None),
-                    ("distributed=True", distributed),
-                    ("prior_mean='zero'", self.prior_mean != "network"),
-                    ("space='parameter'", self.space == "parameter"),
-                    ("solver='cg'", self.solver == "cg"),
-                )
-                if cond
-            ]
-            if bad:
-                raise ValueError(f"marginalize=True uses the dense function-space path; not with {', '.join(bad)}")
+            self._check_dense_only("marginalize=True", ("prior_groups", self.prior_groups is not None))
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
             lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
@@ -197,15 +185,15 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
         r = problem.r
         n_obs = r.numel()
+        if noise0 is None:
+            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
+            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
         self.prior_vars_ = self.groups_ = None
         if self.prior_groups is not None:
             return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed)
         space, solver = choose_space_and_solver(
             lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
         )
-        if noise0 is None:
-            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
-            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
         if fixed is not None:
             prior, noise = fixed
         elif self.optimize_hyperparameters:
@@ -254,10 +242,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if yt.shape[1] != self.n_outputs_:
             raise ValueError(f"y has {yt.shape[1]} outputs per example, the model {self.n_outputs_}")
         if self.mixture_ is not None:
-            prior_mean = lin.outputs(Xs) if self.mean == "network" else torch.zeros_like(yt)
-            Ks = lin.ntk(Xs, self._train_data[0])
-            kss = lin.ntk_blocks(Xs)[:, 0, 0]
-            out = self.mixture_.log_density(Ks, kss, (yt - prior_mean)[:, 0])
+            prior_mean, Ks, kss = self._mixture_inputs(Xs)
+            out = self.mixture_.log_density(Ks, kss, yt[:, 0] - prior_mean)
         else:
             mean, std = self.predict(X, return_std=True)
             mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(yt.shape)
@@ -266,15 +252,21 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         out = out.cpu().numpy()
         return out.reshape(-1) if self._y_ndim == 1 else out.reshape(Xs.shape[0], -1)
 
-    def _check_group_settings(self) -> None:
-        if self.distributed:
-            raise ValueError("prior_groups is not available with distributed=True (it uses the dense kernels)")
-        if self.prior_mean != "network":
-            raise ValueError("prior_groups needs prior_mean='network' (the weight prior centred at the trained θ̂)")
-        if self.space == "parameter" or self.solver == "cg":
+    def _check_dense_only(self, option: str, *more: tuple[str, bool]) -> None:
+        """``option`` works on the dense function-space path with the prior at θ̂, in one process: a ValueError
+        naming the settings that conflict with it (those below and ``more``: (setting, conflicts))."""
+        conflicts = (
+            ("distributed=True", bool(self.distributed)),
+            ("prior_mean='zero'", self.prior_mean != "network"),
+            ("space='parameter'", self.space == "parameter"),
+            ("solver='cg'", self.solver == "cg"),
+            *more,
+        )
+        bad = [setting for setting, conflict in conflicts if conflict]
+        if bad:
             raise ValueError(
-                f"prior_groups uses the dense function-space path (space='function', solver='cholesky'); got "
-                f"space={self.space!r}, solver={self.solver!r}"
+                f"{option} uses the dense function-space path (space='function', solver='cholesky', "
+                f"prior_mean='network', one process); not with {', '.join(bad)}"
             )
 
     def _fit_groups(
@@ -284,7 +276,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         yt: torch.Tensor,
         r: torch.Tensor,
         prior0: float,
-        noise0: float | None,
+        noise0: float,
         fixed: tuple[Any, float] | None,
     ) -> LinearizedRegressor:
         """The fit with one prior variance per group (dense function space, :mod:`linadapt.groups`)."""
@@ -299,8 +291,6 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             )
         kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device)
         Ks = kernels.gram(Xt)
-        if noise0 is None:
-            noise0 = max(0.1 * (float(r.var()) if n_obs > 1 else float(r @ r)), 1e-12)
         labels = [label for label, _ in groups]
         if fixed is not None:
             given, noise = fixed
@@ -372,15 +362,23 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if not hasattr(self, "posterior_"):
             raise NotFittedError("this LinearizedRegressor is not fitted yet: call fit(X, y) first")
 
+    def _prior_mean(self, Xs: torch.Tensor) -> torch.Tensor:
+        """m(X*) for prepared inputs, (m, c): the network's outputs, or zeros with ``mean="zero"``."""
+        lin = self.linearization_
+        if self.mean == "network":
+            return lin.outputs(Xs)
+        return torch.zeros(Xs.shape[0], self.n_outputs_, dtype=torch.float64, device=lin.device)
+
     def _latent_mean(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared inputs and the posterior mean of f there, m(X*) + J(X*) δ̄, shape (m, c)."""
+        Xs = self.linearization_.prepare_inputs(X, "X")
+        return Xs, self._prior_mean(Xs) + self.posterior_.mean_shift(Xs)
+
+    def _mixture_inputs(self, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the hyperparameter mixture (one output) at prepared inputs: the prior mean (m,), the cross
+        kernel K(X*, X) (m, N) and the prior variances k(x*, x*) (m,)."""
         lin = self.linearization_
-        Xs = lin.prepare_inputs(X, "X")
-        if self.mean == "network":
-            prior_mean = lin.outputs(Xs)
-        else:
-            prior_mean = torch.zeros(Xs.shape[0], self.n_outputs_, dtype=torch.float64, device=lin.device)
-        return Xs, prior_mean + self.posterior_.mean_shift(Xs)
+        return self._prior_mean(Xs)[:, 0], lin.ntk(Xs, self._train_data[0]), lin.ntk_blocks(Xs)[:, 0, 0]
 
     def predict(
         self,
@@ -431,12 +429,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         """Mean (and std) of the predictive averaged over the hyperparameters (``marginalize=True``)."""
         if return_cov:
             raise ValueError("return_cov is not available with marginalize=True (the predictive is a mixture)")
-        lin = self.linearization_
-        Xs = lin.prepare_inputs(X, "X")
-        Ks = lin.ntk(Xs, self._train_data[0])
-        kss = lin.ntk_blocks(Xs)[:, 0, 0]
+        prior_mean, Ks, kss = self._mixture_inputs(self.linearization_.prepare_inputs(X, "X"))
         shift, var = self.mixture_.moments(Ks, kss, include_noise)
-        prior_mean = lin.outputs(Xs)[:, 0] if self.mean == "network" else torch.zeros_like(shift)
         mean = (prior_mean + shift).cpu().numpy()
         shape = (-1,) if self._y_ndim == 1 else (-1, 1)
         if not return_std:
