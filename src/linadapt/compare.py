@@ -158,30 +158,24 @@ def compare_regression(
             seed=seed,
         )
         record("laplace-torch", *lt.predict(xt), time.perf_counter() - t, **lt.hyperparameters)
-    for params, name in (("all", "linadapt"), ("last", "linadapt-last")):
+    variants = (  # (method, what the progress line adds, LinearizedRegressor options)
+        ("linadapt", "", {}),
+        ("linadapt-last", "", {"params": "last"}),
+        ("linadapt-marginal", " (predictive averaged over the hyperparameters)", {"marginalize": True}),
+        ("linadapt-layers", " (one prior variance per layer, by the evidence)", {"prior_groups": "layers"}),
+    )
+    for name, note, options in variants:
         if not _wanted(name):
             continue
-        step(name)
+        step(name + note)
         t = time.perf_counter()
-        reg = LinearizedRegressor(net, params=params).fit(x, y[:, 0])
+        reg = LinearizedRegressor(net, **options).fit(x, y[:, 0])
         seconds = time.perf_counter() - t
         mean, std = reg.predict(xt, return_std=True)
-        record(name, mean, std, seconds, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
-    if _wanted("linadapt-marginal"):
-        step("linadapt-marginal (predictive averaged over the hyperparameters)")
-        t = time.perf_counter()
-        reg = LinearizedRegressor(net, marginalize=True).fit(x, y[:, 0])
-        seconds = time.perf_counter() - t
-        mean, std = reg.predict(xt, return_std=True)
-        nll = -float(reg.log_predictive_density(xt, yt[:, 0]).mean())  # the mixture's exact density
-        record("linadapt-marginal", mean, std, seconds, nll=nll, prior_var=reg.prior_var_, noise_var=reg.noise_var_)
-    if _wanted("linadapt-layers"):
-        step("linadapt-layers (one prior variance per layer, by the evidence)")
-        t = time.perf_counter()
-        reg = LinearizedRegressor(net, prior_groups="layers").fit(x, y[:, 0])
-        seconds = time.perf_counter() - t
-        mean, std = reg.predict(xt, return_std=True)
-        record("linadapt-layers", mean, std, seconds, prior_vars=reg.prior_vars_, noise_var=reg.noise_var_)
+        # the mixture's NLL is its exact density, not the Gaussian of its mean and std
+        nll = -float(reg.log_predictive_density(xt, yt[:, 0]).mean()) if reg.marginalize else None
+        prior = {"prior_var": reg.prior_var_} if reg.prior_vars_ is None else {"prior_vars": reg.prior_vars_}
+        record(name, mean, std, seconds, nll=nll, **prior, noise_var=reg.noise_var_)
     if not composite or not _wanted("linadapt-rbf"):
         return records
     step("linadapt-rbf (NTK + RBF kernel, both scales by marginal likelihood)")
