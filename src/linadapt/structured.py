@@ -199,7 +199,6 @@ class StructuredNTK:
         self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, feats: _Features, products: bool = False
     ) -> None:
         mod, c, b = layer.module, G.shape[0], A.shape[0]
-        position_form = _position_form_for_products if products else _position_gram_cheaper
         if isinstance(mod, nn.Linear):
             if A.dim() == 2:
                 feats.outer.append((A if layer.weight else None, G, layer.bias is not None))
@@ -207,7 +206,7 @@ class StructuredNTK:
                 return
             A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
             G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
-            if layer.weight and self._unexpanded(layer, position_form, A3.shape[1], A3.shape[2], G4, products):
+            if layer.weight and self._unexpanded(layer, A3.shape[1], A3.shape[2], G4, products):
                 feats.spatial.append((A3, G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -236,7 +235,7 @@ class StructuredNTK:
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
             G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
-            if self._unexpanded(layer, position_form, patches.shape[2], patches.shape[1], G4, products):
+            if self._unexpanded(layer, patches.shape[2], patches.shape[1], G4, products):
                 feats.spatial.append((patches.transpose(1, 2), G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -246,17 +245,17 @@ class StructuredNTK:
         feats.dense.append(torch.cat(parts, -1))
         feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
 
-    def _unexpanded(self, layer: _Layer, position_form: Any, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
+    def _unexpanded(self, layer: _Layer, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
         """Whether a reused-weight layer is kept as patches and output gradients G4 (c, b, P, d_out) rather than
         as materialised per-example gradients. For products the choice is made on the first chunk and kept
         (all chunks must agree to be joined); output gradients of rank one over the outputs (see
         :func:`_rank_one_outputs`) are stored once rather than per output."""
         c, d_out = G4.shape[0], G4.shape[-1]
-        if not products:
-            return position_form(P, k, d_out, c)
+        if not products:  # kernels: the position-Gram form
+            return _position_gram_cheaper(P, k, d_out, c)
         if layer.name not in self._product_forms:
             rank_one = _rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
-            self._product_forms[layer.name] = position_form(P, k, d_out, c, rank_one)
+            self._product_forms[layer.name] = _position_form_for_products(P, k, d_out, c, rank_one)
         return self._product_forms[layer.name]
 
     # ------------------------------------------------------------------ blocks
@@ -687,7 +686,7 @@ _OutputGradients = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 def _compact(G: torch.Tensor) -> _OutputGradients:
     """Output gradients G (c, n, m) in their most compact exact form: None for the identity, (R, D) when of
     rank one over the outputs, else G."""
-    if _unless_identity(G) is None:
+    if _is_identity(G):
         return None
     factors = _rank_one_outputs(G)
     return G if factors is None else factors
@@ -744,14 +743,12 @@ def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     return R, D
 
 
-def _unless_identity(G: torch.Tensor) -> torch.Tensor | None:
-    """None when the output gradients G (c, n, o) are g_ia = e_a for every example (a layer whose outputs are the
-    network's outputs), so that products skip them; else G."""
+def _is_identity(G: torch.Tensor) -> bool:
+    """Whether the output gradients G (c, n, o) are g_ia = e_a for every example (a layer whose outputs are the
+    network's outputs)."""
     c, n, o = G.shape
-    if c != o:
-        return G
     eye = torch.eye(c, dtype=G.dtype, device=G.device).unsqueeze(1)
-    return None if torch.equal(G, eye.expand(c, n, c)) else G
+    return c == o and torch.equal(G, eye.expand(c, n, c))
 
 
 def factored_jacobian(
