@@ -89,7 +89,7 @@ class GroupedKernels:
     def __init__(
         self, model: nn.Module, groups: list[tuple[str, list[str]]], chunk_size: int | None, device: Any
     ) -> None:
-        self.groups, self.labels = groups, [label for label, _ in groups]
+        self.groups = groups
         self.lins = [Linearization(model, names, chunk_size, device) for _, names in groups]
 
     def gram(self, X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
