@@ -24,6 +24,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from ._blocks import budget_blocks
 from .evidence import Spectrum, evidence_bounds, maximize_evidence, minimize_from
 from .linearize import Linearization
 
@@ -203,8 +204,7 @@ class GroupedPosterior:
 
     def _blocks(self, m: int) -> list[slice]:
         """Test-point blocks keeping the G per-group cross kernels (G, block·c, N) under _BLOCK_ENTRIES."""
-        size = max(1, _BLOCK_ENTRIES // max(1, len(self.s2) * self.c * self.alpha.numel()))
-        return [slice(i, min(i + size, m)) for i in range(0, m, size)]
+        return budget_blocks(m, len(self.s2) * self.c * self.alpha.numel(), _BLOCK_ENTRIES)
 
     def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
         """(m, c): K*ᵀ α, the posterior mean of f(X*) minus its prior mean."""

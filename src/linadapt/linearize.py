@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ._blocks import blocks
 from ._validation import as_input_tensor
 from .selection import ParamSpec, select_parameters
 
@@ -131,8 +132,7 @@ class Linearization:
         return out
 
     def _chunk_slices(self, n: int, size: int | None = None) -> list[slice]:
-        size = size or self.chunk_size or _DEFAULT_CHUNK
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return blocks(n, size or self.chunk_size or _DEFAULT_CHUNK)
 
     @property
     def num_outputs(self) -> int:

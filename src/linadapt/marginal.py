@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from ._blocks import budget_blocks
+
 __all__ = ["HyperparameterMixture"]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -96,8 +98,7 @@ class HyperparameterMixture:
 
     def _grid_blocks(self, G: int) -> list[slice]:
         """Blocks of grid points keeping their (block × N) temporaries under 2^24 entries."""
-        size = max(1, 2**24 // max(1, self.N))
-        return [slice(i, min(i + size, G)) for i in range(0, G, size)]
+        return budget_blocks(G, self.N, 2**24)
 
     def _log_evidence(self, s2: torch.Tensor, sig2: torch.Tensor) -> torch.Tensor:
         shape, s2, sig2 = s2.shape, s2.reshape(-1), sig2.reshape(-1)
@@ -121,8 +122,7 @@ class HyperparameterMixture:
 
     def _blocks(self, m: int) -> list[slice]:
         """Test-point blocks keeping the (grid points × block) temporaries under 2^24 entries."""
-        size = max(1, 2**24 // max(1, self.weights.numel()))
-        return [slice(i, min(i + size, m)) for i in range(0, m, size)]
+        return budget_blocks(m, self.weights.numel(), 2**24)
 
     def moments(self, Ks: torch.Tensor, kss: torch.Tensor, include_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean shift and variance of the mixture at the test points, (m,) each."""

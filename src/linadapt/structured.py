@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._blocks import blocks, budget_blocks
 from .linearize import ALGEBRA_DTYPE, Linearization, _eval_mode
 
 __all__ = ["FactoredJacobian", "StructuredNTK", "factored_jacobian"]
@@ -507,8 +508,7 @@ class FactoredJacobian:
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
         width = max([*self._widths, self.c])
-        size = max(1, min(self.n, _PRODUCT_BUDGET // max(1, k * width)))
-        return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
+        return budget_blocks(self.n, k * width, _PRODUCT_BUDGET)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for U (k, n, c): (k, p), float64."""
@@ -770,7 +770,7 @@ def factored_jacobian(
     if per_example * X.shape[0] > budget:
         return None
     size = engine._size(X, c)
-    return FactoredJacobian(engine, X, [slice(i, min(i + size, X.shape[0])) for i in range(0, X.shape[0], size)])
+    return FactoredJacobian(engine, X, blocks(X.shape[0], size))
 
 
 class _RuleError(RuntimeError):
