@@ -7,6 +7,9 @@ on 1×8×8 inputs, float32 networks, n = 1024 inputs, this times
 * K·V on 16 right-hand sides at once (vmap), reported per vector,
 * the same two products through the cached per-layer factors the solvers use (amortised; the one-off
   cost of building the factors is reported separately),
+* the same two products through the retained autograd graph, the solvers' path for models without factors
+  (:class:`~linadapt.graphcache.GraphJacobian`: a backward pass for Jᵀu and one through the kept backward
+  graph for J w; its build cost and memory reported too),
 
 and, for scale, one epoch of fine-tuning (Adam, batches of 64, cross-entropy against fixed random labels, on
 a copy of the model), each divided by the time of one forward+backward pass (sum of outputs, gradients of all
@@ -42,6 +45,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .graphcache import graph_jacobian
 from .operators import NTKOperator, ntk_gram
 from .structured import factored_jacobian
 
@@ -106,6 +110,13 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         build = time.perf_counter() - t0
         fns["cached"] = lambda: factors.jvp(factors.vjp(v1))
         fns["cached16"] = lambda: factors.jvp(factors.vjp(v16))
+    graph_jacobian(lin, Xp, budget=2**31)  # warm-up build
+    t0 = time.perf_counter()
+    graph = graph_jacobian(lin, Xp, budget=2**31)
+    graph_build = time.perf_counter() - t0
+    if graph is not None:
+        fns["graph"] = lambda: graph.jvp(graph.vjp(v1))
+        fns["graph16"] = lambda: graph.jvp(graph.vjp(v16))
     for fn in fns.values():  # warm up
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -128,6 +139,13 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
             cached16_per_vec=med["cached16"] / med["unit"] / 16,
             build=build / med["unit"],
             factor_mib=factors.nbytes() / 2**20,
+        )
+    if graph is not None:
+        row.update(
+            graph=med["graph"] / med["unit"],
+            graph16_per_vec=med["graph16"] / med["unit"] / 16,
+            graph_build=graph_build / med["unit"],
+            graph_mib=graph.nbytes() / 2**20,
         )
     return row
 
@@ -244,11 +262,13 @@ def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) 
         f"n = {n}, {threads} threads, medians of {reps} interleaved repetitions",
         "ratios to one forward+backward pass of the same model over the same inputs",
         "",
-        "torch.func: vjp then jvp, primal pass recomputed; cached: per-layer factors built once (the solvers' path)",
+        "torch.func: vjp then jvp, primal pass recomputed; cached: per-layer factors built once (the solvers' path); "
+        "graph: the retained autograd graph (the solvers' path for models without factors), kept once",
         "",
         "| model | p | fwd+bwd (ms) | one K·v, torch.func | 16 vectors, per vector | one K·v, cached | "
-        "16 vectors, cached, per vector | building the factors | factors (MiB) | one fine-tuning epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "16 vectors, cached, per vector | building the factors | factors (MiB) | one K·v, graph | "
+        "16 vectors, graph, per vector | keeping the graph | graph (MiB) | one fine-tuning epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cached = (
@@ -256,15 +276,20 @@ def format_table(rows: list[dict[str, float]], reps: int, n: int, threads: int) 
             if "cached" in r
             else "— | — | — | — |"
         )
+        graph = (
+            f"{r['graph']:.2f}× | {r['graph16_per_vec']:.2f}× | {r['graph_build']:.1f}× | {r['graph_mib']:.0f} |"
+            if "graph" in r
+            else "— | — | — | — |"
+        )
         lines.append(
             f"| {r['model']} | {r['p']:,} | {r['unit_ms']:.1f} | {r['kv']:.2f}× | {r['kv16_per_vec']:.2f}× | {cached}"
-            f" {r['epoch']:.1f}× |"
+            f" {graph} {r['epoch']:.1f}× |"
         )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
-MEMORY_CASES = ("kv", "kv16", "cached", "full")
+MEMORY_CASES = ("kv", "kv16", "cached", "graph", "full")
 _MODELS = {"MLP 64-256-256-10": (mlp, (64,)), "CNN 1x8x8 (16,32 ch)": (cnn, (1, 8, 8))}
 
 
@@ -280,9 +305,9 @@ def memory_case(model_name: str, case: str, n: int, threads: int) -> dict:
     """Run one case in this process: the resident memory before it and the peak during it (MiB).
 
     Cases: ``kv`` (one K·v by torch.func), ``kv16`` (16 vectors at once), ``cached`` (build the cached
-    factors, one K·v through them), ``full`` (the full structured NTK at 256 of the inputs). Before the case:
-    the model, the inputs, one forward+backward pass, the operator and the vectors; then the peak counter is
-    reset (Linux: ``/proc/self/clear_refs``)."""
+    factors, one K·v through them), ``graph`` (keep the autograd graph, one K·v through it), ``full`` (the
+    full structured NTK at 256 of the inputs). Before the case: the model, the inputs, one forward+backward
+    pass, the operator and the vectors; then the peak counter is reset (Linux: ``/proc/self/clear_refs``)."""
     make, shape = _MODELS[model_name]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -302,6 +327,11 @@ def memory_case(model_name: str, case: str, n: int, threads: int) -> dict:
         if factors is None:
             raise RuntimeError("no cached factors for this model")
         factors.jvp(factors.vjp(V.reshape(1, n, -1)))
+    elif case == "graph":
+        graph = graph_jacobian(op.linearization, op.X1, budget=2**31)
+        if graph is None:
+            raise RuntimeError("no retained graph for this model")
+        graph.jvp(graph.vjp(V.reshape(1, n, -1)))
     elif case == "full":
         ntk_gram(model, X[:256])
     else:
@@ -346,8 +376,8 @@ def format_memory_table(rows: list[dict[str, float]], n: int) -> str:
         "fresh process holding the model, the inputs and the vectors)",
         "",
         "| model | resident before (MiB) | one K·v, torch.func | 16 vectors | cached factors + one K·v | "
-        "full NTK, n = 256 |",
-        "|---|---|---|---|---|---|",
+        "kept graph + one K·v | full NTK, n = 256 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = " | ".join(f"{max(r[c], 0.0):,.0f}" for c in MEMORY_CASES)

@@ -54,15 +54,22 @@ class TrainingData:
 
     # -- products ----------------------------------------------------------------------------------------
     def factored(self) -> Any:
-        """This process's J(X) as cached per-layer factors (:class:`~linadapt.structured.FactoredJacobian`),
-        built on first use when the model's layers have rules, it has ≤ 32 outputs and the factors fit in half
-        the memory budget; else None. Products with it need no pass through the network."""
+        """This process's J(X) held for repeated products, built on first use: as cached per-layer factors
+        (:class:`~linadapt.structured.FactoredJacobian`) when the model's layers have rules, it has ≤ 32
+        outputs and the factors fit in half the memory budget; else as the network's retained autograd graph
+        (:class:`~linadapt.graphcache.GraphJacobian`) when that fits in half the budget; else None (torch.func
+        products). Products with either need no forward pass through the network."""
         if "factored" not in self.cache:
             fj = None
+            budget = int(self.options.memory_budget) // 2
             if getattr(self.options, "factorize", True):
                 from .structured import factored_jacobian
 
-                fj = factored_jacobian(self.lin, self.X, int(self.options.memory_budget) // 2)
+                fj = factored_jacobian(self.lin, self.X, budget)
+            if fj is None and getattr(self.options, "graph_products", True):
+                from .graphcache import graph_jacobian
+
+                fj = graph_jacobian(self.lin, self.X, budget)
             self.cache["factored"] = fj if fj is not None else False
         return self.cache["factored"] or None
 

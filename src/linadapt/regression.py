@@ -58,6 +58,7 @@ class SolverOptions:
     seed: int = 0
     memory_budget: int = _MEMORY_BUDGET
     factorize: bool = True  # cache J(X_train) as per-layer factors for the solvers' products
+    graph_products: bool = True  # else keep the network's autograd graph of X_train for them
 
 
 def choose_space(n_obs: int, p: int) -> str:

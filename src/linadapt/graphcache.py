@@ -1,0 +1,269 @@
+"""Products with a fixed training Jacobian J(X) from the network's retained autograd graph.
+
+The iterative solvers multiply by the same J(X) hundreds of times. When the per-layer factors of
+:class:`~linadapt.structured.FactoredJacobian` do not apply (layers without a rule — normalisation,
+attention, custom modules —, more than 32 outputs) or do not fit in memory, every product would otherwise
+run the network twice (a torch.func vjp, then a jvp that recomputes the primal pass with its tangents).
+
+Here the forward pass of each chunk of X is run once and its graph kept, together with the graph of one
+backward pass taken with a symbolic output cotangent u (``create_graph=True``): g(u) = J(X)ᵀ u, linear in u.
+Then, for any u and w,
+
+    Jᵀ u  = a backward pass through the kept forward graph (no forward pass),
+    J w   = ∂/∂u ⟨g(u), w⟩ — a backward pass through the kept backward graph (no forward pass),
+
+so one K·v costs two backward-sized passes instead of a forward, a backward and a forward with tangents.
+
+Only derivatives with respect to u are ever taken from the backward graph, so the tensors the forward pass
+saved enter it as constants (they are detached when unpacked): the second pass never computes the
+second-order terms a Hessian product would need. Saved tensors keep autograd's in-place check — a model
+that modifies a saved tensor in place raises instead of returning a wrong product. PyTorch's own
+double-backward of a convolution computes those second-order terms regardless (two extra convolutions per
+layer), so while the graph is built, 1-d and 2-d convolutions go through a convolution whose backward pass
+is differentiable in the output gradient only: its derivative is the convolution's jvp,
+conv(ẋ, W) + conv(x, Ẇ) + ḃ (on the CNN of the benchmark this makes J w 2.3× cheaper).
+
+The graph of a chunk takes a few times the memory of its activations (far less than the factors, which
+hold c output gradients per example and layer); :func:`graph_jacobian` builds it only when the estimate fits
+the budget and its products agree with torch.func's on the first chunk, and returns None otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .linearize import ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
+
+__all__ = ["GraphJacobian", "graph_jacobian"]
+
+# relative disagreement with torch.func's jvp, on the first chunk, above which the graph is not used
+_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+class _Saved:
+    """Pack / unpack hooks for the tensors autograd saves while the graph is built: stored detached (so no
+    reference cycle through an output's grad_fn), unpacked detached (constants of the backward graph),
+    with autograd's in-place version check kept, and their bytes counted (parameters excluded)."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip = skip
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.skip:
+            self.storages[ptr] = storage.nbytes()
+        return t.detach(), t._version
+
+    @staticmethod
+    def unpack(saved: tuple[torch.Tensor, int]) -> torch.Tensor:
+        t, version = saved
+        if t._version != version:
+            raise RuntimeError(
+                "a tensor saved for the backward pass was modified in place after it was saved; the graph "
+                "products cannot be used for this model"
+            )
+        return t
+
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+class _ConvGrads(torch.autograd.Function):
+    """gO ↦ (gx, gW, gb), the backward pass of a convolution, differentiable in gO only (x and W enter as
+    constants): d(gx, gW, gb)ᵀ(ġx, ġW, ġb) = conv(ġx, W) + conv(x, ġW) + ġb."""
+
+    @staticmethod
+    def forward(ctx: Any, gO: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, conf: tuple, mask: tuple):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(x, w)
+        ctx.conf, ctx.out_shape = conf, gO.shape
+        bias_sizes = [w.shape[0]] if has_bias else None
+        return torch.ops.aten.convolution_backward(
+            gO, x, w, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, list(mask)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, ggx: torch.Tensor | None, ggw: torch.Tensor | None, ggb: torch.Tensor | None):
+        x, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        conv = F.conv2d if x.dim() == 4 else F.conv1d
+        terms = []
+        if ggx is not None:
+            terms.append(conv(ggx, w, None, stride, padding, dilation, groups))
+        if ggw is not None:
+            terms.append(conv(x, ggw, None, stride, padding, dilation, groups))
+        if ggb is not None:
+            terms.append(ggb.reshape(1, -1, *([1] * (x.dim() - 2))))
+        out = None
+        for t in terms:
+            out = t if out is None else out + t
+        if out is not None:
+            out = out.expand(ctx.out_shape)
+        return out, None, None, None, None, None
+
+
+class _LeanConv(torch.autograd.Function):
+    """A 1-d / 2-d convolution whose backward pass is :class:`_ConvGrads` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *conf: Any) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.conf, ctx.has_bias = conf, b is not None
+        return (F.conv2d if x.dim() == 4 else F.conv1d)(x, w, b, *conf)
+
+    @staticmethod
+    def backward(ctx: Any, gO: torch.Tensor):
+        x, w = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = (needs[0], needs[1], ctx.has_bias and needs[2])
+        gx, gw, gb = _ConvGrads.apply(gO, x.detach(), w.detach(), ctx.has_bias, ctx.conf, mask)
+        return gx, gw, gb, None, None, None, None
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+
+
+class _LeanConvMode(TorchFunctionMode):
+    """Routes ``conv1d`` / ``conv2d`` calls with numeric padding through :class:`_LeanConv`."""
+
+    _FUNCS = (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FUNCS:
+            vals = [
+                args[i] if i < len(args) else kwargs.get(k, d)
+                for i, (k, d) in enumerate(zip(_CONV_ARGS, _CONV_DEFAULTS))
+            ]
+            x, w, b, stride, padding, dilation, groups = vals
+            if isinstance(x, torch.Tensor) and x.dim() in (3, 4) and not isinstance(padding, str):
+                d = x.dim() - 2
+                return _LeanConv.apply(x, w, b, _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d), int(groups))
+        return func(*args, **kwargs)
+
+
+def _tuple(v: Any, d: int) -> tuple[int, ...]:
+    return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v),) * d
+
+
+class _Chunk:
+    """One chunk's kept graphs: outputs f (b, c), the symbolic cotangent u (b, c) and g(u) = J_bᵀ u (one
+    tensor per parameter, None where the parameter does not depend on u)."""
+
+    def __init__(self, rows: slice, out: torch.Tensor, u: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
+        self.rows, self.out, self.u, self.grads = rows, out, u, grads
+
+
+class GraphJacobian:
+    """J(X) for fixed inputs X as the retained autograd graphs of its chunks (see the module docstring).
+
+    Products are in the network's dtype, like the torch.func products, and returned as float64.
+
+    Args:
+        lin: the linearization. X: (n, ...) prepared inputs. chunks: example slices, one graph each.
+    """
+
+    def __init__(self, lin: Linearization, X: torch.Tensor, chunks: list[slice]) -> None:
+        self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
+        self.c = lin.output_dim(X)
+        self._leaves = [lin.theta[name].detach().requires_grad_(True) for name in lin.param_names]
+        self._skip = {t.untyped_storage().data_ptr() for t in self._leaves}
+        self._saved_bytes = 0
+        self.chunks: list[_Chunk] = []
+        for rows in chunks:
+            self.add(X, rows)
+
+    def add(self, X: torch.Tensor, rows: slice) -> None:
+        """Run the forward pass of X[rows] and one backward pass with a symbolic cotangent; keep both graphs."""
+        lin = self.lin
+        theta = dict(zip(lin.param_names, self._leaves))
+        saved = _Saved(self._skip)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            with _eval_mode(lin.model), _LeanConvMode():
+                out = lin._f(theta, X[rows])
+            u = torch.zeros_like(out, requires_grad=True)
+            grads = torch.autograd.grad(out, self._leaves, u, create_graph=True, allow_unused=True)
+        kept = [g if g is not None and g.requires_grad else None for g in grads]
+        self._saved_bytes += saved.nbytes() + sum(t.numel() * t.element_size() for t in (out, u))
+        self._saved_bytes += sum(g.numel() * g.element_size() for g in kept if g is not None)
+        self.chunks.append(_Chunk(rows, out, u, kept))
+
+    def nbytes(self) -> int:
+        """Bytes held by the kept graphs (saved activations, outputs, cotangents and g(u); parameters not
+        counted)."""
+        return self._saved_bytes
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ u for each row of U (k, n, c): (k, p), float64 — one backward pass per vector and chunk."""
+        lin = self.lin
+        U = U.to(device=lin.device, dtype=self.dtype)
+        result = torch.zeros(U.shape[0], lin.num_params, dtype=ALGEBRA_DTYPE, device=lin.device)
+        for j in range(U.shape[0]):
+            for ch in self.chunks:
+                grads = torch.autograd.grad(ch.out, self._leaves, U[j, ch.rows], retain_graph=True, allow_unused=True)
+                parts = [
+                    (g if g is not None else torch.zeros_like(leaf)).reshape(-1).to(ALGEBRA_DTYPE)
+                    for g, leaf in zip(grads, self._leaves)
+                ]
+                result[j] += torch.cat(parts)
+        return result
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J v for each row of V (k, p): (k, n, c), float64 — one pass through the kept backward graph per
+        vector and chunk: (J_b v) = ∂/∂u ⟨g_b(u), v⟩."""
+        lin = self.lin
+        V = V.reshape(-1, lin.num_params).to(lin.device)
+        out = torch.zeros(V.shape[0], self.n, self.c, dtype=ALGEBRA_DTYPE, device=lin.device)
+        for j in range(V.shape[0]):
+            tangents = list(lin.unflatten(V[j]).values())
+            for ch in self.chunks:
+                pairs = [(g, t) for g, t in zip(ch.grads, tangents) if g is not None]
+                if not pairs:
+                    continue
+                (Jv,) = torch.autograd.grad(
+                    [g for g, _ in pairs], ch.u, [t for _, t in pairs], retain_graph=True, allow_unused=True
+                )
+                if Jv is not None:
+                    out[j, ch.rows] = Jv.to(ALGEBRA_DTYPE)
+        return out
+
+
+def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJacobian | None:
+    """A :class:`GraphJacobian` of J(X) when its graphs fit in ``budget`` bytes (estimated from the first
+    chunk) and its products agree with torch.func's on that chunk; else None (callers then use torch.func
+    products). Models whose backward pass cannot itself be differentiated also give None."""
+    n = X.shape[0]
+    if n == 0:
+        return None
+    chunks = lin._chunk_slices(n)
+    try:
+        graph = GraphJacobian(lin, X, chunks[:1])
+        first = graph.chunks[0].rows
+        estimate = graph.nbytes() * n / (first.stop - first.start)
+        if estimate > budget:
+            return None
+        if not _agrees(graph, lin, X[first]):
+            return None
+        for rows in chunks[1:]:
+            graph.add(X, rows)
+    except (RuntimeError, LinearizationError, NotImplementedError):
+        return None
+    return graph
+
+
+def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor) -> bool:
+    """Whether J v through the kept graph matches torch.func's jvp on the first chunk for a random v."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(1, lin.num_params, generator=gen, dtype=ALGEBRA_DTYPE).to(lin.device)
+    ours = graph.jvp(v)[0, : xb.shape[0]]
+    ref = lin.jvp(xb, v[0])
+    scale = float(ref.norm())
+    rtol = _CHECK_RTOL.get(lin.net_dtype, 1e-4)
+    return bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(scale, 1e-30)

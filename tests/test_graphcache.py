@@ -1,0 +1,185 @@
+"""Products with J(X) through the retained autograd graph, against torch.func's products and the dense form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models import BUILDERS, inputs_for, reference_jacobian
+from torch import nn
+
+import linadapt as la
+from linadapt.graphcache import GraphJacobian, graph_jacobian
+from linadapt.linearize import Linearization
+from linadapt.posterior import TrainingData
+
+
+def _graph(
+    name: str, params: str = "all", n: int = 7, chunk_size: int = 3
+) -> tuple[Linearization, torch.Tensor, GraphJacobian]:
+    model = BUILDERS[name]()
+    lin = Linearization(model, params=params, chunk_size=chunk_size)
+    X = lin.prepare_inputs(inputs_for(name, n))
+    graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph is not None and len(graph.chunks) == -(-n // chunk_size)
+    return lin, X, graph
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("params", ["all", "last", "bias"])
+def test_graph_products_match_torch_func_and_the_explicit_jacobian(name: str, params: str) -> None:
+    lin, X, graph = _graph(name, params)
+    n, c, p = X.shape[0], graph.c, lin.num_params
+    gen = torch.Generator().manual_seed(3)
+    for k in (1, 3):
+        V = torch.randn(k, p, generator=gen, dtype=torch.float64)
+        U = torch.randn(k, n, c, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-12, atol=1e-12)
+    J = reference_jacobian(lin.model, X, lin.param_names).reshape(n * c, p)
+    V = torch.randn(2, p, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(graph.jvp(V).reshape(2, -1), V @ J.T, rtol=1e-10, atol=1e-12)
+    # repeated products reuse the same graphs
+    torch.testing.assert_close(graph.jvp(V), graph.jvp(V), rtol=0, atol=0)
+
+
+def test_float32_network_products_agree_to_its_precision() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    lin = Linearization(model, chunk_size=16)
+    X = lin.prepare_inputs(torch.randn(40, 5))
+    graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph is not None
+    V = torch.randn(2, lin.num_params, dtype=torch.float64)
+    torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-5, atol=1e-5)
+    U = torch.randn(2, 40, 4, dtype=torch.float64)
+    torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-5, atol=1e-5)
+
+
+def test_declines_when_over_budget_or_empty() -> None:
+    model = BUILDERS["mlp"]()
+    lin = Linearization(model)
+    X = lin.prepare_inputs(inputs_for("mlp", 20))
+    assert graph_jacobian(lin, X, budget=100) is None
+    assert graph_jacobian(lin, X[:0], budget=2**30) is None
+    graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph is not None and 0 < graph.nbytes() < 2**20
+
+
+class _InPlace(nn.Module):
+    """exp saves its result for the backward pass; the in-place add then changes that saved tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).exp()
+        h.add_(1.0)
+        return h
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+class _NoDoubleBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_OnceDifferentiable.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("model", [_InPlace(), _NoDoubleBackward()], ids=["in-place", "once-differentiable"])
+def test_models_the_graph_cannot_serve_fall_back_to_none(model: nn.Module) -> None:
+    lin = Linearization(model)
+    X = lin.prepare_inputs(torch.randn(6, 3, dtype=torch.float64))
+    assert graph_jacobian(lin, X, budget=2**30) is None
+
+
+def test_solvers_use_the_graph_when_no_factors_apply_and_agree_with_torch_func(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import linadapt.structured
+
+    # as when the per-layer factors do not fit in memory (or the model has more than 32 outputs)
+    monkeypatch.setattr(linadapt.structured, "factored_jacobian", lambda *args, **kwargs: None)
+    model = BUILDERS["resnet"]()  # BatchNorm, dropout, a residual block
+    X = inputs_for("resnet", 12)
+    Y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Xs = inputs_for("resnet", 4, seed=5)
+    settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
+    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    assert isinstance(reg.problem_.factored(), GraphJacobian)
+    with monkeypatch.context() as m:
+        m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
+        plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+        expected = plain.predict(Xs, return_std=True)
+    got = reg.predict(Xs, return_std=True)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
+    dense = la.LinearizedRegressor(model, space="function", **{**settings, "solver": "cholesky"})
+    want = dense.fit(X, Y).predict(Xs, return_std=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-7, atol=1e-8)
+
+
+class _Convs(nn.Module):
+    """Strided, dilated, bias-free, grouped 2-d convolutions, a 1-d convolution and a "same"-padded one
+    (the last goes through PyTorch's own convolution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 4, (2, 3), dilation=(1, 2), bias=False)
+        self.g = nn.Conv2d(4, 4, 1, groups=2)
+        self.same = nn.Conv2d(4, 3, 3, padding="same")
+        self.c3 = nn.Conv1d(3, 3, 2, padding=1, stride=2)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.g(torch.tanh(self.c2(h))))
+        h = torch.tanh(self.same(h))
+        h = torch.tanh(self.c3(h.flatten(2)))
+        return self.head(h.mean(-1))
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("params", ["all", "bias", "c2.weight"])
+def test_convolutions_take_the_lean_backward_and_stay_exact(params: str) -> None:
+    torch.manual_seed(0)
+    model = _Convs().double()
+    lin = Linearization(model, params=params, chunk_size=4)
+    X = lin.prepare_inputs(torch.randn(9, 2, 9, 9, dtype=torch.float64))
+    graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph is not None
+    names = _node_names(graph.chunks[0].out)
+    assert "_LeanConvBackward" in names and "ConvolutionBackward0" in names  # the "same" conv stays native
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(2, lin.num_params, generator=gen, dtype=torch.float64)
+    U = torch.randn(2, 9, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-12, atol=1e-12)
