@@ -190,8 +190,8 @@ def test_memory_bench_measures_a_product_in_a_fresh_process():
     big = _run_case("MLP 64-256-256-10", "kv16", 4096, 1)  # 16 vectors × 4096 inputs: tens of MiB more
     assert small["before_mib"] > 50 and small["peak_mib"] >= small["before_mib"]
     assert big["peak_mib"] - big["before_mib"] > small["peak_mib"] - small["before_mib"] + 20
-    row = {"model": "m", "base_mib": 300.0, "kv": 1.0, "kv16": 2.0, "cached": 3.0, "full": 4.0}
-    assert "| m | 300 | 1 | 2 | 3 | 4 |" in format_memory_table([row], 64)
+    row = {"model": "m", "base_mib": 300.0, "kv": 1.0, "kv16": 2.0, "cached": 3.0, "graph": 5.0, "full": 4.0}
+    assert "| m | 300 | 1 | 2 | 3 | 5 | 4 |" in format_memory_table([row], 64)
 
 
 def test_dense_bench_row_checks_structured_against_plain():

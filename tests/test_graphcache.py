@@ -92,16 +92,33 @@ class _OnceDifferentiable(torch.autograd.Function):
         return g * (1 - x.tanh() ** 2)
 
 
+class _DetachedBackward(torch.autograd.Function):
+    """A backward pass computed off the graph (not marked once-differentiable): differentiating it gives 0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return 2 * g.detach()
+
+
 class _NoDoubleBackward(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
         super().__init__()
+        self.fn = fn
         self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(_OnceDifferentiable.apply(self.a(x)))
+        return self.b(self.fn.apply(self.a(x)))
 
 
-@pytest.mark.parametrize("model", [_InPlace(), _NoDoubleBackward()], ids=["in-place", "once-differentiable"])
+@pytest.mark.parametrize(
+    "model",
+    [_InPlace(), _NoDoubleBackward(_OnceDifferentiable), _NoDoubleBackward(_DetachedBackward)],
+    ids=["in-place", "once-differentiable", "detached-backward"],
+)
 def test_models_the_graph_cannot_serve_fall_back_to_none(model: nn.Module) -> None:
     lin = Linearization(model)
     X = lin.prepare_inputs(torch.randn(6, 3, dtype=torch.float64))
@@ -183,3 +200,30 @@ def test_convolutions_take_the_lean_backward_and_stay_exact(params: str) -> None
     U = torch.randn(2, 9, 2, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-12, atol=1e-12)
+
+
+def test_square_operator_holds_the_jacobian_from_its_second_product() -> None:
+    model = BUILDERS["resnet"]()
+    X = inputs_for("resnet", 10)
+    op = la.NTKOperator(model, X)
+    cold = la.NTKOperator(model, X, hold=False)
+    V = torch.randn(3, op.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    first = op.apply_rows(V)
+    assert "held" not in op._memo  # a single product does not pay for holding J(X)
+    second = op.apply_rows(V)
+    assert op.held() is not None
+    torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cold.apply_rows(V), first, rtol=1e-12, atol=1e-12)
+    cold.apply_rows(V)
+    assert cold.held() is None
+    torch.testing.assert_close(op.to_dense() @ V.T, second.T, rtol=1e-10, atol=1e-10)
+    for output in ("sum", 1):  # the single-output and trace kernels use the held J(X) too
+        sub = la.NTKOperator(model, X, output=output)
+        v = V[:, : sub.shape[0]]
+        once, twice = sub.apply_rows(v), sub.apply_rows(v)
+        assert sub.held() is not None
+        torch.testing.assert_close(twice, once, rtol=1e-12, atol=1e-12)
+    rect = la.NTKOperator(model, X, inputs_for("resnet", 4, seed=3))
+    rect.apply_rows(V[:, : rect.shape[1]])
+    rect.apply_rows(V[:, : rect.shape[1]])
+    assert rect.held() is None

@@ -77,7 +77,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
     by the cached per-layer factors the solvers use (:class:`~linadapt.structured.FactoredJacobian`,
     amortised: built once) — as ratios to the pass; plus the one-off cost of building the factors."""
     model.eval()
-    op = NTKOperator(model, X)
+    op = NTKOperator(model, X, hold=False)
     lin, Xp = op.linearization, op.X1
     n, c = Xp.shape[0], op.num_outputs
     g = torch.Generator().manual_seed(0)
@@ -314,7 +314,7 @@ def memory_case(model_name: str, case: str, n: int, threads: int) -> dict:
     model = make().eval()
     X = torch.randn(n, *shape)
     _unit(model, X)()
-    op = NTKOperator(model, X)
+    op = NTKOperator(model, X, hold=False)
     k = 16 if case == "kv16" else 1
     V = torch.randn(k, n * op.num_outputs, dtype=torch.float64)
     before = _status_mib("VmRSS")

@@ -25,7 +25,7 @@ conv(ẋ, W) + conv(x, Ẇ) + ḃ (on the CNN of the benchmark this makes J w 2.
 
 The graph of a chunk takes a few times the memory of its activations (far less than the factors, which
 hold c output gradients per example and layer); :func:`graph_jacobian` builds it only when the estimate fits
-the budget and its products agree with torch.func's on the first chunk, and returns None otherwise.
+the budget and its products agree with torch.func's on the first examples, and returns None otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .linearize import ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
 
-__all__ = ["GraphJacobian", "graph_jacobian"]
+__all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian"]
 
 # relative disagreement with torch.func's jvp, on the first chunk, above which the graph is not used
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -237,7 +237,7 @@ class GraphJacobian:
 
 def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJacobian | None:
     """A :class:`GraphJacobian` of J(X) when its graphs fit in ``budget`` bytes (estimated from the first
-    chunk) and its products agree with torch.func's on that chunk; else None (callers then use torch.func
+    chunk) and its products agree with torch.func's on the first examples; else None (callers then use torch.func
     products). Models whose backward pass cannot itself be differentiated also give None."""
     n = X.shape[0]
     if n == 0:
@@ -258,12 +258,31 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
     return graph
 
 
-def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor) -> bool:
-    """Whether J v through the kept graph matches torch.func's jvp on the first chunk for a random v."""
+def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor, rows: int = 16) -> bool:
+    """Whether J v through the kept graph matches torch.func's jvp on the first ``rows`` examples of the
+    first chunk, for a random v."""
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(1, lin.num_params, generator=gen, dtype=ALGEBRA_DTYPE).to(lin.device)
-    ours = graph.jvp(v)[0, : xb.shape[0]]
-    ref = lin.jvp(xb, v[0])
+    m = min(rows, xb.shape[0])
+    ours = graph.jvp(v)[0, :m]
+    ref = lin.jvp(xb[:m], v[0])
     scale = float(ref.norm())
     rtol = _CHECK_RTOL.get(lin.net_dtype, 1e-4)
     return bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(scale, 1e-30)
+
+
+def cached_jacobian(
+    lin: Linearization, X: torch.Tensor, budget: int, factorize: bool = True, graph: bool = True
+) -> Any:
+    """J(X) held for repeated products: per-layer factors (:func:`~linadapt.structured.factored_jacobian`,
+    no pass through the network per product) when they apply and fit ``budget`` bytes, else the retained
+    graph (:func:`graph_jacobian`) when it fits, else None. Both have ``jvp(V)`` (k, p) -> (k, n, c) and
+    ``vjp(U)`` (k, n, c) -> (k, p), float64."""
+    held = None
+    if factorize:
+        from .structured import factored_jacobian
+
+        held = factored_jacobian(lin, X, budget)
+    if held is None and graph:
+        held = graph_jacobian(lin, X, budget)
+    return held

@@ -2,7 +2,10 @@
 
 K = J(X1) J(X2)ᵀ has shape (n1·c, n2·c) and is **example-major**: row i·c + a is example i, output a.
 A product K V costs one vector-Jacobian product over X2 and one Jacobian-vector product over X1, for
-all columns of V at once (vmap), chunked over the data; K is never formed.
+all columns of V at once (vmap), chunked over the data; K is never formed. A square operator (X2 = X1)
+multiplied more than once — as inside CG or Lanczos — holds J(X) for its later products, as per-layer
+factors or as the network's retained autograd graph (:func:`~linadapt.graphcache.cached_jacobian`, within
+``HELD_BYTES``), so they need no forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .selection import ParamSpec
 __all__ = ["NTKOperator", "ntk_gram"]
 
 OutputSpec = int | str | None
+HELD_BYTES = 2**30  # memory a square operator may hold for its repeated products (factors or graph)
 
 
 def _check_output(output: OutputSpec, c: int) -> OutputSpec:
@@ -44,6 +48,8 @@ class NTKOperator(LinearOperator):
         output: ``None`` — all outputs, shape (n1·c, n2·c), example-major; an index ``a`` — the kernel of
             output a alone, J_a(X1) J_a(X2)ᵀ of shape (n1, n2); ``"sum"`` — the trace kernel
             Σ_a J_a(X1) J_a(X2)ᵀ of shape (n1, n2).
+        hold: whether a square operator holds J(X) for its products from the second one on (see
+            :meth:`held`); ``False`` makes every product run the network (torch.func), as for benchmarks.
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
     pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
@@ -58,6 +64,7 @@ class NTKOperator(LinearOperator):
         chunk_size: int | None = None,
         output: OutputSpec = None,
         symmetric: bool | None = None,
+        hold: bool = True,
     ) -> None:
         lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
         X1t = lin.prepare_inputs(X1, "X1")
@@ -76,7 +83,9 @@ class NTKOperator(LinearOperator):
         self.symmetric = symmetric
         self.num_outputs = c
         self._width = c if output is None else 1
-        self._memo: dict[str, torch.Tensor] = {}
+        self._memo: dict[str, Any] = {}
+        self._products = 0
+        self.hold = bool(hold)
 
     # -- the linear_operator contract ------------------------------------------------------------
     @property
@@ -91,7 +100,9 @@ class NTKOperator(LinearOperator):
         return torch.Size((self.X1.shape[0] * self._width, self.X2.shape[0] * self._width))
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(self.linearization, X1=self.X2, X2=self.X1, output=self.output, symmetric=self.symmetric)
+        return NTKOperator(
+            self.linearization, X1=self.X2, X2=self.X1, output=self.output, symmetric=self.symmetric, hold=self.hold
+        )
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
         is_vec = rhs.dim() == 1
@@ -102,24 +113,42 @@ class NTKOperator(LinearOperator):
         out = out.reshape(*batch, k, -1).transpose(-1, -2)
         return out.squeeze(-1) if is_vec else out
 
+    def held(self) -> Any:
+        """J(X) held for this square operator's products from its second product on (per-layer factors or
+        the retained graph, see :func:`~linadapt.graphcache.cached_jacobian`), or None: a rectangular
+        operator, the first product, or nothing fits in ``HELD_BYTES``."""
+        if not (self.hold and self.symmetric and self.X2 is self.X1):
+            return None
+        if "held" not in self._memo:
+            self._products += 1
+            if self._products < 2:
+                return None
+            from .graphcache import cached_jacobian
+
+            held = cached_jacobian(self.linearization, self.X1, HELD_BYTES)
+            self._memo["held"] = held if held is not None else False
+        return self._memo["held"] or None
+
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
         lin, c = self.linearization, self.num_outputs
         V = V.to(device=self.device, dtype=ALGEBRA_DTYPE)
         m, n2, n1 = V.shape[0], self.X2.shape[0], self.X1.shape[0]
+        held = self.held()
+        vjp = held.vjp if held is not None else (lambda U: lin.vjp(self.X2, U))
+        jvp = held.jvp if held is not None else (lambda W: lin.jvp(self.X1, W))
         if self.output is None:
-            W = lin.vjp(self.X2, V.reshape(m, n2, c))
-            return lin.jvp(self.X1, W).reshape(m, n1 * c)
+            return jvp(vjp(V.reshape(m, n2, c))).reshape(m, n1 * c)
         if self.output == "sum":
             U = torch.zeros(c, m, n2, c, dtype=V.dtype, device=V.device)
             for a in range(c):
                 U[a, :, :, a] = V
-            out = lin.jvp(self.X1, lin.vjp(self.X2, U.reshape(c * m, n2, c))).reshape(c, m, n1, c)
+            out = jvp(vjp(U.reshape(c * m, n2, c))).reshape(c, m, n1, c)
             return torch.diagonal(out, dim1=0, dim2=3).sum(-1)
         a = int(self.output)
         U = torch.zeros(m, n2, c, dtype=V.dtype, device=V.device)
         U[:, :, a] = V
-        return lin.jvp(self.X1, lin.vjp(self.X2, U))[:, :, a]
+        return jvp(vjp(U))[:, :, a]
 
     def to_dense(self) -> torch.Tensor:
         """The dense kernel by per-layer products (:func:`ntk_gram`), not by multiplying the identity."""

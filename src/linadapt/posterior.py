@@ -60,17 +60,16 @@ class TrainingData:
         (:class:`~linadapt.graphcache.GraphJacobian`) when that fits in half the budget; else None (torch.func
         products). Products with either need no forward pass through the network."""
         if "factored" not in self.cache:
-            fj = None
-            budget = int(self.options.memory_budget) // 2
-            if getattr(self.options, "factorize", True):
-                from .structured import factored_jacobian
+            from .graphcache import cached_jacobian
 
-                fj = factored_jacobian(self.lin, self.X, budget)
-            if fj is None and getattr(self.options, "graph_products", True):
-                from .graphcache import graph_jacobian
-
-                fj = graph_jacobian(self.lin, self.X, budget)
-            self.cache["factored"] = fj if fj is not None else False
+            held = cached_jacobian(
+                self.lin,
+                self.X,
+                int(self.options.memory_budget) // 2,
+                factorize=getattr(self.options, "factorize", True),
+                graph=getattr(self.options, "graph_products", True),
+            )
+            self.cache["factored"] = held if held is not None else False
         return self.cache["factored"] or None
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
@@ -108,7 +107,9 @@ class TrainingData:
         """K = J(X) J(X)ᵀ over all examples as a lazy operator (used for pivoted-Cholesky preconditioners)."""
         if "operator" not in self.cache:
             if self.sharding is None:
-                self.cache["operator"] = NTKOperator(self.lin, self.X)
+                op = NTKOperator(self.lin, self.X)
+                op._memo["held"] = self.factored() or False  # the products share this problem's held J(X)
+                self.cache["operator"] = op
             else:
                 from .distributed import ShardedNTKOperator
 
