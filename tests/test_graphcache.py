@@ -227,3 +227,41 @@ def test_square_operator_holds_the_jacobian_from_its_second_product() -> None:
     rect.apply_rows(V[:, : rect.shape[1]])
     rect.apply_rows(V[:, : rect.shape[1]])
     assert rect.held() is None
+
+
+def test_many_vectors_go_through_the_batched_backward_exactly() -> None:
+    torch.manual_seed(0)
+    model = _Convs().double()
+    lin = Linearization(model, chunk_size=5)
+    X = lin.prepare_inputs(torch.randn(9, 2, 9, 9, dtype=torch.float64))
+    graph = graph_jacobian(lin, X, budget=2**30)
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(70, lin.num_params, generator=gen, dtype=torch.float64)  # two groups: 64 + 6
+    U = torch.randn(70, 9, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-11, atol=1e-12)
+    assert graph._batched  # the convolutions' backward has a batching rule
+
+
+def test_a_backward_without_batching_rule_falls_back_to_one_vector_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = _Convs().double()
+    lin = Linearization(model)
+    X = lin.prepare_inputs(torch.randn(5, 2, 9, 9, dtype=torch.float64))
+    graph = graph_jacobian(lin, X, budget=2**30)
+    real = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented")  # as for an op without one
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    gen = torch.Generator().manual_seed(5)
+    V = torch.randn(3, lin.num_params, generator=gen, dtype=torch.float64)
+    U = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-12, atol=1e-12)
+    assert not graph._batched
+    torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-12, atol=1e-12)

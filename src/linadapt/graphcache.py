@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .linearize import ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
+from ._blocks import blocks
+from .linearize import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
 
 __all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian"]
 
@@ -78,15 +79,21 @@ class _ConvGrads(torch.autograd.Function):
     """gO ↦ (gx, gW, gb), the backward pass of a convolution, differentiable in gO only (x and W enter as
     constants): d(gx, gW, gb)ᵀ(ġx, ġW, ġb) = conv(ġx, W) + conv(x, ġW) + ġb."""
 
+    generate_vmap_rule = True  # for autograd's batched backward (many vectors at once)
+
     @staticmethod
-    def forward(ctx: Any, gO: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, conf: tuple, mask: tuple):
+    def forward(gO: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, conf: tuple, mask: tuple):
         stride, padding, dilation, groups = conf
-        ctx.save_for_backward(x, w)
-        ctx.conf, ctx.out_shape = conf, gO.shape
         bias_sizes = [w.shape[0]] if has_bias else None
         return torch.ops.aten.convolution_backward(
             gO, x, w, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, list(mask)
         )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        gO, x, w, _, conf, _ = inputs
+        ctx.save_for_backward(x, w)
+        ctx.conf, ctx.out_shape = conf, gO.shape
 
     @staticmethod
     def backward(ctx: Any, ggx: torch.Tensor | None, ggw: torch.Tensor | None, ggb: torch.Tensor | None):
@@ -111,11 +118,17 @@ class _ConvGrads(torch.autograd.Function):
 class _LeanConv(torch.autograd.Function):
     """A 1-d / 2-d convolution whose backward pass is :class:`_ConvGrads` (see the module docstring)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *conf: Any) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.conf, ctx.has_bias = conf, b is not None
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *conf: Any) -> torch.Tensor:
         return (F.conv2d if x.dim() == 4 else F.conv1d)(x, w, b, *conf)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, w, b, *conf = inputs
+        ctx.save_for_backward(x, w)
+        ctx.conf, ctx.has_bias = tuple(conf), b is not None
 
     @staticmethod
     def backward(ctx: Any, gO: torch.Tensor):
@@ -176,6 +189,7 @@ class GraphJacobian:
         self._leaves = [lin.theta[name].detach().requires_grad_(True) for name in lin.param_names]
         self._skip = {t.untyped_storage().data_ptr() for t in self._leaves}
         self._saved_bytes = 0
+        self._batched = True  # autograd's batched backward works for this model (until it fails once)
         self.chunks: list[_Chunk] = []
         for rows in chunks:
             self.add(X, rows)
@@ -200,38 +214,61 @@ class GraphJacobian:
         counted)."""
         return self._saved_bytes
 
+    def _grad(self, outputs: Any, inputs: Any, cotangents: Any, batch: int | None) -> tuple[torch.Tensor | None, ...]:
+        """torch.autograd.grad through the kept graphs for one vector (``batch`` None), or for ``batch``
+        vectors (cotangents with that leading dimension) by autograd's batched backward; a model whose
+        backward has no batching rule falls back to one pass per vector for good."""
+        if batch is None:
+            return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True)
+        if self._batched:
+            try:
+                return torch.autograd.grad(
+                    outputs, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            except RuntimeError:
+                self._batched = False
+        per_vector = [
+            torch.autograd.grad(outputs, inputs, [t[j] for t in cotangents], retain_graph=True, allow_unused=True)
+            for j in range(batch)
+        ]
+        return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*per_vector))
+
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
-        """Jᵀ u for each row of U (k, n, c): (k, p), float64 — one backward pass per vector and chunk."""
+        """Jᵀ u for each row of U (k, n, c): (k, p), float64 — one backward pass per chunk through the kept
+        forward graph, for up to 64 vectors at once (autograd's batched backward)."""
         lin = self.lin
         U = U.to(device=lin.device, dtype=self.dtype)
         result = torch.zeros(U.shape[0], lin.num_params, dtype=ALGEBRA_DTYPE, device=lin.device)
-        for j in range(U.shape[0]):
+        for group in blocks(U.shape[0], _RHS_GROUP):
+            k = group.stop - group.start
             for ch in self.chunks:
-                grads = torch.autograd.grad(ch.out, self._leaves, U[j, ch.rows], retain_graph=True, allow_unused=True)
+                cot = U[group, ch.rows] if k > 1 else U[group.start, ch.rows]
+                grads = self._grad(ch.out, self._leaves, [cot], k if k > 1 else None)
                 parts = [
-                    (g if g is not None else torch.zeros_like(leaf)).reshape(-1).to(ALGEBRA_DTYPE)
+                    (g if g is not None else torch.zeros(k, *leaf.shape, dtype=leaf.dtype, device=leaf.device))
+                    .reshape(k, -1)
+                    .to(ALGEBRA_DTYPE)
                     for g, leaf in zip(grads, self._leaves)
                 ]
-                result[j] += torch.cat(parts)
+                result[group] += torch.cat(parts, dim=1)
         return result
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
-        """J v for each row of V (k, p): (k, n, c), float64 — one pass through the kept backward graph per
-        vector and chunk: (J_b v) = ∂/∂u ⟨g_b(u), v⟩."""
+        """J v for each row of V (k, p): (k, n, c), float64 — one pass per chunk through the kept backward
+        graph, (J_b v) = ∂/∂u ⟨g_b(u), v⟩, for up to 64 vectors at once."""
         lin = self.lin
         V = V.reshape(-1, lin.num_params).to(lin.device)
         out = torch.zeros(V.shape[0], self.n, self.c, dtype=ALGEBRA_DTYPE, device=lin.device)
-        for j in range(V.shape[0]):
-            tangents = list(lin.unflatten(V[j]).values())
+        for group in blocks(V.shape[0], _RHS_GROUP):
+            k = group.stop - group.start
+            tangents = list(lin.unflatten(V[group] if k > 1 else V[group.start]).values())
             for ch in self.chunks:
                 pairs = [(g, t) for g, t in zip(ch.grads, tangents) if g is not None]
                 if not pairs:
                     continue
-                (Jv,) = torch.autograd.grad(
-                    [g for g, _ in pairs], ch.u, [t for _, t in pairs], retain_graph=True, allow_unused=True
-                )
+                (Jv,) = self._grad([g for g, _ in pairs], [ch.u], [t for _, t in pairs], k if k > 1 else None)
                 if Jv is not None:
-                    out[j, ch.rows] = Jv.to(ALGEBRA_DTYPE)
+                    out[group, ch.rows] = Jv.reshape(k, -1, self.c).to(ALGEBRA_DTYPE)
         return out
 
 
