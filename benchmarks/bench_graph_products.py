@@ -11,7 +11,7 @@ The graph is the solvers' path when the per-layer factors do not apply or fit. T
   head, float32) whose factors are made not to fit (the budget is set to 0 for the factors only), so the
   regression fit ``LinearizedRegressor(solver="cg", space="function")`` uses the graph.
 
-    python benchmarks/bench_graph_products.py [--n 512] [--reps 3] [--threads 2]
+    python benchmarks/bench_graph_products.py [--n 512] [--reps 3] [--threads 2] [--only classifier|regressor]
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=("classifier", "regressor"), default=None, help="run one of the two fits")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -127,10 +128,12 @@ def main() -> None:
     print("| fit | products | seconds (graph) | seconds (torch.func) | speed-up | max abs. difference of predictions |")
     print("|---|---|---|---|---|---|")
     cases = (
-        ("LinearizedClassifier, MLP 64-256-256-100, Newton-CG + predict_proba", classifier, False),
-        ("LinearizedRegressor, ResNet-style CNN with BatchNorm, CG + predictive std", regressor, True),
+        ("classifier", "LinearizedClassifier, MLP 64-256-256-100, Newton-CG + predict_proba", classifier, False),
+        ("regressor", "LinearizedRegressor, ResNet-style CNN with BatchNorm, CG + predictive std", regressor, True),
     )
-    for label, make, zero in cases:
+    for key, label, make, zero in cases:
+        if args.only not in (None, key):
+            continue
         times = {True: [], False: []}
         outs = {}
         kinds = {}

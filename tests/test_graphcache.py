@@ -229,28 +229,33 @@ def test_square_operator_holds_the_jacobian_from_its_second_product() -> None:
     assert rect.held() is None
 
 
-def test_many_vectors_go_through_the_batched_backward_exactly() -> None:
+@pytest.mark.parametrize("name", ["mlp", "convs"])
+def test_many_vectors_go_through_the_batched_backward_exactly(name: str) -> None:
     torch.manual_seed(0)
-    model = _Convs().double()
+    if name == "convs":
+        model, X = _Convs().double(), torch.randn(9, 2, 9, 9, dtype=torch.float64)
+    else:
+        model, X = BUILDERS["mlp"](), inputs_for("mlp", 9)
     lin = Linearization(model, chunk_size=5)
-    X = lin.prepare_inputs(torch.randn(9, 2, 9, 9, dtype=torch.float64))
+    X = lin.prepare_inputs(X)
     graph = graph_jacobian(lin, X, budget=2**30)
+    c = graph.c
     gen = torch.Generator().manual_seed(4)
     V = torch.randn(70, lin.num_params, generator=gen, dtype=torch.float64)  # two groups: 64 + 6
-    U = torch.randn(70, 9, 2, generator=gen, dtype=torch.float64)
+    U = torch.randn(70, 9, c, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-11, atol=1e-12)
-    assert graph._batched  # the convolutions' backward has a batching rule
+    # linear layers: batched backward; convolutions: one vector at a time (faster there, measured)
+    assert graph._batched == (name == "mlp")
 
 
 def test_a_backward_without_batching_rule_falls_back_to_one_vector_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    torch.manual_seed(0)
-    model = _Convs().double()
-    lin = Linearization(model)
-    X = lin.prepare_inputs(torch.randn(5, 2, 9, 9, dtype=torch.float64))
+    lin = Linearization(BUILDERS["mlp"]())
+    X = lin.prepare_inputs(inputs_for("mlp", 5))
     graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph._batched
     real = torch.autograd.grad
 
     def no_batching(*args, **kwargs):
@@ -261,7 +266,17 @@ def test_a_backward_without_batching_rule_falls_back_to_one_vector_at_a_time(
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     gen = torch.Generator().manual_seed(5)
     V = torch.randn(3, lin.num_params, generator=gen, dtype=torch.float64)
-    U = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64)
+    U = torch.randn(3, 5, graph.c, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(graph.jvp(V), lin.jvp(X, V), rtol=1e-12, atol=1e-12)
     assert not graph._batched
     torch.testing.assert_close(graph.vjp(U), lin.vjp(X, U), rtol=1e-12, atol=1e-12)
+
+
+def test_eval_mode_batch_norm_enters_the_graph_as_its_affine_map() -> None:
+    lin, X, graph = _graph("resnet")
+    names = _node_names(graph.chunks[0].out)
+    assert not any("BatchNorm" in name for name in names)
+    model = BUILDERS["resnet"]()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():  # the model itself is untouched: still eval-mode batch norm when called
+        torch.testing.assert_close(lin.outputs(X), model.eval()(X), rtol=1e-12, atol=1e-12)
