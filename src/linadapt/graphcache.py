@@ -42,8 +42,11 @@ from .linearize import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, LinearizationEr
 
 __all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian"]
 
-# relative disagreement with torch.func's jvp, on the first chunk, above which the graph is not used
-_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+# relative disagreement with torch.func's jvp, on the first examples, above which the graph is not used: a
+# wrong derivative is off by O(1); float32 routes differ by rounding — on EfficientNet-Lite0 with one thread
+# torch.func's products are 1e-4 from the float64 network's and the graph's 1.5e-6
+# (benchmarks/check_graph_accuracy.py), so the check is loose there
+_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}
 _BATCH_ROWS = 1024  # examples × vectors per batched backward pass
 
 
@@ -342,7 +345,7 @@ def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor, rows: in
     ours = graph.jvp(v)[0, :m]
     ref = lin.jvp(xb[:m], v[0])
     scale = float(ref.norm())
-    rtol = _CHECK_RTOL.get(lin.net_dtype, 1e-4)
+    rtol = _CHECK_RTOL.get(lin.net_dtype, 1e-2)
     return bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(scale, 1e-30)
 
 
