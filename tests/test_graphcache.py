@@ -10,7 +10,7 @@ from torch import nn
 
 import linadapt as la
 from linadapt.graphcache import GraphJacobian, graph_jacobian
-from linadapt.linearize import Linearization
+from linadapt.linearize import Linearization, LinearizationError
 from linadapt.posterior import TrainingData
 
 
@@ -280,3 +280,38 @@ def test_eval_mode_batch_norm_enters_the_graph_as_its_affine_map() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():  # the model itself is untouched: still eval-mode batch norm when called
         torch.testing.assert_close(lin.outputs(X), model.eval()(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_cold_kernel_product_in_one_forward_pass_is_exact(name: str) -> None:
+    from linadapt.graphcache import kernel_product
+
+    model = BUILDERS[name]()
+    lin = Linearization(model)
+    X = lin.prepare_inputs(inputs_for(name, 9))
+    c = lin.output_dim(X)
+    u = torch.randn(9, c, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = kernel_product(lin, X, u)
+    assert got is not None and lin._graph_ok
+    torch.testing.assert_close(got, lin.jvp(X, lin.vjp(X, u)), rtol=1e-12, atol=1e-12)
+    # the operator's first single-vector product takes this route; the same numbers as torch.func's
+    op = la.NTKOperator(model, X)
+    cold = la.NTKOperator(model, X, hold=False)
+    torch.testing.assert_close(
+        op.apply_rows(u.reshape(1, -1)), cold.apply_rows(u.reshape(1, -1)), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_cold_kernel_product_declines_many_chunks_and_broken_models() -> None:
+    from linadapt.graphcache import kernel_product
+
+    lin = Linearization(BUILDERS["mlp"](), chunk_size=4)
+    X = lin.prepare_inputs(inputs_for("mlp", 9))
+    assert kernel_product(lin, X, torch.ones(9, 3, dtype=torch.float64)) is None  # 3 chunks
+    lin = Linearization(_NoDoubleBackward(_DetachedBackward))
+    X = lin.prepare_inputs(torch.randn(6, 3, dtype=torch.float64))
+    assert kernel_product(lin, X, torch.ones(6, 2, dtype=torch.float64)) is None
+    assert lin._graph_ok is False
+    op = la.NTKOperator(lin, X)  # falls back to torch.func, which names the problem (no setup_context)
+    with pytest.raises(LinearizationError, match="setup_context"):
+        op.apply_rows(torch.randn(1, 12, dtype=torch.float64))

@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from ._blocks import blocks
 from .linearize import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
 
-__all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian"]
+__all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian", "graph_products_work", "kernel_product"]
 
 # relative disagreement with torch.func's jvp, on the first examples, above which the graph is not used: a
 # wrong derivative is off by O(1); float32 routes differ by rounding — on EfficientNet-Lite0 with one thread
@@ -221,8 +221,11 @@ class GraphJacobian:
         for rows in chunks:
             self.add(X, rows)
 
-    def add(self, X: torch.Tensor, rows: slice) -> None:
-        """Run the forward pass of X[rows] and one backward pass with a symbolic cotangent; keep both graphs."""
+    def add(self, X: torch.Tensor, rows: slice, u0: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run the forward pass of X[rows] and one backward pass with a symbolic cotangent u; keep both graphs.
+
+        u is taken at ``u0`` ((b, c); zeros by default) — the graph of g(u) = J_bᵀu is the same for every
+        value, since g is linear — and J_bᵀ u0 is returned, one tensor per parameter (network dtype)."""
         lin = self.lin
         theta = dict(zip(lin.param_names, self._leaves))
         saved = _Saved(self._skip)
@@ -230,7 +233,8 @@ class GraphJacobian:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             with _eval_mode(lin.model), mode:
                 out = lin._f(theta, X[rows])
-            u = torch.zeros_like(out, requires_grad=True)
+            u = torch.zeros_like(out) if u0 is None else u0.to(device=out.device, dtype=out.dtype).clone()
+            u.requires_grad_(True)
             grads = torch.autograd.grad(out, self._leaves, u, create_graph=True, allow_unused=True)
         if mode.convolutions:
             # autograd's batched backward runs convolutions as grouped convolutions, 2–3× slower per vector
@@ -240,6 +244,7 @@ class GraphJacobian:
         self._saved_bytes += saved.nbytes() + sum(t.numel() * t.element_size() for t in (out, u))
         self._saved_bytes += sum(g.numel() * g.element_size() for g in kept if g is not None)
         self.chunks.append(_Chunk(rows, out, u, kept))
+        return [torch.zeros_like(leaf) if g is None else g.detach() for g, leaf in zip(grads, self._leaves)]
 
     def nbytes(self) -> int:
         """Bytes held by the kept graphs (saved activations, outputs, cotangents and g(u); parameters not
@@ -327,13 +332,44 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
         estimate = graph.nbytes() * n / (first.stop - first.start)
         if estimate > budget:
             return None
-        if not _agrees(graph, lin, X[first]):
+        ok = _agrees(graph, lin, X[first])
+        lin._graph_ok = ok
+        if not ok:
             return None
         for rows in chunks[1:]:
             graph.add(X, rows)
     except (RuntimeError, LinearizationError, NotImplementedError):
+        lin._graph_ok = False
         return None
     return graph
+
+
+def graph_products_work(lin: Linearization, X: torch.Tensor) -> bool:
+    """Whether this linearization's products through a retained graph agree with torch.func's — checked once
+    on the first 16 examples of X (a graph over those alone) and remembered on ``lin``."""
+    if lin._graph_ok is None:
+        graph_jacobian(lin, X[:16], budget=2**62)
+    return bool(lin._graph_ok)
+
+
+def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """A cold K u = J(X)(J(X)ᵀu) for one u (n, c) in one forward and two backward passes: the forward pass,
+    a backward pass with u as the symbolic cotangent (its value is Jᵀu, its graph gives J w), then J(Jᵀu)
+    through that graph — torch.func's vjp then jvp costs a forward pass more (the jvp recomputes the primal).
+
+    Returns (n, c) float64, or None when X spans more than one chunk (the graph of all of X would have to be
+    kept) or the model's graph products do not work (:func:`graph_products_work`)."""
+    n = X.shape[0]
+    if n == 0 or len(lin._chunk_slices(n)) != 1 or not graph_products_work(lin, X):
+        return None
+    try:
+        graph = GraphJacobian(lin, X, [])
+        grads = graph.add(X, slice(0, n), u0=u)
+        w = torch.cat([g.reshape(-1).to(ALGEBRA_DTYPE) for g in grads]).unsqueeze(0)
+        return graph.jvp(w)[0]
+    except (RuntimeError, LinearizationError, NotImplementedError):
+        lin._graph_ok = False
+        return None
 
 
 def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor, rows: int = 16) -> bool:

@@ -103,6 +103,7 @@ class Linearization:
         self._num_outputs: int | None = None
         self._per_example_jacobian = True
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
+        self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:

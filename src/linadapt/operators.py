@@ -49,7 +49,9 @@ class NTKOperator(LinearOperator):
             output a alone, J_a(X1) J_a(X2)ᵀ of shape (n1, n2); ``"sum"`` — the trace kernel
             Σ_a J_a(X1) J_a(X2)ᵀ of shape (n1, n2).
         hold: whether a square operator holds J(X) for its products from the second one on (see
-            :meth:`held`); ``False`` makes every product run the network (torch.func), as for benchmarks.
+            :meth:`held`) and runs a first single-vector product through the retained graph (one forward
+            pass, :func:`~linadapt.graphcache.kernel_product`); ``False`` makes every product torch.func's vjp
+            then jvp, as for benchmarks.
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
     pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
@@ -135,6 +137,12 @@ class NTKOperator(LinearOperator):
         V = V.to(device=self.device, dtype=ALGEBRA_DTYPE)
         m, n2, n1 = V.shape[0], self.X2.shape[0], self.X1.shape[0]
         held = self.held()
+        if held is None and self.hold and self.output is None and m == 1 and self.symmetric and self.X2 is self.X1:
+            from .graphcache import kernel_product
+
+            out = kernel_product(lin, self.X1, V.reshape(n1, c))  # one forward pass instead of two
+            if out is not None:
+                return out.reshape(1, n1 * c)
         vjp = held.vjp if held is not None else (lambda U: lin.vjp(self.X2, U))
         jvp = held.jvp if held is not None else (lambda W: lin.jvp(self.X1, W))
         if self.output is None:

@@ -802,4 +802,5 @@ def _restricted(lin: Linearization, names: list[str]) -> Linearization:
     sub.numels = [sub.theta[n].numel() for n in names]
     sub.num_params = int(sum(sub.numels))
     sub._structured = False
+    sub._graph_ok = None
     return sub
