@@ -209,7 +209,7 @@ def test_square_operator_holds_the_jacobian_from_its_second_product() -> None:
     cold = la.NTKOperator(model, X, hold=False)
     V = torch.randn(3, op.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     first = op.apply_rows(V)
-    assert "held" not in op._memo  # a single product does not pay for holding J(X)
+    assert op.held() is None  # a single product does not pay for holding J(X)
     second = op.apply_rows(V)
     assert op.held() is not None
     torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-12)
@@ -315,3 +315,37 @@ def test_cold_kernel_product_declines_many_chunks_and_broken_models() -> None:
     op = la.NTKOperator(lin, X)  # falls back to torch.func, which names the problem (no setup_context)
     with pytest.raises(LinearizationError, match="setup_context"):
         op.apply_rows(torch.randn(1, 12, dtype=torch.float64))
+
+
+def test_held_jacobian_survives_linear_operator_rebuilds_and_is_shared() -> None:
+    model = BUILDERS["mlp"]()
+    lin = Linearization(model)
+    X = lin.prepare_inputs(inputs_for("mlp", 12))
+    op = la.NTKOperator(lin, X)
+    v = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    results = [op.matmul(v) for _ in range(3)]  # linear_operator rebuilds the operator for each matmul
+    held = lin._held[2]
+    assert held not in (None, False)
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-12)
+    again = la.NTKOperator(lin, X[:])  # another view of the same inputs: the same held J(X)
+    again.apply_rows(v.T)
+    assert again.held() is held
+    cold = la.NTKOperator(lin, X, hold=False)
+    rebuilt = cold.representation_tree()(*cold.representation())
+    assert rebuilt.hold is False and rebuilt.held() is None
+    other = lin.prepare_inputs(inputs_for("mlp", 12, seed=9))
+    la.NTKOperator(lin, other).apply_rows(v.T)  # different inputs replace the remembered ones
+    assert lin._held[2] is None and lin._held[1] == 1
+
+
+def test_graph_memory_estimate_does_not_charge_the_inputs_per_chunk() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    lin = Linearization(model, chunk_size=256)
+    X = lin.prepare_inputs(torch.randn(8192, 64, dtype=torch.float64))  # 4 MiB of inputs
+    graph = graph_jacobian(lin, X, budget=2**30)
+    assert graph is not None
+    # ~170 bytes per example (activations of width 8, outputs, cotangents; g(u) per chunk) — charging each
+    # chunk for the whole input storage, as a first version did, made it 136 MB
+    assert graph.nbytes() < 8192 * 64 * 8 / 2

@@ -38,9 +38,16 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._blocks import blocks
-from .linearize import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, LinearizationError, _eval_mode
+from .linearize import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, _eval_mode
 
-__all__ = ["GraphJacobian", "cached_jacobian", "graph_jacobian", "graph_products_work", "kernel_product"]
+__all__ = [
+    "GraphJacobian",
+    "cached_jacobian",
+    "graph_jacobian",
+    "graph_products_work",
+    "held_jacobian",
+    "kernel_product",
+]
 
 # relative disagreement with torch.func's jvp, on the first examples, above which the graph is not used: a
 # wrong derivative is off by O(1); float32 routes differ by rounding — on EfficientNet-Lite0 with one thread
@@ -53,7 +60,8 @@ _BATCH_ROWS = 1024  # examples × vectors per batched backward pass
 class _Saved:
     """Pack / unpack hooks for the tensors autograd saves while the graph is built: stored detached (so no
     reference cycle through an output's grad_fn), unpacked detached (constants of the backward graph),
-    with autograd's in-place version check kept, and their bytes counted (parameters excluded)."""
+    with autograd's in-place version check kept, and their bytes counted — storages in ``skip`` (the inputs X,
+    the parameters and buffers, which exist anyway) excluded, each other storage once."""
 
     def __init__(self, skip: set[int]) -> None:
         self.skip = skip
@@ -144,6 +152,7 @@ class _LeanConv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+_CONV_DIMS = {F.conv1d: 1, torch.conv1d: 1, F.conv2d: 2, torch.conv2d: 2}  # spatial dimensions
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -161,19 +170,17 @@ class _LeanMode(TorchFunctionMode):
     products (PyTorch's double-backward of batch normalisation computes the training-mode terms: 60 % of a
     product on a ResNet-style CNN, measured). ``convolutions`` counts the convolution calls seen."""
 
-    _CONVS = (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)
-
     def __init__(self) -> None:
         super().__init__()
         self.convolutions = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self._CONVS:
+        d = _CONV_DIMS.get(func)
+        if d is not None:
             self.convolutions += 1
             x, w, b, stride, padding, dilation, groups = _bind(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
-            if isinstance(x, torch.Tensor) and x.dim() in (3, 4) and not isinstance(padding, str):
-                d = x.dim() - 2
+            if isinstance(x, torch.Tensor) and x.dim() == d + 2 and not isinstance(padding, str):
                 return _LeanConv.apply(x, w, b, _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d), int(groups))
         elif func is F.batch_norm:
             x, mean, var, w, b, training, _, eps = _bind(args, kwargs, _BN_ARGS, _BN_DEFAULTS)
@@ -185,7 +192,7 @@ class _LeanMode(TorchFunctionMode):
                 if b is not None:
                     shift = shift + b
                 shape = (1, -1) + (1,) * (x.dim() - 2)
-                return x * scale.reshape(shape) + shift.reshape(shape)
+                return (x * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
         return func(*args, **kwargs)
 
 
@@ -214,7 +221,8 @@ class GraphJacobian:
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         self.c = lin.output_dim(X)
         self._leaves = [lin.theta[name].detach().requires_grad_(True) for name in lin.param_names]
-        self._skip = {t.untyped_storage().data_ptr() for t in self._leaves}
+        existing = [X, *lin.theta.values(), *lin.frozen.values()]
+        self._skip = {t.untyped_storage().data_ptr() for t in existing if isinstance(t, torch.Tensor)}
         self._saved_bytes = 0
         self._batched = True  # autograd's batched backward works for this model (until it fails once)
         self.chunks: list[_Chunk] = []
@@ -320,8 +328,10 @@ class GraphJacobian:
 
 def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJacobian | None:
     """A :class:`GraphJacobian` of J(X) when its graphs fit in ``budget`` bytes (estimated from the first
-    chunk) and its products agree with torch.func's on the first examples; else None (callers then use torch.func
-    products). Models whose backward pass cannot itself be differentiated also give None."""
+    chunk) and its products agree with torch.func's on the first examples of that chunk; else None (callers
+    then use torch.func products). Models whose backward pass cannot itself be differentiated give None, and
+    the outcome of the agreement check is remembered on ``lin`` (``_graph_ok``). The check sees the first
+    chunk only: a code path the model takes only for later inputs is not checked."""
     n = X.shape[0]
     if n == 0:
         return None
@@ -332,14 +342,18 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
         estimate = graph.nbytes() * n / (first.stop - first.start)
         if estimate > budget:
             return None
-        ok = _agrees(graph, lin, X[first])
-        lin._graph_ok = ok
-        if not ok:
-            return None
+        lin._graph_ok = _agrees(graph, lin, X[first])
+    except torch.OutOfMemoryError:
+        return None
+    except Exception:  # the model's backward cannot be differentiated here (or its forward failed)
+        lin._graph_ok = False
+        return None
+    if not lin._graph_ok:
+        return None
+    try:
         for rows in chunks[1:]:
             graph.add(X, rows)
-    except (RuntimeError, LinearizationError, NotImplementedError):
-        lin._graph_ok = False
+    except Exception:  # out of memory, or an input-dependent path the graph cannot take: torch.func products
         return None
     return graph
 
@@ -358,7 +372,8 @@ def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torc
     through that graph — torch.func's vjp then jvp costs a forward pass more (the jvp recomputes the primal).
 
     Returns (n, c) float64, or None when X spans more than one chunk (the graph of all of X would have to be
-    kept) or the model's graph products do not work (:func:`graph_products_work`)."""
+    kept), the model's graph products do not work (:func:`graph_products_work`) or the product fails (then
+    the caller's torch.func products run, and report any error of the model itself)."""
     n = X.shape[0]
     if n == 0 or len(lin._chunk_slices(n)) != 1 or not graph_products_work(lin, X):
         return None
@@ -367,22 +382,24 @@ def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torc
         grads = graph.add(X, slice(0, n), u0=u)
         w = torch.cat([g.reshape(-1).to(ALGEBRA_DTYPE) for g in grads]).unsqueeze(0)
         return graph.jvp(w)[0]
-    except (RuntimeError, LinearizationError, NotImplementedError):
-        lin._graph_ok = False
+    except Exception:
         return None
 
 
 def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor, rows: int = 16) -> bool:
-    """Whether J v through the kept graph matches torch.func's jvp on the first ``rows`` examples of the
-    first chunk, for a random v."""
+    """Whether J v and Jᵀu through the kept graph match torch.func's jvp and vjp on the first ``rows``
+    examples of the first chunk, for random v and u."""
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(1, lin.num_params, generator=gen, dtype=ALGEBRA_DTYPE).to(lin.device)
     m = min(rows, xb.shape[0])
-    ours = graph.jvp(v)[0, :m]
-    ref = lin.jvp(xb[:m], v[0])
-    scale = float(ref.norm())
+    v = torch.randn(1, lin.num_params, generator=gen, dtype=ALGEBRA_DTYPE).to(lin.device)
+    u = torch.zeros(1, graph.n, graph.c, dtype=ALGEBRA_DTYPE, device=lin.device)
+    u[0, :m] = torch.randn(m, graph.c, generator=gen, dtype=ALGEBRA_DTYPE).to(lin.device)
     rtol = _CHECK_RTOL.get(lin.net_dtype, 1e-2)
-    return bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(scale, 1e-30)
+    pairs = ((graph.jvp(v)[0, :m], lin.jvp(xb[:m], v[0])), (graph.vjp(u)[0], lin.vjp(xb[:m], u[0, :m])))
+    return all(
+        bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(float(ref.norm()), 1e-30)
+        for ours, ref in pairs
+    )
 
 
 def cached_jacobian(
@@ -400,3 +417,42 @@ def cached_jacobian(
     if held is None and graph:
         held = graph_jacobian(lin, X, budget)
     return held
+
+
+def _inputs_key(X: torch.Tensor) -> tuple:
+    """Identifies a prepared input tensor across views and operator rebuilds (same memory, shape, strides,
+    dtype and version)."""
+    return (X.data_ptr(), tuple(X.shape), tuple(X.stride()), X.dtype, str(X.device), X._version)
+
+
+def held_jacobian(
+    lin: Linearization,
+    X: torch.Tensor,
+    budget: int,
+    min_uses: int = 1,
+    factorize: bool = True,
+    graph: bool = True,
+    count: bool = True,
+) -> Any:
+    """The J(X) held for repeated products (:func:`cached_jacobian`), built once per inputs on the ``min_uses``-th
+    request and shared through ``lin`` by everything multiplying with the same X — the estimators'
+    training data and any :class:`~linadapt.operators.NTKOperator` over it, however often linear_operator
+    rebuilds the operator. ``lin`` remembers one X (the most recent), so a stream of different inputs never
+    accumulates memory. Returns the held object, or None (not yet requested often enough, or nothing fits;
+    a refusal is remembered). ``count=False`` looks without counting a use."""
+    key = _inputs_key(X)
+    entry = lin._held
+    if entry is None or entry[0] != key:
+        entry = lin._held = [key, 0, None]
+    if count:
+        entry[1] += 1
+    if entry[2] is None and entry[1] >= min_uses and count:
+        held = cached_jacobian(lin, X, budget, factorize=factorize, graph=graph)
+        entry[2] = held if held is not None else False
+    return entry[2] or None
+
+
+def held_refused(lin: Linearization, X: torch.Tensor) -> bool:
+    """Whether holding J(X) was tried for these inputs and nothing fitted."""
+    entry = lin._held
+    return entry is not None and entry[0] == _inputs_key(X) and entry[2] is False

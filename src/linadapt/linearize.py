@@ -104,6 +104,7 @@ class Linearization:
         self._per_example_jacobian = True
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
+        self._held: list | None = None  # [inputs key, uses, held J(X) | False | None] (graphcache.held_jacobian)
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:

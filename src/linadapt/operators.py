@@ -4,8 +4,10 @@ K = J(X1) J(X2)ᵀ has shape (n1·c, n2·c) and is **example-major**: row i·c +
 A product K V costs one vector-Jacobian product over X2 and one Jacobian-vector product over X1, for
 all columns of V at once (vmap), chunked over the data; K is never formed. A square operator (X2 = X1)
 multiplied more than once — as inside CG or Lanczos — holds J(X) for its later products, as per-layer
-factors or as the network's retained autograd graph (:func:`~linadapt.graphcache.cached_jacobian`, within
-``HELD_BYTES``), so they need no forward pass.
+factors or as the network's retained autograd graph (:func:`~linadapt.graphcache.held_jacobian`, within
+``HELD_BYTES``, shared through the linearization with the estimators' training data), so they need no
+forward pass; its first single-vector product runs one forward pass instead of two
+(:func:`~linadapt.graphcache.kernel_product`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ __all__ = ["NTKOperator", "ntk_gram"]
 
 OutputSpec = int | str | None
 HELD_BYTES = 2**30  # memory a square operator may hold for its repeated products (factors or graph)
+
+
+def _same_inputs(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """The same memory seen the same way (linear_operator may rebuild an operator from its arguments)."""
+    return A.data_ptr() == B.data_ptr() and A.shape == B.shape and A.stride() == B.stride() and A.dtype == B.dtype
 
 
 def _check_output(output: OutputSpec, c: int) -> OutputSpec:
@@ -78,7 +85,7 @@ class NTKOperator(LinearOperator):
             symmetric = bool(symmetric) if symmetric is not None else X2t is X1t
         c = lin.output_dim(X1t)
         output = _check_output(output, c)
-        super().__init__(X1=X1t, X2=X2t, model=lin, output=output, symmetric=symmetric)
+        super().__init__(X1=X1t, X2=X2t, model=lin, output=output, symmetric=symmetric, hold=hold)
         self.linearization = lin
         self.X1, self.X2 = X1t, X2t
         self.output = output
@@ -86,7 +93,6 @@ class NTKOperator(LinearOperator):
         self.num_outputs = c
         self._width = c if output is None else 1
         self._memo: dict[str, Any] = {}
-        self._products = 0
         self.hold = bool(hold)
 
     # -- the linear_operator contract ------------------------------------------------------------
@@ -115,32 +121,31 @@ class NTKOperator(LinearOperator):
         out = out.reshape(*batch, k, -1).transpose(-1, -2)
         return out.squeeze(-1) if is_vec else out
 
-    def held(self) -> Any:
-        """J(X) held for this square operator's products from its second product on (per-layer factors or
-        the retained graph, see :func:`~linadapt.graphcache.cached_jacobian`), or None: a rectangular
-        operator, the first product, or nothing fits in ``HELD_BYTES``."""
-        if not (self.hold and self.symmetric and self.X2 is self.X1):
-            return None
-        if "held" not in self._memo:
-            self._products += 1
-            if self._products < 2:
-                return None
-            from .graphcache import cached_jacobian
+    def _square(self) -> bool:
+        return self.symmetric and (self.X2 is self.X1 or _same_inputs(self.X1, self.X2))
 
-            held = cached_jacobian(self.linearization, self.X1, HELD_BYTES)
-            self._memo["held"] = held if held is not None else False
-        return self._memo["held"] or None
+    def held(self, count: bool = False) -> Any:
+        """J(X) held for this square operator's products from the second product with these inputs on (per-layer
+        factors or the retained graph, shared with the estimators' training data through the linearization,
+        see :func:`~linadapt.graphcache.held_jacobian`), or None: a rectangular operator, ``hold=False``, the
+        first product, or nothing fits in ``HELD_BYTES``. ``count`` counts a product."""
+        if not (self.hold and self._square()):
+            return None
+        from .graphcache import held_jacobian
+
+        return held_jacobian(self.linearization, self.X1, HELD_BYTES, min_uses=2, count=count)
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
         lin, c = self.linearization, self.num_outputs
         V = V.to(device=self.device, dtype=ALGEBRA_DTYPE)
         m, n2, n1 = V.shape[0], self.X2.shape[0], self.X1.shape[0]
-        held = self.held()
-        if held is None and self.hold and self.output is None and m == 1 and self.symmetric and self.X2 is self.X1:
-            from .graphcache import kernel_product
+        held = self.held(count=True)
+        if held is None and self.hold and self.output is None and m == 1 and self._square():
+            from .graphcache import held_refused, kernel_product
 
-            out = kernel_product(lin, self.X1, V.reshape(n1, c))  # one forward pass instead of two
+            # a first product: one forward pass instead of two (unless J(X) was found too big to hold)
+            out = None if held_refused(lin, self.X1) else kernel_product(lin, self.X1, V.reshape(n1, c))
             if out is not None:
                 return out.reshape(1, n1 * c)
         vjp = held.vjp if held is not None else (lambda U: lin.vjp(self.X2, U))

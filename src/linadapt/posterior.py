@@ -60,9 +60,9 @@ class TrainingData:
         (:class:`~linadapt.graphcache.GraphJacobian`) when that fits in half the budget; else None (torch.func
         products). Products with either need no forward pass through the network."""
         if "factored" not in self.cache:
-            from .graphcache import cached_jacobian
+            from .graphcache import held_jacobian
 
-            held = cached_jacobian(
+            held = held_jacobian(
                 self.lin,
                 self.X,
                 int(self.options.memory_budget) // 2,
@@ -107,9 +107,8 @@ class TrainingData:
         """K = J(X) J(X)ᵀ over all examples as a lazy operator (used for pivoted-Cholesky preconditioners)."""
         if "operator" not in self.cache:
             if self.sharding is None:
-                op = NTKOperator(self.lin, self.X)
-                op._memo["held"] = self.factored() or False  # the products share this problem's held J(X)
-                self.cache["operator"] = op
+                self.factored()  # held on the linearization, so the operator's products share it
+                self.cache["operator"] = NTKOperator(self.lin, self.X)
             else:
                 from .distributed import ShardedNTKOperator
 

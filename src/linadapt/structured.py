@@ -803,4 +803,5 @@ def _restricted(lin: Linearization, names: list[str]) -> Linearization:
     sub.num_params = int(sum(sub.numels))
     sub._structured = False
     sub._graph_ok = None
+    sub._held = None
     return sub
