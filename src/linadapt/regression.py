@@ -43,6 +43,7 @@ __all__ = [
 
 _DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
 _DENSE_MAX_DIM = 6000
+_CG_WORK = 450.0  # matrix-free fit ≈ this × N·p operations (function space; see choose_solver)
 _MEMORY_BUDGET = 2 * 2**30  # bytes for any dense matrix this module forms
 
 
@@ -79,16 +80,24 @@ def dense_fits(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDG
 def choose_solver(
     space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET, kernel_flops: float | None = None
 ) -> str:
-    """``"cholesky"`` when the dense matrix is small and cheap to form, else ``"cg"``.
+    """``"cholesky"`` when the dense matrix fits in memory and is cheap to form and factorise, else ``"cg"``.
 
     Forming the dense matrix costs N² p (function space, contracting Jacobians) or N p² (parameter space);
     ``kernel_flops``: the cost of the function-space kernel when per-layer rules form it for less (see
-    :func:`dense_kernel_flops`); the factorisation's N³/3 is added to it."""
+    :func:`dense_kernel_flops`); the factorisation's N³/3 is added to it. Dense is taken when that is
+    small (≤ 2·10¹¹ operations and dimension ≤ 6,000) or, in function space, when it is below the cost of
+    the matrix-free path, ≈ ``_CG_WORK`` · N · p (the products of CG and of the Lanczos log-determinants
+    with hyperparameter learning; calibrated on the auto-choice grid at N = 10,000, where CG won at
+    p = 10k, tied at 100k and lost at 1M — docs/performance.md)."""
+    if not dense_fits(space, n_obs, p, memory_budget):
+        return "cg"
     dim = n_obs if space == "function" else p
     flops = n_obs * n_obs * p if space == "function" else n_obs * p * p
     if space == "function" and kernel_flops is not None:
         flops = min(flops, kernel_flops + n_obs**3 / 3)
-    if dim <= _DENSE_MAX_DIM and flops <= _DENSE_FLOP_BUDGET and dense_fits(space, n_obs, p, memory_budget):
+    if dim <= _DENSE_MAX_DIM and flops <= _DENSE_FLOP_BUDGET:
+        return "cholesky"
+    if space == "function" and flops <= _CG_WORK * n_obs * p:
         return "cholesky"
     return "cg"
 
