@@ -46,6 +46,7 @@ __all__ = [
     "graph_jacobian",
     "graph_products_work",
     "held_jacobian",
+    "inputs_key",
     "kernel_product",
 ]
 
@@ -233,7 +234,7 @@ class GraphJacobian:
         """Run the forward pass of X[rows] and one backward pass with a symbolic cotangent u; keep both graphs.
 
         u is taken at ``u0`` ((b, c); zeros by default) — the graph of g(u) = J_bᵀu is the same for every
-        value, since g is linear — and J_bᵀ u0 is returned, one tensor per parameter (network dtype)."""
+        value, since g is linear — and J_bᵀ u0 is returned as a flat (p,) float64 vector."""
         lin = self.lin
         theta = dict(zip(lin.param_names, self._leaves))
         saved = _Saved(self._skip)
@@ -252,7 +253,17 @@ class GraphJacobian:
         self._saved_bytes += saved.nbytes() + sum(t.numel() * t.element_size() for t in (out, u))
         self._saved_bytes += sum(g.numel() * g.element_size() for g in kept if g is not None)
         self.chunks.append(_Chunk(rows, out, u, kept))
-        return [torch.zeros_like(leaf) if g is None else g.detach() for g, leaf in zip(grads, self._leaves)]
+        return self._flat(grads, None)
+
+    def _flat(self, grads: tuple[torch.Tensor | None, ...], batch: int | None) -> torch.Tensor:
+        """Parameter gradients (with a leading ``batch`` dimension, or none) as flat float64 rows (k, p) or
+        (p,); a parameter the outputs do not depend on (None) contributes zeros."""
+        lead = () if batch is None else (batch,)
+        tree = {
+            name: leaf.new_zeros(*lead, *leaf.shape) if g is None else g.detach()
+            for name, g, leaf in zip(self.lin.param_names, grads, self._leaves)
+        }
+        return self.lin.flatten(tree, len(lead))
 
     def nbytes(self) -> int:
         """Bytes held by the kept graphs (saved activations, outputs, cotangents and g(u); parameters not
@@ -297,14 +308,8 @@ class GraphJacobian:
             k = group.stop - group.start
             for ch in self.chunks:
                 cot = U[group, ch.rows] if k > 1 else U[group.start, ch.rows]
-                grads = self._grad(ch.out, self._leaves, [cot], k if k > 1 else None)
-                parts = [
-                    (g if g is not None else torch.zeros(k, *leaf.shape, dtype=leaf.dtype, device=leaf.device))
-                    .reshape(k, -1)
-                    .to(ALGEBRA_DTYPE)
-                    for g, leaf in zip(grads, self._leaves)
-                ]
-                result[group] += torch.cat(parts, dim=1)
+                batch = k if k > 1 else None
+                result[group] += self._flat(self._grad(ch.out, self._leaves, [cot], batch), batch).reshape(k, -1)
         return result
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
@@ -379,9 +384,8 @@ def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torc
         return None
     try:
         graph = GraphJacobian(lin, X, [])
-        grads = graph.add(X, slice(0, n), u0=u)
-        w = torch.cat([g.reshape(-1).to(ALGEBRA_DTYPE) for g in grads]).unsqueeze(0)
-        return graph.jvp(w)[0]
+        w = graph.add(X, slice(0, n), u0=u)  # Jᵀu
+        return graph.jvp(w.unsqueeze(0))[0]
     except Exception:
         return None
 
@@ -419,7 +423,7 @@ def cached_jacobian(
     return held
 
 
-def _inputs_key(X: torch.Tensor) -> tuple:
+def inputs_key(X: torch.Tensor) -> tuple:
     """Identifies a prepared input tensor across views and operator rebuilds (same memory, shape, strides,
     dtype and version)."""
     return (X.data_ptr(), tuple(X.shape), tuple(X.stride()), X.dtype, str(X.device), X._version)
@@ -440,7 +444,7 @@ def held_jacobian(
     rebuilds the operator. ``lin`` remembers one X (the most recent), so a stream of different inputs never
     accumulates memory. Returns the held object, or None (not yet requested often enough, or nothing fits;
     a refusal is remembered). ``count=False`` looks without counting a use."""
-    key = _inputs_key(X)
+    key = inputs_key(X)
     entry = lin._held
     if entry is None or entry[0] != key:
         entry = lin._held = [key, 0, None]
@@ -455,4 +459,4 @@ def held_jacobian(
 def held_refused(lin: Linearization, X: torch.Tensor) -> bool:
     """Whether holding J(X) was tried for these inputs and nothing fitted."""
     entry = lin._held
-    return entry is not None and entry[0] == _inputs_key(X) and entry[2] is False
+    return entry is not None and entry[0] == inputs_key(X) and entry[2] is False

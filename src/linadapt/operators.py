@@ -27,11 +27,6 @@ OutputSpec = int | str | None
 HELD_BYTES = 2**30  # memory a square operator may hold for its repeated products (factors or graph)
 
 
-def _same_inputs(A: torch.Tensor, B: torch.Tensor) -> bool:
-    """The same memory seen the same way (linear_operator may rebuild an operator from its arguments)."""
-    return A.data_ptr() == B.data_ptr() and A.shape == B.shape and A.stride() == B.stride() and A.dtype == B.dtype
-
-
 def _check_output(output: OutputSpec, c: int) -> OutputSpec:
     if output is None or output == "sum":
         return output
@@ -122,7 +117,10 @@ class NTKOperator(LinearOperator):
         return out.squeeze(-1) if is_vec else out
 
     def _square(self) -> bool:
-        return self.symmetric and (self.X2 is self.X1 or _same_inputs(self.X1, self.X2))
+        from .graphcache import inputs_key
+
+        # the same inputs, also after linear_operator rebuilt the operator from its arguments
+        return self.symmetric and (self.X2 is self.X1 or inputs_key(self.X1) == inputs_key(self.X2))
 
     def held(self, count: bool = False) -> Any:
         """J(X) held for this square operator's products from the second product with these inputs on (per-layer
