@@ -59,14 +59,11 @@ def correctness(device: str) -> list[tuple[str, float]]:
         gpu_net = net.to(device)
         op = NTKOperator(gpu_net, Xd, hold=False)
         checks.append((f"{name}: K·v torch.func", _rel(op.apply_rows(V.to(device)), kv_cpu)))
-        fj = factored_jacobian(op.linearization, op.X1, budget=2**30)
-        if fj is not None:
-            kv = fj.jvp(fj.vjp(V.to(device).reshape(2, X.shape[0], 3))).reshape(2, -1)
-            checks.append((f"{name}: K·v cached factors", _rel(kv, kv_cpu)))
-        gj = graph_jacobian(op.linearization, op.X1, budget=2**30)
-        if gj is not None:
-            kv = gj.jvp(gj.vjp(V.to(device).reshape(2, X.shape[0], 3))).reshape(2, -1)
-            checks.append((f"{name}: K·v retained graph", _rel(kv, kv_cpu)))
+        for label, build in (("cached factors", factored_jacobian), ("retained graph", graph_jacobian)):
+            held = build(op.linearization, op.X1, budget=2**30)
+            if held is not None:
+                kv = held.jvp(held.vjp(V.to(device).reshape(2, X.shape[0], 3))).reshape(2, -1)
+                checks.append((f"{name}: K·v {label}", _rel(kv, kv_cpu)))
     torch.manual_seed(1)
     reg_net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
     y = torch.sin(X_mlp[:, 0]) + 0.1 * torch.randn(40)
@@ -114,19 +111,18 @@ def speed(device: str, n: int, width: int) -> list[tuple[str, float, str]]:
     op.apply_rows(v)
     t, _ = timed(lambda: op.apply_rows(v))
     rows.append(("one K·v, torch.func", t, f"{t / unit:.2f}×"))
-    t_build, fj = timed(lambda: factored_jacobian(op.linearization, op.X1, budget=2**33))
-    if fj is not None:
-        rows.append(("building the cached factors", t_build, f"{t_build / unit:.2f}×"))
-        fj.jvp(fj.vjp(v.reshape(1, n, 1)))
-        t, _ = timed(lambda: fj.jvp(fj.vjp(v.reshape(1, n, 1))))
-        rows.append(("one K·v, cached factors", t, f"{t / unit:.2f}×"))
-    fj = None  # free the factors before keeping the graph
-    t_build, gj = timed(lambda: graph_jacobian(op.linearization, op.X1, budget=2**33))
-    if gj is not None:
-        rows.append(("keeping the autograd graph", t_build, f"{t_build / unit:.2f}×"))
-        gj.jvp(gj.vjp(v.reshape(1, n, 1)))
-        t, _ = timed(lambda: gj.jvp(gj.vjp(v.reshape(1, n, 1))))
-        rows.append(("one K·v, retained graph", t, f"{t / unit:.2f}×"))
+    held_kinds = (
+        ("building the cached factors", "one K·v, cached factors", factored_jacobian),
+        ("keeping the autograd graph", "one K·v, retained graph", graph_jacobian),
+    )
+    for build_label, product_label, build in held_kinds:
+        t_build, held = timed(lambda build=build: build(op.linearization, op.X1, budget=2**33))
+        if held is not None:
+            rows.append((build_label, t_build, f"{t_build / unit:.2f}×"))
+            held.jvp(held.vjp(v.reshape(1, n, 1)))
+            t, _ = timed(lambda held=held: held.jvp(held.vjp(v.reshape(1, n, 1))))
+            rows.append((product_label, t, f"{t / unit:.2f}×"))
+        held = None  # free one before building the next
     for space in ("function", "parameter"):
         reg = LinearizedRegressor(
             net, space=space, solver="cg", prior_var=1e-4, noise_var=0.05, optimize_hyperparameters=False, cg_tol=1e-6

@@ -154,3 +154,18 @@ def reference_jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> t
             p.requires_grad_(f)
         for m, t in was:
             m.training = t
+
+
+def fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings: dict):
+    """``LinearizedRegressor(space="function", **settings)`` fitted twice on (X, Y): as the solvers run it
+    (products through the held training Jacobian) and with torch.func products only. Returns the first
+    regressor and the (mean, std) predictions at Xs of both."""
+    import linadapt as la
+    from linadapt.posterior import TrainingData
+
+    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    with monkeypatch.context() as m:
+        m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
+        plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+        expected = plain.predict(Xs, return_std=True)
+    return reg, reg.predict(Xs, return_std=True), expected

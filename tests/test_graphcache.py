@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from models import BUILDERS, inputs_for, reference_jacobian
+from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
 from torch import nn
 
 import linadapt as la
 from linadapt.graphcache import GraphJacobian, graph_jacobian
 from linadapt.linearize import Linearization, LinearizationError
-from linadapt.posterior import TrainingData
 
 
 def _graph(
@@ -137,13 +136,8 @@ def test_solvers_use_the_graph_when_no_factors_apply_and_agree_with_torch_func(
     Y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Xs = inputs_for("resnet", 4, seed=5)
     settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
-    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings)
     assert isinstance(reg.problem_.factored(), GraphJacobian)
-    with monkeypatch.context() as m:
-        m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
-        plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
-        expected = plain.predict(Xs, return_std=True)
-    got = reg.predict(Xs, return_std=True)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
     dense = la.LinearizedRegressor(model, space="function", **{**settings, "solver": "cholesky"})

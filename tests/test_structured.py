@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import BUILDERS, inputs_for, reference_jacobian
+from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
 from torch import nn
 
 from linadapt import ntk_gram
@@ -355,20 +355,11 @@ def test_factored_jacobian_declines_when_too_big_or_too_many_outputs() -> None:
 def test_solvers_use_the_factors_and_agree_with_torch_func_products(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
-    import linadapt as la
-    from linadapt.posterior import TrainingData
-
     model, X = ZOO["conv"]
     Y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    Xs = X[:3] * 0.5
     settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
-    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, X[:3] * 0.5, settings)
     assert reg.problem_.factored() is not None  # the CG products went through the cached factors
-    with monkeypatch.context() as m:
-        m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
-        plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
-        expected = plain.predict(Xs, return_std=True)
-    got = reg.predict(Xs, return_std=True)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
 
