@@ -98,15 +98,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-@pytest.fixture(params=["auto", "position-gram"])
+@pytest.fixture(params=["auto", "position-gram", "both"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form (kernels)
-    and unexpanded (patches and output gradients, for the cached-factor products)."""
+    and unexpanded (for the cached-factor products: convolutions multiplied by convolution, sequence layers from
+    their inputs and output gradients), or ("both") convolutions held in both product forms, each product
+    taking the one that is cheaper for its number of vectors."""
     import linadapt.structured as structured
 
     if request.param == "position-gram":
         monkeypatch.setattr(structured, "_position_gram_cheaper", lambda *_: True)
         monkeypatch.setattr(structured, "_position_form_for_products", lambda *_: True)
+        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, False))
+    if request.param == "both":
+        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, True))
     return request.param
 
 
@@ -319,6 +324,58 @@ def test_factored_jacobian_compact_output_gradients() -> None:
             V = torch.randn(k, lin.num_params, dtype=torch.float64)
             assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
             assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
+def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() -> None:
+    """The benchmark CNN's second convolution (followed by ReLU and the output layer: output gradients of rank
+    one) is kept as its input and output gradients for products by convolution — cheaper for one vector than a
+    memory-bound pass over its materialised per-example gradients — and materialised as well, cheaper for
+    many vectors; the first convolution (general output gradients, few weights) only materialised. Products
+    through either route equal autodiff; when both forms do not fit the budget only the convolution is kept."""
+    from linadapt.structured import factored_jacobian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2048, 10),
+    ).double()
+    X = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    lin = Linearization(model, chunk_size=5)
+    fj = factored_jacobian(lin, X, budget=2**30)
+    assert [(w, twin is not None) for *_, w, _, twin in fj.conv] == [("2.weight", True)]
+    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 2, 16):
+        U = torch.randn(k, 12, 10, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+    both = fj.nbytes()
+    lean = factored_jacobian(Linearization(model), X, budget=both - 1)
+    assert lean is not None and lean.nbytes() < both / 3
+    assert [twin for *_, twin in lean.conv] == [None] and lean._conv_routes(16) == ([0], set())
+    U = torch.randn(16, 12, 10, generator=g, dtype=torch.float64)
+    assert _rel(lean.jvp(lean.vjp(U)), fj.jvp(fj.vjp(U))) < 1e-13
+
+
+def test_convolution_product_cost_model() -> None:
+    from linadapt.structured import _conv_forms
+
+    # 3×3 conv 16 → 32 on 8 × 8 before the output layer (rank-one output gradients: 2,048 stored entries)
+    assert _conv_forms(64, 144, 32, 10, 2048, 1024) == (True, True)
+    # the same layer with general output gradients (c× more stored): still both, with 3 outputs (as many
+    # stored entries, fewer materialised) materialised only
+    assert _conv_forms(64, 144, 32, 10, 20480, 1024) == (True, True)
+    assert _conv_forms(64, 144, 32, 3, 6144, 1024) == (False, True)
+    # the first conv of that network (1 → 16 channels): few weights per output, materialised only
+    assert _conv_forms(64, 9, 16, 10, 10240, 64) == (False, True)
+    # a 1 × 1 conv 320 → 1280 on 2 × 2 (an image network's head): by convolution only, at any number of vectors
+    assert _conv_forms(4, 320, 1280, 10, 5120, 1280) == (True, False)
 
 
 def test_rank_one_detection_rejects_near_rank_one() -> None:

@@ -80,6 +80,30 @@ class _Features:
     outer_names: list[tuple[str | None, str | None]] = field(default_factory=list)
     dense_names: list[list[str]] = field(default_factory=list)
     spatial_names: list[tuple[str, str | None]] = field(default_factory=list)
+    # convolutions kept for products by convolution (only with ``products``): (layer input (b, C_in, H, W),
+    # channels-last; output gradients (c, b, H'·W'·C_out), position-major; the layer's geometry)
+    conv: list[tuple[torch.Tensor, torch.Tensor, _ConvGeometry]] = field(default_factory=list)
+    # per conv entry: (weight name, bias name or None, index of the same layer's materialised gradients in
+    # ``dense`` when those are kept too, else None)
+    conv_names: list[tuple[str, str | None, int | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """A 2-d convolution's shape (a Conv1d as a 2-d one of height 1): weight (d_out, C_in, *kernel), output
+    map ``out_hw``; and the per-example sizes the product cost model needs."""
+
+    d_out: int
+    c_in: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    out_hw: tuple[int, int]
+    macs: int  # multiply-adds of the convolution per example and vector: P · C_in·kh·kw · d_out
+    stored: int  # output-gradient entries kept per example (d_out·P, times c unless rank one over the outputs)
+    input_entries: int  # entries of the layer input per example
+    dense_entries: int  # entries of the materialised per-example gradients: c · d_out · (C_in·kh·kw + 1)
 
 
 class StructuredNTK:
@@ -101,6 +125,8 @@ class StructuredNTK:
         self._checked = False
         self._batched_backward = True
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
+        self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
+        self._hold_twins = True  # keep both forms of a convolution when the cost model wants both
         selected = set(lin.param_names)
         owners: dict[int, int] = {}
         for mod in lin.model.modules():
@@ -233,10 +259,34 @@ class StructuredNTK:
             kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
         Gf = G.reshape(c, b, G.shape[2], -1)  # (c, b, d_out, P)
         parts = []
+        if layer.weight and products:
+            by_conv, materialised = self._conv_product_forms(layer, A, G, kernel, Gf)
+            if by_conv:
+                geometry = _ConvGeometry(
+                    d_out=G.shape[2],
+                    c_in=A.shape[1],
+                    kernel=tuple(kernel),
+                    stride=tuple(stride),
+                    padding=tuple(padding),
+                    dilation=tuple(dilation),
+                    out_hw=tuple(G.shape[3:]),
+                    macs=Gf.shape[3] * A.shape[1] * kernel[0] * kernel[1] * G.shape[2],
+                    stored=self._conv_forms[layer.name][2],
+                    input_entries=A[0].numel(),
+                    dense_entries=c * G.shape[2] * (A.shape[1] * kernel[0] * kernel[1] + 1),
+                )
+                twin = len(feats.dense) if materialised else None
+                # channels-last input, output gradients position-major (each position's d_out channels
+                # contiguous): the layout of the convolutions' channels-last results, so products need no copy
+                A_cl, G_pos = A.contiguous(memory_format=torch.channels_last), Gf.transpose(2, 3).reshape(c, b, -1)
+                feats.conv.append((A_cl, G_pos, geometry))
+                feats.conv_names.append((layer.weight, layer.bias, twin))
+                if not materialised:
+                    return
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
             G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
-            if self._unexpanded(layer, patches.shape[2], patches.shape[1], G4, products):
+            if not products and self._unexpanded(layer, patches.shape[2], patches.shape[1], G4, products):
                 feats.spatial.append((patches.transpose(1, 2), G4, layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
@@ -258,6 +308,23 @@ class StructuredNTK:
             rank_one = _rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
             self._product_forms[layer.name] = _position_form_for_products(P, k, d_out, c, rank_one)
         return self._product_forms[layer.name]
+
+    def _conv_product_forms(
+        self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor
+    ) -> tuple[bool, bool]:
+        """For products: whether a convolution is kept for products by convolution (its input and output
+        gradients) and whether as materialised per-example gradients — by :func:`_conv_forms`, decided on the
+        first chunk and kept (all chunks must agree to be joined). Both forms are kept when each wins for some
+        number of vectors, unless ``_hold_twins`` was switched off (the two would not fit the budget)."""
+        if layer.name not in self._conv_forms:
+            c, d_out, P = Gf.shape[0], Gf.shape[2], Gf.shape[3]
+            rank_one = _rank_one_outputs(Gf.reshape(c, Gf.shape[1], -1)) is not None
+            stored = (1 if rank_one else c) * P * d_out
+            k_in = A.shape[1] * kernel[0] * kernel[1]
+            by_conv, materialised = _conv_forms(P, k_in, d_out, c, stored, A[0].numel())
+            self._conv_forms[layer.name] = (by_conv, materialised, stored)
+        by_conv, materialised, _ = self._conv_forms[layer.name]
+        return by_conv, materialised and (not by_conv or self._hold_twins)
 
     # ------------------------------------------------------------------ blocks
     @staticmethod
@@ -486,6 +553,10 @@ class FactoredJacobian:
             for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
         ]
         self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
+        # convolutions multiplied by convolution: (input (n, C_in, H, W) channels-last, output gradients over
+        # d_out·P as above, geometry, weight, bias names, index of the same layer's block in ``dense`` or None)
+        self.conv = [(A, _compact(G), geo, w, b, twin) for (A, G, geo), (w, b, twin) in zip(f.conv, f.conv_names)]
+        self._widths += [geo.d_out * geo.out_hw[0] * geo.out_hw[1] for _, _, geo in f.conv]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -495,7 +566,8 @@ class FactoredJacobian:
     def nbytes(self) -> int:
         """Memory held by the factors."""
         tensors = [D for D, _ in self.dense]
-        for A, G, _, _ in self.outer + self.spatial:
+        pairs = [(A, G) for A, G, _, _ in self.outer + self.spatial] + [(A, G) for A, G, *_ in self.conv]
+        for A, G in pairs:
             tensors += [t for t in (A, *(G if isinstance(G, tuple) else (G,))) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -503,7 +575,20 @@ class FactoredJacobian:
     def feature_bytes(f: _Features) -> int:
         tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
         tensors += [t for A, G, _ in f.spatial for t in (A, G)]
+        tensors += [t for A, G, _ in f.conv for t in (A, G)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _conv_routes(self, k: int) -> tuple[list[int], set[int]]:
+        """For a product with k vectors: the conv entries used, and the dense blocks skipped because the same
+        layer goes by convolution (each layer with both forms takes the cheaper one for k, :func:`_conv_cost`)."""
+        used, skipped = [], set()
+        for i, (_, _, geo, _, _, twin) in enumerate(self.conv):
+            cost = _conv_cost(k, geo.macs, geo.stored, geo.input_entries)
+            if twin is None or cost < _dense_cost(k, geo.dense_entries):
+                used.append(i)
+                if twin is not None:
+                    skipped.add(twin)
+        return used, skipped
 
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
@@ -515,8 +600,25 @@ class FactoredJacobian:
         U = U.to(self.dtype)
         k = U.shape[0]
         out = torch.zeros(k, self.lin.num_params, dtype=self.dtype, device=U.device)
+        conv, skipped = self._conv_routes(k)
         for sl in self._blocks(k):
             Ub = U[:, sl]
+            for i in conv:  # Σ_i (Σ_a u_ia g_ia) ⋆ a_i: the convolution's weight gradient, all k vectors at once
+                A, G, geo, w, b = self.conv[i][:5]
+                nb, (h, wd), d = A[sl].shape[0], geo.out_hw, geo.d_out
+                if isinstance(G, tuple):  # D ⊙ (U R), examples first
+                    W = (Ub @ G[0]) * G[1][sl]
+                else:
+                    W = _contract_any(G, Ub, sl)
+                W = W.reshape(k, nb, h, wd, d)  # Σ_a u_ia g_ia per position and channel
+                # (nb, k·d_out, h, w) in channels-last memory: a view for one vector
+                grad = W[0] if k == 1 else W.permute(1, 2, 3, 0, 4).reshape(nb, h, wd, k * d)
+                grad = grad.permute(0, 3, 1, 2)
+                shape = (k * d, geo.c_in, *geo.kernel)
+                gw = torch.nn.grad.conv2d_weight(A[sl], shape, grad, geo.stride, geo.padding, geo.dilation)
+                out[:, self._slices[w]] += gw.reshape(k, -1)
+                if b is not None:
+                    out[:, self._slices[b]] += W.reshape(k, -1, d).sum(1)
             for A, G, w, b in self.outer:
                 W = _contract_any(G, Ub, sl)  # (k, block, d_out): Σ_a u_ia g_ia
                 if w is not None:  # Σ_i w_i a_iᵀ: one matrix product for all k vectors
@@ -530,7 +632,9 @@ class FactoredJacobian:
                 out[:, self._slices[w]] += torch.einsum("kro,ri->koi", W, A[sl].reshape(nb * P, d_in)).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
-            for D, names in self.dense:
+            for j, (D, names) in enumerate(self.dense):
+                if j in skipped:
+                    continue
                 flat = torch.einsum("bcq,kbc->kq", D[sl], Ub)
                 q0 = 0
                 for name in names:
@@ -550,13 +654,29 @@ class FactoredJacobian:
             Vw = None if w is None else V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])  # (k, o, i)
             vb = None if b is None else V[:, self._slices[b]].unsqueeze(1)  # (k, 1, o)
             pieces.append((A, G, Vw, vb))
-        dense = [(D, torch.cat([V[:, self._slices[name]] for name in names], dim=1)) for D, names in self.dense]
+        conv, skipped = self._conv_routes(k)
+        dense = [
+            (D, torch.cat([V[:, self._slices[name]] for name in names], dim=1))
+            for j, (D, names) in enumerate(self.dense)
+            if j not in skipped
+        ]
+        convs = []
+        for i in conv:
+            A, G, geo, w, b = self.conv[i][:5]
+            Vw = V[:, self._slices[w]].reshape(k * geo.d_out, geo.c_in, *geo.kernel)
+            convs.append((A, G, geo, Vw, None if b is None else V[:, self._slices[b]].reshape(-1)))
         spatial = []
         for A, G, w, b in self.spatial:
             d_out = _width(G, self.c) // A.shape[1]
             Vw = V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])
             spatial.append((A, G, Vw, None if b is None else V[:, self._slices[b]][:, None, :]))
         for sl in self._blocks(k):
+            for A, G, geo, Vw, vb in convs:  # the convolution of a_i with the k weight directions at once
+                M = torch.nn.functional.conv2d(A[sl], Vw, vb, geo.stride, geo.padding, geo.dilation)
+                nb, P = M.shape[0], geo.out_hw[0] * geo.out_hw[1]
+                # (nb, k, P·d_out) position-major: a view of the channels-last result for one vector
+                M = M.permute(0, 2, 3, 1).reshape(nb, P, k, geo.d_out).transpose(1, 2).reshape(nb, k, -1)
+                out[:, sl] += _expand_any(G, M, sl, examples_first=True)
             for A, G, Vw, vb in spatial:
                 nb, P, d_in = A[sl].shape
                 M = torch.einsum("ri,koi->kro", A[sl].reshape(nb * P, d_in), Vw)
@@ -591,6 +711,10 @@ def _join(parts: list[_Features]) -> _Features:
         (torch.cat([p.spatial[k][0] for p in parts]), torch.cat([p.spatial[k][1] for p in parts], dim=1), bias)
         for k, (_, _, bias) in enumerate(first.spatial)
     ]
+    conv = [
+        (torch.cat([p.conv[k][0] for p in parts]), torch.cat([p.conv[k][1] for p in parts], dim=1), geo)
+        for k, (_, _, geo) in enumerate(first.conv)
+    ]
     return _Features(
         sum(p.b for p in parts),
         outer,
@@ -599,7 +723,39 @@ def _join(parts: list[_Features]) -> _Features:
         first.outer_names,
         first.dense_names,
         first.spatial_names,
+        conv,
+        first.conv_names,
     )
+
+
+_READ_COST = 16  # multiply-adds per entry read from memory (≈ 60 GMAC/s of matrix products against ≈ 15 GB/s)
+_BOTH_FORMS_AT = 16  # a convolution's materialised gradients are also kept if they win at this many vectors
+
+
+def _conv_cost(k: int, macs: int, stored: int, input_entries: int) -> float:
+    """Multiply-add equivalents per example of J(Jᵀ·) for k vectors through a convolution by convolution
+    (``macs`` per vector and direction): two convolutions per vector, and one pass per direction over the
+    stored output gradients (k multiply-adds per entry) and the layer input."""
+    return 2 * k * macs + 2 * (_READ_COST + k) * stored + 2 * _READ_COST * input_entries
+
+
+def _dense_cost(k: int, entries: int) -> float:
+    """The same through materialised per-example gradients (``entries`` per example): one pass over them and
+    k multiply-adds per entry, per direction."""
+    return 2 * (_READ_COST + k) * entries
+
+
+def _conv_forms(P: int, k_in: int, d_out: int, c: int, stored: int, input_entries: int) -> tuple[bool, bool]:
+    """(by convolution, materialised): how a convolution (P output positions, k_in = C_in·kh·kw inputs per
+    patch, d_out channels, c network outputs, ``stored`` output-gradient entries per example) is kept for
+    products. By convolution when that is cheaper for one vector (the conjugate-gradient case: a materialised
+    block is then a memory-bound pass for little arithmetic); materialised as well when that is cheaper for
+    :data:`_BOTH_FORMS_AT` vectors (the probes of the evidence's stochastic estimates)."""
+    macs, entries = P * k_in * d_out, c * d_out * (k_in + 1)
+    by_conv = _conv_cost(1, macs, stored, input_entries) < _dense_cost(1, entries)
+    at = _BOTH_FORMS_AT
+    materialised = not by_conv or _dense_cost(at, entries) < _conv_cost(at, macs, stored, input_entries)
+    return by_conv, materialised
 
 
 _MAX_POSITION_PAIRS = 256  # the position-Gram form loops over P² position pairs
@@ -766,9 +922,13 @@ def factored_jacobian(
     # sized in the layout the products use (which also fixes each reused-weight layer's form, on a few
     # examples so that the rank-one test means something)
     probe = engine._features(X[:8], lin.net_dtype, products=True)
-    per_example = FactoredJacobian.feature_bytes(probe) / probe.b
-    if per_example * X.shape[0] > budget:
-        return None
+    if FactoredJacobian.feature_bytes(probe) / probe.b * X.shape[0] > budget:
+        if not any(twin is not None for *_, twin in probe.conv_names):
+            return None
+        engine._hold_twins = False  # convolutions kept in both forms: keep only the form by convolution
+        probe = engine._features(X[:8], lin.net_dtype, products=True)
+        if FactoredJacobian.feature_bytes(probe) / probe.b * X.shape[0] > budget:
+            return None
     size = engine._size(X, c)
     return FactoredJacobian(engine, X, blocks(X.shape[0], size))
 
