@@ -363,6 +363,27 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     assert _rel(lean.jvp(lean.vjp(U)), fj.jvp(fj.vjp(U))) < 1e-13
 
 
+@pytest.mark.parametrize("forms", [(True, False), (True, True), (False, True)])
+def test_convolution_whose_outputs_are_the_networks_outputs(monkeypatch: pytest.MonkeyPatch, forms) -> None:
+    """A fully convolutional network (outputs = the last convolution's map, flattened): its output gradients
+    are the identity, which the position-major layout of the products by convolution reorders."""
+    import linadapt.structured as structured
+
+    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten()).double()
+    X = torch.randn(5, 2, 4, 4, dtype=torch.float64)  # 2 channels × 2 × 2 = 8 outputs
+    lin = Linearization(model)
+    fj = structured.factored_jacobian(lin, X, budget=2**30)
+    assert len(fj.conv) == (2 if forms[0] else 0)
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 3, 20):
+        U = torch.randn(k, 5, 8, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
 def test_convolution_product_cost_model() -> None:
     from linadapt.structured import _conv_forms
 

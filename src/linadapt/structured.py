@@ -81,7 +81,7 @@ class _Features:
     dense_names: list[list[str]] = field(default_factory=list)
     spatial_names: list[tuple[str, str | None]] = field(default_factory=list)
     # convolutions kept for products by convolution (only with ``products``): (layer input (b, C_in, H, W),
-    # channels-last; output gradients (c, b, H'·W'·C_out), position-major; the layer's geometry)
+    # channels-last; output gradients (c, b, C_out·H'·W'); the layer's geometry)
     conv: list[tuple[torch.Tensor, torch.Tensor, _ConvGeometry]] = field(default_factory=list)
     # per conv entry: (weight name, bias name or None, index of the same layer's materialised gradients in
     # ``dense`` when those are kept too, else None)
@@ -276,10 +276,7 @@ class StructuredNTK:
                     dense_entries=c * G.shape[2] * (A.shape[1] * kernel[0] * kernel[1] + 1),
                 )
                 twin = len(feats.dense) if materialised else None
-                # channels-last input, output gradients position-major (each position's d_out channels
-                # contiguous): the layout of the convolutions' channels-last results, so products need no copy
-                A_cl, G_pos = A.contiguous(memory_format=torch.channels_last), Gf.transpose(2, 3).reshape(c, b, -1)
-                feats.conv.append((A_cl, G_pos, geometry))
+                feats.conv.append((A.contiguous(memory_format=torch.channels_last), Gf.reshape(c, b, -1), geometry))
                 feats.conv_names.append((layer.weight, layer.bias, twin))
                 if not materialised:
                     return
@@ -555,7 +552,15 @@ class FactoredJacobian:
         self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
         # convolutions multiplied by convolution: (input (n, C_in, H, W) channels-last, output gradients over
         # d_out·P as above, geometry, weight, bias names, index of the same layer's block in ``dense`` or None)
-        self.conv = [(A, _compact(G), geo, w, b, twin) for (A, G, geo), (w, b, twin) in zip(f.conv, f.conv_names)]
+        # (output gradients reordered position-major, each position's d_out channels contiguous: the layout of
+        # a channels-last convolution's result, so that the products need no copy)
+        self.conv = []
+        for (A, G, geo), (w, b, twin) in zip(f.conv, f.conv_names):
+            compact = _compact(G)
+            if compact is None:  # the network's outputs (g_ia = e_a): reordered, no longer the identity
+                ones = torch.ones(1, G.shape[0], dtype=G.dtype, device=G.device).expand(self.n, -1)
+                compact = (torch.eye(G.shape[0], dtype=G.dtype, device=G.device), ones)
+            self.conv.append((A, _position_major(compact, geo), geo, w, b, twin))
         self._widths += [geo.d_out * geo.out_hw[0] * geo.out_hw[1] for _, _, geo in f.conv]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
@@ -848,6 +853,18 @@ def _compact(G: torch.Tensor) -> _OutputGradients:
     return G if factors is None else factors
 
 
+def _position_major(
+    G: torch.Tensor | tuple[torch.Tensor, torch.Tensor], geo: _ConvGeometry
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's output gradients over (channel, position) reordered to (position, channel); for the
+    rank-one form only the two factors are reordered."""
+
+    def reorder(T: torch.Tensor) -> torch.Tensor:  # (..., d_out·P) → (..., P·d_out)
+        return T.unflatten(-1, (geo.d_out, -1)).transpose(-1, -2).flatten(-2).contiguous()
+
+    return (reorder(G[0]), reorder(G[1])) if isinstance(G, tuple) else reorder(G)
+
+
 def _width(G: _OutputGradients, c: int) -> int:
     return c if G is None else G[1].shape[-1] if isinstance(G, tuple) else G.shape[-1]
 
@@ -883,7 +900,7 @@ def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     c, n, m = G.shape
     if c < 2 or n == 0:
         return None
-    col_max = G.abs().amax(1)  # (c, m)
+    col_max = torch.linalg.vector_norm(G, float("inf"), dim=1)  # (c, m), max |entry| without a |G| temporary
     a_star = col_max.argmax(0)  # per column, the output with the largest entry
     D = G.gather(0, a_star.view(1, 1, m).expand(1, n, m))[0]  # (n, m)
     i_star = D.abs().argmax(0)  # per column, the example with the largest entry
@@ -894,7 +911,8 @@ def _rank_one_outputs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     tol = 32 * torch.finfo(G.dtype).eps * col_max  # (c, m): each output's own scale in each column
     rows = max(1, _PRODUCT_BUDGET // max(1, c * m))
     for s in range(0, n, rows):
-        if bool(((G[:, s : s + rows] - R[:, None] * D[None, s : s + rows]).abs() > tol[:, None]).any()):
+        residual = torch.addcmul(G[:, s : s + rows], R[:, None], D[None, s : s + rows], value=-1).abs_()
+        if bool((residual > tol[:, None]).any()):
             return None
     return R, D
 
