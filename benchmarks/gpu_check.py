@@ -35,6 +35,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _factors_by_convolution(lin, X, budget):
+    """Cached factors with every convolution held for products by convolution (cuDNN's conv2d and its
+    weight gradient), whatever the cost model would pick for these small layers."""
+    from linadapt import structured
+
+    keep, engine = structured._conv_forms, None
+    structured._conv_forms = lambda *_: (True, False)
+    try:
+        engine = lin.structured(X)
+        if engine is not None:
+            engine._conv_forms.clear()
+        return structured.factored_jacobian(lin, X, budget=budget)
+    finally:
+        structured._conv_forms = keep
+        if engine is not None:
+            engine._conv_forms.clear()
+
+
 def correctness(device: str) -> list[tuple[str, float]]:
     from linadapt import LinearizedClassifier, LinearizedRegressor, NTKOperator, ntk_gram
     from linadapt.graphcache import graph_jacobian
@@ -59,7 +77,11 @@ def correctness(device: str) -> list[tuple[str, float]]:
         gpu_net = net.to(device)
         op = NTKOperator(gpu_net, Xd, hold=False)
         checks.append((f"{name}: K·v torch.func", _rel(op.apply_rows(V.to(device)), kv_cpu)))
-        for label, build in (("cached factors", factored_jacobian), ("retained graph", graph_jacobian)):
+        for label, build in (
+            ("cached factors", factored_jacobian),
+            ("cached factors, convolutions by convolution", _factors_by_convolution),
+            ("retained graph", graph_jacobian),
+        ):
             held = build(op.linearization, op.X1, budget=2**30)
             if held is not None:
                 kv = held.jvp(held.vjp(V.to(device).reshape(2, X.shape[0], 3))).reshape(2, -1)
