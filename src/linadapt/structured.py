@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -534,7 +535,7 @@ class FactoredJacobian:
     def __init__(self, engine: StructuredNTK, X: torch.Tensor, chunks: list[slice]) -> None:
         lin = engine.lin
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
-        f = _join([engine._features(X[sl], self.dtype, products=True) for sl in chunks])
+        f = _join((engine._features(X[sl], self.dtype, products=True) for sl in chunks), self.n)
         self.c = lin.output_dim(X)
         # Linear layers: (inputs (n, d_in) or None, output gradients, weight, bias names); the output gradients
         # as None when they are the identity (a layer producing the network's outputs: g_ia = e_a), as the
@@ -702,35 +703,48 @@ class FactoredJacobian:
         return out.to(ALGEBRA_DTYPE)
 
 
-def _join(parts: list[_Features]) -> _Features:
-    """The factors of consecutive chunks as one (concatenated along the examples)."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    outer = []
-    for k, (A, _, bias) in enumerate(first.outer):
-        A_all = None if A is None else torch.cat([p.outer[k][0] for p in parts])
-        outer.append((A_all, torch.cat([p.outer[k][1] for p in parts], dim=1), bias))
-    dense = [torch.cat([p.dense[k] for p in parts]) for k in range(len(first.dense))]
-    spatial = [
-        (torch.cat([p.spatial[k][0] for p in parts]), torch.cat([p.spatial[k][1] for p in parts], dim=1), bias)
-        for k, (_, _, bias) in enumerate(first.spatial)
-    ]
-    conv = [
-        (torch.cat([p.conv[k][0] for p in parts]), torch.cat([p.conv[k][1] for p in parts], dim=1), geo)
-        for k, (_, _, geo) in enumerate(first.conv)
-    ]
-    return _Features(
-        sum(p.b for p in parts),
-        outer,
-        dense,
-        spatial,
-        first.outer_names,
-        first.dense_names,
-        first.spatial_names,
-        conv,
-        first.conv_names,
-    )
+def _join(parts: Iterable[_Features], n: int) -> _Features:
+    """The factors of consecutive chunks (n examples in all) as one, concatenated along the examples: each
+    chunk is copied into tensors allocated for all n examples as it comes, so the peak memory is the joined
+    factors plus one chunk's (a concatenation at the end would hold every chunk twice)."""
+    joined, start = None, 0
+    for f in parts:
+        if joined is None:
+            if f.b == n:
+                return f
+            joined = _Features(
+                n,
+                outer=[(_allocate(A, 0, n), _allocate(G, 1, n), bias) for A, G, bias in f.outer],
+                dense=[_allocate(D, 0, n) for D in f.dense],
+                spatial=[(_allocate(A, 0, n), _allocate(G, 1, n), bias) for A, G, bias in f.spatial],
+                outer_names=f.outer_names,
+                dense_names=f.dense_names,
+                spatial_names=f.spatial_names,
+                conv=[(_allocate(A, 0, n), _allocate(G, 1, n), geo) for A, G, geo in f.conv],
+                conv_names=f.conv_names,
+            )
+        pairs = [(t, jt, 0) for t, jt in zip(f.dense, joined.dense)]
+        for mine, theirs in ((f.outer, joined.outer), (f.spatial, joined.spatial), (f.conv, joined.conv)):
+            for (A, G, _), (jA, jG, _) in zip(mine, theirs):
+                pairs += [(A, jA, 0), (G, jG, 1)]
+        for t, jt, dim in pairs:
+            if t is not None:
+                jt.narrow(dim, start, t.shape[dim]).copy_(t)
+        start += f.b
+        del f, pairs  # this chunk's factors are freed before the next one is computed
+    assert joined is not None and start == n
+    return joined
+
+
+def _allocate(t: torch.Tensor | None, dim: int, n: int) -> torch.Tensor | None:
+    """An empty tensor like ``t`` (channels-last if ``t`` is) with n entries along ``dim``."""
+    if t is None:
+        return None
+    shape = list(t.shape)
+    shape[dim] = n
+    last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if last else torch.contiguous_format
+    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
 
 
 _READ_COST = 16  # multiply-adds per entry read from memory (≈ 60 GMAC/s of matrix products against ≈ 15 GB/s)
