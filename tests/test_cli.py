@@ -175,11 +175,35 @@ def test_module_entry_point_help():
 def test_experiment_and_bench_commands(tmp_path):
     res = runner.invoke(app, ["experiment", "no-such-thing"])
     assert res.exit_code == 2 and "unknown experiment" in res.output and "rotated-mnist" in res.output
-    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain", "--no-memory"])
+    args = ["bench", "--reps", "1", "--n", "16", "--threads", "1", "--no-plain", "--no-memory", "--no-neural-tangents"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "| MLP 64-256-256-10 |" in res.output and "cached, per vector" in res.output
     assert "one fine-tuning epoch |" in res.output and "peak resident memory" not in res.output
     assert "trace NTK, n = 1024, structured" in res.output and "Jacobian contraction |" not in res.output
+
+
+def test_neural_tangents_table_is_skipped_with_a_message_without_jax(tmp_path, monkeypatch):
+    from linadapt.bench import NT_SCRIPT, run_neural_tangents
+
+    assert NT_SCRIPT.exists()  # shipped inside the package, run under another interpreter
+    monkeypatch.chdir(tmp_path)  # no .venv-bench-jax here
+    monkeypatch.delenv("LINADAPT_JAX_PYTHON", raising=False)
+    ran, text = run_neural_tangents(None, 1, 1)
+    assert not ran and "no Python with JAX found" in text and "make_jax_venv.sh" in text
+    ran, text = run_neural_tangents(tmp_path / "nope" / "python", 1, 1)
+    assert not ran and "does not exist" in text
+    # this environment's own Python has no JAX: the script says so, and so does the table
+    ran, text = run_neural_tangents(sys.executable, 1, 1)
+    assert not ran and "needs jax 0.4.25 and neural-tangents 0.6.5" in text
+    monkeypatch.setenv("LINADAPT_JAX_PYTHON", sys.executable)
+    res = runner.invoke(app, ["bench", "--reps", "1", "--n", "8", "--threads", "1", "--no-plain", "--no-memory"])
+    assert res.exit_code == 0, res.output
+    assert "neural-tangents comparison skipped: needs jax" in res.output
+    res = runner.invoke(
+        app, ["bench", "--reps", "1", "--n", "8", "--threads", "1", "--no-plain", "--no-memory", "--no-neural-tangents"]
+    )
+    assert res.exit_code == 0 and "neural-tangents" not in res.output
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak-memory reset needs Linux /proc")

@@ -29,7 +29,13 @@ memory is reused) and reports the peak resident memory during the product above 
 before it, after the model, the inputs and one forward+backward pass exist: Linux's peak counter (VmHWM) is
 reset right before the product. This is the operating system's figure, so it covers torch's allocations.
 
+The neural-tangents table (``neural_tangents=True``) is the dense table's anchor, side by side: the same
+models and sizes in JAX (neural-tangents' structured derivatives and Jacobian contraction, jit-compiled), as
+ratios to a JAX forward+backward pass, run under a separate interpreter (:func:`run_neural_tangents`); skipped
+with a message saying how to get one when there is none.
+
     linadapt bench [--reps 9] [--n 1024] [--threads 2] [--no-dense] [--no-plain] [--no-memory]
+                   [--no-neural-tangents] [--jax-python PATH]
     (or python benchmarks/bench_kernel_products.py with the same options)
 """
 
@@ -38,11 +44,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -188,6 +196,37 @@ def bench_dense(
         row["full_plain"] = (time.perf_counter() - t0) / statistics.median([timed(unit_full) for _ in range(reps)])
         row["max_rel_diff"] = float((K - K_plain).abs().max() / K_plain.abs().max())
     return row
+
+
+NT_SCRIPT = Path(__file__).with_name("_nt_bench.py")
+NT_VENV_PYTHON = Path(".venv-bench-jax") / "bin" / "python"
+_NT_HOWTO = (
+    "build one with `bash benchmarks/make_jax_venv.sh .venv-bench-jax` from a linadapt checkout, or pass "
+    "--jax-python PATH to a Python with jax/jaxlib 0.4.25, numpy 1.26 and neural-tangents 0.6.5"
+)
+
+
+def run_neural_tangents(python: str | Path | None, reps: int, threads: int, timeout: float = 1800) -> tuple[bool, str]:
+    """neural-tangents' dense-NTK table (full and trace kernels of the same two models, ratios to a JAX
+    forward+backward pass), run by :data:`NT_SCRIPT` under another interpreter — JAX and neural-tangents
+    never live in linadapt's environment. ``python``: that interpreter; None looks for ``$LINADAPT_JAX_PYTHON``,
+    then ``.venv-bench-jax/bin/python`` in the working directory. Returns (ran, table or the reason it was
+    skipped)."""
+    if python is None:
+        python = os.environ.get("LINADAPT_JAX_PYTHON") or (NT_VENV_PYTHON if NT_VENV_PYTHON.exists() else None)
+    if python is None:
+        return False, f"neural-tangents comparison skipped: no Python with JAX found ({_NT_HOWTO})"
+    if not Path(python).exists():
+        return False, f"neural-tangents comparison skipped: {python} does not exist ({_NT_HOWTO})"
+    cmd = [str(python), str(NT_SCRIPT), "--reps", str(reps), "--threads", str(threads)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"neural-tangents comparison skipped: {python} ran past {timeout:.0f} s"
+    if res.returncode != 0:
+        reason = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        return False, f"neural-tangents comparison skipped: {reason}"
+    return True, res.stdout.rstrip()
 
 
 @contextlib.contextmanager

@@ -483,6 +483,19 @@ def bench(
     memory: Annotated[
         bool, typer.Option(help="Also measure peak memory per product (each in a fresh process).")
     ] = True,
+    neural_tangents: Annotated[
+        bool,
+        typer.Option(
+            help="With the dense table, also run neural-tangents' (JAX) on the same models, under --jax-python."
+        ),
+    ] = True,
+    jax_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Python with jax 0.4.25 and neural-tangents 0.6.5 (default: $LINADAPT_JAX_PYTHON, then "
+            ".venv-bench-jax/bin/python; benchmarks/make_jax_venv.sh builds it)."
+        ),
+    ] = None,
 ) -> None:
     """Time NTK products and dense kernels against one forward+backward pass of the same model (ratios).
 
@@ -499,6 +512,13 @@ def bench(
             drows = run_dense_bench(dense_reps, threads, plain)
         print()
         print(format_dense_table(drows, dense_reps, threads))
+        if neural_tangents:
+            from .bench import run_neural_tangents
+
+            with console.status("timing neural-tangents (JAX) on the same models …"):
+                _, text = run_neural_tangents(jax_python, dense_reps, threads)
+            print()
+            print(text)
     if memory:
         from .bench import format_memory_table, run_memory_bench
 

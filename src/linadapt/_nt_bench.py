@@ -7,10 +7,11 @@ forward+backward pass (gradient of the summed outputs with respect to all parame
 the same inputs, everything jit-compiled and warmed up, medians of interleaved repetitions.
 
 JAX and neural-tangents do not belong in linadapt's environment (neural-tangents 0.6.5 needs jax ≤ 0.4.25 and
-numpy 1.26, and its ``experimental`` subpackage imports TensorFlow): run this with the interpreter of the venv
-that ``benchmarks/make_jax_venv.sh`` builds, or let ``benchmarks/bench_vs_neural_tangents.sh`` do both sides.
+numpy 1.26, and its ``experimental`` subpackage imports TensorFlow), so this file imports neither linadapt nor
+anything outside the standard library until it runs: ``linadapt bench`` runs it with the interpreter of a
+separate venv (``--jax-python``; ``benchmarks/make_jax_venv.sh`` builds one), or by hand:
 
-    .venv-bench-jax/bin/python benchmarks/bench_neural_tangents.py [--reps 5] [--threads 2]
+    .venv-bench-jax/bin/python src/linadapt/_nt_bench.py [--reps 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
         import neural_tangents as nt
         from neural_tangents import stax
     except ImportError as exc:
-        sys.exit(f"needs jax and neural-tangents (benchmarks/make_jax_venv.sh builds a venv with them): {exc}")
+        sys.exit(f"needs jax 0.4.25 and neural-tangents 0.6.5 (benchmarks/make_jax_venv.sh builds a venv): {exc}")
 
     models = {
         "MLP 64-256-256-10": (
