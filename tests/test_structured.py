@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -382,6 +383,30 @@ def test_convolution_whose_outputs_are_the_networks_outputs(monkeypatch: pytest.
         V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
         assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
         assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
+@pytest.mark.parametrize("forms", [(True, False), (True, True)])
+def test_channels_last_model_and_inputs(monkeypatch: pytest.MonkeyPatch, forms) -> None:
+    """A model and inputs already in channels-last memory (as users convert them for speed): the layer inputs and
+    output gradients the hooks see are channels-last too; kernels and products are unchanged."""
+    import linadapt.structured as structured
+
+    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    model, X = ZOO["conv"]
+    ref = Linearization(model)
+    K_ref = ref.ntk(X)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    X_cl = X.contiguous(memory_format=torch.channels_last)
+    lin = Linearization(model_cl)
+    assert _rel(lin.ntk(X_cl), K_ref) < 1e-12
+    fj = structured.factored_jacobian(lin, lin.prepare_inputs(X_cl), budget=2**30)
+    assert [w for *_, w, _, _ in fj.conv] == ["c1.weight", "c2.weight", "c3.weight"]  # (the grouped conv: no rule)
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 5):
+        U = torch.randn(k, X.shape[0], 3, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), ref.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), ref.jvp(X, V)) < 1e-13
 
 
 def test_convolution_product_cost_model() -> None:
