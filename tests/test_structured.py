@@ -330,9 +330,10 @@ def test_factored_jacobian_compact_output_gradients() -> None:
 def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() -> None:
     """The benchmark CNN's second convolution (followed by ReLU and the output layer: output gradients of rank
     one) is kept as its input and output gradients for products by convolution — cheaper for one vector than a
-    memory-bound pass over its materialised per-example gradients — and materialised as well, cheaper for
-    many vectors; the first convolution (general output gradients, few weights) only materialised. Products
-    through either route equal autodiff; when both forms do not fit the budget only the convolution is kept."""
+    memory-bound pass over its materialised per-example gradients; those are cheaper for many vectors and are
+    formed from the held factors on the first product with many vectors. The first convolution (general
+    output gradients, few weights) is materialised at build. Products through either route equal autodiff;
+    a materialised form that would not fit the budget is not formed (and the convolution serves)."""
     from linadapt.structured import factored_jacobian
 
     torch.manual_seed(0)
@@ -347,21 +348,36 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     X = torch.randn(12, 1, 8, 8, dtype=torch.float64)
     lin = Linearization(model, chunk_size=5)
     fj = factored_jacobian(lin, X, budget=2**30)
-    assert [(w, twin is not None) for *_, w, _, twin in fj.conv] == [("2.weight", True)]
-    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
-    assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
+    assert [w for *_, w, _ in fj.conv] == ["2.weight"] and fj._wants_dense == [True]
+    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"]]
+    lean_bytes = fj.nbytes()
     g = torch.Generator().manual_seed(1)
-    for k in (1, 2, 16):
+    for k in (1, 2, 16, 1):
         U = torch.randn(k, 12, 10, generator=g, dtype=torch.float64)
         V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
         assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
         assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
-    both = fj.nbytes()
-    lean = factored_jacobian(Linearization(model), X, budget=both - 1)
-    assert lean is not None and lean.nbytes() < both / 3
-    assert [twin for *_, twin in lean.conv] == [None] and lean._conv_routes(16) == ([0], set())
+        if k == 2:  # still by convolution
+            assert len(fj.dense) == 1 and fj._conv_routes(2) == ([0], set())
+    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
+    # the block formed from the held factors equals the one the network's backward pass gives
+    forced = Linearization(model, chunk_size=5)
+    import linadapt.structured as structured
+
+    keep = structured._conv_forms
+    structured._conv_forms = lambda *_: (False, True)
+    try:
+        plain = factored_jacobian(forced, X, budget=2**30)
+    finally:
+        structured._conv_forms = keep
+    assert _rel(fj.dense[1][0], plain.dense[1][0]) < 1e-14
+    # within a budget that has no room for it, the materialised form is never formed
+    tight = factored_jacobian(Linearization(model), X, budget=2**30)
+    tight.budget = lean_bytes + 1  # (the build's own check counts the output gradients before compaction)
     U = torch.randn(16, 12, 10, generator=g, dtype=torch.float64)
-    assert _rel(lean.jvp(lean.vjp(U)), fj.jvp(fj.vjp(U))) < 1e-13
+    assert _rel(tight.jvp(tight.vjp(U)), fj.jvp(fj.vjp(U))) < 1e-13
+    assert len(tight.dense) == 1 and tight._wants_dense == [False] and tight._conv_routes(16) == ([0], set())
 
 
 @pytest.mark.parametrize("forms", [(True, False), (True, True), (False, True)])
@@ -377,6 +393,7 @@ def test_convolution_whose_outputs_are_the_networks_outputs(monkeypatch: pytest.
     lin = Linearization(model)
     fj = structured.factored_jacobian(lin, X, budget=2**30)
     assert len(fj.conv) == (2 if forms[0] else 0)
+    assert len(fj.dense) == (0 if forms[0] else 2)  # (with both forms: materialised on first use)
     g = torch.Generator().manual_seed(0)
     for k in (1, 3, 20):
         U = torch.randn(k, 5, 8, generator=g, dtype=torch.float64)
@@ -400,7 +417,7 @@ def test_channels_last_model_and_inputs(monkeypatch: pytest.MonkeyPatch, forms) 
     lin = Linearization(model_cl)
     assert _rel(lin.ntk(X_cl), K_ref) < 1e-12
     fj = structured.factored_jacobian(lin, lin.prepare_inputs(X_cl), budget=2**30)
-    assert [w for *_, w, _, _ in fj.conv] == ["c1.weight", "c2.weight", "c3.weight"]  # (the grouped conv: no rule)
+    assert [w for *_, w, _ in fj.conv] == ["c1.weight", "c2.weight", "c3.weight"]  # (the grouped conv: no rule)
     g = torch.Generator().manual_seed(0)
     for k in (1, 5):
         U = torch.randn(k, X.shape[0], 3, generator=g, dtype=torch.float64)

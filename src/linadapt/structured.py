@@ -84,9 +84,9 @@ class _Features:
     # convolutions kept for products by convolution (only with ``products``): (layer input (b, C_in, H, W),
     # channels-last; output gradients (c, b, C_out·H'·W'); the layer's geometry)
     conv: list[tuple[torch.Tensor, torch.Tensor, _ConvGeometry]] = field(default_factory=list)
-    # per conv entry: (weight name, bias name or None, index of the same layer's materialised gradients in
-    # ``dense`` when those are kept too, else None)
-    conv_names: list[tuple[str, str | None, int | None]] = field(default_factory=list)
+    # per conv entry: (weight name, bias name or None, whether the materialised form is wanted too: cheaper
+    # for many vectors)
+    conv_names: list[tuple[str, str | None, bool]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,6 @@ class StructuredNTK:
         self._batched_backward = True
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
-        self._hold_twins = True  # keep both forms of a convolution when the cost model wants both
         selected = set(lin.param_names)
         owners: dict[int, int] = {}
         for mod in lin.model.modules():
@@ -276,11 +275,9 @@ class StructuredNTK:
                     input_entries=A[0].numel(),
                     dense_entries=c * G.shape[2] * (A.shape[1] * kernel[0] * kernel[1] + 1),
                 )
-                twin = len(feats.dense) if materialised else None
                 feats.conv.append((A.contiguous(memory_format=torch.channels_last), Gf.reshape(c, b, -1), geometry))
-                feats.conv_names.append((layer.weight, layer.bias, twin))
-                if not materialised:
-                    return
+                feats.conv_names.append((layer.weight, layer.bias, materialised))
+                return  # the materialised form, if wanted too, is formed from these on first use
         if layer.weight:
             patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
             G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
@@ -312,8 +309,8 @@ class StructuredNTK:
     ) -> tuple[bool, bool]:
         """For products: whether a convolution is kept for products by convolution (its input and output
         gradients) and whether as materialised per-example gradients — by :func:`_conv_forms`, decided on the
-        first chunk and kept (all chunks must agree to be joined). Both forms are kept when each wins for some
-        number of vectors, unless ``_hold_twins`` was switched off (the two would not fit the budget)."""
+        first chunk and kept (all chunks must agree to be joined). When both win for some number of vectors, the
+        factors keep the convolution form and materialise the other on the first product that wants it."""
         if layer.name not in self._conv_forms:
             c, d_out, P = Gf.shape[0], Gf.shape[2], Gf.shape[3]
             rank_one = _rank_one_outputs(Gf.reshape(c, Gf.shape[1], -1)) is not None
@@ -322,7 +319,7 @@ class StructuredNTK:
             by_conv, materialised = _conv_forms(P, k_in, d_out, c, stored, A[0].numel())
             self._conv_forms[layer.name] = (by_conv, materialised, stored)
         by_conv, materialised, _ = self._conv_forms[layer.name]
-        return by_conv, materialised and (not by_conv or self._hold_twins)
+        return by_conv, materialised
 
     # ------------------------------------------------------------------ blocks
     @staticmethod
@@ -530,9 +527,11 @@ class FactoredJacobian:
     Args:
         engine: a checked :class:`StructuredNTK`. X: (n, ...) prepared inputs. chunks: the example slices
             the factors are built over (bounding the memory of each backward pass); they are then joined.
+            budget: bytes the factors may take, materialised convolution gradients formed later included
+            (None: no limit).
     """
 
-    def __init__(self, engine: StructuredNTK, X: torch.Tensor, chunks: list[slice]) -> None:
+    def __init__(self, engine: StructuredNTK, X: torch.Tensor, chunks: list[slice], budget: int | None = None) -> None:
         lin = engine.lin
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         f = _join((engine._features(X[sl], self.dtype, products=True) for sl in chunks), self.n)
@@ -552,16 +551,20 @@ class FactoredJacobian:
         ]
         self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
         # convolutions multiplied by convolution: (input (n, C_in, H, W) channels-last, output gradients over
-        # d_out·P as above, geometry, weight, bias names, index of the same layer's block in ``dense`` or None)
-        # (output gradients reordered position-major, each position's d_out channels contiguous: the layout of
-        # a channels-last convolution's result, so that the products need no copy)
+        # P·d_out as above, reordered position-major — each position's d_out channels contiguous, the layout of a
+        # channels-last convolution's result, so that the products need no copy —, geometry, weight, bias names)
         self.conv = []
-        for (A, G, geo), (w, b, twin) in zip(f.conv, f.conv_names):
+        for (A, G, geo), (w, b, _) in zip(f.conv, f.conv_names):
             compact = _compact(G)
             if compact is None:  # the network's outputs (g_ia = e_a): reordered, no longer the identity
                 ones = torch.ones(1, G.shape[0], dtype=G.dtype, device=G.device).expand(self.n, -1)
                 compact = (torch.eye(G.shape[0], dtype=G.dtype, device=G.device), ones)
-            self.conv.append((A, _position_major(compact, geo), geo, w, b, twin))
+            self.conv.append((A, _position_major(compact, geo), geo, w, b))
+        # per conv entry: whether its materialised form is wanted (cheaper for many vectors), and its index in
+        # ``dense`` once formed (on the first product that prefers it, within ``budget``)
+        self._wants_dense = [wanted for *_, wanted in f.conv_names]
+        self._twin: list[int | None] = [None] * len(self.conv)
+        self.budget = budget
         self._widths += [geo.d_out * geo.out_hw[0] * geo.out_hw[1] for _, _, geo in f.conv]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
@@ -586,15 +589,41 @@ class FactoredJacobian:
 
     def _conv_routes(self, k: int) -> tuple[list[int], set[int]]:
         """For a product with k vectors: the conv entries used, and the dense blocks skipped because the same
-        layer goes by convolution (each layer with both forms takes the cheaper one for k, :func:`_conv_cost`)."""
+        layer goes by convolution. A layer whose materialised form is wanted takes it when that is cheaper for k
+        (:func:`_conv_cost`, :func:`_dense_cost`), forming it first if need be."""
         used, skipped = [], set()
-        for i, (_, _, geo, _, _, twin) in enumerate(self.conv):
+        for i, (_, _, geo, _, _) in enumerate(self.conv):
             cost = _conv_cost(k, geo.macs, geo.stored, geo.input_entries)
-            if twin is None or cost < _dense_cost(k, geo.dense_entries):
-                used.append(i)
-                if twin is not None:
-                    skipped.add(twin)
+            if self._wants_dense[i] and _dense_cost(k, geo.dense_entries) < cost:
+                if self._twin[i] is None:
+                    self._twin[i] = self._materialise(i)
+                if self._twin[i] is not None:
+                    continue
+            used.append(i)
+            if self._twin[i] is not None:
+                skipped.add(self._twin[i])
         return used, skipped
+
+    def _materialise(self, i: int) -> int | None:
+        """Form the per-example gradients of conv entry i from its held input and output gradients (no pass
+        through the network) as a block of ``dense``; its index, or None (and not wanted again) when it would
+        not fit the budget."""
+        A, G, geo, w, b = self.conv[i]
+        P, k_in = geo.out_hw[0] * geo.out_hw[1], geo.c_in * geo.kernel[0] * geo.kernel[1]
+        q = geo.d_out * k_in + (geo.d_out if b is not None else 0)
+        if self.budget is not None and self.nbytes() + self.n * self.c * q * A.element_size() > self.budget:
+            self._wants_dense[i] = False
+            return None
+        D = A.new_empty(self.n, self.c, q)
+        for sl in budget_blocks(self.n, self.c * P * (geo.d_out + k_in), _PRODUCT_BUDGET):
+            Gb = (G[0][:, None] * G[1][None, sl]) if isinstance(G, tuple) else G[:, sl]  # (c, nb, P·d_out)
+            Gb = Gb.unflatten(-1, (P, geo.d_out))
+            patches = torch.nn.functional.unfold(A[sl], geo.kernel, geo.dilation, geo.padding, geo.stride)
+            D[sl, :, : geo.d_out * k_in] = torch.einsum("cbpo,bkp->bcok", Gb, patches).flatten(2)
+            if b is not None:
+                D[sl, :, geo.d_out * k_in :] = Gb.sum(2).transpose(0, 1)
+        self.dense.append((D, [w] if b is None else [w, b]))
+        return len(self.dense) - 1
 
     def _blocks(self, k: int) -> list[slice]:
         """Example blocks bounding the temporaries of a product with k vectors (k · block · width entries)."""
@@ -610,7 +639,7 @@ class FactoredJacobian:
         for sl in self._blocks(k):
             Ub = U[:, sl]
             for i in conv:  # Σ_i (Σ_a u_ia g_ia) ⋆ a_i: the convolution's weight gradient, all k vectors at once
-                A, G, geo, w, b = self.conv[i][:5]
+                A, G, geo, w, b = self.conv[i]
                 nb, (h, wd), d = A[sl].shape[0], geo.out_hw, geo.d_out
                 if isinstance(G, tuple):  # D ⊙ (U R), examples first
                     W = (Ub @ G[0]) * G[1][sl]
@@ -668,7 +697,7 @@ class FactoredJacobian:
         ]
         convs = []
         for i in conv:
-            A, G, geo, w, b = self.conv[i][:5]
+            A, G, geo, w, b = self.conv[i]
             Vw = V[:, self._slices[w]].reshape(k * geo.d_out, geo.c_in, *geo.kernel)
             convs.append((A, G, geo, Vw, None if b is None else V[:, self._slices[b]].reshape(-1)))
         spatial = []
@@ -955,14 +984,9 @@ def factored_jacobian(
     # examples so that the rank-one test means something)
     probe = engine._features(X[:8], lin.net_dtype, products=True)
     if FactoredJacobian.feature_bytes(probe) / probe.b * X.shape[0] > budget:
-        if not any(twin is not None for *_, twin in probe.conv_names):
-            return None
-        engine._hold_twins = False  # convolutions kept in both forms: keep only the form by convolution
-        probe = engine._features(X[:8], lin.net_dtype, products=True)
-        if FactoredJacobian.feature_bytes(probe) / probe.b * X.shape[0] > budget:
-            return None
+        return None
     size = engine._size(X, c)
-    return FactoredJacobian(engine, X, blocks(X.shape[0], size))
+    return FactoredJacobian(engine, X, blocks(X.shape[0], size), budget)
 
 
 class _RuleError(RuntimeError):
