@@ -916,8 +916,11 @@ def _contract_any(G: _OutputGradients, U: torch.Tensor, sl: slice) -> torch.Tens
     """Σ_a U[k, b, a] g_ba for the examples ``sl`` (U already restricted to them): (k, b, m)."""
     if G is None:
         return U
-    if isinstance(G, tuple):  # D ⊙ (U R), computed laid out (k, m, b) so that Σ_b w_b a_bᵀ needs no copy
+    if isinstance(G, tuple):  # D ⊙ (U R)
         R, D = G
+        if U.shape[0] == 1:  # examples first (contiguous operands): its transpose is still a view for k = 1
+            return (U @ R) * D[sl]
+        # laid out (k, m, b), so that Σ_b w_b a_bᵀ for all k needs no copy
         return ((R.T @ U.transpose(1, 2)) * D[sl].T).transpose(1, 2)
     return _contract_outputs(G[:, sl], U)
 
