@@ -615,7 +615,7 @@ class FactoredJacobian:
             self._wants_dense[i] = False
             return None
         D = A.new_empty(self.n, self.c, q)
-        for sl in budget_blocks(self.n, self.c * P * (geo.d_out + k_in), _PRODUCT_BUDGET):
+        for sl in budget_blocks(self.n, self.c * geo.d_out * (P + k_in) + P * k_in, _PRODUCT_BUDGET):  # temporaries
             Gb = (G[0][:, None] * G[1][None, sl]) if isinstance(G, tuple) else G[:, sl]  # (c, nb, P·d_out)
             Gb = Gb.unflatten(-1, (P, geo.d_out))
             patches = torch.nn.functional.unfold(A[sl], geo.kernel, geo.dilation, geo.padding, geo.stride)
