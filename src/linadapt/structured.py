@@ -260,7 +260,7 @@ class StructuredNTK:
         Gf = G.reshape(c, b, G.shape[2], -1)  # (c, b, d_out, P)
         parts = []
         if layer.weight and products:
-            by_conv, materialised = self._conv_product_forms(layer, A, G, kernel, Gf)
+            by_conv, materialised = self._conv_product_forms(layer, A, kernel, Gf)
             if by_conv:
                 geometry = _ConvGeometry(
                     d_out=G.shape[2],
@@ -305,7 +305,7 @@ class StructuredNTK:
         return self._product_forms[layer.name]
 
     def _conv_product_forms(
-        self, layer: _Layer, A: torch.Tensor, G: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor
+        self, layer: _Layer, A: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor
     ) -> tuple[bool, bool]:
         """For products: whether a convolution is kept for products by convolution (its input and output
         gradients) and whether as materialised per-example gradients — by :func:`_conv_forms`, decided on the
