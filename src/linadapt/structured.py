@@ -513,12 +513,16 @@ def _only_output(f: _Features, a: int) -> _Features:
 
 class FactoredJacobian:
     """J(X) for fixed inputs X, held as the per-layer factors of :class:`StructuredNTK` (layer inputs and
-    output gradients; materialised per-layer gradients for convolutions and parameters without a rule).
+    output gradients; materialised per-example gradients for parameters without a rule; either for
+    convolutions, or both).
 
     Products then need no pass through the network: for a Linear layer with inputs a_i and output
     gradients g_ia, (Jᵀ u)_W = Σ_i (Σ_a u_ia g_ia) a_iᵀ and (J v)_ia = g_ia · (V_W a_i + v_b); a
-    materialised block D (n, c, q) gives Σ_ia u_ia D_ia and D v. Built once (one forward and one batched
-    backward pass over the c outputs per chunk); used by the iterative solvers, which multiply by the
+    materialised block D (n, c, q) gives Σ_ia u_ia D_ia and D v; a convolution held as its input and output
+    gradients gives J v = g_ia · conv(a_i, V_W) (+ v_b) and Jᵀ u = the convolution's weight gradient for the
+    output cotangent Σ_a u_ia g_ia (each for all vectors at once; the form per layer and per number of vectors
+    by :func:`_conv_forms`, :func:`_conv_cost` and :func:`_dense_cost`). Built once (one forward and one
+    batched backward pass over the c outputs per chunk); used by the iterative solvers, which multiply by the
     same training Jacobian hundreds of times.
 
     The factors and the products are in the network's dtype, as in the torch.func products (for a float32
