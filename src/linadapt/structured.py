@@ -101,10 +101,25 @@ class _ConvGeometry:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     out_hw: tuple[int, int]
-    macs: int  # multiply-adds of the convolution per example and vector: P · C_in·kh·kw · d_out
+    c: int  # network outputs
     stored: int  # output-gradient entries kept per example (d_out·P, times c unless rank one over the outputs)
     input_entries: int  # entries of the layer input per example
-    dense_entries: int  # entries of the materialised per-example gradients: c · d_out · (C_in·kh·kw + 1)
+
+    @property
+    def positions(self) -> int:  # P
+        return self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def k_in(self) -> int:  # inputs per patch, C_in·kh·kw
+        return self.c_in * self.kernel[0] * self.kernel[1]
+
+    def conv_cost(self, k: int) -> float:
+        """:func:`_conv_cost` of this layer for k vectors."""
+        return _conv_cost(k, self.positions * self.k_in * self.d_out, self.stored, self.input_entries)
+
+    def dense_cost(self, k: int) -> float:
+        """:func:`_dense_cost` of this layer's materialised gradients, c · d_out · (k_in + 1) per example."""
+        return _dense_cost(k, self.c * self.d_out * (self.k_in + 1))
 
 
 class StructuredNTK:
@@ -270,10 +285,9 @@ class StructuredNTK:
                     padding=tuple(padding),
                     dilation=tuple(dilation),
                     out_hw=tuple(G.shape[3:]),
-                    macs=Gf.shape[3] * A.shape[1] * kernel[0] * kernel[1] * G.shape[2],
+                    c=c,
                     stored=self._conv_forms[layer.name][2],
                     input_entries=A[0].numel(),
-                    dense_entries=c * G.shape[2] * (A.shape[1] * kernel[0] * kernel[1] + 1),
                 )
                 feats.conv.append((A.contiguous(memory_format=torch.channels_last), Gf.reshape(c, b, -1), geometry))
                 feats.conv_names.append((layer.weight, layer.bias, materialised))
@@ -569,7 +583,7 @@ class FactoredJacobian:
         self._wants_dense = [wanted for *_, wanted in f.conv_names]
         self._twin: list[int | None] = [None] * len(self.conv)
         self.budget = budget
-        self._widths += [geo.d_out * geo.out_hw[0] * geo.out_hw[1] for _, _, geo in f.conv]
+        self._widths += [geo.d_out * geo.positions for _, _, geo in f.conv]
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -597,8 +611,7 @@ class FactoredJacobian:
         (:func:`_conv_cost`, :func:`_dense_cost`), forming it first if need be."""
         used, skipped = [], set()
         for i, (_, _, geo, _, _) in enumerate(self.conv):
-            cost = _conv_cost(k, geo.macs, geo.stored, geo.input_entries)
-            if self._wants_dense[i] and _dense_cost(k, geo.dense_entries) < cost:
+            if self._wants_dense[i] and geo.dense_cost(k) < geo.conv_cost(k):
                 if self._twin[i] is None:
                     self._twin[i] = self._materialise(i)
                 if self._twin[i] is not None:
@@ -613,7 +626,7 @@ class FactoredJacobian:
         through the network) as a block of ``dense``; its index, or None (and not wanted again) when it would
         not fit the budget."""
         A, G, geo, w, b = self.conv[i]
-        P, k_in = geo.out_hw[0] * geo.out_hw[1], geo.c_in * geo.kernel[0] * geo.kernel[1]
+        P, k_in = geo.positions, geo.k_in
         q = geo.d_out * k_in + (geo.d_out if b is not None else 0)
         if self.budget is not None and self.nbytes() + self.n * self.c * q * A.element_size() > self.budget:
             self._wants_dense[i] = False
@@ -645,11 +658,7 @@ class FactoredJacobian:
             for i in conv:  # Σ_i (Σ_a u_ia g_ia) ⋆ a_i: the convolution's weight gradient, all k vectors at once
                 A, G, geo, w, b = self.conv[i]
                 nb, (h, wd), d = A[sl].shape[0], geo.out_hw, geo.d_out
-                if isinstance(G, tuple):  # D ⊙ (U R), examples first
-                    W = (Ub @ G[0]) * G[1][sl]
-                else:
-                    W = _contract_any(G, Ub, sl)
-                W = W.reshape(k, nb, h, wd, d)  # Σ_a u_ia g_ia per position and channel
+                W = _contract_any(G, Ub, sl, examples_first=True).reshape(k, nb, h, wd, d)  # per position, channel
                 # (nb, k·d_out, h, w) in channels-last memory: a view for one vector
                 grad = W[0] if k == 1 else W.permute(1, 2, 3, 0, 4).reshape(nb, h, wd, k * d)
                 grad = grad.permute(0, 3, 1, 2)
@@ -712,7 +721,7 @@ class FactoredJacobian:
         for sl in self._blocks(k):
             for A, G, geo, Vw, vb in convs:  # the convolution of a_i with the k weight directions at once
                 M = torch.nn.functional.conv2d(A[sl], Vw, vb, geo.stride, geo.padding, geo.dilation)
-                nb, P = M.shape[0], geo.out_hw[0] * geo.out_hw[1]
+                nb, P = M.shape[0], geo.positions
                 # (nb, k, P·d_out) position-major: a view of the channels-last result for one vector
                 M = M.permute(0, 2, 3, 1).reshape(nb, P, k, geo.d_out).transpose(1, 2).reshape(nb, k, -1)
                 out[:, sl] += _expand_any(G, M, sl, examples_first=True)
@@ -916,13 +925,15 @@ def _width(G: _OutputGradients, c: int) -> int:
     return c if G is None else G[1].shape[-1] if isinstance(G, tuple) else G.shape[-1]
 
 
-def _contract_any(G: _OutputGradients, U: torch.Tensor, sl: slice) -> torch.Tensor:
-    """Σ_a U[k, b, a] g_ba for the examples ``sl`` (U already restricted to them): (k, b, m)."""
+def _contract_any(G: _OutputGradients, U: torch.Tensor, sl: slice, examples_first: bool = False) -> torch.Tensor:
+    """Σ_a U[k, b, a] g_ba for the examples ``sl`` (U already restricted to them): (k, b, m); with
+    ``examples_first`` contiguous in that layout (else, for the rank-one form and several vectors, a view of
+    a (k, m, b) tensor)."""
     if G is None:
         return U
     if isinstance(G, tuple):  # D ⊙ (U R)
         R, D = G
-        if U.shape[0] == 1:  # examples first (contiguous operands): its transpose is still a view for k = 1
+        if examples_first or U.shape[0] == 1:  # contiguous operands; its transpose is still a view for k = 1
             return (U @ R) * D[sl]
         # laid out (k, m, b), so that Σ_b w_b a_bᵀ for all k needs no copy
         return ((R.T @ U.transpose(1, 2)) * D[sl].T).transpose(1, 2)
