@@ -50,8 +50,10 @@ def main() -> None:
         unit = _unit(model, X)
         # the same model and inputs in channels-last memory (image models only): is the NCHW pass the unit
         # that flatters products run in channels-last?
-        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        unit_cl = _unit(cl_model, X.contiguous(memory_format=torch.channels_last)) if X.dim() == 4 else None
+        unit_cl = None
+        if X.dim() == 4:
+            cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            unit_cl = _unit(cl_model, X.contiguous(memory_format=torch.channels_last))
         g = torch.Generator().manual_seed(0)
         v = torch.randn(1, args.n, 10, generator=g, dtype=torch.float64)
         v16 = torch.randn(16, args.n, 10, generator=g, dtype=torch.float64)

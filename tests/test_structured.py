@@ -334,17 +334,12 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     formed from the held factors on the first product with many vectors. The first convolution (general
     output gradients, few weights) is materialised at build. Products through either route equal autodiff;
     a materialised form that would not fit the budget is not formed (and the convolution serves)."""
+    import linadapt.structured as structured
+    from linadapt.bench import cnn
     from linadapt.structured import factored_jacobian
 
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2048, 10),
-    ).double()
+    model = cnn().double()
     X = torch.randn(12, 1, 8, 8, dtype=torch.float64)
     lin = Linearization(model, chunk_size=5)
     fj = factored_jacobian(lin, X, budget=2**30)
@@ -362,15 +357,9 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     assert [names for _, names in fj.dense] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
     assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
     # the block formed from the held factors equals the one the network's backward pass gives
-    forced = Linearization(model, chunk_size=5)
-    import linadapt.structured as structured
-
-    keep = structured._conv_forms
-    structured._conv_forms = lambda *_: (False, True)
-    try:
-        plain = factored_jacobian(forced, X, budget=2**30)
-    finally:
-        structured._conv_forms = keep
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(structured, "_conv_forms", lambda *_: (False, True))
+        plain = factored_jacobian(Linearization(model, chunk_size=5), X, budget=2**30)
     assert _rel(fj.dense[1][0], plain.dense[1][0]) < 1e-14
     # within a budget that has no room for it, the materialised form is never formed
     tight = factored_jacobian(Linearization(model), X, budget=2**30)
