@@ -490,3 +490,26 @@ def test_dense_kernel_cost_model_and_the_solver_choice_it_informs() -> None:
     assert choose_solver("function", 10_000, 10_201, kernel_flops=3.73e10) == "cg"
     assert choose_solver("function", 10_000, 1_000_695, kernel_flops=3.97e11) == "cholesky"
     assert choose_solver("function", 20_000, 1_000_000, kernel_flops=1.0) == "cg"  # 3.2 GB: does not fit
+
+
+def test_profile_products_counts_the_mlp_multiply_adds():
+    """benchmarks/profile_products.py's count, which docs/performance.md's floor argument rests on: the pass is
+    3 products per layer (2 for the first), the cached K·v 2 per layer plus 2·c·d_out per example for each
+    layer whose output gradients are not the identity."""
+    import importlib.util
+    from pathlib import Path
+
+    from linadapt.bench import mlp
+    from linadapt.structured import factored_jacobian
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_products.py"
+    spec = importlib.util.spec_from_file_location("profile_products", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    n, model = 32, mlp()
+    f = factored_jacobian(Linearization(model), torch.randn(n, 64), budget=2**31)
+    pass_macs, product = module._macs(model, f, n)
+    assert pass_macs == n * (64 * 256 * 2 + 256 * 256 * 3 + 256 * 10 * 3)
+    # first layer: general output gradients; second: rank one; third: the identity (no contraction)
+    assert product == n * (2 * 64 * 256 + 2 * 10 * 256 + 2 * 256 * 256 + 2 * 10 * 256 + 2 * 256 * 10)
