@@ -1,0 +1,94 @@
+"""Two versions of the cached-factor products side by side in ONE process: another tree's
+``linadapt/structured.py`` is loaded beside the installed one, both build the factors of the same model and
+inputs, and their products are timed interleaved against the same forward+backward pass.
+
+Separate processes (``bench_cached_products.py`` run twice) differ by up to ±25 % on this machine — the
+pass itself lands in a fast or a slow mode per process — which hides changes of a few per cent; here both
+versions share the process, the pass and the inputs.
+
+    git worktree add /tmp/old HEAD        # or any commit
+    python benchmarks/ab_cached_products.py /tmp/old/src/linadapt/structured.py [--models mlp cnn] [--reps 20]
+
+Prints, per model, the products' medians (ms) and ratios to the pass for the old and the new code, and the
+largest relative difference of their results (the two must agree to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+
+import torch
+
+import linadapt.structured as current
+from linadapt import Linearization
+from linadapt.bench import _unit, cnn, mlp
+
+
+def _load(path: str):
+    """The structured module at ``path``, as a sibling of the installed one (its relative imports resolve to the
+    installed package)."""
+    spec = importlib.util.spec_from_file_location("linadapt._structured_under_test", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", help="path of the other version's linadapt/structured.py")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=16, help="vectors of the many-vector product")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    old = _load(args.old)
+    for name in args.models:
+        torch.manual_seed(0)
+        model, X = (mlp(), torch.randn(args.n, 64)) if name == "mlp" else (cnn(), torch.randn(args.n, 1, 8, 8))
+        lin = Linearization(model)
+        versions = {
+            "old": old.factored_jacobian(lin, X, budget=2**31),
+            "new": current.factored_jacobian(lin, X, budget=2**31),
+        }
+        g = torch.Generator().manual_seed(0)
+        v1 = torch.randn(1, args.n, 10, generator=g, dtype=torch.float64)
+        vk = torch.randn(args.k, args.n, 10, generator=g, dtype=torch.float64)
+        for v in (v1, vk):
+            a, b = (f.jvp(f.vjp(v)) for f in versions.values())
+            diff = ((a - b).abs().max() / a.abs().max()).item()
+            print(f"{name}, {v.shape[0]} vector(s): largest relative difference old/new {diff:.1e}")
+        fns = {"pass": _unit(model, X)}
+        for tag, f in versions.items():
+            fns[f"{tag} K·v"] = lambda f=f, v=v1: f.jvp(f.vjp(v))
+            fns[f"{tag} vjp"] = lambda f=f, v=v1: f.vjp(v)
+            fns[f"{tag} K·v, {args.k} vectors"] = lambda f=f, v=vk: f.jvp(f.vjp(v))
+            fns[f"{tag} vjp, {args.k} vectors"] = lambda f=f, v=vk: f.vjp(v)
+        for fn in fns.values():
+            fn()
+        times: dict[str, list[float]] = {key: [] for key in fns}
+        for _ in range(args.reps):
+            for key, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+        unit = statistics.median(times["pass"])
+        print(f"\n| {name}, n = {args.n} | ms | × the pass (per vector) |\n|---|---|---|")
+        print(f"| pass | {unit * 1e3:.2f} | 1 |")
+        for key in list(fns)[1:]:
+            med = statistics.median(times[key])
+            per = args.k if "vectors" in key else 1
+            print(f"| {key} | {med * 1e3:.2f} | {med / unit / per:.3f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
