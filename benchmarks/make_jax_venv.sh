@@ -8,6 +8,8 @@
 set -euo pipefail
 VENV="${1:-.venv-bench-jax}"
 PYTHON="${PYTHON:-python3}"
+# a dangling symlink in the venv's place (e.g. to a venv that has since been removed) would make `venv` fail
+if [ -L "$VENV" ] && [ ! -e "$VENV" ]; then rm "$VENV"; fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet "jax==0.4.25" "jaxlib==0.4.25" "numpy==1.26.4" "frozendict>=2.3"
 "$VENV/bin/python" -m pip install --quiet --no-deps "neural-tangents==0.6.5"
