@@ -160,6 +160,32 @@ def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
     assert engine.fallback == ["stem.weight", "stem.bias"]
 
 
+def test_a_model_whose_every_layer_is_reused_falls_back_to_autodiff() -> None:
+    """All rules demoted (the only layer runs twice): no structured engine, and every entry point — the
+    estimators, the dense kernel, the operator — works through the plain Jacobian instead of failing."""
+    from linadapt import LinearizedRegressor, NTKOperator
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l(x) + torch.tanh(self.l(x))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    X, Y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    lin = Linearization(model)
+    assert lin.structured(lin.prepare_inputs(X)) is None
+    J = reference_jacobian(model, X, lin.param_names).reshape(12, -1)  # (n·c, p)
+    torch.testing.assert_close(ntk_gram(model, X), J @ J.T, rtol=1e-10, atol=1e-12)
+    K = NTKOperator(model, X)
+    torch.testing.assert_close(K.to_dense(), J @ J.T, rtol=1e-10, atol=1e-12)
+    mean = LinearizedRegressor(model).fit(X, Y).predict(X)
+    assert mean.shape == (6, 2) and bool(torch.isfinite(torch.as_tensor(mean)).all())
+
+
 def test_layers_with_few_positions_and_many_weights_use_the_position_gram() -> None:
     """A 1 × 1 convolution (64 → 64 channels) on a 2 × 2 map: the position Gram (4² pairs) is cheaper than
     contracting its 4,160 per-example gradients per output; a 3 × 3 convolution on 8 × 8 is not."""

@@ -404,14 +404,14 @@ class StructuredNTK:
         self._checked = True
         xb = X[:2]
         while True:
+            if not self.layers:  # no layer keeps a rule (e.g. every one is run twice): no structured kernel
+                self.usable = False
+                return False
             try:
                 f = self._features(xb)
                 break
             except _RuleError as exc:  # layers run twice, or not batch-first: their parameters fall back
                 self._demote(exc.args[0])
-        if not self.layers:
-            self.usable = False
-            return False
         if not self.verify:
             return True
         mine = self._block(f, f, trace=False)
