@@ -135,6 +135,52 @@ def test_ntk_kernel_in_exact_gp_matches_dense_gp():
         la.NTKKernel(model, input_shape=(1, 5, 5))(Xflat).to_dense()
 
 
+def test_ntk_kernel_in_a_float32_gp_trains_and_predicts():
+    """A float32 network in an ordinary float32 ExactGP (ScaleKernel, the marginal likelihood, then eval-mode
+    prediction): the kernel's operator takes the inputs' dtype, so GPyTorch's float32 solves accept it, and the
+    prediction equals the same GP in float64 to float32 rounding."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    X = torch.randn(12, 2)
+    y = torch.sin(X.sum(1))
+    Xs = torch.randn(5, 2)
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, X, y):
+            super().__init__(X, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ZeroMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(la.NTKKernel(net))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    gp = GP(X, y)
+    assert gp.covar_module(X).dtype == torch.float32
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(gp.likelihood, gp)
+    opt = torch.optim.Adam(gp.parameters(), lr=0.1)
+    gp.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = -mll(gp(X), y)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    gp.eval()
+    with torch.no_grad():
+        pred = gp.likelihood(gp(Xs))
+    assert pred.mean.dtype == torch.float32 and pred.mean.shape == (5,)
+    # the same trained GP in float64
+    gp64 = GP(X.double(), y.double()).double()
+    gp64.load_state_dict({k: v.double() for k, v in gp.state_dict().items()})
+    gp64.eval()
+    with torch.no_grad():
+        pred64 = gp64.likelihood(gp64(Xs.double()))
+    torch.testing.assert_close(pred.mean.double(), pred64.mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(pred.variance.double(), pred64.variance, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="dtype"):
+        la.NTKOperator(net, X, dtype=torch.float16)
+
+
 def test_operator_casts_and_checks_raw_tensors():
     model = mlp()  # float64 network
     X = inputs_for("mlp", 4)

@@ -34,7 +34,8 @@ class NTKKernel(Kernel):
 
     The kernel has no hyperparameters of its own; wrap it in ``gpytorch.kernels.ScaleKernel`` to learn
     the prior variance s². It returns a lazy :class:`~linadapt.operators.NTKOperator`, so GPyTorch's
-    CG / Lanczos inference runs matrix-free on it.
+    CG / Lanczos inference runs matrix-free on it, in the dtype of the GP's inputs (float32 inputs: a float32
+    operator, whose products are computed as in float64 and rounded; otherwise float64).
     """
 
     is_stationary = False
@@ -74,10 +75,12 @@ class NTKKernel(Kernel):
         if last_dim_is_batch:
             raise ValueError("NTKKernel does not support last_dim_is_batch")
         same = x1.shape == x2.shape and torch.equal(x1, x2)
+        # the GP's own dtype (float32 models run their solves in float32); the products stay float64 inside
+        dtype = torch.float32 if x1.dtype == torch.float32 else torch.float64
         a = self._to_network(x1, "x1")
         b = a if same else self._to_network(x2, "x2")
         if diag:
             if not same:
                 raise ValueError("diag=True needs x1 and x2 to be the same inputs")
-            return NTKOperator(self.linearization, a, output=self.output).diagonal()
-        return NTKOperator(self.linearization, a, None if same else b, output=self.output)
+            return NTKOperator(self.linearization, a, output=self.output, dtype=dtype).diagonal()
+        return NTKOperator(self.linearization, a, None if same else b, output=self.output, dtype=dtype)

@@ -38,7 +38,7 @@ def _check_output(output: OutputSpec, c: int) -> OutputSpec:
 
 
 class NTKOperator(LinearOperator):
-    """K = J(X1) J(X2)ᵀ as a lazy, matrix-free linear operator (float64).
+    """K = J(X1) J(X2)ᵀ as a lazy, matrix-free linear operator (float64 unless ``dtype`` says otherwise).
 
     Args:
         model: a ``torch.nn.Module`` (linearized at its current weights, in eval mode) or an existing
@@ -54,6 +54,9 @@ class NTKOperator(LinearOperator):
             :meth:`held`) and runs a first single-vector product through the retained graph (one forward
             pass, :func:`~linadapt.graphcache.kernel_product`); ``False`` makes every product torch.func's vjp
             then jvp, as for benchmarks.
+        dtype: the dtype of the operator's results (products, entries, ``to_dense()``): float64 (default) or
+            float32, for a float32 GPyTorch model (:class:`~linadapt.kernel.NTKKernel` passes its inputs'
+            dtype). The products themselves always run as for float64 and are rounded at the end.
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
     pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
@@ -69,7 +72,10 @@ class NTKOperator(LinearOperator):
         output: OutputSpec = None,
         symmetric: bool | None = None,
         hold: bool = True,
+        dtype: torch.dtype = ALGEBRA_DTYPE,
     ) -> None:
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
         lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
         X1t = lin.prepare_inputs(X1, "X1")
         if X2 is None:
@@ -80,7 +86,8 @@ class NTKOperator(LinearOperator):
             symmetric = bool(symmetric) if symmetric is not None else X2t is X1t
         c = lin.output_dim(X1t)
         output = _check_output(output, c)
-        super().__init__(X1=X1t, X2=X2t, model=lin, output=output, symmetric=symmetric, hold=hold)
+        super().__init__(X1=X1t, X2=X2t, model=lin, output=output, symmetric=symmetric, hold=hold, dtype=dtype)
+        self._dtype = dtype
         self.linearization = lin
         self.X1, self.X2 = X1t, X2t
         self.output = output
@@ -93,7 +100,7 @@ class NTKOperator(LinearOperator):
     # -- the linear_operator contract ------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return ALGEBRA_DTYPE
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +111,13 @@ class NTKOperator(LinearOperator):
 
     def _transpose_nonbatch(self) -> NTKOperator:
         return NTKOperator(
-            self.linearization, X1=self.X2, X2=self.X1, output=self.output, symmetric=self.symmetric, hold=self.hold
+            self.linearization,
+            X1=self.X2,
+            X2=self.X1,
+            output=self.output,
+            symmetric=self.symmetric,
+            hold=self.hold,
+            dtype=self._dtype,
         )
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -112,7 +125,7 @@ class NTKOperator(LinearOperator):
         R = rhs.unsqueeze(-1) if is_vec else rhs
         batch, (N2, k) = R.shape[:-2], R.shape[-2:]
         rows = R.reshape(-1, N2, k).transpose(-1, -2).reshape(-1, N2)
-        out = self.apply_rows(rows)  # (B*k, N1)
+        out = self.apply_rows(rows).to(self._dtype)  # (B*k, N1)
         out = out.reshape(*batch, k, -1).transpose(-1, -2)
         return out.squeeze(-1) if is_vec else out
 
@@ -165,7 +178,7 @@ class NTKOperator(LinearOperator):
         """The dense kernel by per-layer products (:func:`ntk_gram`), not by multiplying the identity."""
         if "dense" not in self._memo:
             X2 = None if self.symmetric and self.X2 is self.X1 else self.X2
-            self._memo["dense"] = self.linearization.ntk(self.X1, X2, output=self.output)
+            self._memo["dense"] = self.linearization.ntk(self.X1, X2, output=self.output).to(self._dtype)
         return self._memo["dense"]
 
     def _diagonal(self) -> torch.Tensor:
@@ -174,10 +187,10 @@ class NTKOperator(LinearOperator):
         blocks = self.linearization.ntk_blocks(self.X1)  # (n, c, c)
         diag = torch.diagonal(blocks, dim1=-2, dim2=-1)  # (n, c)
         if self.output is None:
-            return diag.reshape(-1)
+            return diag.reshape(-1).to(self._dtype)
         if self.output == "sum":
-            return diag.sum(-1)
-        return diag[:, int(self.output)]
+            return diag.sum(-1).to(self._dtype)
+        return diag[:, int(self.output)].to(self._dtype)
 
     def _get_indices(self, row_index: Any, col_index: Any, *batch_indices: Any) -> torch.Tensor:
         # Entries K[row_index, col_index] (broadcast): compute the needed rows from the few examples they
@@ -194,7 +207,7 @@ class NTKOperator(LinearOperator):
             basis
         )
         picked = rows[row_inv.to(rows.device), col_index.reshape(-1).to(rows.device)]
-        return picked.reshape(row_index.shape)
+        return picked.reshape(row_index.shape).to(self._dtype)
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:  # pragma: no cover - no batch support
         raise NotImplementedError("NTKOperator does not support batch dimensions")
