@@ -35,7 +35,7 @@ class NTKKernel(Kernel):
     The kernel has no hyperparameters of its own; wrap it in ``gpytorch.kernels.ScaleKernel`` to learn
     the prior variance s². It returns a lazy :class:`~linadapt.operators.NTKOperator`, so GPyTorch's
     CG / Lanczos inference runs matrix-free on it, in the dtype of the GP's inputs (float32 inputs: a float32
-    operator, whose products are computed as in float64 and rounded; otherwise float64).
+    operator, the float64 operator's results rounded; otherwise float64).
     """
 
     is_stationary = False

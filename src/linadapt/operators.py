@@ -56,7 +56,7 @@ class NTKOperator(LinearOperator):
             then jvp, as for benchmarks.
         dtype: the dtype of the operator's results (products, entries, ``to_dense()``): float64 (default) or
             float32, for a float32 GPyTorch model (:class:`~linadapt.kernel.NTKKernel` passes its inputs'
-            dtype). The products themselves always run as for float64 and are rounded at the end.
+            dtype). The results are the float64 operator's, rounded.
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
     pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
