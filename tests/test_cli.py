@@ -161,6 +161,15 @@ def test_cli_errors_are_messages_not_tracebacks(project):
     (tmp / "bad.csv").write_text("x1,x2,y\n1,abc,2\n")
     res = runner.invoke(app, [*base, "--train", "bad.csv"])
     assert res.exit_code == 2 and "non-numeric value 'abc'" in res.output
+    # weights of another architecture (the classifier's 3-output head in the regressor): a message, exit 2
+    res = runner.invoke(
+        app, ["adapt", "--model", "nets:regressor", "--weights", "clf.safetensors", "--train", "reg.csv"]
+    )
+    assert res.exit_code == 2 and "wrong shape for" in res.output and "Traceback" not in res.output
+    # messages are printed as text: bracketed code in a hint survives (not taken for console markup), unwrapped
+    res = runner.invoke(app, [*base, "--train", "reg.csv", "--task", "classification"], env={"COLUMNS": "60"})
+    assert res.exit_code == 2, res.output
+    assert "torch.cat([torch.zeros_like(z), z], 1)" in res.output
 
 
 def test_module_entry_point_help():

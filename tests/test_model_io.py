@@ -73,11 +73,17 @@ def test_load_errors(workdir):
     save_file(net.state_dict(), tmp / "w.safetensors")
     small = {k: v for k, v in net.state_dict().items() if not k.startswith("4.")}
     save_file(small, tmp / "partial.safetensors")
+    other_head = dict(net.state_dict(), **{"4.weight": torch.zeros(1, 144), "4.bias": torch.zeros(1)})
+    save_file(other_head, tmp / "other_head.safetensors")
     cases = [
         (("nope.pt2",), "does not exist"),
         (("user_nets:build",), "name its trained weights"),
         (("user_nets:build", "missing.safetensors"), "does not exist"),
         (("user_nets:build", "partial.safetensors"), "missing 4.weight"),
+        (
+            ("user_nets:build", "other_head.safetensors"),
+            r"wrong shape for .*4\.weight \(1, 144\) \(the model's is \(3, 144\)\)",
+        ),
         (("no_such_module:build", "w.safetensors"), "cannot import 'no_such_module'"),
         (("user_nets:nothing", "w.safetensors"), "has no attribute 'nothing'"),
         (("user_nets:not_a_module", "w.safetensors"), "returned int, not a torch.nn.Module"),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import metrics, report
@@ -45,7 +46,9 @@ _TRUST_HELP = (
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # the message is text, not markup (a hint like `torch.cat([a, b], 1)` must survive), and is not wrapped
+    # mid-word at the console width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -265,7 +268,7 @@ def adapt(
     report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
     Console().print(table)
     written = ["adapted.linadapt", "report.html"] + (["predictions.csv"] if test_data is not None else [])
-    console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}")
+    console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", markup=False, soft_wrap=True)
 
 
 def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
@@ -345,8 +348,8 @@ def predict(
         _fail(str(exc))
     _write_csv(out, cols, values)
     for name, value in scores.items():
-        console.print(f"{name}: {value:.4f}")
-    console.print(f"wrote {out} ({values.shape[0]} rows)")
+        console.print(f"{name}: {value:.4f}", markup=False, soft_wrap=True)
+    console.print(f"wrote {out} ({values.shape[0]} rows)", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -378,7 +381,11 @@ def demo(
         for r in rows:
             table.add_row(r["method"], *[f"{r['metrics'][k]:.3f}" for k in keys], f"{r['fit_seconds']:.2f}")
         Console().print(table)
-    console.print(f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'results.json')}")
+    console.print(
+        f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'results.json')}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -440,7 +447,7 @@ def experiment(
     print(summarize(records))
     if output:
         atomic_write_text(output, json.dumps(records, indent=1))
-        console.print(f"wrote {output}")
+        console.print(f"wrote {output}", markup=False, soft_wrap=True)
     plot = plot or (os.path.splitext(output)[0] + ".png" if output else None)
     if plot:
         metric = "accuracy" if "accuracy" in records[0]["metrics"] else "rmse"
@@ -448,7 +455,7 @@ def experiment(
         from ._files import atomic_write
 
         atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", markup=False, soft_wrap=True)
 
 
 def _merge_records(path: str | None, new: list[dict]) -> list[dict]:

@@ -156,6 +156,17 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
     if weights is None:
         raise ModelLoadError(f"model {spec!r} is built by a factory: name its trained weights (--weights FILE)")
     state = _read_weights(weights, trust_pickle)
+    own = model.state_dict()
+    wrong = [
+        f"{name} {tuple(tensor.shape)} (the model's is {tuple(own[name].shape)})"
+        for name, tensor in state.items()
+        if name in own and tensor.shape != own[name].shape
+    ]
+    if wrong:  # load_state_dict would raise a RuntimeError listing every mismatch after a traceback
+        more = " …" if len(wrong) > 5 else ""
+        raise ModelLoadError(
+            f"weights {weights} do not fit the architecture from {spec!r}: wrong shape for {', '.join(wrong[:5])}{more}"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = [
