@@ -141,7 +141,10 @@ def adapt(
     train: Annotated[str, typer.Option(help="Target data: .csv, .npz, a folder with X.npy/y.npy, or image folders.")],
     weights: Annotated[str | None, typer.Option(help="Weights for a factory: .safetensors or a state dict.")] = None,
     task: Annotated[str, typer.Option(help="regression, classification, or auto (integer labels → classes)")] = "auto",
-    params: Annotated[list[str] | None, typer.Option(help="Parameters to adapt: all, last, bias, or globs.")] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(help="Parameters to adapt: all, last, bias, or name globs; repeat the option for several globs."),
+    ] = None,
     target: Annotated[str | None, typer.Option(help="CSV target column (default: the last).")] = None,
     test: Annotated[str | None, typer.Option(help="Data to predict; with targets, metrics are reported.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "linadapt-out",
