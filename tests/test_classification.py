@@ -338,6 +338,15 @@ def test_bad_input_errors():
         la.LinearizedClassifier("net").fit(X, y)
     with pytest.raises(NotFittedError, match="not fitted"):
         la.LinearizedClassifier(model).predict_proba(X)
+    fitted = la.LinearizedClassifier(model, optimize_hyperparameters=False).fit(X, y)
+    assert 0.0 <= fitted.score(X, y) <= 1.0
+    with pytest.raises(ValueError, match="label 7, outside"):  # score checks labels as fit does
+        fitted.score(X, torch.full((10,), 7))
+    with pytest.raises(ValueError, match="9 labels but X has 10"):
+        fitted.score(X, y[:9])
+    # inputs of another shape than at fit: the error names both shapes
+    with pytest.raises(ValueError, match=r"inputs of shape \(5,\) per example, but it was fitted on inputs of shape"):
+        fitted.predict(torch.randn(4, 5, dtype=X.dtype))
 
 
 def test_float32_network_float64_algebra():

@@ -273,6 +273,10 @@ def test_bad_input_errors():
     reg.fit(X, y)
     with pytest.raises(ValueError, match="at most one"):
         reg.predict(X, return_std=True, return_cov=True)
+    shape = tuple(X.shape[1:])
+    wider = torch.randn(3, shape[0] + 2, *shape[1:], dtype=X.dtype)
+    with pytest.raises(ValueError, match=rf"fitted on inputs of shape \({shape[0]},"):
+        reg.predict(wider)
 
 
 def test_float32_network_float64_algebra():

@@ -241,3 +241,11 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class (m,) under ``predict_proba``."""
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of ``predict`` on (X, y); y is checked as in ``fit`` (integer labels in [0, c)), so a
+        label the model cannot predict is an error rather than a silent miss."""
+        self._check_fitted()
+        n = len(X) if not isinstance(X, torch.Tensor) else X.shape[0]
+        labels = as_label_tensor(y, n, len(self.classes_), "y").numpy()
+        return super().score(X, labels, sample_weight)

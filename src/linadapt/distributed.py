@@ -180,6 +180,7 @@ def linearize_shard(
 
     lin = Linearization(model, params, chunk_size, device)
     Xt = lin.prepare_inputs(X, "X")
+    lin.fitted_input_shape = tuple(Xt.shape[1:])
     if distributed:
         check_shard_size(Xt.shape[0])
     return lin, Xt, lin.outputs(Xt)

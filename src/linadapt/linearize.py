@@ -105,6 +105,9 @@ class Linearization:
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
         self._held: list | None = None  # [inputs key, uses, held J(X) | False | None] (graphcache.held_jacobian)
+        # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
+        # when the network fails on inputs of another shape (not checked up front: some networks take several)
+        self.fitted_input_shape: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -122,7 +125,16 @@ class Linearization:
 
     def _f(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Raw network output on one chunk, reshaped to (b, c)."""
-        out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
+        try:
+            out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
+        except Exception as exc:
+            fitted = self.fitted_input_shape
+            if fitted is not None and tuple(x.shape[1:]) != fitted:
+                raise LinearizationError(
+                    f"the model failed on inputs of shape {tuple(x.shape[1:])} per example, but it was fitted on "
+                    f"inputs of shape {fitted} ({type(exc).__name__}: {exc})"
+                ) from exc
+            raise
         if not isinstance(out, torch.Tensor):
             raise LinearizationError(f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}")
         if out.dim() == 1:
