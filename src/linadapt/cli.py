@@ -358,7 +358,13 @@ def predict(
 @app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Output folder for report.html and results.json.")] = "linadapt-demo",
-    quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests (about a minute).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A reduced run for smoke tests (about 15 s on 2 cores; the full demo takes about a minute).",
+        ),
+    ] = False,
 ) -> None:
     """Adapt networks to shifted tasks (sinusoid regression; upright → rotated MNIST classification) next to
     fine-tuning; print the results and write OUT/report.html and OUT/results.json. Needs no arguments.
