@@ -200,3 +200,52 @@ def test_laplace_torch_baseline_regression_and_classification(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "laplace", None)  # as if it were not installed
     with pytest.raises(ImportError, match="laplace-torch"):
         laplace_torch(clf_net, X, labels)
+
+
+def _records(shots_list, methods, variant=None):
+    """Fake experiment records: method m at budget k, seed s has rmse (1 + m)/k · (1 + s) (spread over seeds)."""
+    out = []
+    for m, method in enumerate(methods):
+        for k in shots_list:
+            for s in range(4):
+                r = {"method": method, "seed": s, "shots": k, "metrics": {"rmse": (1 + m) / k * (1 + 2 * s)}}
+                if variant:
+                    r["variant"] = variant
+                out.append(r)
+    return out
+
+
+def test_shots_figure_draws_standard_error_bands_cut_at_the_smallest_value():
+    from matplotlib.collections import PolyCollection
+
+    from linadapt.report import shots_figure
+
+    records = _records([5, 10, 20], ["a", "b"], "family") + _records([5, 10, 20], ["a", "b"], "phase")
+    fig = shots_figure(records, "rmse", "toy")
+    assert len(fig.axes) == 2 and fig.axes[0].get_yscale() == "log"
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    values = np.array([(1 + 0) / 5 * (1 + 2 * s) for s in range(4)])  # method a at 5 shots
+    assert np.isclose(lines["a"].get_ydata()[0], values.mean())
+    band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+    verts = band.get_paths()[0].vertices
+    at5 = verts[np.isclose(verts[:, 0], 5), 1]
+    se = values.std(ddof=1) / 2  # 4 seeds
+    # upper edge: mean + s.e.; lower edge: mean − s.e., cut at the smallest seed's value (stays positive)
+    assert np.isclose(at5.max(), values.mean() + se)
+    assert np.isclose(at5.min(), max(values.mean() - se, values.min())) and at5.min() > 0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_shots_figure_with_one_budget_is_a_row_per_method():
+    import matplotlib.pyplot as plt
+
+    from linadapt.report import shots_figure
+
+    fig = shots_figure(_records([10], ["source", "finetune-all", "linadapt"]), "rmse", "toy")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["source", "finetune-all", "linadapt"]
+    assert ax.get_xlabel() == "rmse at 10 target points (mean ± s.e. over seeds)"
+    plt.close(fig)

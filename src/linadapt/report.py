@@ -109,31 +109,51 @@ def reliability_figure(probas: dict[str, np.ndarray], y: np.ndarray, n_bins: int
 
 
 def shots_figure(records: list[dict], metric: str, title: str = ""):
-    """``metric`` against the number of target points per method: mean over seeds with a ±1 std band; one
-    panel per variant of the experiment (records as written by ``linadapt experiment``)."""
+    """``metric`` against the number of target points per method, one panel per variant of the experiment
+    (records as written by ``linadapt experiment``): the mean over seeds with a band of ± one standard error
+    of that mean (std/√seeds), whose lower edge is cut at the smallest value observed over the seeds (so that
+    a positive metric keeps a positive band on a log axis). An experiment run at a single budget is drawn as
+    one row per method instead: the mean with its ± one standard error bar."""
     plt = _plt()
     variants = list(dict.fromkeys(r.get("variant") for r in records))
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 3.8), squeeze=False)
+    single = len({r["shots"] for r in records}) == 1
+    methods_all = list(dict.fromkeys(r["method"] for r in records))
+    size = (6.5, 0.9 + 0.32 * len(methods_all)) if single else (5.5, 3.8)
+    fig, axes = plt.subplots(1, len(variants), figsize=(size[0] * len(variants), size[1]), squeeze=False)
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
     for ax, variant in zip(axes[0], variants):
         rows = [r for r in records if r.get("variant") == variant]
         methods = list(dict.fromkeys(r["method"] for r in rows))
-        colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
         for i, method in enumerate(methods):
             by_shots: dict[int, list[float]] = {}
             for r in rows:
                 if r["method"] == method:
                     by_shots.setdefault(r["shots"], []).append(r["metrics"][metric])
             shots = sorted(by_shots)
-            mean = np.array([np.mean(by_shots[k]) for k in shots])
-            sd = np.array([np.std(by_shots[k], ddof=1) if len(by_shots[k]) > 1 else 0.0 for k in shots])
+            values = [np.asarray(by_shots[k], dtype=float) for k in shots]
+            mean = np.array([v.mean() for v in values])
+            se = np.array([v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0 for v in values])
+            low = np.maximum(mean - se, np.array([v.min() for v in values]))
             # ten hues; methods beyond the tenth reuse them lighter and dashed
             style = "-" if i % 20 < 10 else "--"
             colour = colours[(2 * i) % 20 + (i % 20 >= 10)]
-            (line,) = ax.plot(shots, mean, style, marker="o", ms=3, label=method, color=colour)
-            ax.fill_between(shots, mean - sd, mean + sd, color=line.get_color(), alpha=0.12)
-        ax.set_xlabel("target points (shots)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{title} {variant}" if variant else title)
+            if single:
+                ax.errorbar(mean, [i], xerr=[mean - low, se], fmt="o", ms=4, color=colour, capsize=3, label=method)
+            else:
+                (line,) = ax.plot(shots, mean, style, marker="o", ms=3, label=method, color=colour)
+                ax.fill_between(shots, low, mean + se, color=line.get_color(), alpha=0.12)
+        heading = f"{title} {variant}" if variant else title
+        unit = "labels per class" if metric in ("accuracy", "ece") else "target points"  # what a shot is
+        if single:
+            ax.set_yticks(range(len(methods)), methods, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{metric} at {rows[0]['shots']} {unit} (mean ± s.e. over seeds)")
+            ax.grid(axis="x", color="0.9")
+            ax.set_title(heading)
+            continue
+        ax.set_xlabel(unit)
+        ax.set_ylabel(f"{metric} (mean ± s.e. over seeds)")
+        ax.set_title(heading)
         if metric in ("rmse", "nll") and all(r["metrics"][metric] > 0 for r in rows):
             ax.set_yscale("log")
         ax.legend(fontsize=7, ncol=2)
