@@ -345,7 +345,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="9 labels but X has 10"):
         fitted.score(X, y[:9])
     # inputs of another shape than at fit: the error names both shapes
-    with pytest.raises(ValueError, match=r"inputs of shape \(5,\) per example, but it was fitted on inputs of shape"):
+    with pytest.raises(
+        ValueError, match=r"inputs of shape \(5,\) per example, but the model was fitted on inputs of shape"
+    ):
         fitted.predict(torch.randn(4, 5, dtype=X.dtype))
 
 

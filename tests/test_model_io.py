@@ -18,6 +18,9 @@ FACTORY = textwrap.dedent(
 
     def not_a_module():
         return 42
+
+    def lazy():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
     """
 )
 
@@ -56,6 +59,18 @@ def test_exported_program_is_loaded_and_linearizable(workdir):
     torch.testing.assert_close(model(X), net(X))
     J = la.Linearization(model).jacobian(X)
     torch.testing.assert_close(J, la.Linearization(net).jacobian(X))
+
+
+def test_lazy_modules_take_their_shapes_from_the_weights(workdir):
+    tmp, _ = workdir
+    import user_nets
+
+    net = user_nets.lazy()
+    X = torch.randn(2, 1, 4, 4)
+    net(X)  # materialise the lazy layer: (3, 16)
+    save_file(net.state_dict(), tmp / "lazy.safetensors")
+    model = load_model("user_nets:lazy", "lazy.safetensors")
+    torch.testing.assert_close(model(X), net(X))
 
 
 def test_pickled_objects_need_trust(workdir):

@@ -279,6 +279,36 @@ def test_bad_input_errors():
         reg.predict(wider)
 
 
+def test_inputs_of_another_shape_than_at_fit_still_work_where_the_model_takes_them():
+    """The fitted input shape only names the likely cause when the network fails; a network that takes several
+    shapes (here sequences of any length, with data-dependent control flow that vmap refuses, so the Jacobian
+    falls back to reverse mode over a basis) predicts on another length, with its uncertainty."""
+
+    class MeanOverSequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2))  # no layer rule: the Jacobian goes through torch.func
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 1e9:  # data-dependent control flow
+                x = x * 0
+            return torch.tanh(x @ self.w).mean(1)
+
+    torch.manual_seed(0)
+    model = MeanOverSequence().double()
+    X, y = torch.randn(8, 5, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    reg = la.LinearizedRegressor(model).fit(X, y)
+    X7 = torch.randn(4, 7, 3, dtype=torch.float64)
+    mean, std = reg.predict(X7, return_std=True)
+    assert mean.shape == (4, 2) and std.shape == (4, 2) and np.all(std > 0)
+    # a fresh linearization that knows the fitted shape: per-example vmap fails on the branch, and the Jacobian
+    # falls back to reverse mode over a basis (the shape hint must not turn that failure into an error)
+    lin = la.Linearization(model)
+    lin.fitted_input_shape = (5, 3)
+    J = lin.jacobian(X7)
+    assert J.shape == (4, 2, 6) and not lin._per_example_jacobian
+
+
 def test_float32_network_float64_algebra():
     """A float32 network gives float64 results that agree with the float64 network to float32 accuracy."""
     model64, X = mlp(), inputs_for("mlp", 10)

@@ -125,16 +125,7 @@ class Linearization:
 
     def _f(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Raw network output on one chunk, reshaped to (b, c)."""
-        try:
-            out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
-        except Exception as exc:
-            fitted = self.fitted_input_shape
-            if fitted is not None and tuple(x.shape[1:]) != fitted:
-                raise LinearizationError(
-                    f"the model failed on inputs of shape {tuple(x.shape[1:])} per example, but it was fitted on "
-                    f"inputs of shape {fitted} ({type(exc).__name__}: {exc})"
-                ) from exc
-            raise
+        out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
         if not isinstance(out, torch.Tensor):
             raise LinearizationError(f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}")
         if out.dim() == 1:
@@ -179,13 +170,22 @@ class Linearization:
         return self.flatten(self.theta, 0)
 
     # ------------------------------------------------------------------ evaluation
-    def _guard(self, what: str, fn, *args):
+    def _guard(self, what: str, fn, *args, inputs: torch.Tensor | None = None):
+        """``fn(*args)`` in eval mode; any error but a LinearizationError reported as one clear
+        LinearizationError — naming both shapes when ``inputs`` differ per example from those an estimator was
+        fitted on (the likeliest cause then)."""
         try:
             with _eval_mode(self.model):
                 return fn(*args)
         except LinearizationError:
             raise
         except Exception as exc:  # torch raises many types; report them as one clear error
+            fitted = self.fitted_input_shape
+            if inputs is not None and fitted is not None and tuple(inputs.shape[1:]) != fitted:
+                raise LinearizationError(
+                    f"{what} failed on inputs of shape {tuple(inputs.shape[1:])} per example, but the model was "
+                    f"fitted on inputs of shape {fitted} ({type(exc).__name__}: {exc})"
+                ) from exc
             raise LinearizationError(
                 f"{what} failed for {type(self.model).__name__} ({type(exc).__name__}: {exc}). The model must "
                 "accept a batch of inputs and be differentiable with torch.func (functional_call, jvp, vjp, vmap)."
@@ -197,7 +197,7 @@ class Linearization:
         outs = []
         with torch.no_grad():
             for sl in self._chunk_slices(X.shape[0]):
-                out = self._guard("forward pass", self._f, self.theta, X[sl])
+                out = self._guard("forward pass", self._f, self.theta, X[sl], inputs=X[sl])
                 outs.append(out.to(ALGEBRA_DTYPE))
         result = torch.cat(outs)
         if self._num_outputs is None:
@@ -231,9 +231,9 @@ class Linearization:
 
                 if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
                     one = {name: t[0] for name, t in tangents.items()}
-                    result = self._guard("Jacobian-vector product (jvp)", push, one).unsqueeze(0)
+                    result = self._guard("Jacobian-vector product (jvp)", push, one, inputs=xb).unsqueeze(0)
                 else:
-                    result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents)
+                    result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
                 chunks.append(result.to(ALGEBRA_DTYPE))
             groups.append(torch.cat(chunks, dim=1))
         out = torch.cat(groups, dim=0)
@@ -272,7 +272,7 @@ class Linearization:
                     parts.append(self.flatten(vmap(fn)(ub[g : g + _RHS_GROUP])[0], 1))
                 return torch.cat(parts)
 
-            result += self._guard("vector-Jacobian product (vjp)", pull)
+            result += self._guard("vector-Jacobian product (vjp)", pull, inputs=xb)
         return result[0] if single else result
 
     # ------------------------------------------------------------------ dense Jacobians
@@ -302,7 +302,7 @@ class Linearization:
             )
             return rows.reshape(b, c, -1)
 
-        return self._guard("Jacobian", basis_pull)
+        return self._guard("Jacobian", basis_pull, inputs=xb)
 
     def _jacobian_chunk_size(self, c: int) -> int:
         by_memory = max(1, _JACOBIAN_BUDGET // max(1, c * self.num_params))

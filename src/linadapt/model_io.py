@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["ModelLoadError", "load_model"]
 
@@ -160,7 +161,7 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
     wrong = [
         f"{name} {tuple(tensor.shape)} (the model's is {tuple(own[name].shape)})"
         for name, tensor in state.items()
-        if name in own and tensor.shape != own[name].shape
+        if name in own and not is_lazy(own[name]) and tensor.shape != own[name].shape  # lazy: shaped on load
     ]
     if wrong:  # load_state_dict would raise a RuntimeError listing every mismatch after a traceback
         more = " …" if len(wrong) > 5 else ""
