@@ -155,7 +155,7 @@ def test_ntk_kernel_in_a_float32_gp_trains_and_predicts():
             return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
     gp = GP(X, y)
-    assert gp.covar_module(X).dtype == torch.float32
+    assert gp.covar_module(X).evaluate_kernel().dtype == torch.float32
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(gp.likelihood, gp)
     opt = torch.optim.Adam(gp.parameters(), lr=0.1)
     gp.train()
@@ -177,8 +177,33 @@ def test_ntk_kernel_in_a_float32_gp_trains_and_predicts():
         pred64 = gp64.likelihood(gp64(Xs.double()))
     torch.testing.assert_close(pred.mean.double(), pred64.mean, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(pred.variance.double(), pred64.variance, rtol=1e-3, atol=1e-4)
+    # the matrix-free route in float32: CG and Lanczos (fast predictive variances) on the operator's products,
+    # its diagonal and selected entries
+    with gpytorch.settings.max_cholesky_size(0), gpytorch.settings.fast_pred_var(), torch.no_grad():
+        gp.train()
+        gp.eval()
+        pred_cg = gp.likelihood(gp(Xs))
+    assert pred_cg.mean.dtype == torch.float32
+    torch.testing.assert_close(pred_cg.mean.double(), pred64.mean, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(pred_cg.variance.double(), pred64.variance, rtol=5e-2, atol=1e-2)
     with pytest.raises(ValueError, match="dtype"):
         la.NTKOperator(net, X, dtype=torch.float16)
+
+
+def test_operator_casts_change_the_results_dtype_not_the_inputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    X = torch.randn(5, 2, dtype=torch.float64)
+    op = la.NTKOperator(net, X)
+    for cast in (op.float(), op.to(torch.float32), op.type(torch.float32)):
+        assert cast.dtype == torch.float32 and cast.X1.dtype == torch.float64  # the inputs are not rounded
+        assert cast.to_dense().dtype == torch.float32 and cast.diagonal().dtype == torch.float32
+        torch.testing.assert_close(cast.to_dense(), op.to_dense().float())
+    assert op.float().double().dtype == torch.float64 and op.to("cpu") is op
+    with pytest.raises(ValueError, match="float16"):
+        op.half()
+    with pytest.raises(ValueError, match="network's device"):
+        op.to("meta")
 
 
 def test_operator_casts_and_checks_raw_tensors():

@@ -54,9 +54,11 @@ class NTKOperator(LinearOperator):
             :meth:`held`) and runs a first single-vector product through the retained graph (one forward
             pass, :func:`~linadapt.graphcache.kernel_product`); ``False`` makes every product torch.func's vjp
             then jvp, as for benchmarks.
-        dtype: the dtype of the operator's results (products, entries, ``to_dense()``): float64 (default) or
-            float32, for a float32 GPyTorch model (:class:`~linadapt.kernel.NTKKernel` passes its inputs'
-            dtype). The results are the float64 operator's, rounded.
+        dtype: the dtype of the operator's results through the linear_operator interface (``matmul``, entries,
+            ``diagonal()``, ``to_dense()``, hence ``solve`` and the rest): float64 (default) or float32, for a
+            float32 GPyTorch model (:class:`~linadapt.kernel.NTKKernel` passes its inputs' dtype). The results
+            are the float64 operator's, rounded; :meth:`apply_rows` stays float64. ``float()`` / ``double()`` /
+            ``to(dtype)`` change this dtype, not the inputs'.
 
     The operator plugs into linear_operator's algorithms (``solve``, ``inv_quad_logdet``, CG, Lanczos,
     pivoted Cholesky); ``to_dense()`` builds the dense kernel with :func:`ntk_gram`'s per-layer products.
@@ -105,6 +107,30 @@ class NTKOperator(LinearOperator):
     @property
     def device(self) -> torch.device:
         return self.linearization.device
+
+    def type(self, dtype: torch.dtype) -> NTKOperator:
+        """The same operator with results in ``dtype`` (float64 or float32); the inputs and the network are
+        left as they are (linear_operator's default would cast the inputs instead). ``double()`` / ``float()``
+        come here too; other dtypes raise."""
+        return NTKOperator(
+            self.linearization,
+            X1=self.X1,
+            X2=self.X2,
+            output=self.output,
+            symmetric=self.symmetric,
+            hold=self.hold,
+            dtype=dtype,
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> NTKOperator:
+        """``to(dtype)`` as :meth:`type`; a device other than the network's raises (move the network instead)."""
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(
+                f"NTKOperator computes on its network's device ({self.device}); move the network to {device} and "
+                "build the operator there"
+            )
+        return self if dtype is None or dtype == self._dtype else self.type(dtype)
 
     def _size(self) -> torch.Size:
         return torch.Size((self.X1.shape[0] * self._width, self.X2.shape[0] * self._width))
