@@ -105,6 +105,8 @@ def as_label_tensor(y: Any, n: int, n_classes: int, name: str = "y") -> torch.Te
         if fractional.numel():
             raise ValueError(f"{name} must hold integer class labels; got non-integral values such as {fractional[0]}")
     t = t.to(torch.int64)
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: at least one labelled example is needed")
     if int(t.min()) < 0 or int(t.max()) >= n_classes:
         bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
         raise ValueError(

@@ -246,6 +246,6 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         """Accuracy of ``predict`` on (X, y); y is checked as in ``fit`` (integer labels in [0, c)), so a
         label the model cannot predict is an error rather than a silent miss."""
         self._check_fitted()
-        n = len(X) if not isinstance(X, torch.Tensor) else X.shape[0]
-        labels = as_label_tensor(y, n, len(self.classes_), "y").numpy()
-        return super().score(X, labels, sample_weight)
+        Xs = self.linearization_.prepare_inputs(X, "X")
+        labels = as_label_tensor(y, Xs.shape[0], len(self.classes_), "y").numpy()
+        return super().score(Xs, labels, sample_weight)

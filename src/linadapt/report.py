@@ -111,9 +111,10 @@ def reliability_figure(probas: dict[str, np.ndarray], y: np.ndarray, n_bins: int
 def shots_figure(records: list[dict], metric: str, title: str = ""):
     """``metric`` against the number of target points per method, one panel per variant of the experiment
     (records as written by ``linadapt experiment``): the mean over seeds with a band of ± one standard error
-    of that mean (std/√seeds), whose lower edge is cut at the smallest value observed over the seeds (so that
-    a positive metric keeps a positive band on a log axis). An experiment run at a single budget is drawn as
-    one row per method instead: the mean with its ± one standard error bar."""
+    of that mean (std/√seeds) — never below the smallest value over the seeds (with dᵢ = xᵢ − min ≥ 0,
+    (Σd)² ≥ Σd² gives mean − s.e. ≥ min), so a positive metric keeps a positive band on a log axis, which
+    ± one std did not. An experiment run at a single budget is drawn as one row per method instead: the mean
+    with its ± one standard error bar."""
     plt = _plt()
     variants = list(dict.fromkeys(r.get("variant") for r in records))
     single = len({r["shots"] for r in records}) == 1
@@ -133,7 +134,7 @@ def shots_figure(records: list[dict], metric: str, title: str = ""):
             values = [np.asarray(by_shots[k], dtype=float) for k in shots]
             mean = np.array([v.mean() for v in values])
             se = np.array([v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0 for v in values])
-            low = np.maximum(mean - se, np.array([v.min() for v in values]))
+            low = mean - se
             # ten hues; methods beyond the tenth reuse them lighter and dashed
             style = "-" if i % 20 < 10 else "--"
             colour = colours[(2 * i) % 20 + (i % 20 >= 10)]
