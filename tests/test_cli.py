@@ -26,6 +26,10 @@ NETS = textwrap.dedent(
     def classifier():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    def image_classifier():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     """
 )
 
@@ -279,3 +283,50 @@ def test_predict_needs_a_model_when_the_file_records_none(project):
     assert res.exit_code == 0, res.output
     _, values = read(tmp / "p.csv")
     np.testing.assert_allclose(values[:, 0], reg.predict(np.array([[0.5, 0.5], [-1, 1.5]], np.float32)), rtol=1e-8)
+
+
+def _colour_images(root, colours, per_class, seed):
+    """Folders of 4 × 4 RGB images, one per colour name, each image that colour plus noise."""
+    from PIL import Image
+
+    rgb = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+    rng = np.random.default_rng(seed)
+    for name in colours:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb[name]) + rng.integers(-40, 40, (4, 4, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="RGB").save(root / name / f"{i}.png")
+
+
+def test_image_folders_are_labelled_by_class_name(project):
+    """Test and prediction folders are matched to the training classes by name, not by position: a test folder
+    holding only some of the classes scores correctly, an unknown class folder is an error, predictions name
+    the class, and a flat folder of unlabelled images can be predicted."""
+    tmp, _ = project
+    import nets
+
+    save_file(nets.image_classifier().state_dict(), tmp / "img.safetensors")
+    _colour_images(tmp / "train", ["blue", "green", "red"], 6, seed=0)
+    _colour_images(tmp / "test2", ["green", "red"], 3, seed=1)  # a subset: by position they would be 0 and 1
+    args = ["adapt", "--model", "nets:image_classifier", "--weights", "img.safetensors", "--train", "train"]
+    res = runner.invoke(app, [*args, "--test", "test2", "--out", "run", "--no-baselines"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "test2", "--out", "p.csv"])
+    assert res.exit_code == 0, res.output
+    assert "accuracy: 1.0000" in res.output
+    rows = list(csv.reader(open(tmp / "p.csv")))
+    assert rows[0][-2:] == ["label", "class"]
+    assert [r[-1] for r in rows[1:]] == ["green"] * 3 + ["red"] * 3
+    assert [int(r[-2]) for r in rows[1:]] == [1] * 3 + [2] * 3
+    # unlabelled images straight in a folder
+    (tmp / "flat").mkdir()
+    for f in sorted((tmp / "test2" / "red").iterdir()):
+        (tmp / "flat" / f.name).write_bytes(f.read_bytes())
+    res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "flat", "--out", "f.csv"])
+    assert res.exit_code == 0, res.output
+    assert [r[-1] for r in list(csv.reader(open(tmp / "f.csv")))[1:]] == ["red"] * 3
+    # a class the model was not adapted to
+    (tmp / "test2" / "purple").mkdir()
+    (tmp / "test2" / "purple" / "0.png").write_bytes((tmp / "flat" / "0.png").read_bytes())
+    res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "test2"])
+    assert res.exit_code == 2 and "'purple' not among the training classes" in res.output

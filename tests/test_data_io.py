@@ -86,6 +86,33 @@ def test_image_folder(tmp_path):
         read_dataset(str(tmp_path))
 
 
+def test_image_folder_labels_by_training_class_names_and_unlabelled_images(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("dog", "zebra"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), mode="L").save(tmp_path / name / "0.png")
+    ds = read_dataset(str(tmp_path), classes=["cat", "dog", "zebra"])  # no cat folder here
+    np.testing.assert_array_equal(ds.y, [1, 2])
+    assert ds.classes == ["cat", "dog", "zebra"]
+    with pytest.raises(DataError, match="'dog', 'zebra' not among the training classes"):
+        read_dataset(str(tmp_path), classes=["cat", "cow"])
+    flat = tmp_path / "dog"  # images directly in the folder: unlabelled prediction data
+    ds = read_dataset(str(flat), require_target=False)
+    assert ds.y is None and ds.X.shape == (1, 1, 4, 4)
+    with pytest.raises(DataError, match="no images found"):
+        read_dataset(str(flat))  # training data need class folders
+
+
+def test_sixteen_bit_images_keep_their_levels(tmp_path):
+    (tmp_path / "a").mkdir()
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "a" / "ramp.png")
+    ds = read_dataset(str(tmp_path))
+    assert ds.X.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(ds.X[0, 0], ramp / 65535.0, atol=1e-6)
+    assert len(np.unique(ds.X)) == 64
+
+
 def test_other_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_dataset(str(tmp_path / "nothing.csv"))

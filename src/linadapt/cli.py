@@ -103,12 +103,15 @@ def _columns(pred: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray]:
     return [f"mean_{k}" for k in range(c)] + [f"std_{k}" for k in range(c)], np.hstack([mean, std])
 
 
-def _write_csv(path: str, columns: list[str], values: np.ndarray) -> None:
+def _write_csv(path: str, columns: list[str], values: np.ndarray, classes: list[str] | None = None) -> None:
+    """predictions.csv; with the training classes' names (image folders), a ``class`` column after ``label``."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(columns)
+    named = bool(classes) and "label" in columns
+    writer.writerow(columns + (["class"] if named else []))
     for row in values:
-        writer.writerow([int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)])
+        cells = [int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)]
+        writer.writerow(cells + ([classes[int(row[columns.index("label")])]] if named else []))
     atomic_write_text(path, buf.getvalue())
 
 
@@ -175,8 +178,10 @@ def adapt(
     try:
         net = load_model(model, weights, trust_pickle)
         data = read_dataset(train, target)
-        # the test file's target column, if present, is the training file's (by name)
-        test_data = read_dataset(test, target or data.target, require_target=False) if test else None
+        # the test file's target column, if present, is the training file's (by name); image class folders are
+        # labelled by the training classes' names
+        classes = data.classes or None
+        test_data = read_dataset(test, target or data.target, require_target=False, classes=classes) if test else None
     except (ModelLoadError, DataError) as exc:
         _fail(str(exc))
     assert data.y is not None
@@ -211,7 +216,12 @@ def adapt(
         _fail(str(exc))
     os.makedirs(out, exist_ok=True)
     reference = json.dumps(
-        {"model": model, "weights": os.path.abspath(weights) if weights else None, "target": data.target}
+        {
+            "model": model,
+            "weights": os.path.abspath(weights) if weights else None,
+            "target": data.target,
+            "classes": data.classes or None,  # image class folders: test folders are matched by these names
+        }
     )
     est.save(os.path.join(out, "adapted.linadapt"), model_reference=reference)  # collective when distributed
     pred = None
@@ -265,7 +275,7 @@ def adapt(
                 sections.append(("Predictions", report.figure_html(figure, "predictions")))
         except ValueError as exc:
             _fail(f"comparing on {test}: {exc}")
-        _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred))
+        _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred), classes=data.classes)
         for name, value in _scores(pred, test_data.y).items():
             table.add_row(f"test {name}", f"{value:.4f}")
     report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
@@ -337,11 +347,13 @@ def predict(
             recorded = json.loads(header["model"].get("reference") or "{}")
         except json.JSONDecodeError:
             recorded = {}  # saved from Python with a free-text reference
+        if not isinstance(recorded, dict):
+            recorded = {}
         if not (model or recorded.get("model")):
             _fail(f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)")
         net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
         est = load(adapted, net)
-        ds = read_dataset(data, target or recorded.get("target"), require_target=False)
+        ds = read_dataset(data, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
         pred = _predict(est, ds.X)
         cols, values = _columns(pred)
         scores = _scores(pred, ds.y)
@@ -349,7 +361,7 @@ def predict(
         _fail(f"{adapted} does not exist")
     except (ValueError, json.JSONDecodeError) as exc:
         _fail(str(exc))
-    _write_csv(out, cols, values)
+    _write_csv(out, cols, values, classes=recorded.get("classes"))
     for name, value in scores.items():
         console.print(f"{name}: {value:.4f}", markup=False, soft_wrap=True)
     console.print(f"wrote {out} ({values.shape[0]} rows)", markup=False, soft_wrap=True)

@@ -9,8 +9,10 @@ different sizes.
   a file without that column is read as inputs only (prediction data).
 * ``.npz``: arrays ``X`` and (optionally) ``y``.
 * a folder holding ``X.npy`` (and optionally ``y.npy``).
-* a folder of images with one sub-folder per class (sorted names → labels 0, 1, …); images are read with
-  Pillow as grey-scale (``mode="L"``) or RGB and scaled to [0, 1], shape (n, channels, height, width).
+* a folder of images with one sub-folder per class (sorted names → labels 0, 1, …; for test or prediction
+  data, the training class names → their labels, by name); for prediction data also a flat folder of
+  unlabelled images. Images are read with Pillow as grey-scale or RGB and scaled to [0, 1] (8-bit by 255,
+  16-bit by 65535; 32-bit float images as stored), shape (n, channels, height, width).
 """
 
 from __future__ import annotations
@@ -104,24 +106,48 @@ def _from_arrays(X: np.ndarray, y: np.ndarray | None, where: str) -> Dataset:
     return Dataset(X, y)
 
 
-def _read_images(path: str) -> Dataset:
+def _image_array(fpath: str) -> np.ndarray:
+    """One image as float32 (channels, height, width) in [0, 1]: 8-bit modes divided by 255, 16-bit ones by
+    65535 (PIL's ``convert("L")`` would clip them to two levels), 32-bit float images as stored."""
     from PIL import Image
 
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    try:
+        with Image.open(fpath) as img:
+            if img.mode.startswith("I;16") or img.mode == "I":
+                arr = np.asarray(img, dtype=np.float32) / 65535.0
+            elif img.mode == "F":
+                arr = np.asarray(img, dtype=np.float32)
+            else:
+                mode = "L" if img.mode in ("1", "L", "LA") else "RGB"
+                arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+    except Exception as exc:
+        raise DataError(f"{fpath}: not a readable image ({exc})") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _read_images(path: str, classes: list[str] | None = None, require_target: bool = True) -> Dataset:
+    """An image folder: one sub-folder per class (labels by folder name: with ``classes`` — the training
+    classes — each sub-folder must be one of them and takes its index there, else the sorted folder names are
+    the classes), or, where targets are not required, a flat folder of unlabelled images."""
+    folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if classes is not None:
+        unknown = [d for d in folders if d not in classes]
+        if unknown:
+            raise DataError(
+                f"{path}: class folder(s) {', '.join(repr(d) for d in unknown)} not among the training classes "
+                f"({', '.join(classes)}); labels are matched by folder name"
+            )
+    names = list(classes) if classes is not None else folders
+    groups = [(names.index(d), os.path.join(path, d)) for d in folders]
+    if not folders and not require_target:
+        groups = [(None, path)]  # unlabelled images directly in the folder
     images, labels, shape, first = [], [], None, None
-    for label, name in enumerate(classes):
-        folder = os.path.join(path, name)
+    for label, folder in groups:
         for fname in sorted(os.listdir(folder)):
             if not fname.lower().endswith(_IMAGE_EXTENSIONS):
                 continue
             fpath = os.path.join(folder, fname)
-            try:
-                with Image.open(fpath) as img:
-                    mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-                    arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-            except Exception as exc:
-                raise DataError(f"{fpath}: not a readable image ({exc})") from exc
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            arr = _image_array(fpath)
             if shape is None:
                 shape, first = arr.shape, fpath
             elif arr.shape != shape:
@@ -132,17 +158,24 @@ def _read_images(path: str) -> Dataset:
             images.append(arr)
             labels.append(label)
     if not images:
-        raise DataError(f"{path}: no images found (expected one sub-folder of images per class)")
-    return Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), classes=classes)
+        expected = "one sub-folder of images per class" + ("" if require_target else ", or images directly")
+        raise DataError(f"{path}: no images found (expected {expected})")
+    y = None if groups[0][0] is None else np.asarray(labels, dtype=np.int64)
+    return Dataset(np.stack(images), y, classes=names if y is not None else list(classes or []))
 
 
-def read_dataset(path: str, target: str | None = None, require_target: bool = True) -> Dataset:
+def read_dataset(
+    path: str, target: str | None = None, require_target: bool = True, classes: list[str] | None = None
+) -> Dataset:
     """Read a data file or folder (see the module docstring for the formats).
 
     Args:
         path: a ``.csv`` or ``.npz`` file, or a folder (``X.npy``/``y.npy``, or image sub-folders per class).
         target: the CSV target column (default: the last column).
-        require_target: whether targets must be present (training data) or may be absent (prediction data).
+        require_target: whether targets must be present (training data) or may be absent (prediction data;
+            an image folder may then hold the images directly, unlabelled).
+        classes: for an image folder, the training class names: sub-folders are labelled by their index in
+            this list (an unknown name is an error); None: the sorted sub-folder names are the classes.
     """
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist")
@@ -154,7 +187,7 @@ def read_dataset(path: str, target: str | None = None, require_target: bool = Tr
             if y is None and require_target:
                 raise DataError(f"{path} holds X.npy but no y.npy (targets are required here)")
             return _from_arrays(np.load(x_file, allow_pickle=False), y, path)
-        return _read_images(path)
+        return _read_images(path, classes, require_target)
     if os.path.getsize(path) == 0:
         raise DataError(f"{path} is empty")
     lower = path.lower()
