@@ -107,6 +107,10 @@ def test_load_errors(workdir):
     for args, message in cases:
         with pytest.raises(ModelLoadError, match=message):
             load_model(*args)
+    (tmp / "script.py").write_text("print(1)\n")
+    with pytest.raises(ModelLoadError, match=r"could not read weights script\.py") as info:
+        load_model("user_nets:build", "script.py")
+    assert "\n" not in str(info.value)  # one line: torch's multi-line explanation is cut to its first line
     (tmp / "junk.pt2").write_bytes(b"junk")
     with pytest.raises(ModelLoadError, match="could not read the exported program"):
         load_model(str(tmp / "junk.pt2"))

@@ -124,3 +124,11 @@ def test_atomic_writes_get_normal_file_modes(tmp_path):
         assert (tmp_path / "a.txt").read_text() == "y"
     finally:
         os.umask(old)
+
+
+def test_writing_into_a_missing_folder_names_the_destination(tmp_path):
+    from linadapt._files import atomic_write_text
+
+    target = tmp_path / "no_such_folder" / "model.linadapt"
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*model\.linadapt: the folder .*no_such_folder"):
+        atomic_write_text(target, "x")

@@ -13,6 +13,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     ``path`` is left untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # else mkstemp's error would name the temporary file, not the destination
+        raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=".linadapt-", suffix=".tmp", dir=directory)
     os.close(fd)
     try:

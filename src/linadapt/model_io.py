@@ -125,7 +125,9 @@ def _read_weights(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
         hint = "" if trust_pickle else " (read with weights_only=True; --trust-pickle allows full unpickling)"
-        raise ModelLoadError(f"could not read weights {path}{hint}: {type(exc).__name__}: {exc}") from exc
+        # torch's own explanation runs over many lines: its first line, the rest stays on the chained exception
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"could not read weights {path}{hint}: {type(exc).__name__}: {first}") from exc
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
