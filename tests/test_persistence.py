@@ -69,6 +69,16 @@ def test_corrupted_or_foreign_files_are_refused(tmp_path):
     save_file(tensors, tmp_path / "tampered.linadapt", metadata={"linadapt": json.dumps(header)})
     with pytest.raises(ValueError, match="checksum mismatch"):
         la.load(tmp_path / "tampered.linadapt", model)
+    edited = json.loads(json.dumps(header))
+    edited["fitted"]["noise_var_"] *= 2  # an edited hyperparameter, data unchanged
+    save_file(load_file(path), tmp_path / "edited.linadapt", metadata={"linadapt": json.dumps(edited)})
+    with pytest.raises(ValueError, match="header checksum mismatch"):
+        la.load(tmp_path / "edited.linadapt", model)
+    # a version-1 file (no header checksum) still loads
+    old = {k: v for k, v in header.items() if k != "header_sha256"} | {"version": 1}
+    save_file(load_file(path), tmp_path / "v1.linadapt", metadata={"linadapt": json.dumps(old)})
+    mean = la.load(tmp_path / "v1.linadapt", model).predict(inputs_for("resnet", 3, seed=4))
+    np.testing.assert_allclose(mean, reg.predict(inputs_for("resnet", 3, seed=4)), rtol=1e-10, atol=1e-12)
     newer = dict(header, version=FORMAT_VERSION + 1)
     save_file(load_file(path), tmp_path / "newer.linadapt", metadata={"linadapt": json.dumps(newer)})
     with pytest.raises(ValueError, match="not supported by this linadapt"):

@@ -9,18 +9,21 @@ network:
 
 Its metadata entry ``linadapt`` is a JSON document::
 
-    {"format": "linadapt-adapted", "version": 1,
+    {"format": "linadapt-adapted", "version": 2,
      "estimator": "LinearizedRegressor" | "LinearizedClassifier",
      "settings": {constructor arguments except the model},
      "fitted": {"prior_var_": …, "noise_var_": … (regression)},
      "model": {"sha256": checksum of the source network's weights and buffers, "parameters": p,
                "selected": [names of the adapted parameters], "reference": free text (e.g. the CLI's MODEL)},
      "payload_sha256": checksum of the tensors above,
-     "linadapt_version": "…"}
+     "linadapt_version": "…",
+     "header_sha256": checksum of this document without this entry (version 2 on)}
 
 Loading rebuilds the posterior from the training data at the stored hyperparameters (no hyperparameter
-search) with the network the caller supplies, after checking the format version, the payload checksum and
-that the network's weights are the ones the file was made with. Saving writes a temporary file in the
+search) with the network the caller supplies, after checking the format version, the two checksums (the
+tensors; the header's settings and hyperparameters) and that the network's weights are the ones the file was
+made with. The checksums detect corruption and edits, not forgery (anyone can recompute them): load files
+you trust. Saving writes a temporary file in the
 target directory and renames it over the destination, so an interrupted save never damages an existing file.
 """
 
@@ -39,7 +42,7 @@ from ._files import atomic_write
 __all__ = ["FORMAT_VERSION", "SaveLoadMixin", "load", "model_checksum", "read_header", "save"]
 
 FORMAT = "linadapt-adapted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header carries its own checksum (version 1 files are still read)
 _META_KEY = "linadapt"
 
 
@@ -62,6 +65,12 @@ def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         _tensor_digest(h, name, tensors[name])
     return h.hexdigest()
+
+
+def _header_checksum(header: dict[str, Any]) -> str:
+    """sha256 of the header's canonical JSON (sorted keys, no spaces) without its ``header_sha256`` entry."""
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _settings(estimator: Any) -> dict[str, Any]:
@@ -133,6 +142,7 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         "payload_sha256": _payload_checksum(tensors),
         "linadapt_version": __version__,
     }
+    header["header_sha256"] = _header_checksum(header)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)}))
 
 
@@ -189,6 +199,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
     payload = {k: tensors[k] for k in ("X", "y", "delta")}
     if _payload_checksum(payload) != header.get("payload_sha256"):
         raise ValueError(f"{path}: checksum mismatch — the stored data are corrupted or were modified")
+    if header["version"] >= 2 and header.get("header_sha256") != _header_checksum(header):
+        raise ValueError(
+            f"{path}: header checksum mismatch — the stored settings or hyperparameters are corrupted or were modified"
+        )
     expected = header["model"]["sha256"]
     actual = model_checksum(model)
     if actual != expected:
