@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from .regression import (
     choose_space_and_solver,
 )
 from .selection import ParamSpec
+from .solvers import ConvergenceWarning
 
 __all__ = ["LinearizedRegressor"]
 
@@ -202,6 +204,19 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         else:
             prior, noise = prior0, noise0
         posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+        if fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky":
+            # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
+            # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
+            # ill-conditioned), so the hyperparameters are searched again with the exact evidence
+            warnings.warn(
+                f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
+                "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+            solver = "cholesky"
+            prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0)
+            posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
         self.mixture_ = None
         if self.marginalize:
             self.mixture_ = self._mixture(lin, Xt, r, prior, noise, c)
