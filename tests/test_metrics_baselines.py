@@ -249,3 +249,27 @@ def test_shots_figure_with_one_budget_is_a_row_per_method():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["source", "finetune-all", "linadapt"]
     assert ax.get_xlabel() == "rmse at 10 target points (mean ± s.e. over seeds)"
     plt.close(fig)
+
+
+def test_prediction_figure_layouts():
+    """1-D inputs: a band along x; several dimensions: predicted against observed with error bars (with
+    targets) or error bars along the first principal component (without) — no band through sorted points."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    from linadapt.report import prediction_figure
+
+    rng = np.random.default_rng(0)
+    mean, std, y = rng.normal(size=20), rng.uniform(0.1, 0.2, 20), rng.normal(size=20)
+    fig = prediction_figure(rng.normal(size=(20, 1)), y, mean, std)
+    assert any(isinstance(c, PolyCollection) for c in fig.axes[0].collections) and fig.axes[0].get_xlabel() == "x"
+    plt.close(fig)
+    fig = prediction_figure(rng.normal(size=(20, 3)), y, mean, std)
+    ax = fig.axes[0]
+    assert not any(isinstance(c, PolyCollection) for c in ax.collections)
+    assert ax.get_xlabel() == "observed (output 0)" and ax.get_ylabel() == "predicted (output 0)"
+    plt.close(fig)
+    fig = prediction_figure(rng.normal(size=(20, 3)), None, mean, std)
+    assert fig.axes[0].get_xlabel() == "first principal component of the inputs"
+    assert not any(isinstance(c, PolyCollection) for c in fig.axes[0].collections)
+    plt.close(fig)

@@ -185,18 +185,33 @@ def _projection(X: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def prediction_figure(X: np.ndarray, y: np.ndarray | None, mean: np.ndarray, std: np.ndarray, title: str = ""):
-    """Predictive mean ± 2 std (first output) along a 1-D projection of the inputs, with the targets if known."""
+    """Predictive mean ± 2 std of the first output. One-dimensional inputs: a band along x, with the targets
+    if known. Several input dimensions (no order along which a band would mean anything): with targets,
+    predicted against observed (each test point with its ± 2 std bar, the diagonal for reference); without,
+    each point's mean and bar along the first principal component of the inputs."""
     plt = _plt()
     t, label = _projection(X)
     m, s = mean.reshape(mean.shape[0], -1)[:, 0], std.reshape(std.shape[0], -1)[:, 0]
-    order = np.argsort(t)
+    observed = None if y is None else y.reshape(y.shape[0], -1)[:, 0]
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.fill_between(t[order], (m - 2 * s)[order], (m + 2 * s)[order], alpha=0.25, label="± 2 std")
-    ax.plot(t[order], m[order], lw=1.5, label="predictive mean")
-    if y is not None:
-        ax.scatter(t, y.reshape(y.shape[0], -1)[:, 0], s=8, c="k", label="targets")
-    ax.set_xlabel(label)
-    ax.set_ylabel("output 0")
+    if label == "x":
+        order = np.argsort(t)
+        ax.fill_between(t[order], (m - 2 * s)[order], (m + 2 * s)[order], alpha=0.25, label="± 2 std")
+        ax.plot(t[order], m[order], lw=1.5, label="predictive mean")
+        if observed is not None:
+            ax.scatter(t, observed, s=8, c="k", label="targets")
+        ax.set_xlabel(label)
+        ax.set_ylabel("output 0")
+    elif observed is not None:
+        ax.errorbar(observed, m, yerr=2 * s, fmt="o", ms=3, lw=0.8, alpha=0.7, label="predictive mean ± 2 std")
+        lo, hi = float(min(observed.min(), (m - 2 * s).min())), float(max(observed.max(), (m + 2 * s).max()))
+        ax.plot([lo, hi], [lo, hi], color="0.5", ls=":", label="predicted = observed")
+        ax.set_xlabel("observed (output 0)")
+        ax.set_ylabel("predicted (output 0)")
+    else:
+        ax.errorbar(t, m, yerr=2 * s, fmt="o", ms=3, lw=0.8, alpha=0.7, label="predictive mean ± 2 std")
+        ax.set_xlabel(label)
+        ax.set_ylabel("output 0")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
