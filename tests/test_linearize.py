@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from models import BUILDERS, inputs_for, mlp, reference_jacobian, resnet
@@ -159,3 +160,33 @@ def test_inplace_activations_work():
     V = torch.randn(3, lin.num_params, dtype=torch.float64)
     J = lin.jacobian(X)
     assert torch.allclose(lin.jvp(X, V), torch.einsum("ncp,kp->knc", J, V), atol=TOL)
+
+
+def test_modules_without_forward_mode_fall_back_to_reverse_mode():
+    """nn.EmbeddingBag has no forward-mode AD in torch: J v comes from reverse-mode Jacobian chunks instead,
+    equal to the explicit Jacobian, and both estimators fit and predict through it."""
+    import warnings
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.bag(x)))
+
+    torch.manual_seed(0)
+    model = Bag().double()
+    X = torch.randint(0, 10, (12, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: no batching rule for embedding_bag (slow path)
+        lin = la.Linearization(model)
+        V = torch.randn(3, lin.num_params, dtype=torch.float64)
+        J = lin.jacobian(X)
+        torch.testing.assert_close(lin.jvp(X, V), torch.einsum("icp,kp->kic", J, V))
+        assert not lin._forward_ad
+        mean, std = la.LinearizedRegressor(model).fit(X, torch.randn(12, 2)).predict(X[:4], return_std=True)
+        assert mean.shape == (4, 2) and np.all(std > 0)
+        proba = la.LinearizedClassifier(model).fit(X, torch.randint(0, 2, (12,))).predict_proba(X[:4])
+        np.testing.assert_allclose(proba.sum(1), 1.0)

@@ -102,6 +102,7 @@ class Linearization:
         self.num_params = int(sum(self.numels))
         self._num_outputs: int | None = None
         self._per_example_jacobian = True
+        self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
         self._held: list | None = None  # [inputs key, uses, held J(X) | False | None] (graphcache.held_jacobian)
@@ -219,6 +220,9 @@ class Linearization:
         X = self.prepare_inputs(X)
         single = V.dim() == 1
         V = V.reshape(-1, self.num_params).to(self.device)
+        if not self._forward_ad:
+            out = self._jvp_by_jacobian(X, V)
+            return out[0] if single else out
         groups = []
         for g in range(0, V.shape[0], _RHS_GROUP):
             tangents = self.unflatten(V[g : g + _RHS_GROUP])
@@ -229,16 +233,32 @@ class Linearization:
                 def push(t: dict[str, torch.Tensor], xb: torch.Tensor = xb) -> torch.Tensor:
                     return jvp(lambda th: self._f(th, xb), (self.theta,), (t,))[1]
 
-                if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
-                    one = {name: t[0] for name, t in tangents.items()}
-                    result = self._guard("Jacobian-vector product (jvp)", push, one, inputs=xb).unsqueeze(0)
-                else:
-                    result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
+                try:
+                    if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
+                        one = {name: t[0] for name, t in tangents.items()}
+                        result = self._guard("Jacobian-vector product (jvp)", push, one, inputs=xb).unsqueeze(0)
+                    else:
+                        result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
+                except LinearizationError as exc:
+                    if "forward AD" not in str(exc.__cause__):
+                        raise
+                    self._forward_ad = False  # a module torch has no forward mode for: reverse mode from now on
+                    out = self._jvp_by_jacobian(X, V)
+                    return out[0] if single else out
                 chunks.append(result.to(ALGEBRA_DTYPE))
             groups.append(torch.cat(chunks, dim=1))
         out = torch.cat(groups, dim=0)
         self._num_outputs = int(out.shape[-1])
         return out[0] if single else out
+
+    def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """J(X) V for V (k, p) through reverse-mode Jacobian chunks (memory-bounded): the fallback for models
+        with a module that has no forward-mode AD in torch (e.g. ``nn.EmbeddingBag``). (k, n, c), float64."""
+        V = V.to(ALGEBRA_DTYPE)
+        parts = [torch.einsum("bcp,kp->kbc", J, V) for _, J in self.jacobian_chunks(X)]
+        out = torch.cat(parts, dim=1)
+        self._num_outputs = int(out.shape[-1])
+        return out
 
     def vjp(self, X: Any, U: torch.Tensor) -> torch.Tensor:
         """J(X)ᵀ u for one or many output-space vectors.
