@@ -190,3 +190,17 @@ def test_modules_without_forward_mode_fall_back_to_reverse_mode():
         assert mean.shape == (4, 2) and np.all(std > 0)
         proba = la.LinearizedClassifier(model).fit(X, torch.randint(0, 2, (12,))).predict_proba(X[:4])
         np.testing.assert_allclose(proba.sum(1), 1.0)
+
+
+def test_sparse_embeddings_are_linearized_like_dense_ones():
+    """nn.Embedding(sparse=True): sparse gradients are an autograd storage choice; the linearization gives the
+    same predictions as the dense embedding with the same weights, and the flag is restored."""
+    torch.manual_seed(0)
+    sparse = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1)).double()
+    dense = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 1)).double()
+    dense.load_state_dict(sparse.state_dict())
+    X, y = torch.randint(0, 10, (20, 3)), torch.randn(20, dtype=torch.float64)
+    got = la.LinearizedRegressor(sparse).fit(X, y).predict(X[:4], return_std=True)
+    want = la.LinearizedRegressor(dense).fit(X, y).predict(X[:4], return_std=True)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert sparse[0].sparse

@@ -42,15 +42,22 @@ class LinearizationError(ValueError):
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration, then restore each module's own flag."""
+    """Put every submodule in eval mode for the duration, then restore each module's own flag. Embeddings
+    with ``sparse=True`` give dense gradients meanwhile (torch.func cannot differentiate through sparse ones;
+    the values are the same)."""
     modes = [(m, m.training) for m in model.modules()]
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     try:
         for m, _ in modes:
             m.training = False
+        for m in sparse:
+            m.sparse = False
         yield
     finally:
         for m, was_training in modes:
             m.training = was_training
+        for m in sparse:
+            m.sparse = True
 
 
 class Linearization:
