@@ -539,3 +539,27 @@ def test_profile_products_counts_the_mlp_multiply_adds():
     assert pass_macs == n * (64 * 256 * 2 + 256 * 256 * 3 + 256 * 10 * 3)
     # first layer: general output gradients; second: rank one; third: the identity (no contraction)
     assert product == n * (2 * 64 * 256 + 2 * 10 * 256 + 2 * 256 * 256 + 2 * 10 * 256 + 2 * 256 * 10)
+
+
+def test_promoted_factors_give_exact_symmetric_products():
+    """FactoredJacobian.promote(): a float32 network's factors held in float64 from then on — products equal
+    the float32 ones to float32 rounding and are symmetric to float64 rounding (what CG needs); the budget
+    can refuse it."""
+    from linadapt.bench import cnn, mlp
+    from linadapt.structured import factored_jacobian
+
+    torch.manual_seed(0)
+    for model, X in ((mlp(), torch.randn(40, 64)), (cnn(), torch.randn(24, 1, 8, 8))):
+        lin = Linearization(model)
+        f = factored_jacobian(lin, X, budget=2**31)
+        g = torch.Generator().manual_seed(1)
+        u, v = (torch.randn(1, X.shape[0], 10, generator=g, dtype=torch.float64) for _ in range(2))
+        before = f.jvp(f.vjp(v))
+        assert f.promote() and f.dtype == torch.float64 and not f.promote()
+        Kv, Ku = f.jvp(f.vjp(v)), f.jvp(f.vjp(u))
+        torch.testing.assert_close(Kv, before, rtol=1e-4, atol=1e-5 * float(before.abs().max()))
+        asym = float((u * Kv).sum() - (v * Ku).sum())
+        assert abs(asym) <= 1e-12 * float((u * Kv).sum().abs())
+    f = factored_jacobian(Linearization(mlp()), torch.randn(40, 64), budget=2**31)
+    f.budget = int(1.5 * f.nbytes())
+    assert not f.promote() and f.dtype == torch.float32

@@ -72,6 +72,13 @@ class TrainingData:
             self.cache["factored"] = held if held is not None else False
         return self.cache["factored"] or None
 
+    def exact_products(self) -> bool:
+        """Make later products exact to float64 rounding where they were not (cached factors of a float32
+        network, see :meth:`~linadapt.structured.FactoredJacobian.promote`); whether anything changed. Not for
+        a sharded fit (every process would have to agree)."""
+        fj = self.factored()
+        return self.sharding is None and hasattr(fj, "promote") and bool(fj.promote())
+
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """J V for parameter-space rows V (k, p): (k, n, c)."""
         fj = self.factored()

@@ -254,6 +254,7 @@ class RegressionPosterior(LinearizedPosterior):
             matmul=None if solver == "cholesky" else (self._a_matmul if space == "function" else self._p_matmul),
             preconditioner=self._preconditioner,
             what=what,
+            refine=problem.exact_products,
             tol=o.cg_tol,
             max_iter=o.cg_max_iter,
             num_probes=o.lanczos_probes,

@@ -198,7 +198,9 @@ class SPDSystem:
 
     Dense (``matmul=None``): Cholesky of ``matrix()``. Matrix-free: preconditioned CG on ``matmul`` and
     stochastic Lanczos quadrature for log det A; a CG solve that misses its tolerance warns and, when
-    ``matrix`` is given (the dense matrix fits memory), is redone by Cholesky from then on.
+    ``matrix`` is given (the dense matrix fits memory), is redone by Cholesky from then on. Before that, a
+    ``refine`` hook, if given, may make the products exact (float64 cached factors of a float32 network):
+    CG is then run once more.
 
     Args:
         dim: D.
@@ -206,6 +208,7 @@ class SPDSystem:
         matmul: V (D, k) -> A V, or None for the dense path.
         preconditioner: () -> (V -> ≈ A⁻¹ V), built on first CG use.
         what: a name for messages (e.g. "parameter-space Laplace system").
+        refine: () -> whether the products were made more exact (tried once, on the first CG miss).
         tol, max_iter: CG settings. num_probes, lanczos_iter, seed: log-determinant settings.
         device: where the (float64) vectors live.
     """
@@ -218,6 +221,7 @@ class SPDSystem:
         matmul: Matmul | None = None,
         preconditioner: Callable[[], Matmul] | None = None,
         what: str = "system",
+        refine: Callable[[], bool] | None = None,
         tol: float = 1e-10,
         max_iter: int | None = None,
         num_probes: int = 16,
@@ -231,6 +235,7 @@ class SPDSystem:
         self._matrix, self._matmul, self._make_precond = matrix, matmul, preconditioner
         self._precond: Matmul | None = None
         self._chol: torch.Tensor | None = None
+        self._refine = refine
         self.tol, self.max_iter = tol, max_iter
         self.num_probes, self.lanczos_iter, self.seed = num_probes, lanczos_iter, seed
         self.method = "cg" if matmul is not None else "cholesky"
@@ -264,6 +269,10 @@ class SPDSystem:
             self._precond = self._make_precond()
         assert self._matmul is not None
         x, info = cg_solve(self._matmul, B, self._precond, tol=tol or self.tol, max_iter=self.max_iter)
+        if not info.converged and warn and self._refine is not None:
+            refine, self._refine = self._refine, None  # once
+            if refine():  # the products are exact now: CG again (the float32 rounding was what stalled it)
+                x, info = cg_solve(self._matmul, B, self._precond, tol=tol or self.tol, max_iter=self.max_iter)
         self.info = info
         if info.converged or not warn:
             return x

@@ -590,6 +590,28 @@ class FactoredJacobian:
             start += numel
         self._slices = offsets
 
+    def promote(self) -> bool:
+        """Hold the factors in float64 from now on, so that products are exact to float64 rounding for the
+        linear map they define (float32 products round differently on every call: CG on them stalls at
+        ≈ condition number × 1e-7). True if done; False when already float64 or the doubled factors would
+        exceed ``budget``."""
+        if self.dtype == torch.float64:
+            return False
+        if self.budget is not None and 2 * self.nbytes() > self.budget:
+            return False
+
+        def up(G: _OutputGradients) -> _OutputGradients:
+            if G is None:
+                return None
+            return tuple(t.double() for t in G) if isinstance(G, tuple) else G.double()
+
+        self.outer = [(None if A is None else A.double(), up(G), w, b) for A, G, w, b in self.outer]
+        self.spatial = [(A.double(), up(G), w, b) for A, G, w, b in self.spatial]
+        self.conv = [(A.double(), up(G), geo, w, b) for A, G, geo, w, b in self.conv]  # keeps channels-last
+        self.dense = [(D.double(), names) for D, names in self.dense]
+        self.dtype = torch.float64
+        return True
+
     def nbytes(self) -> int:
         """Memory held by the factors."""
         tensors = [D for D, _ in self.dense]
