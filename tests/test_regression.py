@@ -388,7 +388,7 @@ def test_cg_evidence_search_that_ends_where_cg_fails_is_redone_exactly():
 
 
 def test_cg_with_a_float32_network_converges_on_exact_products():
-    """Float32 products round differently on every call and CG on them stalled (relative residual 3e-4); on
+    """Float32 products are neither exactly linear nor symmetric, and CG on them stalled (relative residual 3e-4); on
     the first miss the cached factors are promoted to float64 and CG converges, without a warning or a
     dense fallback, to the dense fit's predictions."""
     import warnings

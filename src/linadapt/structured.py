@@ -592,7 +592,7 @@ class FactoredJacobian:
 
     def promote(self) -> bool:
         """Hold the factors in float64 from now on, so that products are exact to float64 rounding for the
-        linear map they define (float32 products round differently on every call: CG on them stalls at
+        linear map they define (float32 rounding makes the products neither exactly linear nor symmetric: CG stalls at
         ≈ condition number × 1e-7). True if done; False when already float64 or the doubled factors would
         exceed ``budget``."""
         if self.dtype == torch.float64:
