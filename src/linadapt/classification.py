@@ -267,6 +267,7 @@ class LaplacePosterior(LinearizedPosterior):
             matmul=matmul,
             preconditioner=preconditioner,
             what=what,
+            refine=self.problem.exact_products,  # float32 cached factors → float64 on the first CG miss
             **self._options_kwargs(),
         )
 

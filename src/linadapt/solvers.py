@@ -208,7 +208,8 @@ class SPDSystem:
         matmul: V (D, k) -> A V, or None for the dense path.
         preconditioner: () -> (V -> ≈ A⁻¹ V), built on first CG use.
         what: a name for messages (e.g. "parameter-space Laplace system").
-        refine: () -> whether the products were made more exact (tried once, on the first CG miss).
+        refine: () -> whether the products were made more exact (tried once, on the first CG miss, also a
+            silent one: inexact Newton steps that stall on float32 rounding run to ``max_iter`` otherwise).
         tol, max_iter: CG settings. num_probes, lanczos_iter, seed: log-determinant settings.
         device: where the (float64) vectors live.
     """
@@ -269,7 +270,7 @@ class SPDSystem:
             self._precond = self._make_precond()
         assert self._matmul is not None
         x, info = cg_solve(self._matmul, B, self._precond, tol=tol or self.tol, max_iter=self.max_iter)
-        if not info.converged and warn and self._refine is not None:
+        if not info.converged and self._refine is not None:
             refine, self._refine = self._refine, None  # once
             if refine():  # the products are exact now: CG again (the float32 rounding was what stalled it)
                 x, info = cg_solve(self._matmul, B, self._precond, tol=tol or self.tol, max_iter=self.max_iter)
