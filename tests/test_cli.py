@@ -330,3 +330,14 @@ def test_image_folders_are_labelled_by_class_name(project):
     (tmp / "test2" / "purple" / "0.png").write_bytes((tmp / "flat" / "0.png").read_bytes())
     res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "test2"])
     assert res.exit_code == 2 and "'purple' not among the training classes" in res.output
+
+
+def test_prediction_csv_with_more_outputs_than_class_folders():
+    import tempfile
+
+    from linadapt.cli import _write_csv
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "p.csv")
+        _write_csv(path, ["proba_0", "proba_1", "proba_2", "label"], np.array([[0.1, 0.2, 0.7, 2]]), ["a", "b"])
+        assert list(csv.reader(open(path)))[1][-2:] == ["2", ""]

@@ -96,11 +96,22 @@ def test_image_folder_labels_by_training_class_names_and_unlabelled_images(tmp_p
     assert ds.classes == ["cat", "dog", "zebra"]
     with pytest.raises(DataError, match="'dog', 'zebra' not among the training classes"):
         read_dataset(str(tmp_path), classes=["cat", "cow"])
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), mode="L").save(
+        tmp_path / ".ipynb_checkpoints" / "x.png"
+    )
+    assert read_dataset(str(tmp_path)).classes == ["dog", "zebra"]
     flat = tmp_path / "dog"  # images directly in the folder: unlabelled prediction data
     ds = read_dataset(str(flat), require_target=False)
     assert ds.y is None and ds.X.shape == (1, 1, 4, 4)
     with pytest.raises(DataError, match="no images found"):
         read_dataset(str(flat))  # training data need class folders
+    (flat / ".ipynb_checkpoints").mkdir()  # a hidden sub-folder does not make a flat folder labelled
+    ds = read_dataset(str(flat), require_target=False)
+    assert ds.y is None and ds.X.shape[0] == 1
+    Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), mode="L").save(tmp_path / "loose.png")
+    with pytest.raises(DataError, match="holds both images"):
+        read_dataset(str(tmp_path))
 
 
 def test_sixteen_bit_images_keep_their_levels(tmp_path):

@@ -204,3 +204,40 @@ def test_sparse_embeddings_are_linearized_like_dense_ones():
     want = la.LinearizedRegressor(dense).fit(X, y).predict(X[:4], return_std=True)
     np.testing.assert_allclose(got, want, rtol=1e-10)
     assert sparse[0].sparse
+
+
+def test_custom_functions_without_forward_mode_fall_back_too():
+    """A custom autograd.Function with a backward but no jvp ("... forward mode AD"): reverse mode as well."""
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def vmap(info, in_dims, x):
+            return x * x, in_dims[0]
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(Square.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    lin = la.Linearization(model)
+    V = torch.randn(2, lin.num_params, dtype=torch.float64)
+    torch.testing.assert_close(lin.jvp(X, V), torch.einsum("icp,kp->kic", lin.jacobian(X), V))

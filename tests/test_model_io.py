@@ -76,8 +76,9 @@ def test_lazy_modules_take_their_shapes_from_the_weights(workdir):
 def test_pickled_objects_need_trust(workdir):
     tmp, net = workdir
     torch.save(net, tmp / "whole_model.pt")  # a pickled nn.Module, not a state dict
-    with pytest.raises(ModelLoadError, match="weights_only=True; --trust-pickle"):
+    with pytest.raises(ModelLoadError, match="weights_only=True; --trust-pickle") as info:
         load_model("user_nets:build", "whole_model.pt")
+    assert "WeightsUnpickler error" in str(info.value) and "\x1b" not in str(info.value)
     model = load_model("user_nets:build", "whole_model.pt", trust_pickle=True)
     X = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(model(X), net(X))

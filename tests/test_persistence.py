@@ -74,6 +74,10 @@ def test_corrupted_or_foreign_files_are_refused(tmp_path):
     save_file(load_file(path), tmp_path / "edited.linadapt", metadata={"linadapt": json.dumps(edited)})
     with pytest.raises(ValueError, match="header checksum mismatch"):
         la.load(tmp_path / "edited.linadapt", model)
+    downgraded = dict(edited, version=1)  # editing the version does not skip the check
+    save_file(load_file(path), tmp_path / "down.linadapt", metadata={"linadapt": json.dumps(downgraded)})
+    with pytest.raises(ValueError, match="header checksum mismatch"):
+        la.load(tmp_path / "down.linadapt", model)
     # a version-1 file (no header checksum) still loads
     old = {k: v for k, v in header.items() if k != "header_sha256"} | {"version": 1}
     save_file(load_file(path), tmp_path / "v1.linadapt", metadata={"linadapt": json.dumps(old)})

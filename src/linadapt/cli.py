@@ -111,7 +111,10 @@ def _write_csv(path: str, columns: list[str], values: np.ndarray, classes: list[
     writer.writerow(columns + (["class"] if named else []))
     for row in values:
         cells = [int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)]
-        writer.writerow(cells + ([classes[int(row[columns.index("label")])]] if named else []))
+        if named:  # a model with more outputs than training class folders can predict a class without one
+            label = int(row[columns.index("label")])
+            cells.append(classes[label] if label < len(classes) else "")
+        writer.writerow(cells)
     atomic_write_text(path, buf.getvalue())
 
 

@@ -113,8 +113,11 @@ def _image_array(fpath: str) -> np.ndarray:
 
     try:
         with Image.open(fpath) as img:
-            if img.mode.startswith("I;16") or img.mode == "I":
+            if img.mode.startswith("I;16"):
                 arr = np.asarray(img, dtype=np.float32) / 65535.0
+            elif img.mode == "I":  # 32-bit integers: 16-bit data (the usual case) by 65535, wider by its maximum
+                arr = np.asarray(img, dtype=np.float32)
+                arr = arr / max(65535.0, float(arr.max()))
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float32)
             else:
@@ -129,7 +132,16 @@ def _read_images(path: str, classes: list[str] | None = None, require_target: bo
     """An image folder: one sub-folder per class (labels by folder name: with ``classes`` — the training
     classes — each sub-folder must be one of them and takes its index there, else the sorted folder names are
     the classes), or, where targets are not required, a flat folder of unlabelled images."""
-    folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    # hidden and tool folders (.ipynb_checkpoints, __pycache__, .git) are not classes
+    folders = sorted(
+        d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "__"))
+    )
+    loose = [f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTENSIONS)]
+    if folders and loose:
+        raise DataError(
+            f"{path} holds both images ({loose[0]}, …) and class folders ({', '.join(folders[:3])}): put every "
+            "image in its class folder, or, for unlabelled data, the images alone in the folder"
+        )
     if classes is not None:
         unknown = [d for d in folders if d not in classes]
         if unknown:

@@ -247,7 +247,8 @@ class Linearization:
                     else:
                         result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
                 except LinearizationError as exc:
-                    if "forward AD" not in str(exc.__cause__):
+                    cause = str(exc.__cause__)
+                    if not any(m in cause for m in ("forward AD", "forward mode AD", "forward-mode")):
                         raise
                     self._forward_ad = False  # a module torch has no forward mode for: reverse mode from now on
                     out = self._jvp_by_jacobian(X, V)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -125,8 +126,11 @@ def _read_weights(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
         hint = "" if trust_pickle else " (read with weights_only=True; --trust-pickle allows full unpickling)"
-        # torch's own explanation runs over many lines: its first line, the rest stays on the chained exception
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        # torch's own explanation runs over many lines (with terminal escape codes): the line naming the cause
+        # (weights-only unpickler), else the first; the rest stays on the chained exception
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+        lines = [line for line in lines if line]
+        first = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
         raise ModelLoadError(f"could not read weights {path}{hint}: {type(exc).__name__}: {first}") from exc
     if isinstance(state, nn.Module):
         state = state.state_dict()

@@ -199,7 +199,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
     payload = {k: tensors[k] for k in ("X", "y", "delta")}
     if _payload_checksum(payload) != header.get("payload_sha256"):
         raise ValueError(f"{path}: checksum mismatch — the stored data are corrupted or were modified")
-    if header["version"] >= 2 and header.get("header_sha256") != _header_checksum(header):
+    if (header["version"] >= 2 or "header_sha256" in header) and header.get("header_sha256") != _header_checksum(
+        header
+    ):
         raise ValueError(
             f"{path}: header checksum mismatch — the stored settings or hyperparameters are corrupted or were modified"
         )

@@ -181,8 +181,8 @@ class RegressionProblem(TrainingData):
 
     def spectrum(self, space: str, solver: str) -> Spectrum:
         """Exact (``solver="cholesky"``) or Lanczos (``"cg"``) spectral summary for the evidence. With at most
-        ``options.lanczos_iter`` (100) outputs N the exact one either way: the N × N kernel then costs fewer products than
-        the probes' Lanczos runs, and the stochastic log-determinant's variance (± nats) is avoided."""
+        ``options.lanczos_iter`` (100) outputs N the exact one either way: the N × N kernel then costs fewer
+        products than the probes' Lanczos runs, and the stochastic log-determinant's variance is avoided."""
         key = f"spectrum-{space}-{solver}"
         if key not in self.cache:
             o, r = self.options, self.r

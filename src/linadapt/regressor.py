@@ -204,7 +204,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         else:
             prior, noise = prior0, noise0
         posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
-        if fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky":
+        redo = fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky"
+        if redo and not problem.spectrum(space, solver).exact:  # (an exact search has nothing to redo)
             # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
             # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
             # ill-conditioned), so the hyperparameters are searched again with the exact evidence
@@ -212,7 +213,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
                 "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             solver = "cholesky"
             prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0)

@@ -540,7 +540,7 @@ class FactoredJacobian:
     same training Jacobian hundreds of times.
 
     The factors and the products are in the network's dtype, as in the torch.func products (for a float32
-    network these are float32 products, returned as float64).
+    network these are float32 products, returned as float64), until :meth:`promote` holds them in float64.
 
     Args:
         engine: a checked :class:`StructuredNTK`. X: (n, ...) prepared inputs. chunks: the example slices
