@@ -325,6 +325,13 @@ def test_image_folders_are_labelled_by_class_name(project):
     res = runner.invoke(app, ["predict", "--adapted", "run/adapted.linadapt", "--data", "flat", "--out", "f.csv"])
     assert res.exit_code == 0, res.output
     assert [r[-1] for r in list(csv.reader(open(tmp / "f.csv")))[1:]] == ["red"] * 3
+    # a file without class names (saved from Python): positional labels, with a warning
+    est = la.load("run/adapted.linadapt", nets.image_classifier())
+    est.save(
+        "old.linadapt", model_reference=json.dumps({"model": "nets:image_classifier", "weights": "img.safetensors"})
+    )
+    res = runner.invoke(app, ["predict", "--adapted", "old.linadapt", "--data", "test2", "--out", "o.csv"])
+    assert res.exit_code == 0 and "records no class names" in res.output, res.output
     # a class the model was not adapted to
     (tmp / "test2" / "purple").mkdir()
     (tmp / "test2" / "purple" / "0.png").write_bytes((tmp / "flat" / "0.png").read_bytes())

@@ -357,6 +357,13 @@ def predict(
         net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
         est = load(adapted, net)
         ds = read_dataset(data, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
+        if ds.y is not None and ds.classes and not recorded.get("classes"):
+            console.print(
+                f"warning: {adapted} records no class names (written by an older linadapt or from Python): the "
+                f"class folders of {data} are labelled by their sorted position ({', '.join(ds.classes)} → 0, 1, …)",
+                markup=False,
+                soft_wrap=True,
+            )
         pred = _predict(est, ds.X)
         cols, values = _columns(pred)
         scores = _scores(pred, ds.y)
