@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
-import time
 
 import torch
 
 import linadapt.structured as current
 from linadapt import Linearization
-from linadapt.bench import _unit, cnn, mlp
+from linadapt.bench import _unit, cnn, interleaved_medians, mlp
 
 
 def _load(path: str):
@@ -72,21 +70,13 @@ def main() -> None:
             fns[f"{tag} vjp"] = lambda f=f, v=v1: f.vjp(v)
             fns[f"{tag} K·v, {args.k} vectors"] = lambda f=f, v=vk: f.jvp(f.vjp(v))
             fns[f"{tag} vjp, {args.k} vectors"] = lambda f=f, v=vk: f.vjp(v)
-        for fn in fns.values():
-            fn()
-        times: dict[str, list[float]] = {key: [] for key in fns}
-        for _ in range(args.reps):
-            for key, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
-        unit = statistics.median(times["pass"])
+        med = interleaved_medians(fns, args.reps)
+        unit = med["pass"]
         print(f"\n| {name}, n = {args.n} | ms | × the pass (per vector) |\n|---|---|---|")
         print(f"| pass | {unit * 1e3:.2f} | 1 |")
         for key in list(fns)[1:]:
-            med = statistics.median(times[key])
             per = args.k if "vectors" in key else 1
-            print(f"| {key} | {med * 1e3:.2f} | {med / unit / per:.3f} |")
+            print(f"| {key} | {med[key] * 1e3:.2f} | {med[key] / unit / per:.3f} |")
         print()
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from linadapt import Linearization
-from linadapt.bench import _unit, cnn, mlp
+from linadapt.bench import _unit, cnn, interleaved_medians, mlp
 from linadapt.structured import factored_jacobian
 
 
@@ -67,14 +67,7 @@ def main() -> None:
         }
         if unit_cl is not None:
             fns["unit_cl"] = unit_cl
-        for fn in fns.values():
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(args.reps):
-            for key, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+        med = interleaved_medians(fns, args.reps)
         builds, passes = [], []
         for _ in range(args.build_reps):  # slow: a few, each beside a pass
             t0 = time.perf_counter()
@@ -83,7 +76,6 @@ def main() -> None:
             t0 = time.perf_counter()
             unit()
             passes.append(time.perf_counter() - t0)
-        med = {k: statistics.median(t) for k, t in times.items()}
         r = {k: med[k] / med["unit"] for k in med}
         build = f"{statistics.median(builds) / statistics.median(passes):.1f}×" if builds else "—"
         cl = f"{med['kv'] / med['unit_cl']:.2f}× (pass {med['unit_cl'] * 1e3:.1f} ms)" if unit_cl is not None else "—"

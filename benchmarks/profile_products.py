@@ -16,26 +16,13 @@ benchmark (``bench_cached_products.py`` gives the ratios).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from linadapt import Linearization
-from linadapt.bench import _unit, mlp
+from linadapt.bench import _unit, interleaved_medians, mlp
 from linadapt.structured import factored_jacobian
-
-
-def _median_s(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _macs(model: nn.Module, f, n: int) -> tuple[int, int]:
@@ -84,10 +71,10 @@ def main() -> None:
     ]
     for label, (m, kk, nn_) in shapes:
         a, b = torch.randn(m, kk), torch.randn(kk, nn_)
-        s = _median_s(lambda a=a, b=b: a @ b, args.reps)
+        s = interleaved_medians({"product": lambda a=a, b=b: a @ b}, args.reps)["product"]
         print(f"| {label} | {m}×{kk}×{nn_} | {s * 1e3:.2f} | {m * kk * nn_ / s / 1e9:.0f} |")
     a = torch.randn(2560, 4640, dtype=torch.float64)  # the CNN's second-convolution gradients, n = 256, c = 10
-    s = _median_s(lambda: a @ a.T, 5)
+    s = interleaved_medians({"gram": lambda: a @ a.T}, 5)["gram"]
     print(
         f"| float64 Gram of the CNN's conv2 gradients (n·c = 2560, 4640 each) | 2560×4640×2560 | {s * 1e3:.0f} |"
         f" {2560 * 4640 * 2560 / s / 1e9:.0f} |"
@@ -107,12 +94,8 @@ def main() -> None:
             if i > 0:
                 g @ W  # input gradient
 
-    unit = _unit(model, X)
-    t_unit, t_mm = [], []
-    for _ in range(args.reps):
-        t_unit.append(_median_s(unit, 1))
-        t_mm.append(_median_s(matmuls, 1))
-    u, mm = statistics.median(t_unit), statistics.median(t_mm)
+    med = interleaved_medians({"pass": _unit(model, X), "matmuls": matmuls}, args.reps)
+    u, mm = med["pass"], med["matmuls"]
     print(
         f"\npass {u * 1e3:.2f} ms ({pass_macs / u / 1e9:.0f} GMAC/s); its matrix products alone {mm * 1e3:.2f} ms "
         f"({mm / u:.2f} of the pass)"
@@ -120,7 +103,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     V = torch.randn(k, n, f.c, generator=g, dtype=torch.float64)
-    t_kv = _median_s(lambda: f.jvp(f.vjp(V)), args.reps)
+    t_kv = interleaved_medians({"kv": lambda: f.jvp(f.vjp(V))}, args.reps)["kv"]
     print(
         f"K·v with {k} vectors: {t_kv * 1e3:.1f} ms, {t_kv / u / k:.2f}× the pass per vector "
         f"(its multiply-adds at the pass's rate: {product_macs / pass_macs:.2f}×)\n"

@@ -49,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,6 +80,18 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall seconds of each function over ``reps`` rounds, each round calling every function once in
+    order (so that slow drifts of the machine hit all alike), after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            times[key].append(timed(fn))
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, float]:
@@ -123,13 +135,7 @@ def bench(name: str, model: nn.Module, X: torch.Tensor, reps: int) -> dict[str, 
         held[kind] = (obj, time.perf_counter() - t0)
         fns[kind] = lambda obj=obj: obj.jvp(obj.vjp(v1))
         fns[f"{kind}16"] = lambda obj=obj: obj.jvp(obj.vjp(v16))
-    for fn in fns.values():  # warm up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            times[key].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(fns, reps)
     row = {
         "model": name,
         "p": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -174,13 +180,7 @@ def bench_dense(
     def trace() -> None:
         ntk_gram(model, X_trace, output="sum")
 
-    for fn in (unit_full, unit_trace, full, trace):
-        fn()
-    times: dict[str, list[float]] = {"unit_full": [], "unit_trace": [], "full": [], "trace": []}
-    for _ in range(reps):
-        for key, fn in (("unit_full", unit_full), ("full", full), ("unit_trace", unit_trace), ("trace", trace)):
-            times[key].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({"unit_full": unit_full, "full": full, "unit_trace": unit_trace, "trace": trace}, reps)
     row = {
         "model": name,
         "p": sum(p.numel() for p in model.parameters()),
