@@ -133,10 +133,9 @@ def _read_images(path: str, classes: list[str] | None = None, require_target: bo
     classes — each sub-folder must be one of them and takes its index there, else the sorted folder names are
     the classes), or, where targets are not required, a flat folder of unlabelled images."""
     # hidden and tool folders (.ipynb_checkpoints, __pycache__, .git) are not classes
-    folders = sorted(
-        d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "__"))
-    )
-    loose = [f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTENSIONS)]
+    entries = os.listdir(path)
+    folders = sorted(d for d in entries if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "__")))
+    loose = [f for f in entries if f.lower().endswith(_IMAGE_EXTENSIONS)]
     if folders and loose:
         raise DataError(
             f"{path} holds both images ({loose[0]}, …) and class folders ({', '.join(folders[:3])}): put every "

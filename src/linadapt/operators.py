@@ -108,19 +108,17 @@ class NTKOperator(LinearOperator):
     def device(self) -> torch.device:
         return self.linearization.device
 
+    def _rebuilt(self, X1: torch.Tensor, X2: torch.Tensor, dtype: torch.dtype) -> NTKOperator:
+        """This operator's settings (linearization, output, symmetry, hold) over other inputs or dtype."""
+        return NTKOperator(
+            self.linearization, X1=X1, X2=X2, output=self.output, symmetric=self.symmetric, hold=self.hold, dtype=dtype
+        )
+
     def type(self, dtype: torch.dtype) -> NTKOperator:
         """The same operator with results in ``dtype`` (float64 or float32); the inputs and the network are
         left as they are (linear_operator's default would cast the inputs instead). ``double()`` / ``float()``
         come here too; other dtypes raise."""
-        return NTKOperator(
-            self.linearization,
-            X1=self.X1,
-            X2=self.X2,
-            output=self.output,
-            symmetric=self.symmetric,
-            hold=self.hold,
-            dtype=dtype,
-        )
+        return self._rebuilt(self.X1, self.X2, dtype)
 
     def to(self, *args: Any, **kwargs: Any) -> NTKOperator:
         """``to(dtype)`` as :meth:`type`; a device other than the network's raises (move the network instead)."""
@@ -136,15 +134,7 @@ class NTKOperator(LinearOperator):
         return torch.Size((self.X1.shape[0] * self._width, self.X2.shape[0] * self._width))
 
     def _transpose_nonbatch(self) -> NTKOperator:
-        return NTKOperator(
-            self.linearization,
-            X1=self.X2,
-            X2=self.X1,
-            output=self.output,
-            symmetric=self.symmetric,
-            hold=self.hold,
-            dtype=self._dtype,
-        )
+        return self._rebuilt(self.X2, self.X1, self._dtype)
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
         is_vec = rhs.dim() == 1

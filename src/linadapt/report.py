@@ -134,15 +134,14 @@ def shots_figure(records: list[dict], metric: str, title: str = ""):
             values = [np.asarray(by_shots[k], dtype=float) for k in shots]
             mean = np.array([v.mean() for v in values])
             se = np.array([v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0 for v in values])
-            low = mean - se
             # ten hues; methods beyond the tenth reuse them lighter and dashed
             style = "-" if i % 20 < 10 else "--"
             colour = colours[(2 * i) % 20 + (i % 20 >= 10)]
             if single:
-                ax.errorbar(mean, [i], xerr=[mean - low, se], fmt="o", ms=4, color=colour, capsize=3, label=method)
+                ax.errorbar(mean, [i], xerr=se, fmt="o", ms=4, color=colour, capsize=3, label=method)
             else:
                 (line,) = ax.plot(shots, mean, style, marker="o", ms=3, label=method, color=colour)
-                ax.fill_between(shots, low, mean + se, color=line.get_color(), alpha=0.12)
+                ax.fill_between(shots, mean - se, mean + se, color=line.get_color(), alpha=0.12)
         heading = f"{title} {variant}" if variant else title
         unit = "labels per class" if metric in ("accuracy", "ece") else "target points"  # what a shot is
         if single:
