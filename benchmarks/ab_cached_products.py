@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-import linadapt.structured as current
+import linadapt.jacobian.structured as current
 from linadapt import Linearization
-from linadapt.bench import _unit, cnn, interleaved_medians, mlp
+from linadapt.app.bench import _unit, cnn, interleaved_medians, mlp
 
 
 def _load(path: str):

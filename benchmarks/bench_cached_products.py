@@ -21,8 +21,8 @@ import time
 import torch
 
 from linadapt import Linearization
-from linadapt.bench import _unit, cnn, interleaved_medians, mlp
-from linadapt.structured import factored_jacobian
+from linadapt.app.bench import _unit, cnn, interleaved_medians, mlp
+from linadapt.jacobian.structured import factored_jacobian
 
 
 def main() -> None:

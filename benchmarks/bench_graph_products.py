@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import linadapt as la
-import linadapt.graphcache as gc
+import linadapt.jacobian.graph as gc
 
 
 def mlp100() -> nn.Module:
@@ -71,7 +71,7 @@ def timed_fit(make, graph: bool, factors_budget_zero: bool = False):
     if not graph:
         patches.append(mock.patch.object(gc, "graph_jacobian", _no_graph))
     if factors_budget_zero:
-        import linadapt.structured as st
+        import linadapt.jacobian.structured as st
 
         real = st.factored_jacobian
         patches.append(mock.patch.object(st, "factored_jacobian", lambda lin, X, budget, **kw: real(lin, X, 0, **kw)))

@@ -1,4 +1,4 @@
-"""Kernel-product benchmark (ratios to one forward+backward pass); the code lives in ``linadapt.bench``.
+"""Kernel-product benchmark (ratios to one forward+backward pass); the code lives in ``linadapt.app.bench``.
 
 python benchmarks/bench_kernel_products.py [--reps 9] [--n 1024] [--threads 2] [--no-dense] [--no-plain]
 (same as `linadapt bench`)
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from linadapt.bench import format_dense_table, format_table, run_bench, run_dense_bench
+from linadapt.app.bench import format_dense_table, format_table, run_bench, run_dense_bench
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ def _case(name: str, n: int, threads: int) -> dict:
         op = NTKOperator(net, X)
         op.apply_rows(torch.randn(1, n, dtype=torch.float64))
     elif name == "kv-cached":
-        from linadapt.linearize import Linearization
-        from linadapt.structured import factored_jacobian
+        from linadapt.jacobian.linearization import Linearization
+        from linadapt.jacobian.structured import factored_jacobian
 
         lin = Linearization(net)
         Xp = lin.prepare_inputs(X)

@@ -10,7 +10,7 @@ test -x .venv-bench-jax/bin/python || bash benchmarks/make_jax_venv.sh .venv-ben
 echo "== linadapt (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
 .venv/bin/python - "$REPS" <<'PY'
 import sys
-from linadapt.bench import format_dense_table, run_dense_bench
+from linadapt.app.bench import format_dense_table, run_dense_bench
 reps = int(sys.argv[1])
 print(format_dense_table(run_dense_bench(reps, 2, plain=False), reps, 2))
 PY

@@ -12,9 +12,9 @@ import copy
 
 import torch
 
-from linadapt.backbone import efficientnet_lite0
-from linadapt.graphcache import graph_jacobian
-from linadapt.linearize import Linearization
+from linadapt.experiments.pretrained_backbone import efficientnet_lite0
+from linadapt.jacobian.graph import graph_jacobian
+from linadapt.jacobian.linearization import Linearization
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,7 +34,7 @@ def main() -> None:
     X = lin.prepare_inputs(torch.randn(args.n, 3, args.size, args.size))
     graph = graph_jacobian(lin, X, 2**31)
     if graph is None:
-        raise SystemExit("no graph for this model (see linadapt.graphcache.graph_jacobian)")
+        raise SystemExit("no graph for this model (see linadapt.jacobian.graph.graph_jacobian)")
     lin64 = Linearization(copy.deepcopy(net).double())
     V = 1e-2 * torch.randn(2, lin.num_params, dtype=torch.float64)
     U = torch.randn(2, args.n, 10, dtype=torch.float64)

@@ -38,7 +38,7 @@ def _sync(device: str) -> None:
 def _factors_by_convolution(lin, X, budget):
     """Cached factors with every convolution held for products by convolution (cuDNN's conv2d and its
     weight gradient), whatever the cost model would pick for these small layers."""
-    from linadapt import structured
+    from linadapt.jacobian import structured
 
     keep, engine = structured._conv_forms, None
     structured._conv_forms = lambda *_: (True, False)
@@ -55,8 +55,8 @@ def _factors_by_convolution(lin, X, budget):
 
 def correctness(device: str) -> list[tuple[str, float]]:
     from linadapt import LinearizedClassifier, LinearizedRegressor, NTKOperator, ntk_gram
-    from linadapt.graphcache import graph_jacobian
-    from linadapt.structured import factored_jacobian
+    from linadapt.jacobian.graph import graph_jacobian
+    from linadapt.jacobian.structured import factored_jacobian
 
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
@@ -106,8 +106,8 @@ def correctness(device: str) -> list[tuple[str, float]]:
 
 def speed(device: str, n: int, width: int) -> list[tuple[str, float, str]]:
     from linadapt import LinearizedRegressor, NTKOperator
-    from linadapt.graphcache import graph_jacobian
-    from linadapt.structured import factored_jacobian
+    from linadapt.jacobian.graph import graph_jacobian
+    from linadapt.jacobian.structured import factored_jacobian
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))

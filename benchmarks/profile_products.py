@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from linadapt import Linearization
-from linadapt.bench import _unit, interleaved_medians, mlp
-from linadapt.structured import factored_jacobian
+from linadapt.app.bench import _unit, interleaved_medians, mlp
+from linadapt.jacobian.structured import factored_jacobian
 
 
 def _macs(model: nn.Module, f, n: int) -> tuple[int, int]:

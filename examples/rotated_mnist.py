@@ -1,6 +1,6 @@
 """Adapt a digit classifier to rotated digits from a few labels (real MNIST, offline).
 
-The experiment lives in ``linadapt.experiments`` (``linadapt experiment rotated-mnist`` runs it too): a small
+The experiment lives in ``linadapt.experiments.registry`` (``linadapt experiment rotated-mnist`` runs it too): a small
 CNN trained on 3,500 upright digits, adapted to 60°-rotated digits from ``--shots`` labels per class by
 fine-tuning (last layer / all weights) and by ``LinearizedClassifier`` (all weights / last layer; probit,
 Laplace bridge and MAP-logit read-outs), scored on the remaining rotated digits.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from linadapt.experiments import run_experiment, summarize
+from linadapt.experiments.registry import run_experiment, summarize
 
 
 def main() -> None:

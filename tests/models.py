@@ -161,7 +161,7 @@ def fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings: dict):
     (products through the held training Jacobian) and with torch.func products only. Returns the first
     regressor and the (mean, std) predictions at Xs of both."""
     import linadapt as la
-    from linadapt.posterior import TrainingData
+    from linadapt.inference.posterior import TrainingData
 
     reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
     with monkeypatch.context() as m:

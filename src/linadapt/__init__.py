@@ -5,17 +5,17 @@ kernel is the finite-width neural tangent kernel J(x) J(x')ᵀ; adapting to new 
 inference in that GP.
 """
 
-from . import metrics
-from .classifier import LinearizedClassifier
-from .distributed import DistributedError
-from .kernel import NTKKernel
-from .linearize import Linearization, LinearizationError
-from .model_io import ModelLoadError, load_model
-from .operators import NTKOperator, ntk_gram
-from .persistence import load, save
-from .regressor import LinearizedRegressor
-from .selection import select_parameters
-from .solvers import ConvergenceWarning
+from linadapt import metrics
+from linadapt.distributed import DistributedError
+from linadapt.estimators.classifier import LinearizedClassifier
+from linadapt.estimators.persistence import load, save
+from linadapt.estimators.regressor import LinearizedRegressor
+from linadapt.inference.solvers import ConvergenceWarning
+from linadapt.io.models import ModelLoadError, load_model
+from linadapt.jacobian.linearization import Linearization, LinearizationError
+from linadapt.jacobian.selection import select_parameters
+from linadapt.kernels.gpytorch_kernel import NTKKernel
+from linadapt.kernels.operator import NTKOperator, ntk_gram
 
 __version__ = "0.1.0"
 

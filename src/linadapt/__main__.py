@@ -1,5 +1,5 @@
 """``python -m linadapt`` runs the command line."""
 
-from .cli import main
+from linadapt.app.cli import main
 
 main()

@@ -174,9 +174,9 @@ def prepare_fit(local: Callable[[], T], distributed: bool, what: str) -> T:
 def linearize_shard(
     model: Any, params: Any, chunk_size: int | None, device: Any, X: Any, distributed: bool
 ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The start of every fit: the :class:`~linadapt.linearize.Linearization` of ``model``, the prepared
+    """The start of every fit: the :class:`~linadapt.jacobian.linearization.Linearization` of ``model``, the prepared
     inputs X (this rank's shard when ``distributed``; it must not be empty) and f(X; θ̂), (n, c)."""
-    from .linearize import Linearization
+    from linadapt.jacobian.linearization import Linearization
 
     lin = Linearization(model, params, chunk_size, device)
     Xt = lin.prepare_inputs(X, "X")
@@ -195,11 +195,11 @@ def check_shard_size(n_local: int) -> None:
 class ShardedNTKOperator(LinearOperator):
     """K = J Jᵀ over every rank's examples (N × N) as a lazy operator for linear_operator's algorithms
     (pivoted-Cholesky preconditioners): products, the diagonal and selected rows are all computed from the
-    local shards — K V as in :meth:`~linadapt.posterior.TrainingData.k_matmul`, the diagonal from each
+    local shards — K V as in :meth:`~linadapt.inference.posterior.TrainingData.k_matmul`, the diagonal from each
     rank's per-example blocks (gathered), rows K[i, :] as K applied to one-hot columns.
 
     Args:
-        problem: a sharded :class:`~linadapt.posterior.TrainingData`.
+        problem: a sharded :class:`~linadapt.inference.posterior.TrainingData`.
     """
 
     def __init__(self, problem: Any) -> None:

@@ -1,0 +1,576 @@
+"""The ``linadapt`` command line: adapt a trained network to new data, and predict with the result.
+
+linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv --out run/
+linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from linadapt import metrics
+from linadapt._files import atomic_write_text
+from linadapt.app import report
+from linadapt.distributed import DistributedError
+from linadapt.estimators.classifier import LinearizedClassifier
+from linadapt.estimators.persistence import load, read_header
+from linadapt.estimators.regressor import LinearizedRegressor
+from linadapt.experiments.compare import METHODS
+from linadapt.experiments.registry import EXPERIMENTS
+from linadapt.io.datasets import DataError, Dataset, read_dataset
+from linadapt.io.models import ModelLoadError, load_model
+
+app = typer.Typer(
+    help="Fast adaptation of trained PyTorch networks by linearization (a GP with the network's tangent kernel).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+_TRUST_HELP = (
+    "Allow full unpickling of model/weights files. A pickle can run arbitrary code when loaded: use only for "
+    "files you made or fully trust. Without it, weights are read as safetensors or with weights_only=True."
+)
+
+
+def _fail(message: str) -> None:
+    # the message is text, not markup (a hint like `torch.cat([a, b], 1)` must survive), and is not wrapped
+    # mid-word at the console width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _choose_task(task: str, y: np.ndarray, n_outputs: int) -> str:
+    if task != "auto":
+        return task
+    integral = y.ndim == 1 and np.all(np.mod(y, 1) == 0)
+    if integral and n_outputs >= 2 and y.min() >= 0 and y.max() < n_outputs:
+        return "classification"
+    return "regression"
+
+
+def _launch_context() -> tuple[int, int, str | None]:
+    """(rank, world size, device) under ``torchrun`` (WORLD_SIZE > 1), initialising the process group
+    (NCCL with one GPU per local rank when CUDA is available, else gloo); (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _shard(n: int, rank: int, world: int) -> slice:
+    """Contiguous rows of rank ``rank`` out of n (sizes differ by at most one)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def _predict(est, X: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Predictions at X, computed once: (proba,) for a classifier, (mean, std) for a regressor."""
+    if isinstance(est, LinearizedClassifier):
+        return (est.predict_proba(X),)
+    return est.predict(X, return_std=True)
+
+
+def _columns(pred: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray]:
+    """Column names and values for predictions.csv."""
+    if len(pred) == 1:
+        proba = pred[0]
+        return [f"proba_{k}" for k in range(proba.shape[1])] + ["label"], np.column_stack([proba, proba.argmax(1)])
+    mean, std = pred
+    if mean.ndim == 1:
+        return ["mean", "std"], np.column_stack([mean, std])
+    c = mean.shape[1]
+    return [f"mean_{k}" for k in range(c)] + [f"std_{k}" for k in range(c)], np.hstack([mean, std])
+
+
+def _write_csv(path: str, columns: list[str], values: np.ndarray, classes: list[str] | None = None) -> None:
+    """predictions.csv; with the training classes' names (image folders), a ``class`` column after ``label``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    named = bool(classes) and "label" in columns
+    writer.writerow(columns + (["class"] if named else []))
+    for row in values:
+        cells = [int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)]
+        if named:  # a model with more outputs than training class folders can predict a class without one
+            label = int(row[columns.index("label")])
+            cells.append(classes[label] if label < len(classes) else "")
+        writer.writerow(cells)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _scores(pred: tuple[np.ndarray, ...], y: np.ndarray | None) -> dict[str, float]:
+    """Test metrics of predictions (as from ``_predict``): accuracy / nll / ece, or rmse / nll."""
+    if y is None:
+        return {}
+    if len(pred) == 1:
+        proba = pred[0]
+        return {
+            "accuracy": metrics.accuracy(proba, y),
+            "nll": metrics.nll(proba, y),
+            "ece": metrics.expected_calibration_error(proba, y),
+        }
+    mean, std = pred
+    target = y.reshape(mean.shape)
+    return {"rmse": metrics.rmse(mean, target), "nll": metrics.gaussian_nll(mean, std, target)}
+
+
+def _prior_row(est: LinearizedRegressor | LinearizedClassifier) -> tuple[str, str]:
+    groups = getattr(est, "prior_vars_", None)
+    if groups:
+        return ("prior variances", ", ".join(f"{label}: {v:.4g}" for label, v in groups.items()))
+    return ("prior variance", f"{est.prior_var_:.4g}")
+
+
+@app.command()
+def adapt(
+    model: Annotated[str, typer.Option(help="A torch.export program (.pt2) or 'package.module:factory'.")],
+    train: Annotated[str, typer.Option(help="Target data: .csv, .npz, a folder with X.npy/y.npy, or image folders.")],
+    weights: Annotated[str | None, typer.Option(help="Weights for a factory: .safetensors or a state dict.")] = None,
+    task: Annotated[str, typer.Option(help="regression, classification, or auto (integer labels → classes)")] = "auto",
+    params: Annotated[
+        list[str] | None,
+        typer.Option(help="Parameters to adapt: all, last, bias, or name globs; repeat the option for several globs."),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="CSV target column (default: the last).")] = None,
+    test: Annotated[str | None, typer.Option(help="Data to predict; with targets, metrics are reported.")] = None,
+    out: Annotated[str, typer.Option(help="Output folder.")] = "linadapt-out",
+    baselines: Annotated[
+        bool, typer.Option(help="With labelled --test data, also fine-tune (last layer, all weights) to compare.")
+    ] = True,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
+    prior_groups: Annotated[
+        str | None,
+        typer.Option(help="Regression: one prior variance per 'layers' or per parameter 'tensors', by the evidence."),
+    ] = None,
+) -> None:
+    """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt, OUT/report.html and, with
+    --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
+
+    Example: linadapt adapt --model my_nets:build --weights net.safetensors --train target.csv --test test.csv
+
+    Data-parallel: torchrun --nproc-per-node N -m linadapt adapt ... — every process reads the data file and
+    fits on its block of rows (see docs/distributed.md); process 0 writes the outputs.
+    """
+    if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
+        _fail(f"--task must be regression, classification or auto, got {task!r}")
+    if prior_groups not in (None, "layers", "tensors"):
+        _fail(f"--prior-groups must be layers or tensors, got {prior_groups!r}")
+    rank, world, device = _launch_context()
+    if rank != 0:
+        console.quiet = True
+    try:
+        net = load_model(model, weights, trust_pickle)
+        data = read_dataset(train, target)
+        # the test file's target column, if present, is the training file's (by name); image class folders are
+        # labelled by the training classes' names
+        classes = data.classes or None
+        test_data = read_dataset(test, target or data.target, require_target=False, classes=classes) if test else None
+    except (ModelLoadError, DataError) as exc:
+        _fail(str(exc))
+    assert data.y is not None
+    spec: str | list[str] = (
+        params[0] if params and len(params) == 1 and params[0] in ("all", "last", "bias") else (params or "all")
+    )
+    try:
+        with torch.no_grad():
+            n_outputs = int(np.prod(net(torch.as_tensor(data.X[:1])).shape[1:]) or 1)
+    except Exception as exc:
+        _fail(f"the model cannot run on the training inputs of shape {data.X.shape[1:]}: {type(exc).__name__}: {exc}")
+    chosen = _choose_task(task, data.y, n_outputs)
+    est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
+    y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
+    extra: dict = {}
+    if prior_groups is not None:
+        if chosen == "classification":
+            _fail("--prior-groups is available for regression only")
+        extra["prior_groups"] = prior_groups
+    est = est_cls(net, params=spec, distributed=world > 1, device=device, **extra)
+    rows = _shard(data.X.shape[0], rank, world)
+    if world > 1 and data.X.shape[0] < world:
+        _fail(f"{train} has {data.X.shape[0]} examples: fewer than the {world} processes")
+    where = f" on {world} processes" if world > 1 else ""
+    try:
+        with console.status(f"fitting the linearized {chosen} model on {data.X.shape[0]} examples{where} …"):
+            t = time.perf_counter()
+            est.fit(data.X[rows], y[rows])
+            est.fit_seconds_ = time.perf_counter() - t
+        log_evidence = est.log_marginal_likelihood_value_  # may need the (sharded) training data
+    except (ValueError, DistributedError) as exc:
+        _fail(str(exc))
+    os.makedirs(out, exist_ok=True)
+    reference = json.dumps(
+        {
+            "model": model,
+            "weights": os.path.abspath(weights) if weights else None,
+            "target": data.target,
+            "classes": data.classes or None,  # image class folders: test folders are matched by these names
+        }
+    )
+    est.save(os.path.join(out, "adapted.linadapt"), model_reference=reference)  # collective when distributed
+    pred = None
+    if test_data is not None:
+        try:
+            pred = _predict(est, test_data.X)  # every process takes part (products over the sharded data)
+        except ValueError as exc:
+            _fail(f"predicting on {test}: {exc}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    table = Table(title=f"linadapt {chosen}")
+    table.add_column("quantity")
+    table.add_column("value")
+    if chosen == "classification":
+        counts = np.bincount(y, minlength=n_outputs)
+        target_summary = ("labels per class", " ".join(str(int(k)) for k in counts))
+    else:
+        target_summary = ("targets (mean ± std)", f"{float(np.mean(y)):.4g} ± {float(np.std(y)):.4g}")
+    summary = [
+        ("training data", f"{train} ({data.X.shape[0]} examples)"),
+        ("input shape", str(tuple(data.X.shape[1:]))),
+        target_summary,
+        ("test data", f"{test} ({test_data.X.shape[0]} examples)" if test_data is not None else "none"),
+        ("model", model + (f" + {weights}" if weights else "")),
+        ("adapted parameters", str(est.linearization_.num_params)),
+        _prior_row(est),
+    ]
+    if world > 1:
+        summary.insert(1, ("processes", f"{world} (torch.distributed, examples per process {est._sharding.counts})"))
+    if chosen == "regression":
+        summary.append(("noise variance", f"{est.noise_var_:.4g}"))
+    summary.append(("log evidence", f"{log_evidence:.4f}"))
+    for row in summary:
+        table.add_row(*row)
+    sections = [("Data and hyperparameters", report.table_html(["quantity", "value"], summary))]
+    if test_data is not None:
+        assert pred is not None
+        try:
+            if test_data.y is not None:
+                comparison, figure = _comparison(pred, est.fit_seconds_, net, data, test_data, baselines)
+                sections.append(("Comparison on the test data", comparison))
+            elif len(pred) == 2:
+                figure = report.prediction_figure(test_data.X, None, *pred)
+            else:
+                figure = None
+            if figure is not None:
+                sections.append(("Predictions", report.figure_html(figure, "predictions")))
+        except ValueError as exc:
+            _fail(f"comparing on {test}: {exc}")
+        _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred), classes=data.classes)
+        for name, value in _scores(pred, test_data.y).items():
+            table.add_row(f"test {name}", f"{value:.4f}")
+    report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
+    Console().print(table)
+    written = ["adapted.linadapt", "report.html"] + (["predictions.csv"] if test_data is not None else [])
+    console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", markup=False, soft_wrap=True)
+
+
+def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
+    """Metrics of the source network, linadapt (predictions ``pred``) and, optionally, fine-tuning on the test
+    data, as an HTML table, and a figure (reliability diagram, or linadapt's predictive band)."""
+    from linadapt.experiments.baselines import finetune
+
+    classification = len(pred) == 1
+    Xtr, Xte, yte = torch.as_tensor(data.X), torch.as_tensor(test_data.X), test_data.y
+    rows, probas = [], {}
+
+    def add(name: str, p: tuple[np.ndarray, ...], seconds: float) -> None:
+        if classification:
+            probas[name] = p[0]
+        rows.append([name, *_scores(p, yte).values(), seconds])
+
+    def outputs(module) -> tuple[np.ndarray, ...]:
+        """A point network's predictions: softmax, or the outputs with the training RMS residual as std."""
+        with torch.no_grad():
+            if classification:
+                return (torch.softmax(module(Xte).double(), 1).numpy(),)
+            fit = module(Xtr).double().numpy().reshape(data.y.shape)
+            mean = module(Xte).double().numpy().reshape(yte.shape)
+        resid = max(float(np.sqrt(np.mean((fit - data.y) ** 2))), 1e-6)
+        return mean, np.full_like(mean, resid)
+
+    suffix = "" if classification else " (std: training RMS residual)"
+    add(f"source network{suffix}", outputs(net), 0.0)
+    add("linadapt", pred, fit_seconds)
+    if baselines:
+        task = "classification" if classification else "regression"
+        ytr = torch.as_tensor(data.y).long() if classification else torch.as_tensor(data.y, dtype=torch.float32)
+        for params in ("last", "all"):
+            t = time.perf_counter()
+            tuned = finetune(net, Xtr, ytr, task=task, params=params, epochs=300, lr=1e-3)
+            seconds = time.perf_counter() - t
+            add(f"fine-tune {params}{suffix}", outputs(tuned.model), seconds)
+    if classification:
+        header, figure = ["method", "accuracy", "NLL", "ECE"], report.reliability_figure(probas, yte)
+    else:
+        header = ["method", "RMSE", "NLL"]
+        figure = report.prediction_figure(test_data.X, yte, *pred, "linadapt on the test data")
+    return report.table_html([*header, "fit seconds"], rows), figure
+
+
+@app.command()
+def predict(
+    adapted: Annotated[str, typer.Option(help="An adapted model written by `linadapt adapt`.")],
+    data: Annotated[str, typer.Option(help="Inputs to predict (targets optional).")],
+    out: Annotated[str, typer.Option(help="Where to write the predictions CSV.")] = "predictions.csv",
+    target: Annotated[str | None, typer.Option(help="CSV target column, if present.")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the source model recorded in the file.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Override the recorded weights file.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
+) -> None:
+    """Predict with an adapted model: mean/std (regression) or proba_k/label (classification) per row.
+
+    Example: linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
+    """
+    try:
+        header = read_header(adapted)
+        try:
+            recorded = json.loads(header["model"].get("reference") or "{}")
+        except json.JSONDecodeError:
+            recorded = {}  # saved from Python with a free-text reference
+        if not isinstance(recorded, dict):
+            recorded = {}
+        if not (model or recorded.get("model")):
+            _fail(f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)")
+        net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
+        est = load(adapted, net)
+        ds = read_dataset(data, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
+        if ds.y is not None and ds.classes and not recorded.get("classes"):
+            console.print(
+                f"warning: {adapted} records no class names (written by an older linadapt or from Python): the "
+                f"class folders of {data} are labelled by their sorted position ({', '.join(ds.classes)} → 0, 1, …)",
+                markup=False,
+                soft_wrap=True,
+            )
+        pred = _predict(est, ds.X)
+        cols, values = _columns(pred)
+        scores = _scores(pred, ds.y)
+    except FileNotFoundError:
+        _fail(f"{adapted} does not exist")
+    except (ValueError, json.JSONDecodeError) as exc:
+        _fail(str(exc))
+    _write_csv(out, cols, values, classes=recorded.get("classes"))
+    for name, value in scores.items():
+        console.print(f"{name}: {value:.4f}", markup=False, soft_wrap=True)
+    console.print(f"wrote {out} ({values.shape[0]} rows)", markup=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Output folder for report.html and results.json.")] = "linadapt-demo",
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A reduced run for smoke tests (about 15 s on 2 cores; the full demo takes about a minute).",
+        ),
+    ] = False,
+) -> None:
+    """Adapt networks to shifted tasks (sinusoid regression; upright → rotated MNIST classification) next to
+    fine-tuning; print the results and write OUT/report.html and OUT/results.json. Needs no arguments.
+
+    Example: linadapt demo --out linadapt-demo
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from linadapt.app.demo import run_demo
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+        try:
+            records = run_demo(out, quick=quick, step=lambda msg: bar.update(task, description=msg))
+        except ImportError as exc:
+            _fail(str(exc))
+    for experiment in dict.fromkeys(r["experiment"] for r in records):
+        rows = [r for r in records if r["experiment"] == experiment]
+        keys = list(rows[0]["metrics"])
+        table = Table(title=experiment)
+        for col in ("method", *keys, "fit s"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["method"], *[f"{r['metrics'][k]:.3f}" for k in keys], f"{r['fit_seconds']:.2f}")
+        Console().print(table)
+    console.print(
+        f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'results.json')}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def experiment(
+    name: Annotated[
+        str,
+        typer.Argument(help=f"The experiment: {', '.join(sorted(EXPERIMENTS))}."),
+    ],
+    seeds: Annotated[int, typer.Option(help="Seeds 0 … seeds−1 (each retrains the source network).")] = 3,
+    shots: Annotated[
+        int | None,
+        typer.Option(help="Labelled target examples (per class for classification; default: the experiment's set)."),
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Write the records as JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A reduced run for smoke tests.")] = False,
+    plot: Annotated[
+        str | None, typer.Option(help="Write a plot of the error against the shots (default: OUTPUT with .png).")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Comma-separated methods to run (default: all): {', '.join(METHODS)}. The same seeds draw "
+            "the same data, so the records can be merged with another run's."
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Merge into OUTPUT's existing records (records of the same method, seed and shots are replaced).",
+        ),
+    ] = False,
+) -> None:
+    """Run one of the paper-style experiments and print mean ± std over seeds per method.
+
+    Example: linadapt experiment sinusoids --seeds 5 --output sinusoids.json
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from linadapt.experiments.registry import run_experiment, summarize
+
+    if name not in EXPERIMENTS:
+        _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+    if merge and not output:
+        _fail("--merge needs --output (the file to merge into)")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(name, total=None)
+        try:
+            chosen = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+            records = run_experiment(
+                name, seeds, shots, quick, step=lambda msg: bar.update(task, description=msg), methods=chosen
+            )
+        except (ValueError, ImportError) as exc:
+            _fail(str(exc))
+    if not records:
+        _fail(f"no records: none of the methods {methods!r} applies to the {name} experiment")
+    if merge:
+        records = _merge_records(output, records)
+    print(summarize(records))
+    if output:
+        atomic_write_text(output, json.dumps(records, indent=1))
+        console.print(f"wrote {output}", markup=False, soft_wrap=True)
+    plot = plot or (os.path.splitext(output)[0] + ".png" if output else None)
+    if plot:
+        metric = "accuracy" if "accuracy" in records[0]["metrics"] else "rmse"
+        fig = report.shots_figure(records, metric, name)
+        from linadapt._files import atomic_write
+
+        atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        console.print(f"wrote {plot}", markup=False, soft_wrap=True)
+
+
+def _merge_records(path: str | None, new: list[dict]) -> list[dict]:
+    """The records in JSON file ``path`` (if it exists) with those of ``new``'s (experiment, method, seed, shots,
+    variant) replaced by ``new``'s, followed by ``new``."""
+    if path is None or not os.path.exists(path):
+        return new
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, list) or not all(isinstance(r, dict) and "method" in r for r in old):
+            raise ValueError("not a list of experiment records")
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot merge into {path}: {exc}")
+
+    def key(r: dict) -> tuple:
+        return (r.get("experiment"), r.get("method"), r.get("seed"), r.get("shots"), r.get("variant"))
+
+    replaced = {key(r) for r in new}
+    return [r for r in old if key(r) not in replaced] + new
+
+
+@app.command()
+def bench(
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions (medians are reported).")] = 9,
+    n: Annotated[int, typer.Option(help="Inputs per product.")] = 1024,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+    dense: Annotated[bool, typer.Option(help="Also time the dense NTK (full at n = 256, trace at n = 1024).")] = True,
+    plain: Annotated[
+        bool, typer.Option(help="In the dense table, also time the per-example Jacobian contraction (slow).")
+    ] = True,
+    memory: Annotated[
+        bool, typer.Option(help="Also measure peak memory per product (each in a fresh process).")
+    ] = True,
+    neural_tangents: Annotated[
+        bool,
+        typer.Option(
+            help="With the dense table, also run neural-tangents' (JAX) on the same models, under --jax-python."
+        ),
+    ] = True,
+    jax_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Python with jax 0.4.25 and neural-tangents 0.6.5 (default: $LINADAPT_JAX_PYTHON, then "
+            ".venv-bench-jax/bin/python; benchmarks/make_jax_venv.sh builds it)."
+        ),
+    ] = None,
+) -> None:
+    """Time NTK products and dense kernels against one forward+backward pass of the same model (ratios).
+
+    Example: linadapt bench --reps 9 --n 1024
+    """
+    from linadapt.app.bench import format_dense_table, format_table, run_bench, run_dense_bench
+
+    with console.status("timing kernel products …"):
+        rows = run_bench(reps, n, threads)
+    print(format_table(rows, reps, n, threads))
+    if dense:
+        dense_reps = max(1, min(reps, 5))
+        with console.status("timing dense kernels …"):
+            drows = run_dense_bench(dense_reps, threads, plain)
+        print()
+        print(format_dense_table(drows, dense_reps, threads))
+        if neural_tangents:
+            from linadapt.app.bench import run_neural_tangents
+
+            with console.status("timing neural-tangents (JAX) on the same models …"):
+                _, text = run_neural_tangents(jax_python, dense_reps, threads)
+            print()
+            print(text)
+    if memory:
+        from linadapt.app.bench import format_memory_table, run_memory_bench
+
+        with console.status("measuring peak memory …"):
+            mrows = run_memory_bench(n, threads)
+        print()
+        print(format_memory_table(mrows, n))
+
+
+def main() -> None:
+    """Entry point of the ``linadapt`` command."""
+    app(prog_name="linadapt")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""``LinearizedClassifier``: scikit-learn style Laplace classification with a trained network's linearization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from linadapt._validation import as_label_tensor, check_choice, check_positive
+from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
+from linadapt.estimators.persistence import SaveLoadMixin
+from linadapt.inference.laplace import ClassificationProblem, LaplacePosterior, optimize_prior_var
+from linadapt.inference.loo import loo_nll
+from linadapt.inference.regression import SolverOptions, choose_space_and_solver
+from linadapt.jacobian.linearization import Linearization
+from linadapt.jacobian.selection import ParamSpec
+from linadapt.likelihoods.softmax_links import LINKS, class_probabilities
+
+__all__ = ["LinearizedClassifier"]
+
+
+class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
+    """Softmax classification with the linearized network and a Laplace posterior over its weights.
+
+    Logits f(x) = f(x; θ̂) + J(x) δ, prior δ = θ − θ̂ ~ N(0, prior_var · I) (or θ ~ N(0, prior_var · I) with
+    ``prior_mean="zero"``), categorical likelihood. ``fit`` finds the MAP δ* by Newton's method on the
+    linearized model (whose Hessian is exactly the generalized Gauss–Newton matrix JᵀΛJ + I/prior_var) and
+    takes the Gaussian posterior N(δ*, (JᵀΛJ + I/prior_var)⁻¹) at it; predictions integrate the softmax
+    over the resulting Gaussian on the logits.
+
+    Args:
+        model: a trained ``torch.nn.Module`` returning logits of shape (n, c), c ≥ 2. It is never modified.
+        params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
+        prior_var: s² (starting value when optimising, fixed otherwise).
+        optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
+        link: how probabilities are computed from the Gaussian over logits: ``"probit"``, ``"mc"``
+            (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge) or
+            ``"map"`` (softmax of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of
+            probit, bridge and map has the best approximate leave-one-out log-likelihood on the training data
+            (:mod:`linadapt.inference.loo`; chosen at ``fit``, in ``link_``).
+        n_samples: Monte Carlo draws per example for ``link="mc"``.
+        prior_mean: ``"network"`` — the prior is centred at the trained weights (adaptation);
+            ``"zero"`` — centred at 0, the weight-decay prior of post-hoc Laplace on the training data.
+        space: ``"function"`` (n·c sized systems), ``"parameter"`` (p sized), or ``"auto"`` (the smaller).
+        solver: ``"cholesky"`` (dense), ``"cg"`` (matrix-free Newton-CG with GGN-vector products; evidence
+            log-determinants by stochastic Lanczos quadrature), or ``"auto"`` (dense when small).
+        chunk_size: examples per chunk in Jacobian products. device: where to compute.
+        cg_tol, cg_max_iter: CG settings for the posterior solves.
+        newton_tol: stop Newton when half the squared Newton decrement (the predicted decrease of the
+            negative log posterior) is below newton_tol · max(1, |objective|).
+        newton_max_iter: Newton iterations per MAP search.
+        seed: seed of Monte Carlo predictions and stochastic log-determinant probes.
+        distributed: data-parallel fit inside an initialised ``torch.distributed`` process group: every rank
+            calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
+            every rank ends with the same posterior. See docs/distributed.md.
+
+    Attributes (after ``fit``):
+        classes_: array([0, …, c − 1]). n_classes_: c.
+        prior_var_: s² used. space_, solver_: the choices made.
+        linearization_, posterior_: the linearization and the :class:`~linadapt.inference.laplace.LaplacePosterior`.
+        n_iter_: Newton iterations of the final MAP search.
+        log_marginal_likelihood_value_: the Laplace evidence at prior_var_.
+        link_: the link used by ``predict_proba`` (``link``, or the choice made with ``link="auto"``).
+        loo_nll_: with ``link="auto"``, the mean LOO negative log-likelihood of each candidate link.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = "all",
+        prior_var: float = 1.0,
+        optimize_hyperparameters: bool = True,
+        link: str = "probit",
+        n_samples: int = 1000,
+        prior_mean: str = "network",
+        space: str = "auto",
+        solver: str = "auto",
+        chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+        cg_tol: float = 1e-10,
+        cg_max_iter: int | None = None,
+        newton_tol: float = 1e-12,
+        newton_max_iter: int = 100,
+        seed: int = 0,
+        distributed: bool = False,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.prior_var = prior_var
+        self.optimize_hyperparameters = optimize_hyperparameters
+        self.link = link
+        self.n_samples = n_samples
+        self.prior_mean = prior_mean
+        self.space = space
+        self.solver = solver
+        self.chunk_size = chunk_size
+        self.device = device
+        self.cg_tol = cg_tol
+        self.cg_max_iter = cg_max_iter
+        self.newton_tol = newton_tol
+        self.newton_max_iter = newton_max_iter
+        self.seed = seed
+        self.distributed = distributed
+
+    # ------------------------------------------------------------------ fitting
+    def _check_settings(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        check_choice(self.link, "link", (*LINKS, "auto"))
+        if self.link == "auto" and self.distributed:
+            raise ValueError("link='auto' (leave-one-out choice) is not available with distributed=True")
+        check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
+        check_choice(self.space, "space", ("auto", "function", "parameter"))
+        check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
+        check_positive(self.cg_tol, "cg_tol")
+        check_positive(self.newton_tol, "newton_tol")
+        for name in ("n_samples", "newton_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def fit(self, X: Any, y: Any) -> LinearizedClassifier:
+        """Find the Laplace posterior of the linearized network on (X, y) and, if asked, learn prior_var.
+
+        Args:
+            X: (n, ...) inputs the model accepts.
+            y: (n,) integer labels in [0, c) where c is the number of logits of the model. Classes absent
+                from y are allowed: they keep their (adapted) prior probabilities.
+        """
+        return self._fit(X, y, None)
+
+    def _fit(self, X: Any, y: Any, fixed: float | None) -> LinearizedClassifier:
+        """``fit``, or with ``fixed`` = prior_var_ the Laplace posterior at that value (used by load)."""
+        self._check_settings()
+        prior0 = check_positive(self.prior_var, "prior_var")
+        distributed = bool(self.distributed)
+
+        def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
+            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
+            c = f0.shape[1]
+            if c < 2:
+                raise ValueError(
+                    f"the model returns {c} logit per example; a classifier needs logits of shape (n, c) with c ≥ 2 "
+                    "(for a binary model with one logit z, return torch.cat([torch.zeros_like(z), z], 1))"
+                )
+            labels = as_label_tensor(y, Xt.shape[0], c, "y").to(lin.device)
+            return lin, Xt, labels, f0
+
+        lin, Xt, labels, f0 = prepare_fit(local, distributed, "LinearizedClassifier.fit (checking the data shard)")
+        c = f0.shape[1]
+        local_labels = labels
+        sharding = make_sharding(Xt.shape[0], shard_signature(Xt, labels)) if distributed else None
+        if sharding is not None:
+            f0, labels = sharding.gather(f0), sharding.gather(labels)
+        options = SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
+        n_obs = labels.shape[0] * c
+        space, solver = choose_space_and_solver(
+            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+        )
+        problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
+        tol, iters = float(self.newton_tol), int(self.newton_max_iter)
+        if fixed is not None:
+            posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
+        elif self.optimize_hyperparameters:
+            posterior = optimize_prior_var(problem, prior0, space, solver, tol, iters)
+        else:
+            posterior = LaplacePosterior(problem, prior0, space, solver, tol, iters)
+        self.linearization_ = lin
+        self.problem_ = problem
+        self.posterior_ = posterior
+        self.prior_var_ = posterior.s2
+        self.space_, self.solver_ = space, posterior.system.method
+        self.n_classes_ = c
+        self.classes_ = np.arange(c)
+        self.n_iter_ = posterior.newton.iterations
+        self.log_marginal_likelihood_value_ = posterior.log_evidence
+        self._train_data = (Xt, local_labels)
+        self._sharding = sharding
+        self.link_, self.loo_nll_ = self.link, None
+        if self.link == "auto":
+            self._choose_link()
+        return self
+
+    def _choose_link(self) -> str:
+        """The link of ``predict_proba``: ``link``, or with ``"auto"`` the one with the best LOO likelihood
+        (computed once per fit, on the first call)."""
+        if self.link != "auto":
+            return self.link
+        if self.loo_nll_ is None:
+            Xt, labels = self._train_data
+            mean, cov = self._logits(Xt, True)
+            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device))
+            self.link_ = min(self.loo_nll_, key=self.loo_nll_.__getitem__)
+        return self.link_
+
+    def log_marginal_likelihood(self, prior_var: float | None = None) -> float:
+        """The Laplace evidence log q(y | prior_var) on the training data (default: the fitted value).
+
+        For another prior_var this finds the MAP for it first (a Newton solve)."""
+        self._check_fitted()
+        if prior_var is None:
+            return self.log_marginal_likelihood_value_
+        s2 = check_positive(prior_var, "prior_var")
+        post = self.posterior_
+        return LaplacePosterior(
+            self.problem_, s2, post.space, post.solver, post.newton_tol, post.newton_max_iter
+        ).log_evidence
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "posterior_"):
+            raise NotFittedError("this LinearizedClassifier is not fitted yet: call fit(X, y) first")
+
+    def _logits(self, X: Any, with_cov: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lin, post = self.linearization_, self.posterior_
+        Xs = lin.prepare_inputs(X, "X")
+        mean = lin.outputs(Xs) + post.mean_shift(Xs)
+        return mean, (post.latent_blocks(Xs) if with_cov else None)
+
+    def predict_logits(self, X: Any, return_cov: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The Gaussian posterior over logits at X: mean (m, c) and, with ``return_cov``, the per-example
+        covariance blocks (m, c, c) — J(x) S J(x)ᵀ with S the Laplace posterior covariance."""
+        self._check_fitted()
+        mean, cov = self._logits(X, return_cov)
+        if cov is None:
+            return mean.cpu().numpy()
+        return mean.cpu().numpy(), cov.cpu().numpy()
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (m, c) from the Gaussian over logits by the ``link`` chosen."""
+        self._check_fitted()
+        link = self._choose_link()
+        mean, cov = self._logits(X, link != "map")
+        proba = class_probabilities(mean, cov, link, self.n_samples, self.seed)
+        return proba.cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class (m,) under ``predict_proba``."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of ``predict`` on (X, y); y is checked as in ``fit`` (integer labels in [0, c)), so a
+        label the model cannot predict is an error rather than a silent miss."""
+        self._check_fitted()
+        Xs = self.linearization_.prepare_inputs(X, "X")
+        labels = as_label_tensor(y, Xs.shape[0], len(self.classes_), "y").numpy()
+        return super().score(Xs, labels, sample_weight)

@@ -1,0 +1,474 @@
+"""``LinearizedRegressor``: scikit-learn style GP regression with a trained network's tangent kernel."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from linadapt._validation import as_target_tensor, check_choice, check_positive
+from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
+from linadapt.estimators.persistence import SaveLoadMixin
+from linadapt.inference.evidence import evidence_bounds, maximize_evidence
+from linadapt.inference.hyper_averaging import HyperparameterMixture
+from linadapt.inference.prior_groups import (
+    GroupedKernels,
+    GroupedPosterior,
+    GroupSpec,
+    maximize_group_evidence,
+    resolve_groups,
+)
+from linadapt.inference.regression import (
+    RegressionPosterior,
+    RegressionProblem,
+    SolverOptions,
+    choose_space_and_solver,
+)
+from linadapt.inference.solvers import ConvergenceWarning
+from linadapt.jacobian.linearization import Linearization
+from linadapt.jacobian.selection import ParamSpec
+
+__all__ = ["LinearizedRegressor"]
+
+
+class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
+    """Gaussian-process regression with the finite-width NTK of a trained network.
+
+    The network f(x; θ̂) is replaced by its linearization f(x; θ̂) + J(x)(θ − θ̂) with prior
+    θ − θ̂ ~ N(0, prior_var · I) and Gaussian noise of variance noise_var on every output, i.e. a GP with
+    mean m(x) and kernel prior_var · J(x) J(x')ᵀ whose c × c output blocks couple the outputs.
+
+    Args:
+        model: a trained ``torch.nn.Module`` returning (n, c) or (n,) outputs. It is never modified.
+        params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
+        prior_var: s², the prior variance of θ − θ̂ (starting value when optimising, fixed otherwise).
+        prior_groups: one prior variance per group of weights instead of one for all: ``"layers"`` (a group
+            per module owning adapted weights), ``"tensors"`` (per parameter tensor), or a list of name /
+            glob patterns (or lists of them), one group each, the unmatched weights forming a group
+            ``"rest"``. The kernel is then Σ_g s²_g J_g Jᵀ_g, every s²_g learned by the evidence (starting
+            from the best single s²; ``prior_var`` is each group's value without optimisation). Uses the dense
+            function-space path (space ``"function"``, solver ``"cholesky"``); see
+            :mod:`linadapt.inference.prior_groups`.
+        noise_var: σ², the observation-noise variance; ``None`` starts from 0.1 × the variance of the
+            residuals y − m(X) (and, without optimisation, uses that guess).
+        optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
+            likelihood (type-II maximum likelihood).
+        marginalize: average the predictive over (prior_var, noise_var) instead of fixing them: a
+            log-uniform hyperprior over the evidence search's box, the posterior on a grid, the predictive a
+            mixture of Gaussians (see :mod:`linadapt.inference.hyper_averaging`). Guards against the over-confident
+            tiny-noise
+            optimum few points can produce. ``predict`` then gives the mixture's mean and std, and
+            ``log_predictive_density`` its exact density. One-output models, dense function space,
+            ``prior_mean="network"``, no prior groups; ``prior_var_`` / ``noise_var_`` stay the optimum.
+        mean: ``"network"`` — the prior mean is f(x; θ̂); ``"zero"`` — a zero-mean GP with the NTK.
+        prior_mean: where the weight prior is centred: ``"network"`` — θ − θ̂ ~ N(0, prior_var · I)
+            (adaptation: the trained weights are the prior guess); ``"zero"`` — θ ~ N(0, prior_var · I), the
+            weight-decay prior of post-hoc Laplace (a GP with mean f(x; θ̂) − J(x) θ̂); at a network trained
+            to the MAP of that prior this is the GLM Laplace posterior (equal to laplace-torch's).
+        space: ``"function"`` (n·c sized solves), ``"parameter"`` (p sized solves), or ``"auto"`` (the smaller).
+        solver: ``"cholesky"`` (dense), ``"cg"`` (matrix-free preconditioned CG; hyperparameters by Lanczos
+            quadrature), or ``"auto"`` (dense when the matrix is small).
+        chunk_size: examples per chunk in Jacobian products (bounds peak memory).
+        device: where to compute (default: the model's device).
+        cg_tol: relative residual target of CG solves.
+        cg_max_iter: CG iterations per round (default min(dimension, 1000)).
+        seed: seed of the stochastic log-determinant probes (matrix-free evidence).
+        distributed: data-parallel fit inside an initialised ``torch.distributed`` process group: every rank
+            calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
+            products all-reduce over the ranks, and every rank ends with the same posterior, so ``predict``
+            gives the same answer on every rank. See docs/distributed.md.
+
+    Attributes (after ``fit``):
+        prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
+        prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
+        space_, solver_: the choices made (``solver_`` becomes ``"cholesky"`` after a CG fallback).
+        n_outputs_: c. linearization_: the :class:`~linadapt.jacobian.linearization.Linearization`.
+        log_marginal_likelihood_value_: log p(y | prior_var_, noise_var_).
+        solve_info_: the last CG report (iterations, relative residual) or ``None`` for Cholesky.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = "all",
+        prior_var: float = 1.0,
+        prior_groups: GroupSpec = None,
+        noise_var: float | None = None,
+        optimize_hyperparameters: bool = True,
+        marginalize: bool = False,
+        mean: str = "network",
+        prior_mean: str = "network",
+        space: str = "auto",
+        solver: str = "auto",
+        chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+        cg_tol: float = 1e-10,
+        cg_max_iter: int | None = None,
+        seed: int = 0,
+        distributed: bool = False,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.prior_var = prior_var
+        self.prior_groups = prior_groups
+        self.noise_var = noise_var
+        self.optimize_hyperparameters = optimize_hyperparameters
+        self.marginalize = marginalize
+        self.mean = mean
+        self.prior_mean = prior_mean
+        self.space = space
+        self.solver = solver
+        self.chunk_size = chunk_size
+        self.device = device
+        self.cg_tol = cg_tol
+        self.cg_max_iter = cg_max_iter
+        self.seed = seed
+        self.distributed = distributed
+
+    # ------------------------------------------------------------------ fitting
+    def _options(self) -> SolverOptions:
+        check_positive(self.cg_tol, "cg_tol")
+        return SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
+
+    def fit(self, X: Any, y: Any) -> LinearizedRegressor:
+        """Condition the linearized GP on (X, y) and, if asked, learn prior_var and noise_var.
+
+        Args:
+            X: (n, ...) inputs the model accepts (array-like or tensor).
+            y: (n,) targets for a one-output model, or (n, c) for c outputs (floating point).
+        """
+        return self._fit(X, y, None)
+
+    def _fit(self, X: Any, y: Any, fixed: tuple[Any, float] | None) -> LinearizedRegressor:
+        """``fit``, or with ``fixed`` = (prior_var_, noise_var_) the posterior at those values (used by load;
+        with prior groups, prior_var_ is the {label: s²_g} dict)."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        check_choice(self.mean, "mean", ("network", "zero"))
+        check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
+        if self.mean == "zero" and self.prior_mean == "zero":
+            raise ValueError(
+                "mean='zero' (drop the network's outputs from the GP mean) and prior_mean='zero' (centre the "
+                "weight prior at 0) are alternatives: choose one"
+            )
+        check_choice(self.space, "space", ("auto", "function", "parameter"))
+        check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
+        prior0 = check_positive(self.prior_var, "prior_var")
+        noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
+        distributed = bool(self.distributed)
+        if self.prior_groups is not None:
+            self._check_dense_only("prior_groups")
+        if self.marginalize:
+            self._check_dense_only("marginalize=True", ("prior_groups", self.prior_groups is not None))
+
+        def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
+            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
+            yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
+            c = f0.shape[1]
+            if yt.dim() == 1 and c != 1:
+                raise ValueError(f"y has shape (n,) but the model has {c} outputs: pass y of shape (n, {c})")
+            if yt.dim() == 2 and yt.shape[1] != c:
+                raise ValueError(f"y has {yt.shape[1]} columns but the model has {c} outputs: y must be (n, {c})")
+            return lin, Xt, yt, f0
+
+        lin, Xt, yt, f0 = prepare_fit(local, distributed, "LinearizedRegressor.fit (checking the data shard)")
+        sharding = make_sharding(Xt.shape[0], shard_signature(Xt, yt)) if distributed else None
+        if sharding is not None:
+            f0, yt_all = sharding.gather(f0), sharding.gather(yt)
+        else:
+            yt_all = yt
+        c = f0.shape[1]
+        self._y_ndim = yt.dim()
+        Y = yt_all.reshape(-1, c)
+        m = f0 if self.mean == "network" else torch.zeros_like(f0)
+        options = self._options()
+        problem = RegressionProblem(lin, Xt, (Y - m).reshape(-1), options, sharding)
+        offset = None
+        if self.prior_mean == "zero":  # δ = θ − θ̂ ~ N(−θ̂, s² I): prior mean of the outputs f(X; θ̂) − J θ̂
+            offset = -lin.theta_vector()
+            problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
+        r = problem.r
+        n_obs = r.numel()
+        if noise0 is None:
+            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
+            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
+        self.prior_vars_ = self.groups_ = None
+        if self.prior_groups is not None:
+            return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed)
+        space, solver = choose_space_and_solver(
+            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+        )
+        if fixed is not None:
+            prior, noise = fixed
+        elif self.optimize_hyperparameters:
+            spectrum = problem.spectrum(space, solver)
+            prior, noise, _ = maximize_evidence(spectrum, prior0, noise0)
+        else:
+            prior, noise = prior0, noise0
+        posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+        redo = fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky"
+        if redo and not problem.spectrum(space, solver).exact:  # (an exact search has nothing to redo)
+            # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
+            # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
+            # ill-conditioned), so the hyperparameters are searched again with the exact evidence
+            warnings.warn(
+                f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
+                "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+            solver = "cholesky"
+            prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0)
+            posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+        self.mixture_ = None
+        if self.marginalize:
+            self.mixture_ = self._mixture(lin, Xt, r, prior, noise, c)
+        self.linearization_ = lin
+        self.problem_ = problem
+        self.posterior_ = posterior
+        self.prior_var_, self.noise_var_ = prior, noise
+        self.space_, self.solver_ = space, posterior.solver
+        self.n_outputs_ = c
+        self.solve_info_ = posterior.solve_info
+        self._train_data = (Xt, yt)
+        self._sharding = sharding
+        return self
+
+    def _mixture(
+        self, lin: Linearization, Xt: torch.Tensor, r: torch.Tensor, prior: float, noise: float, c: int
+    ) -> HyperparameterMixture:
+        if c != 1:
+            raise ValueError(f"marginalize=True supports one-output models; this one has {c} outputs")
+        n_obs = r.numel()
+        budget = self._options().memory_budget
+        if 3 * 8 * n_obs * n_obs > budget:
+            raise ValueError(
+                f"marginalize=True needs the dense {n_obs} × {n_obs} kernel and its eigenvectors, more than the "
+                f"memory budget ({budget / 2**30:.1f} GiB)"
+            )
+        bounds = evidence_bounds(float(r @ r), n_obs)  # the hyperprior's support: the evidence search's box
+        return HyperparameterMixture(lin.ntk(Xt), r, prior, noise, bounds)
+
+    def log_predictive_density(self, X: Any, y: Any) -> np.ndarray:
+        """log p(y* | training data) of observed targets y* at X, per example (one output) or per
+        (example, output): the Gaussian predictive at the fitted hyperparameters, or the mixture over them
+        with ``marginalize=True``. Its negative mean is the test NLL."""
+        self._check_fitted()
+        lin = self.linearization_
+        Xs = lin.prepare_inputs(X, "X")
+        yt = as_target_tensor(y, Xs.shape[0], "y").reshape(Xs.shape[0], -1).to(lin.device)
+        if yt.shape[1] != self.n_outputs_:
+            raise ValueError(f"y has {yt.shape[1]} outputs per example, the model {self.n_outputs_}")
+        if self.mixture_ is not None:
+            prior_mean, Ks, kss = self._mixture_inputs(Xs)
+            out = self.mixture_.log_density(Ks, kss, yt[:, 0] - prior_mean)
+        else:
+            mean, std = self.predict(X, return_std=True)
+            mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(yt.shape)
+            var = torch.as_tensor(std, dtype=torch.float64).reshape(yt.shape) ** 2
+            out = -0.5 * (math.log(2 * math.pi) + torch.log(var)) - 0.5 * (yt.cpu() - mean_t) ** 2 / var
+        out = out.cpu().numpy()
+        return out.reshape(-1) if self._y_ndim == 1 else out.reshape(Xs.shape[0], -1)
+
+    def _check_dense_only(self, option: str, *more: tuple[str, bool]) -> None:
+        """``option`` works on the dense function-space path with the prior at θ̂, in one process: a ValueError
+        naming the settings that conflict with it (those below and ``more``: (setting, conflicts))."""
+        conflicts = (
+            ("distributed=True", bool(self.distributed)),
+            ("prior_mean='zero'", self.prior_mean != "network"),
+            ("space='parameter'", self.space == "parameter"),
+            ("solver='cg'", self.solver == "cg"),
+            *more,
+        )
+        bad = [setting for setting, conflict in conflicts if conflict]
+        if bad:
+            raise ValueError(
+                f"{option} uses the dense function-space path (space='function', solver='cholesky', "
+                f"prior_mean='network', one process); not with {', '.join(bad)}"
+            )
+
+    def _fit_groups(
+        self,
+        lin: Linearization,
+        Xt: torch.Tensor,
+        yt: torch.Tensor,
+        r: torch.Tensor,
+        prior0: float,
+        noise0: float,
+        fixed: tuple[Any, float] | None,
+    ) -> LinearizedRegressor:
+        """The fit with one prior variance per group (dense function space, :mod:`linadapt.inference.prior_groups`)."""
+        groups = resolve_groups(list(lin.param_names), self.prior_groups)
+        n_obs = r.numel()
+        need = 8 * (len(groups) + 2) * n_obs * n_obs
+        budget = self._options().memory_budget
+        if need > budget:
+            raise ValueError(
+                f"prior_groups needs {len(groups)} dense {n_obs} × {n_obs} kernels ({need / 2**30:.1f} GiB), more "
+                f"than the memory budget ({budget / 2**30:.1f} GiB): use fewer groups or fewer training points"
+            )
+        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device)
+        Ks = kernels.gram(Xt)
+        labels = [label for label, _ in groups]
+        if fixed is not None:
+            given, noise = fixed
+            if set(given) != set(labels):
+                raise ValueError(f"saved prior groups {sorted(given)} differ from this model's {sorted(labels)}")
+            s2 = np.array([float(given[label]) for label in labels])
+        elif self.optimize_hyperparameters:
+            s2, noise, _ = maximize_group_evidence(Ks, r, prior0, noise0)
+        else:
+            s2, noise = np.full(len(groups), prior0), noise0
+        posterior = GroupedPosterior(kernels, lin, Xt, r, Ks, s2, noise)
+        c = r.numel() // Xt.shape[0]
+        self.linearization_, self.problem_, self.posterior_ = lin, None, posterior
+        self.prior_var_, self.noise_var_ = None, float(noise)
+        self.prior_vars_ = {label: float(v) for label, v in zip(labels, s2)}
+        self.mixture_ = None
+        self.groups_ = {label: list(names) for label, names in groups}
+        self.space_, self.solver_, self.n_outputs_, self.solve_info_ = "function", "cholesky", c, None
+        self._train_data = (Xt, yt)
+        self._sharding = None
+        return self
+
+    @property
+    def log_marginal_likelihood_value_(self) -> float:
+        """log p(y) at the fitted hyperparameters (computed on first access, then cached).
+
+        Exact on the Cholesky path; on the CG path the quadratic term comes from the converged solve and the
+        log-determinant from stochastic Lanczos quadrature. Not computed during ``fit`` unless the
+        hyperparameters were optimised (the spectrum is then already there).
+        """
+        self._check_fitted()
+        post = self.posterior_
+        if isinstance(post, GroupedPosterior):
+            return post.log_ml
+        if "lml" not in self.problem_.cache:
+            spec = self.problem_.spectrum(post.space, post.solver)
+            if spec.exact:
+                value = spec(post.s2, post.sig2)
+            else:
+                logdet = spec.logdet(post.s2, post.sig2)
+                value = -0.5 * post.quad_term() - 0.5 * logdet - 0.5 * post.n_obs * math.log(2 * math.pi)
+            self.problem_.cache["lml"] = value
+        return self.problem_.cache["lml"]  # type: ignore[return-value]
+
+    def log_marginal_likelihood(self, prior_var: float | None = None, noise_var: float | None = None) -> float:
+        """log p(y | prior_var, noise_var) on the training data (defaults: the fitted values).
+
+        Exact on the Cholesky path; on the CG path the log-determinant is a stochastic Lanczos estimate.
+        """
+        self._check_fitted()
+        if prior_var is None and noise_var is None:
+            return self.log_marginal_likelihood_value_
+        post = self.posterior_
+        if isinstance(post, GroupedPosterior):  # prior_var: one value for every group, or {label: s²_g}
+            given = prior_var if prior_var is not None else self.prior_vars_
+            if not isinstance(given, dict):
+                given = dict.fromkeys(self.prior_vars_, given)
+            if set(given) != set(self.prior_vars_):
+                raise ValueError(f"prior_var must give every group {sorted(self.prior_vars_)}, got {sorted(given)}")
+            s2 = np.array([check_positive(given[label], f"prior_var[{label!r}]") for label in self.prior_vars_])
+            sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
+            return post.evidence(s2, sig2)
+        s2 = check_positive(prior_var if prior_var is not None else self.prior_var_, "prior_var")
+        sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
+        return self.problem_.spectrum(self.posterior_.space, self.posterior_.solver)(s2, sig2)
+
+    # ------------------------------------------------------------------ prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "posterior_"):
+            raise NotFittedError("this LinearizedRegressor is not fitted yet: call fit(X, y) first")
+
+    def _prior_mean(self, Xs: torch.Tensor) -> torch.Tensor:
+        """m(X*) for prepared inputs, (m, c): the network's outputs, or zeros with ``mean="zero"``."""
+        lin = self.linearization_
+        if self.mean == "network":
+            return lin.outputs(Xs)
+        return torch.zeros(Xs.shape[0], self.n_outputs_, dtype=torch.float64, device=lin.device)
+
+    def _latent_mean(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared inputs and the posterior mean of f there, m(X*) + J(X*) δ̄, shape (m, c)."""
+        Xs = self.linearization_.prepare_inputs(X, "X")
+        return Xs, self._prior_mean(Xs) + self.posterior_.mean_shift(Xs)
+
+    def _mixture_inputs(self, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the hyperparameter mixture (one output) at prepared inputs: the prior mean (m,), the cross
+        kernel K(X*, X) (m, N) and the prior variances k(x*, x*) (m,)."""
+        lin = self.linearization_
+        return self._prior_mean(Xs)[:, 0], lin.ntk(Xs, self._train_data[0]), lin.ntk_blocks(Xs)[:, 0, 0]
+
+    def predict(
+        self,
+        X: Any,
+        return_std: bool = False,
+        return_cov: bool = False,
+        include_noise: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Predictive mean, and optionally its standard deviation or covariance.
+
+        Args:
+            X: (m, ...) inputs.
+            return_std: also return the predictive standard deviation, same shape as the mean.
+            return_cov: also return the joint predictive covariance: (m, m) for one output, (m, c, m, c)
+                for c outputs (entry [i, a, j, b] = Cov(f_a(x_i), f_b(x_j))).
+            include_noise: the std / covariance of y (adds noise_var_) rather than of the latent f.
+
+        Returns:
+            mean of shape (m,) or (m, c) (as y in ``fit``), as float64 numpy arrays; with ``return_std`` or
+            ``return_cov`` a tuple (mean, std) or (mean, cov).
+        """
+        self._check_fitted()
+        if return_std and return_cov:
+            raise ValueError("at most one of return_std and return_cov can be requested")
+        post, c = self.posterior_, self.n_outputs_
+        if getattr(self, "mixture_", None) is not None:
+            return self._predict_mixture(X, return_std, return_cov, include_noise)
+        Xs, mean = self._latent_mean(X)
+        vector = self._y_ndim == 1
+        out_mean = (mean[:, 0] if vector else mean).cpu().numpy()
+        if not (return_std or return_cov):
+            return out_mean
+        noise = self.noise_var_ if include_noise else 0.0
+        if return_std:
+            blocks = post.latent_blocks(Xs)
+            var = torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(0.0) + noise
+            std = var.sqrt()
+            return out_mean, (std[:, 0] if vector else std).cpu().numpy()
+        cov = post.latent_cov(Xs)
+        cov.diagonal().add_(noise)
+        m = Xs.shape[0]
+        cov = cov.reshape(m, c, m, c)
+        return out_mean, (cov[:, 0, :, 0] if vector else cov).cpu().numpy()
+
+    def _predict_mixture(
+        self, X: Any, return_std: bool, return_cov: bool, include_noise: bool
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Mean (and std) of the predictive averaged over the hyperparameters (``marginalize=True``)."""
+        if return_cov:
+            raise ValueError("return_cov is not available with marginalize=True (the predictive is a mixture)")
+        prior_mean, Ks, kss = self._mixture_inputs(self.linearization_.prepare_inputs(X, "X"))
+        shift, var = self.mixture_.moments(Ks, kss, include_noise)
+        mean = (prior_mean + shift).cpu().numpy()
+        shape = (-1,) if self._y_ndim == 1 else (-1, 1)
+        if not return_std:
+            return mean.reshape(shape)
+        return mean.reshape(shape), var.sqrt().cpu().numpy().reshape(shape)
+
+    def predict_blocks(self, X: Any, include_noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean (m, c) and per-example c × c covariance blocks (m, c, c)."""
+        self._check_fitted()
+        if getattr(self, "mixture_", None) is not None:
+            raise ValueError("predict_blocks is not available with marginalize=True; use predict(return_std=True)")
+        post, c = self.posterior_, self.n_outputs_
+        Xs, mean = self._latent_mean(X)
+        blocks = post.latent_blocks(Xs)
+        if include_noise:
+            blocks = blocks + self.noise_var_ * torch.eye(c, dtype=blocks.dtype, device=blocks.device)
+        return mean.cpu().numpy(), blocks.cpu().numpy()

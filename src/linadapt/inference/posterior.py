@@ -1,0 +1,198 @@
+"""What every Gaussian posterior over the linearized weights shares: predictions through the Jacobian.
+
+With δ = θ − θ̂ ~ N(δ̄, S) a posterior (regression: exact; classification: Laplace), the latent outputs at
+test inputs X* are Gaussian with mean f(X*; θ̂) + J* δ̄ and covariance J* S J*ᵀ. Subclasses provide δ̄
+and B S Bᵀ for rows B of a Jacobian as a short sum of products (``_cov_terms``), without ever forming
+S (p × p); only the per-example blocks are computed when only those are wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
+from linadapt.kernels.operator import NTKOperator
+
+__all__ = ["LinearizedPosterior", "TrainingData"]
+
+
+class TrainingData:
+    """Training inputs of a linearized model and the kernel / Jacobian pieces every problem needs.
+
+    Every product with the training Jacobian J = J(X) (N × p, N = n·c, example-major) goes through this
+    class, so a sharded fit (``sharding`` given: X holds only this rank's examples, see
+    :mod:`linadapt.distributed`) changes nothing above it: output-space vectors are over all N rows and
+    parameter-space vectors are replicated on every rank.
+
+    Attributes: lin, X (prepared inputs of this process), options (solver settings), c (outputs per example),
+    n (examples, all ranks), n_obs = n·c, p (parameters), sharding (None for a single process), cache (dense
+    pieces, computed on first use).
+    """
+
+    def __init__(self, lin: Linearization, X: torch.Tensor, options: Any, c: int, sharding: Any = None) -> None:
+        self.lin, self.X, self.options, self.c = lin, X, options, c
+        self.sharding = sharding
+        self.n = sharding.n if sharding is not None else X.shape[0]
+        self.n_obs = self.n * c
+        self.p = lin.num_params
+        self.cache: dict[str, Any] = {}
+
+    # -- rows of this process -> rows of all processes ---------------------------------------------------
+    def gather_rows(self, local: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Rows of all examples along ``dim`` from this process's rows (identity without sharding)."""
+        return local if self.sharding is None else self.sharding.gather(local, dim)
+
+    def local_rows(self, full: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This process's rows of a tensor over all examples along ``dim``."""
+        return full if self.sharding is None else self.sharding.scatter_view(full, dim)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.sharding is None else self.sharding.all_reduce(t)
+
+    # -- products ----------------------------------------------------------------------------------------
+    def factored(self) -> Any:
+        """This process's J(X) held for repeated products, built on first use: as cached per-layer factors
+        (:class:`~linadapt.jacobian.structured.FactoredJacobian`) when the model's layers have rules, it has ≤ 32
+        outputs and the factors fit in half the memory budget; else as the network's retained autograd graph
+        (:class:`~linadapt.jacobian.graph.GraphJacobian`) when that fits in half the budget; else None (torch.func
+        products). Products with either need no forward pass through the network."""
+        if "factored" not in self.cache:
+            from linadapt.jacobian.graph import held_jacobian
+
+            held = held_jacobian(
+                self.lin,
+                self.X,
+                int(self.options.memory_budget) // 2,
+                factorize=getattr(self.options, "factorize", True),
+                graph=getattr(self.options, "graph_products", True),
+            )
+            self.cache["factored"] = held if held is not None else False
+        return self.cache["factored"] or None
+
+    def exact_products(self) -> bool:
+        """Make later products exact to float64 rounding where they were not (cached factors of a float32
+        network, see :meth:`~linadapt.jacobian.structured.FactoredJacobian.promote`); whether anything changed. Not for
+        a sharded fit (every process would have to agree)."""
+        fj = self.factored()
+        return self.sharding is None and hasattr(fj, "promote") and bool(fj.promote())
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V for parameter-space rows V (k, p): (k, n, c)."""
+        fj = self.factored()
+        local = fj.jvp(V) if fj is not None else self.lin.jvp(self.X, V)
+        return self.gather_rows(local, dim=1)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U for output-space rows U (k, n, c): (k, p) — a local vjp plus one all-reduce when sharded."""
+        fj = self.factored()
+        U_local = self.local_rows(U, dim=1)
+        return self._all_reduce(fj.vjp(U_local) if fj is not None else self.lin.vjp(self.X, U_local))
+
+    def k_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """K V = J (Jᵀ V) for V (N, k), matrix-free."""
+        k = V.shape[1]
+        W = self.vjp(V.T.reshape(k, self.n, self.c))
+        return self.jvp(W).reshape(k, self.n_obs).T
+
+    def chunk_sum(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Σ over Jacobian chunks of ``fn(rows, J_chunk)`` (rows: the chunk's slice of all examples,
+        J_chunk (b, c, p)); all-reduced when sharded."""
+        offset = 0 if self.sharding is None else self.sharding.local.start
+        total: torch.Tensor | None = None
+        for sl, jac in self.lin.jacobian_chunks(self.X):
+            part = fn(slice(sl.start + offset, sl.stop + offset), jac)
+            total = part if total is None else total + part
+        if total is None:  # a rank without examples contributes zeros of the right shape
+            total = fn(slice(0, 0), torch.zeros(0, self.c, self.p, dtype=ALGEBRA_DTYPE, device=self.lin.device))
+        return self._all_reduce(total)
+
+    @property
+    def operator(self) -> Any:
+        """K = J(X) J(X)ᵀ over all examples as a lazy operator (used for pivoted-Cholesky preconditioners)."""
+        if "operator" not in self.cache:
+            if self.sharding is None:
+                self.factored()  # held on the linearization, so the operator's products share it
+                self.cache["operator"] = NTKOperator(self.lin, self.X)
+            else:
+                from linadapt.distributed import ShardedNTKOperator
+
+                self.cache["operator"] = ShardedNTKOperator(self)
+        return self.cache["operator"]
+
+    def all_inputs(self) -> torch.Tensor:
+        """The inputs of all examples (gathered from every rank when sharded), cached."""
+        if self.sharding is None:
+            return self.X
+        if "X_all" not in self.cache:
+            self.cache["X_all"] = self.gather_rows(self.X)
+        return self.cache["X_all"]
+
+    # -- dense pieces ------------------------------------------------------------------------------------
+    def kernel(self) -> torch.Tensor:
+        """Dense K = J(X) J(X)ᵀ (N × N, example-major), cached. Sharded: computed on every rank from the
+        gathered inputs (the dense path is only chosen when K fits in memory)."""
+        if "K" not in self.cache:
+            self.cache["K"] = self.lin.ntk(self.all_inputs())
+        return self.cache["K"]
+
+    def jacobian_matrix(self) -> torch.Tensor:
+        """Dense J(X) as (N × p), cached. Sharded: the rows of every rank, gathered."""
+        if "J" not in self.cache:
+            self.cache["J"] = self.gather_rows(self.lin.jacobian(self.X)).reshape(self.n_obs, self.p)
+        return self.cache["J"]
+
+
+class LinearizedPosterior:
+    """Base class: ``lin`` (the linearization), ``delta`` (δ̄, shape (p,)), ``c`` (outputs per example),
+    ``memory_budget`` (bytes a dense Jacobian of test points may take). Subclasses give ``_cov_terms``."""
+
+    lin: Linearization
+    delta: torch.Tensor
+    c: int
+    memory_budget: int
+
+    def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Terms (coef, L, R) with B S Bᵀ = Σ coef · L R, L (k, D), R (D, k), for rows B (k, p)."""
+        raise NotImplementedError
+
+    def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
+        """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
+        return sum(coef * (L @ R) for coef, L, R in self._cov_terms(B))  # type: ignore[return-value]
+
+    def latent_cov_row_blocks(self, B: torch.Tensor, c: int) -> torch.Tensor:
+        """Only the diagonal c × c blocks of B S Bᵀ for B = (b·c, p) rows grouped by example: (b, c, c).
+
+        Costs O(D·b·c²) after the solves instead of O(D·(b·c)²) for the full matrix."""
+        b = B.shape[0] // c
+        out = torch.zeros(b, c, c, dtype=B.dtype, device=B.device)
+        for coef, L, R in self._cov_terms(B):
+            out += coef * torch.einsum("iad,dib->iab", L.reshape(b, c, -1), R.reshape(-1, b, c))
+        return out
+
+    def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
+        """J(X*) δ̄, shape (m, c)."""
+        return self.lin.jvp(Xs, self.delta)
+
+    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
+        """Per-example c × c posterior covariance blocks J(x) S J(x)ᵀ, shape (m, c, c)."""
+        out = []
+        for _, jac in self.lin.jacobian_chunks(Xs):
+            b, c, p = jac.shape
+            blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
+            out.append(0.5 * (blocks + blocks.transpose(1, 2)))
+        return torch.cat(out)
+
+    def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
+        """Full posterior covariance J* S J*ᵀ of the outputs at X*, shape (m·c, m·c), example-major."""
+        need = Xs.shape[0] * self.c * self.lin.num_params * 8
+        if need > self.memory_budget:
+            raise ValueError(
+                f"the full predictive covariance for {Xs.shape[0]} points needs a {need / 2**30:.1f} GiB Jacobian; "
+                "predict fewer points at once or ask for per-example blocks instead"
+            )
+        B = self.lin.jacobian(Xs).reshape(Xs.shape[0] * self.c, -1)
+        cov = self.latent_cov_rows(B)
+        return 0.5 * (cov + cov.T)

@@ -1,0 +1,423 @@
+"""The linearization of a network at its trained weights, and its matrix-free Jacobian products.
+
+For a network f(x; θ) with selected parameters θ (p entries, see :mod:`linadapt.jacobian.selection`) at the
+weights θ̂ it had when the :class:`Linearization` was made,
+
+    f_lin(x; θ) = f(x; θ̂) + J(x) (θ − θ̂),      J(x) = ∂f(x; θ)/∂θ |θ̂   (c × p for one example).
+
+Everything is computed with ``torch.func`` on a snapshot of the weights and buffers, with every module in
+eval mode (BatchNorm uses running statistics, dropout is off); the user's model object is only borrowed
+for its structure and is never changed (its ``training`` flags are restored after each call).
+
+Conventions: for n examples the outputs are (n, c); a flat parameter-space vector has p entries, laid
+out as the selected parameters flattened and concatenated in selection order. Results of products are
+float64 whatever dtype the network runs in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from linadapt._blocks import blocks
+from linadapt._validation import as_input_tensor
+from linadapt.jacobian.selection import ParamSpec, select_parameters
+
+__all__ = ["Linearization", "LinearizationError"]
+
+ALGEBRA_DTYPE = torch.float64
+_DEFAULT_CHUNK = 1024  # examples per chunk for products
+_JACOBIAN_BUDGET = 2**27  # float64 entries of a Jacobian chunk (1 GiB)
+_RHS_GROUP = 64  # right-hand sides pushed through one vmapped product
+
+
+class LinearizationError(ValueError):
+    """The model cannot be evaluated or differentiated as required (raised with the original error chained)."""
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration, then restore each module's own flag. Embeddings
+    with ``sparse=True`` give dense gradients meanwhile (torch.func cannot differentiate through sparse ones;
+    the values are the same)."""
+    modes = [(m, m.training) for m in model.modules()]
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for m in sparse:
+            m.sparse = False
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        for m in sparse:
+            m.sparse = True
+
+
+class Linearization:
+    """First-order Taylor expansion of ``model`` around its current weights, with Jacobian products.
+
+    Args:
+        model: any ``torch.nn.Module`` mapping a batch of n inputs to outputs of shape (n, c) or (n,)
+            (the latter is treated as c = 1).
+        params: which parameters θ are linearized (``"all"``, ``"last"``, ``"bias"`` or names / glob
+            patterns); see :func:`linadapt.jacobian.selection.select_parameters`. The others stay at θ̂.
+        chunk_size: examples per chunk in every product, bounding peak memory (default 1024; dense
+            Jacobians use smaller chunks so a chunk stays under 1 GiB).
+        device: where to compute (default: the device of the model's first parameter). The model is
+            not moved: a snapshot of its weights and buffers is placed there.
+
+    Attributes:
+        param_names: the selected parameter names, in flat-vector order.
+        num_params: p, the number of selected scalar parameters.
+        net_dtype: the dtype the network runs in (that of its floating parameters).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = "all",
+        chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.param_names = select_parameters(model, params)
+        named = dict(model.named_parameters(remove_duplicate=True))
+        first = named[self.param_names[0]]
+        self.device = torch.device(device) if device is not None else first.device
+        if not first.is_floating_point():
+            raise LinearizationError(f"parameter {self.param_names[0]!r} is not floating point: cannot differentiate")
+        self.net_dtype = first.dtype
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = int(chunk_size) if chunk_size is not None else None
+        self.model = model
+        with torch.no_grad():
+            self.theta = {n: named[n].detach().clone().to(self.device) for n in self.param_names}
+            frozen = {n: p.detach().clone().to(self.device) for n, p in named.items() if n not in self.theta}
+            frozen.update(
+                {n: b.detach().clone().to(self.device) for n, b in model.named_buffers(remove_duplicate=True)}
+            )
+        self.frozen = frozen
+        self.shapes = [self.theta[n].shape for n in self.param_names]
+        self.numels = [self.theta[n].numel() for n in self.param_names]
+        self.num_params = int(sum(self.numels))
+        self._num_outputs: int | None = None
+        self._per_example_jacobian = True
+        self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
+        self._structured: Any = None  # StructuredNTK once built; False when it does not apply
+        self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
+        self._held: list | None = None  # [inputs key, uses, held J(X) | False | None] (graphcache.held_jacobian)
+        # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
+        # when the network fails on inputs of another shape (not checked up front: some networks take several)
+        self.fitted_input_shape: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ basics
+    def __repr__(self) -> str:
+        return (
+            f"Linearization({type(self.model).__name__}, {len(self.param_names)} tensors, p={self.num_params}, "
+            f"dtype={self.net_dtype}, device={self.device})"
+        )
+
+    def prepare_inputs(self, X: Any, name: str = "X") -> torch.Tensor:
+        """Validate inputs and put them on the compute device; floating inputs take the network's dtype."""
+        X = as_input_tensor(X, name)
+        if X.is_floating_point():
+            X = X.to(dtype=self.net_dtype)
+        return X.to(self.device)
+
+    def _f(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Raw network output on one chunk, reshaped to (b, c)."""
+        out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
+        if not isinstance(out, torch.Tensor):
+            raise LinearizationError(f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}")
+        if out.dim() == 1:
+            out = out.unsqueeze(-1)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise LinearizationError(
+                f"model output must have shape (n, c) or (n,) for n = {x.shape[0]} inputs, got {tuple(out.shape)}"
+            )
+        return out
+
+    def _chunk_slices(self, n: int, size: int | None = None) -> list[slice]:
+        return blocks(n, size or self.chunk_size or _DEFAULT_CHUNK)
+
+    @property
+    def num_outputs(self) -> int:
+        """c, the number of network outputs (known after the first evaluation)."""
+        if self._num_outputs is None:
+            raise RuntimeError("num_outputs is known after the model has been evaluated once (call outputs(X))")
+        return self._num_outputs
+
+    def output_dim(self, X: torch.Tensor) -> int:
+        """c, evaluating the network on one example if it has not been evaluated yet."""
+        if self._num_outputs is None:
+            self.outputs(X[:1])
+        return self.num_outputs
+
+    # ------------------------------------------------------------------ flat vectors
+    def unflatten(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., p) flat vectors -> {name: (..., *shape)} in the network's dtype."""
+        lead = V.shape[:-1]
+        parts = V.to(self.net_dtype).split(self.numels, dim=-1)
+        return {n: part.reshape(*lead, *s) for n, part, s in zip(self.param_names, parts, self.shapes)}
+
+    def flatten(self, tree: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        """{name: (*lead_shape, *shape)} -> (*lead_shape, p) in float64; ``lead`` counts the leading dims."""
+        first = tree[self.param_names[0]]
+        lead_shape = first.shape[:lead]
+        return torch.cat([tree[n].reshape(*lead_shape, -1).to(ALGEBRA_DTYPE) for n in self.param_names], dim=-1)
+
+    def theta_vector(self) -> torch.Tensor:
+        """θ̂ as a flat float64 vector (p,)."""
+        return self.flatten(self.theta, 0)
+
+    # ------------------------------------------------------------------ evaluation
+    def _guard(self, what: str, fn, *args, inputs: torch.Tensor | None = None):
+        """``fn(*args)`` in eval mode; any error but a LinearizationError reported as one clear
+        LinearizationError — naming both shapes when ``inputs`` differ per example from those an estimator was
+        fitted on (the likeliest cause then)."""
+        try:
+            with _eval_mode(self.model):
+                return fn(*args)
+        except LinearizationError:
+            raise
+        except Exception as exc:  # torch raises many types; report them as one clear error
+            fitted = self.fitted_input_shape
+            if inputs is not None and fitted is not None and tuple(inputs.shape[1:]) != fitted:
+                raise LinearizationError(
+                    f"{what} failed on inputs of shape {tuple(inputs.shape[1:])} per example, but the model was "
+                    f"fitted on inputs of shape {fitted} ({type(exc).__name__}: {exc})"
+                ) from exc
+            raise LinearizationError(
+                f"{what} failed for {type(self.model).__name__} ({type(exc).__name__}: {exc}). The model must "
+                "accept a batch of inputs and be differentiable with torch.func (functional_call, jvp, vjp, vmap)."
+            ) from exc
+
+    def outputs(self, X: Any) -> torch.Tensor:
+        """f(X; θ̂), shape (n, c), float64."""
+        X = self.prepare_inputs(X)
+        outs = []
+        with torch.no_grad():
+            for sl in self._chunk_slices(X.shape[0]):
+                out = self._guard("forward pass", self._f, self.theta, X[sl], inputs=X[sl])
+                outs.append(out.to(ALGEBRA_DTYPE))
+        result = torch.cat(outs)
+        if self._num_outputs is None:
+            self._num_outputs = int(result.shape[1])
+        if not bool(torch.isfinite(result).all()):
+            raise LinearizationError("model output contains NaN or inf on these inputs")
+        return result
+
+    def jvp(self, X: Any, V: torch.Tensor) -> torch.Tensor:
+        """J(X) v for one or many parameter-space vectors.
+
+        Args:
+            X: (n, ...) inputs.
+            V: (p,) or (k, p).
+
+        Returns:
+            (n, c) or (k, n, c), float64: entry [j, i, a] = Σ_q ∂f_a(x_i)/∂θ_q · V[j, q].
+        """
+        X = self.prepare_inputs(X)
+        single = V.dim() == 1
+        V = V.reshape(-1, self.num_params).to(self.device)
+        if not self._forward_ad:
+            out = self._jvp_by_jacobian(X, V)
+            return out[0] if single else out
+        groups = []
+        for g in range(0, V.shape[0], _RHS_GROUP):
+            tangents = self.unflatten(V[g : g + _RHS_GROUP])
+            chunks = []
+            for sl in self._chunk_slices(X.shape[0]):
+                xb = X[sl]
+
+                def push(t: dict[str, torch.Tensor], xb: torch.Tensor = xb) -> torch.Tensor:
+                    return jvp(lambda th: self._f(th, xb), (self.theta,), (t,))[1]
+
+                try:
+                    if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
+                        one = {name: t[0] for name, t in tangents.items()}
+                        result = self._guard("Jacobian-vector product (jvp)", push, one, inputs=xb).unsqueeze(0)
+                    else:
+                        result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
+                except LinearizationError as exc:
+                    cause = str(exc.__cause__)
+                    if not any(m in cause for m in ("forward AD", "forward mode AD", "forward-mode")):
+                        raise
+                    self._forward_ad = False  # a module torch has no forward mode for: reverse mode from now on
+                    out = self._jvp_by_jacobian(X, V)
+                    return out[0] if single else out
+                chunks.append(result.to(ALGEBRA_DTYPE))
+            groups.append(torch.cat(chunks, dim=1))
+        out = torch.cat(groups, dim=0)
+        self._num_outputs = int(out.shape[-1])
+        return out[0] if single else out
+
+    def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """J(X) V for V (k, p) through reverse-mode Jacobian chunks (memory-bounded): the fallback for models
+        with a module that has no forward-mode AD in torch (e.g. ``nn.EmbeddingBag``). (k, n, c), float64."""
+        V = V.to(ALGEBRA_DTYPE)
+        parts = [torch.einsum("bcp,kp->kbc", J, V) for _, J in self.jacobian_chunks(X)]
+        out = torch.cat(parts, dim=1)
+        self._num_outputs = int(out.shape[-1])
+        return out
+
+    def vjp(self, X: Any, U: torch.Tensor) -> torch.Tensor:
+        """J(X)ᵀ u for one or many output-space vectors.
+
+        Args:
+            X: (n, ...) inputs.
+            U: (n, c) or (k, n, c).
+
+        Returns:
+            (p,) or (k, p), float64: entry [j, q] = Σ_{i,a} ∂f_a(x_i)/∂θ_q · U[j, i, a].
+        """
+        X = self.prepare_inputs(X)
+        single = U.dim() == 2
+        if single:
+            U = U.unsqueeze(0)
+        if U.dim() != 3 or U.shape[1] != X.shape[0]:
+            raise ValueError(f"U must have shape (n, c) or (k, n, c) with n = {X.shape[0]}, got {tuple(U.shape)}")
+        U = U.to(device=self.device, dtype=self.net_dtype)
+        result = torch.zeros(U.shape[0], self.num_params, dtype=ALGEBRA_DTYPE, device=self.device)
+        for sl in self._chunk_slices(X.shape[0]):
+            xb = X[sl]
+
+            def pull(xb: torch.Tensor = xb, ub: torch.Tensor = U[:, sl]) -> torch.Tensor:
+                out, fn = vjp(lambda th: self._f(th, xb), self.theta)
+                if out.shape[1] != ub.shape[2]:
+                    raise ValueError(f"U has {ub.shape[2]} outputs per example but the model has {out.shape[1]}")
+                parts = []
+                if ub.shape[0] == 1:  # one vector: no vmap
+                    return self.flatten(fn(ub[0])[0], 0).unsqueeze(0)
+                for g in range(0, ub.shape[0], _RHS_GROUP):
+                    parts.append(self.flatten(vmap(fn)(ub[g : g + _RHS_GROUP])[0], 1))
+                return torch.cat(parts)
+
+            result += self._guard("vector-Jacobian product (vjp)", pull, inputs=xb)
+        return result[0] if single else result
+
+    # ------------------------------------------------------------------ dense Jacobians
+    def _jacobian_chunk(self, xb: torch.Tensor) -> torch.Tensor:
+        """Dense J for a chunk, (b, c, p), float64."""
+        if self._per_example_jacobian:
+            try:
+
+                def f_single(th: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+                    return self._f(th, x.unsqueeze(0))[0]
+
+                with _eval_mode(self.model):
+                    jac = vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, xb)
+                return self.flatten(jac, 2)
+            except LinearizationError:
+                raise
+            except Exception:
+                # Some models cannot run on one example under vmap; use reverse mode over a basis instead.
+                self._per_example_jacobian = False
+
+        def basis_pull() -> torch.Tensor:
+            out, fn = vjp(lambda th: self._f(th, xb), self.theta)
+            b, c = out.shape
+            eye = torch.eye(b * c, dtype=out.dtype, device=out.device).reshape(b * c, b, c)
+            rows = torch.cat(
+                [self.flatten(vmap(fn)(eye[g : g + _RHS_GROUP])[0], 1) for g in range(0, b * c, _RHS_GROUP)]
+            )
+            return rows.reshape(b, c, -1)
+
+        return self._guard("Jacobian", basis_pull, inputs=xb)
+
+    def _jacobian_chunk_size(self, c: int) -> int:
+        by_memory = max(1, _JACOBIAN_BUDGET // max(1, c * self.num_params))
+        return max(1, min(self.chunk_size or _DEFAULT_CHUNK, by_memory))
+
+    def jacobian_chunks(self, X: Any) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (slice, J(X[slice])) with J chunks of shape (b, c, p), float64, memory-bounded."""
+        X = self.prepare_inputs(X)
+        c = self.output_dim(X)
+        for sl in self._chunk_slices(X.shape[0], self._jacobian_chunk_size(c)):
+            yield sl, self._jacobian_chunk(X[sl])
+
+    def jacobian(self, X: Any) -> torch.Tensor:
+        """Dense J(X), shape (n, c, p), float64. Memory n·c·p·8 bytes: for small problems and tests."""
+        return torch.cat([jac for _, jac in self.jacobian_chunks(X)])
+
+    def structured(self, X: torch.Tensor) -> Any:
+        """The per-layer NTK engine (:class:`~linadapt.jacobian.structured.StructuredNTK`) if some selected parameter
+        has a layer rule and the rules agree with autodiff on this model (checked once, on X[:2]); else None."""
+        if self._structured is None:
+            from linadapt.jacobian.structured import StructuredNTK
+
+            engine = StructuredNTK(self)
+            self._structured = engine if engine.layers else False
+        if self._structured is not False and not self._structured.check(X):
+            self._structured = False
+        return self._structured or None
+
+    def ntk_blocks(self, X: Any, method: str = "auto") -> torch.Tensor:
+        """The per-example c×c blocks J(x_i) J(x_i)ᵀ, shape (n, c, c), float64, without storing J.
+
+        ``method``: ``"auto"`` — per-layer rules where they apply (see :mod:`linadapt.jacobian.structured`);
+        ``"jacobian"`` — contraction of per-example Jacobian chunks."""
+        X = self.prepare_inputs(X)
+        engine = self.structured(X) if _check_method(method) == "auto" else None
+        if engine is not None:
+            return engine.diagonal_blocks(X)
+        return torch.cat([torch.einsum("bcp,bdp->bcd", jac, jac) for _, jac in self.jacobian_chunks(X)])
+
+    def ntk(self, X1: Any, X2: Any | None = None, output: Any = None, method: str = "auto") -> torch.Tensor:
+        """Dense NTK, float64.
+
+        Args:
+            X1, X2: inputs (X2 = None: X1).
+            output: ``None`` — J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major (entry [i·c + a, j·c + b] =
+                J_a(x_i)·J_b(x'_j)); ``"sum"`` — the trace kernel Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2); an index a —
+                J_a(X1) J_a(X2)ᵀ, (n1, n2).
+            method: ``"auto"`` — per-layer structured products (Linear and convolution layers; the rest by
+                Jacobian contraction restricted to them), ``"jacobian"`` — contraction of per-example
+                Jacobian chunks of all selected parameters.
+        """
+        X1 = self.prepare_inputs(X1, "X1")
+        X2t = None if X2 is None else self.prepare_inputs(X2, "X2")
+        c = self.output_dim(X1)
+        if output is not None and output != "sum":
+            if isinstance(output, bool) or not isinstance(output, int) or not 0 <= output < c:
+                raise ValueError(f"output must be None, 'sum' or an output index in [0, {c}); got {output!r}")
+        engine = self.structured(X1) if _check_method(method) == "auto" else None
+        if engine is not None:
+            return engine.kernel(X1, X2t, output)
+        K = self._ntk_jacobian(X1, X2t).reshape(X1.shape[0], c, -1, c)
+        if output is None:
+            return K.reshape(X1.shape[0] * c, -1)
+        if output == "sum":
+            return torch.diagonal(K, dim1=1, dim2=3).sum(-1)
+        return K[:, output, :, output].contiguous()
+
+    def _ntk_jacobian(self, X1: torch.Tensor, X2: torch.Tensor | None) -> torch.Tensor:
+        """J(X1) J(X2)ᵀ, (n1·c, n2·c), by contracting Jacobian chunks."""
+        X2t = X1 if X2 is None else X2
+        c = self.output_dim(X1)
+        n1, n2 = X1.shape[0], X2t.shape[0]
+        K = torch.zeros(n1, c, n2, c, dtype=ALGEBRA_DTYPE, device=self.device)
+        cache_second = n2 * c * self.num_params <= _JACOBIAN_BUDGET
+        second: list[tuple[slice, torch.Tensor]] | None = list(self.jacobian_chunks(X2t)) if cache_second else None
+        for sl1, j1 in self.jacobian_chunks(X1):
+            for sl2, j2 in second if second is not None else self.jacobian_chunks(X2t):
+                if X2 is None and second is not None and sl2.start < sl1.start:
+                    continue  # symmetric: fill from the transpose below
+                block = torch.einsum("icp,jdp->icjd", j1, j2)
+                K[sl1, :, sl2, :] = block
+                if X2 is None and second is not None:
+                    K[sl2, :, sl1, :] = block.permute(2, 3, 0, 1)
+        return K.reshape(n1 * c, n2 * c)
+
+
+def _check_method(method: str) -> str:
+    if method not in ("auto", "jacobian"):
+        raise ValueError(f"method must be 'auto' or 'jacobian', got {method!r}")
+    return method

@@ -1,0 +1,565 @@
+"""Per-layer (structured) dense NTK against the plain Jacobian contraction and an independent reference."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
+from torch import nn
+
+from linadapt import ntk_gram
+from linadapt.jacobian.linearization import Linearization
+from linadapt.jacobian.structured import StructuredNTK
+
+
+class ConvZoo(nn.Module):
+    """Conv2d with stride / dilation / no bias, Conv1d, a grouped conv (no rule), LayerNorm (no rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (2, 3), dilation=(1, 2), bias=False)
+        self.g = nn.Conv2d(4, 4, 1, groups=2)
+        self.c3 = nn.Conv1d(4, 3, 2, padding=1)
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.g(torch.tanh(self.c2(h))))
+        h = torch.tanh(self.c3(h.flatten(2)))  # (n, 3, L)
+        h = self.norm(h.mean(-1))
+        return self.head(h)
+
+
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass that pads asymmetrically inside ``forward`` (as TF-style "same" padding layers do):
+    the module's input is not what ``F.conv2d`` sees, so no layer rule may be used for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class Padded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SamePadConv(2, 3, 3, stride=2)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.stem(x)))).flatten(1))
+
+
+class Tokens(nn.Module):
+    """A Linear layer applied at every position of a sequence (n, T, d): the per-example gradient sums over T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.proj(x)).mean(1))
+
+
+class Mixer(nn.Module):
+    """Mixes the examples of a batch (centres by the batch mean): the per-example rules do not hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def _zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    names = ("mlp", "resnet", "shared", "embedder", "single")
+    cases = {name: (BUILDERS[name](), inputs_for(name, 7)) for name in names}
+    cases["conv"] = (ConvZoo().double(), torch.randn(7, 2, 7, 9, generator=g, dtype=torch.float64))
+    cases["tokens"] = (Tokens().double(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
+    cases["samepad"] = (Padded().double(), torch.randn(7, 2, 8, 8, generator=g, dtype=torch.float64))
+    return cases
+
+
+ZOO = _zoo()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.fixture(params=["auto", "position-gram", "both"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form (kernels)
+    and unexpanded (for the cached-factor products: convolutions multiplied by convolution, sequence layers from
+    their inputs and output gradients), or ("both") convolutions held in both product forms, each product
+    taking the one that is cheaper for its number of vectors."""
+    import linadapt.jacobian.structured as structured
+
+    if request.param == "position-gram":
+        monkeypatch.setattr(structured, "_position_gram_cheaper", lambda *_: True)
+        monkeypatch.setattr(structured, "_position_form_for_products", lambda *_: True)
+        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, False))
+    if request.param == "both":
+        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, True))
+    return request.param
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("params", ["all", "last", "bias"])
+def test_structured_kernel_equals_reference_jacobian(name: str, params: str, route: str) -> None:
+    model, X = ZOO[name]
+    lin = Linearization(model, params, chunk_size=3)  # several chunks: off-diagonal blocks and their mirror
+    J = reference_jacobian(model, X, lin.param_names)  # (n, c, p) by plain autograd
+    n, c = J.shape[:2]
+    full = torch.einsum("iap,jbp->iajb", J, J)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these models may trigger the disagreement fallback
+        K = lin.ntk(X)
+    assert K.shape == (n * c, n * c) and K.dtype == torch.float64
+    assert _rel(K, full.reshape(n * c, n * c)) < 1e-12
+    assert _rel(lin.ntk(X, output="sum"), torch.diagonal(full, dim1=1, dim2=3).sum(-1)) < 1e-12
+    assert _rel(lin.ntk(X, output=c - 1), full[:, c - 1, :, c - 1]) < 1e-12
+    blocks = torch.einsum("iap,ibp->iab", J, J)
+    assert _rel(lin.ntk_blocks(X), blocks) < 1e-12
+    # cross kernel between different inputs, against the plain contraction
+    X2 = X[2:5]
+    assert _rel(lin.ntk(X, X2), lin.ntk(X, X2, method="jacobian")) < 1e-12
+    assert _rel(lin.ntk(X2, X, output="sum"), lin.ntk(X2, X, output="sum", method="jacobian")) < 1e-12
+
+
+def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
+    model, X = ZOO["conv"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert engine is not None
+    assert {layer.name for layer in engine.layers} == {"c1", "c2", "c3", "head"}
+    assert engine.fallback == ["g.weight", "g.bias", "norm.weight", "norm.bias"]
+    # a layer run twice loses its rule (its weight gets contributions from both calls); the others keep theirs
+    model, X = ZOO["shared"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {layer.name for layer in engine.layers} == {"inp", "out"}
+    assert engine.fallback == ["mid.weight", "mid.bias"]
+    # a conv subclass with its own forward (padding applied inside) goes to the fallback
+    model, X = ZOO["samepad"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {layer.name for layer in engine.layers} == {"conv", "head"}
+    assert engine.fallback == ["stem.weight", "stem.bias"]
+
+
+def test_a_model_whose_every_layer_is_reused_falls_back_to_autodiff() -> None:
+    """All rules demoted (the only layer runs twice): no structured engine, and every entry point — the
+    estimators, the dense kernel, the operator — works through the plain Jacobian instead of failing."""
+    from linadapt import LinearizedRegressor, NTKOperator
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l(x) + torch.tanh(self.l(x))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    X, Y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    lin = Linearization(model)
+    assert lin.structured(lin.prepare_inputs(X)) is None
+    J = reference_jacobian(model, X, lin.param_names).reshape(12, -1)  # (n·c, p)
+    torch.testing.assert_close(ntk_gram(model, X), J @ J.T, rtol=1e-10, atol=1e-12)
+    K = NTKOperator(model, X)
+    torch.testing.assert_close(K.to_dense(), J @ J.T, rtol=1e-10, atol=1e-12)
+    mean = LinearizedRegressor(model).fit(X, Y).predict(X)
+    assert mean.shape == (6, 2) and bool(torch.isfinite(torch.as_tensor(mean)).all())
+
+
+def test_layers_with_few_positions_and_many_weights_use_the_position_gram() -> None:
+    """A 1 × 1 convolution (64 → 64 channels) on a 2 × 2 map: the position Gram (4² pairs) is cheaper than
+    contracting its 4,160 per-example gradients per output; a 3 × 3 convolution on 8 × 8 is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(64, 64, 1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(256, 4),
+    ).double()
+    X = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    lin = Linearization(model, chunk_size=4)
+    engine = lin.structured(lin.prepare_inputs(X))
+    f = engine._features(lin.prepare_inputs(X))
+    assert f.spatial_names == [("3.weight", "3.bias")] and len(f.dense) == 1  # conv 0: per-example gradients
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(24, 24)) < 1e-12
+
+
+def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode() -> None:
+    model, X = ZOO["resnet"]
+    assert model.training
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert set(engine.fallback) == {"bn.weight", "bn.bias", "block.bn.weight", "block.bn.bias"}
+    K1 = lin.ntk(X[:3])
+    K2 = lin.ntk(X)  # BatchNorm uses running statistics: a block does not depend on the other examples
+    assert _rel(K2[:9, :9], K1) < 1e-12
+    assert model.training  # the user's flags are restored
+
+
+def test_a_model_that_mixes_examples_is_detected_and_uses_the_jacobian_contraction() -> None:
+    torch.manual_seed(0)
+    model = Mixer().double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    lin = Linearization(model)
+    with pytest.warns(UserWarning, match="disagrees with autodiff"):
+        K = lin.ntk(X)
+    assert lin.structured(lin.prepare_inputs(X)) is None
+    assert torch.equal(K, lin.ntk(X, method="jacobian"))
+
+
+def test_float32_network_kernel_is_float64_and_accurate_to_network_precision() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    X = torch.randn(9, 1, 6, 6)
+    K32 = ntk_gram(net, X)
+    K64 = ntk_gram(net.double(), X.double(), method="jacobian")
+    assert K32.dtype == torch.float64
+    assert _rel(K32, K64) < 1e-5
+
+
+def test_ntk_gram_and_operator_options() -> None:
+    model, X = ZOO["mlp"]
+    lin = Linearization(model)
+    with pytest.raises(ValueError, match="method"):
+        ntk_gram(lin, X, method="fast")
+    with pytest.raises(ValueError, match="output"):
+        ntk_gram(lin, X, output=3)
+    from linadapt import NTKOperator
+
+    op = NTKOperator(lin, X)
+    assert _rel(op.to_dense(), ntk_gram(lin, X, method="jacobian")) < 1e-12
+    op_sum = NTKOperator(lin, X, X[:3], output="sum")
+    assert _rel(op_sum.to_dense(), ntk_gram(lin, X, X[:3], output="sum", method="jacobian")) < 1e-12
+
+
+def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result() -> None:
+    model, X = ZOO["conv"]
+    lin = Linearization(model, chunk_size=2)
+    engine = StructuredNTK(lin, verify=False)
+    assert engine.check(lin.prepare_inputs(X))
+    K = engine.kernel(lin.prepare_inputs(X))
+    assert _rel(K, Linearization(model).ntk(X, method="jacobian")) < 1e-12
+
+
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    c=st.integers(1, 4),
+    n=st.integers(1, 9),
+    act=st.sampled_from(["tanh", "relu", "gelu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_structured_mlp_kernel_is_the_jacobian_kernel(widths: list[int], c: int, n: int, act: str, seed: int) -> None:
+    """Random MLPs: the structured kernel equals the contraction, is symmetric and positive semi-definite."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = 3
+    for w in widths:
+        layers += [nn.Linear(d, w), {"tanh": nn.Tanh(), "relu": nn.ReLU(), "gelu": nn.GELU()}[act]]
+        d = w
+    net = nn.Sequential(*layers, nn.Linear(d, c)).double()
+    X = torch.randn(n, 3, dtype=torch.float64)
+    lin = Linearization(net, chunk_size=4)
+    K = lin.ntk(X)
+    assert _rel(K, lin.ntk(X, method="jacobian")) < 1e-11
+    assert torch.equal(K, K.T)
+    assert float(torch.linalg.eigvalsh(K).min()) > -1e-10 * max(1.0, float(K.diagonal().max()))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("k", [1, 6])  # one vector (broadcast products) and several (batched matmuls)
+def test_factored_jacobian_products_equal_autodiff(name: str, k: int, route: str) -> None:
+    from linadapt.jacobian.structured import factored_jacobian
+
+    model, X = ZOO[name]
+    for params in ("all", "bias"):
+        lin = Linearization(model, params, chunk_size=3)  # factors built over chunks, then joined
+        Xp = lin.prepare_inputs(X)
+        fj = factored_jacobian(lin, Xp, budget=2**30)
+        assert fj is not None  # (its factors may be empty: biases of an output layer need none)
+        g = torch.Generator().manual_seed(k)
+        U = torch.randn(k, X.shape[0], lin.output_dim(Xp), generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(Xp, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
+
+
+def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    import linadapt.jacobian.structured as structured
+
+    monkeypatch.setattr(structured, "_PRODUCT_BUDGET", 7)  # blocks of one example: temporaries stay bounded
+    model, X = ZOO["conv"]
+    lin = Linearization(model)
+    Xp = lin.prepare_inputs(X)
+    fj = structured.factored_jacobian(lin, Xp, budget=2**30)
+    assert [sl.stop - sl.start for sl in fj._blocks(6)] == [1] * X.shape[0]
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(6, X.shape[0], 3, generator=g, dtype=torch.float64)
+    V = torch.randn(2, lin.num_params, generator=g, dtype=torch.float64)
+    assert _rel(fj.vjp(U), lin.vjp(Xp, U)) < 1e-13
+    assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-13
+
+
+def test_factored_jacobian_compact_output_gradients() -> None:
+    """The output layer's gradients are g_ia = e_a: not stored (None). A layer followed by an elementwise map
+    and a linear output layer has g_ia = R_a ⊙ D_i: stored as the two factors. Deeper layers, and layers
+    followed by a fixed mixing of the outputs where that breaks neither form, keep what they need."""
+    from linadapt.jacobian.structured import factored_jacobian
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    deep = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    mixed = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), _Mix()).double()
+    X = torch.randn(7, 4, dtype=torch.float64)
+
+    def form(G) -> str:
+        return "identity" if G is None else "rank-one" if isinstance(G, tuple) else "full"
+
+    for model, forms in (
+        (plain, ["rank-one", "identity"]),
+        (deep, ["full", "rank-one", "identity"]),
+        (mixed, ["rank-one", "rank-one"]),  # the mixing is the same for every example: rank one, not identity
+    ):
+        lin = Linearization(model)
+        fj = factored_jacobian(lin, X, budget=2**30)
+        assert [form(G) for _, G, _, _ in fj.outer] == forms
+        for k in (1, 6):
+            U = torch.randn(k, 7, 3, dtype=torch.float64)
+            V = torch.randn(k, lin.num_params, dtype=torch.float64)
+            assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+            assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
+def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() -> None:
+    """The benchmark CNN's second convolution (followed by ReLU and the output layer: output gradients of rank
+    one) is kept as its input and output gradients for products by convolution — cheaper for one vector than a
+    memory-bound pass over its materialised per-example gradients; those are cheaper for many vectors and are
+    formed from the held factors on the first product with many vectors. The first convolution (general
+    output gradients, few weights) is materialised at build. Products through either route equal autodiff;
+    a materialised form that would not fit the budget is not formed (and the convolution serves)."""
+    import linadapt.jacobian.structured as structured
+    from linadapt.app.bench import cnn
+    from linadapt.jacobian.structured import factored_jacobian
+
+    torch.manual_seed(0)
+    model = cnn().double()
+    X = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    lin = Linearization(model, chunk_size=5)
+    fj = factored_jacobian(lin, X, budget=2**30)
+    assert [w for *_, w, _ in fj.conv] == ["2.weight"] and fj._wants_dense == [True]
+    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"]]
+    lean_bytes = fj.nbytes()
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 2, 16, 1):
+        U = torch.randn(k, 12, 10, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+        if k == 2:  # still by convolution
+            assert len(fj.dense) == 1 and fj._conv_routes(2) == ([0], set())
+    assert [names for _, names in fj.dense] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
+    # the block formed from the held factors equals the one the network's backward pass gives
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(structured, "_conv_forms", lambda *_: (False, True))
+        plain = factored_jacobian(Linearization(model, chunk_size=5), X, budget=2**30)
+    assert _rel(fj.dense[1][0], plain.dense[1][0]) < 1e-14
+    # within a budget that has no room for it, the materialised form is never formed
+    tight = factored_jacobian(Linearization(model), X, budget=2**30)
+    tight.budget = lean_bytes + 1  # (the build's own check counts the output gradients before compaction)
+    U = torch.randn(16, 12, 10, generator=g, dtype=torch.float64)
+    assert _rel(tight.jvp(tight.vjp(U)), fj.jvp(fj.vjp(U))) < 1e-13
+    assert len(tight.dense) == 1 and tight._wants_dense == [False] and tight._conv_routes(16) == ([0], set())
+
+
+@pytest.mark.parametrize("forms", [(True, False), (True, True), (False, True)])
+def test_convolution_whose_outputs_are_the_networks_outputs(monkeypatch: pytest.MonkeyPatch, forms) -> None:
+    """A fully convolutional network (outputs = the last convolution's map, flattened): its output gradients
+    are the identity, which the position-major layout of the products by convolution reorders."""
+    import linadapt.jacobian.structured as structured
+
+    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten()).double()
+    X = torch.randn(5, 2, 4, 4, dtype=torch.float64)  # 2 channels × 2 × 2 = 8 outputs
+    lin = Linearization(model)
+    fj = structured.factored_jacobian(lin, X, budget=2**30)
+    assert len(fj.conv) == (2 if forms[0] else 0)
+    assert len(fj.dense) == (0 if forms[0] else 2)  # (with both forms: materialised on first use)
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 3, 20):
+        U = torch.randn(k, 5, 8, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), lin.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), lin.jvp(X, V)) < 1e-13
+
+
+@pytest.mark.parametrize("forms", [(True, False), (True, True)])
+def test_channels_last_model_and_inputs(monkeypatch: pytest.MonkeyPatch, forms) -> None:
+    """A model and inputs already in channels-last memory (as users convert them for speed): the layer inputs and
+    output gradients the hooks see are channels-last too; kernels and products are unchanged."""
+    import linadapt.jacobian.structured as structured
+
+    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    model, X = ZOO["conv"]
+    ref = Linearization(model)
+    K_ref = ref.ntk(X)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    X_cl = X.contiguous(memory_format=torch.channels_last)
+    lin = Linearization(model_cl)
+    assert _rel(lin.ntk(X_cl), K_ref) < 1e-12
+    fj = structured.factored_jacobian(lin, lin.prepare_inputs(X_cl), budget=2**30)
+    assert [w for *_, w, _ in fj.conv] == ["c1.weight", "c2.weight", "c3.weight"]  # (the grouped conv: no rule)
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 5):
+        U = torch.randn(k, X.shape[0], 3, generator=g, dtype=torch.float64)
+        V = torch.randn(k, lin.num_params, generator=g, dtype=torch.float64)
+        assert _rel(fj.vjp(U), ref.vjp(X, U)) < 1e-13
+        assert _rel(fj.jvp(V), ref.jvp(X, V)) < 1e-13
+
+
+def test_convolution_product_cost_model() -> None:
+    from linadapt.jacobian.structured import _conv_forms
+
+    # 3×3 conv 16 → 32 on 8 × 8 before the output layer (rank-one output gradients: 2,048 stored entries)
+    assert _conv_forms(64, 144, 32, 10, 2048, 1024) == (True, True)
+    # the same layer with general output gradients (c× more stored): still both, with 3 outputs (as many
+    # stored entries, fewer materialised) materialised only
+    assert _conv_forms(64, 144, 32, 10, 20480, 1024) == (True, True)
+    assert _conv_forms(64, 144, 32, 3, 6144, 1024) == (False, True)
+    # the first conv of that network (1 → 16 channels): few weights per output, materialised only
+    assert _conv_forms(64, 9, 16, 10, 10240, 64) == (False, True)
+    # a 1 × 1 conv 320 → 1280 on 2 × 2 (an image network's head): by convolution only, at any number of vectors
+    assert _conv_forms(4, 320, 1280, 10, 5120, 1280) == (True, False)
+
+
+def test_rank_one_detection_rejects_near_rank_one() -> None:
+    from linadapt.jacobian.structured import _rank_one_outputs
+
+    g = torch.Generator().manual_seed(0)
+    R, D = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    G = R[:, None] * D[None]
+    R2, D2 = _rank_one_outputs(G)
+    assert torch.allclose(R2[:, None] * D2[None], G, rtol=0, atol=1e-15)
+    G[1, 2, 3] += 1e-9  # one entry off: not rank one
+    assert _rank_one_outputs(G) is None
+    D[:, 1] = 0.0  # a column of zeros (a dead unit) is fine
+    R3, D3 = _rank_one_outputs(R[:, None] * D[None])
+    assert torch.allclose(R3[:, None] * D3[None], R[:, None] * D[None], rtol=0, atol=1e-15)
+
+
+class _Mix(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.2, 0.0, 1.0]], dtype=x.dtype)
+
+
+def test_factored_jacobian_declines_when_too_big_or_too_many_outputs() -> None:
+    from linadapt.jacobian.structured import factored_jacobian
+
+    model, X = ZOO["mlp"]
+    lin = Linearization(model)
+    Xp = lin.prepare_inputs(X)
+    assert factored_jacobian(lin, Xp, budget=100) is None  # factors would not fit
+    assert factored_jacobian(lin, Xp, budget=2**30, max_outputs=2) is None  # 3 outputs: building costs 3 passes
+    assert factored_jacobian(lin, Xp[:0], budget=2**30) is None
+
+
+def test_solvers_use_the_factors_and_agree_with_torch_func_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    model, X = ZOO["conv"]
+    Y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
+    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, X[:3] * 0.5, settings)
+    assert reg.problem_.factored() is not None  # the CG products went through the cached factors
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
+
+
+def test_dense_kernel_cost_model_and_the_solver_choice_it_informs() -> None:
+    from linadapt.inference.regression import choose_solver, dense_kernel_flops
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    lin = Linearization(net)
+    X = lin.prepare_inputs(torch.randn(5, 3, dtype=torch.float64))
+    # per pair of examples: (3 + 2²·8) + (8 + 2²·2) multiply-adds
+    assert lin.structured(X).pair_flops(X) == 35 + 16
+    assert dense_kernel_flops(lin, X) == 25 * 51
+    # 1,000 examples, 1M weights: N² p = 1e12 says CG; per-layer rules (~4,000 per pair) make it cheap
+    assert choose_solver("function", 1000, 1_000_000) == "cg"
+    assert choose_solver("function", 1000, 1_000_000, kernel_flops=4e9) == "cholesky"
+    # N = 10,000 (measured, docs/performance.md): CG wins at p = 10k, the dense path at p = 1M
+    assert choose_solver("function", 10_000, 10_201, kernel_flops=3.73e10) == "cg"
+    assert choose_solver("function", 10_000, 1_000_695, kernel_flops=3.97e11) == "cholesky"
+    assert choose_solver("function", 20_000, 1_000_000, kernel_flops=1.0) == "cg"  # 3.2 GB: does not fit
+
+
+def test_profile_products_counts_the_mlp_multiply_adds():
+    """benchmarks/profile_products.py's count, which docs/performance.md's floor argument rests on: the pass is
+    3 products per layer (2 for the first), the cached K·v 2 per layer plus 2·c·d_out per example for each
+    layer whose output gradients are not the identity."""
+    import importlib.util
+    from pathlib import Path
+
+    from linadapt.app.bench import mlp
+    from linadapt.jacobian.structured import factored_jacobian
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_products.py"
+    spec = importlib.util.spec_from_file_location("profile_products", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    n, model = 32, mlp()
+    f = factored_jacobian(Linearization(model), torch.randn(n, 64), budget=2**31)
+    pass_macs, product = module._macs(model, f, n)
+    assert pass_macs == n * (64 * 256 * 2 + 256 * 256 * 3 + 256 * 10 * 3)
+    # first layer: general output gradients; second: rank one; third: the identity (no contraction)
+    assert product == n * (2 * 64 * 256 + 2 * 10 * 256 + 2 * 256 * 256 + 2 * 10 * 256 + 2 * 256 * 10)
+
+
+def test_promoted_factors_give_exact_symmetric_products():
+    """FactoredJacobian.promote(): a float32 network's factors held in float64 from then on — products equal
+    the float32 ones to float32 rounding and are symmetric to float64 rounding (what CG needs); the budget
+    can refuse it."""
+    from linadapt.app.bench import cnn, mlp
+    from linadapt.jacobian.structured import factored_jacobian
+
+    torch.manual_seed(0)
+    for model, X in ((mlp(), torch.randn(40, 64)), (cnn(), torch.randn(24, 1, 8, 8))):
+        lin = Linearization(model)
+        f = factored_jacobian(lin, X, budget=2**31)
+        g = torch.Generator().manual_seed(1)
+        u, v = (torch.randn(1, X.shape[0], 10, generator=g, dtype=torch.float64) for _ in range(2))
+        before = f.jvp(f.vjp(v))
+        assert f.promote() and f.dtype == torch.float64 and not f.promote()
+        Kv, Ku = f.jvp(f.vjp(v)), f.jvp(f.vjp(u))
+        torch.testing.assert_close(Kv, before, rtol=1e-4, atol=1e-5 * float(before.abs().max()))
+        asym = float((u * Kv).sum() - (v * Ku).sum())
+        assert abs(asym) <= 1e-12 * float((u * Kv).sum().abs())
+    f = factored_jacobian(Linearization(mlp()), torch.randn(40, 64), budget=2**31)
+    f.budget = int(1.5 * f.nbytes())
+    assert not f.promote() and f.dtype == torch.float32
