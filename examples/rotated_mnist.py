@@ -1,7 +1,7 @@
 """Adapt a digit classifier to rotated digits from a few labels (real MNIST, offline).
 
-The experiment lives in ``linadapt.experiments.registry`` (``linadapt experiment rotated-mnist`` runs it too): a small
-CNN trained on 3,500 upright digits, adapted to 60°-rotated digits from ``--shots`` labels per class by
+The experiment lives in ``linadapt.experiments.rotated_mnist`` (``linadapt experiment rotated-mnist`` runs it too):
+a small CNN trained on 3,500 upright digits, adapted to 60°-rotated digits from ``--shots`` labels per class by
 fine-tuning (last layer / all weights) and by ``LinearizedClassifier`` (all weights / last layer; probit,
 Laplace bridge and MAP-logit read-outs), scored on the remaining rotated digits.
 

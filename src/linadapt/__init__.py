@@ -6,6 +6,7 @@ inference in that GP.
 """
 
 from linadapt import metrics
+from linadapt._version import __version__
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
 from linadapt.estimators.persistence import load, save
@@ -16,8 +17,6 @@ from linadapt.jacobian.linearization import Linearization, LinearizationError
 from linadapt.jacobian.selection import select_parameters
 from linadapt.kernels.gpytorch_kernel import NTKKernel
 from linadapt.kernels.operator import NTKOperator, ntk_gram
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",

@@ -22,14 +22,25 @@ from rich.markup import escape
 from rich.table import Table
 
 from linadapt import metrics
-from linadapt._files import atomic_write_text
+from linadapt._files import atomic_write, atomic_write_text
 from linadapt.app import report
+from linadapt.app.bench import (
+    format_dense_table,
+    format_memory_table,
+    format_table,
+    run_bench,
+    run_dense_bench,
+    run_memory_bench,
+    run_neural_tangents,
+)
+from linadapt.app.demo import run_demo
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
 from linadapt.estimators.persistence import load, read_header
 from linadapt.estimators.regressor import LinearizedRegressor
+from linadapt.experiments.baselines import finetune
 from linadapt.experiments.compare import METHODS
-from linadapt.experiments.registry import EXPERIMENTS
+from linadapt.experiments.registry import EXPERIMENTS, run_experiment, summarize
 from linadapt.io.datasets import DataError, Dataset, read_dataset
 from linadapt.io.models import ModelLoadError, load_model
 
@@ -291,7 +302,6 @@ def adapt(
 def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
     """Metrics of the source network, linadapt (predictions ``pred``) and, optionally, fine-tuning on the test
     data, as an HTML table, and a figure (reliability diagram, or linadapt's predictive band)."""
-    from linadapt.experiments.baselines import finetune
 
     classification = len(pred) == 1
     Xtr, Xte, yte = torch.as_tensor(data.X), torch.as_tensor(test_data.X), test_data.y
@@ -396,7 +406,6 @@ def demo(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from linadapt.app.demo import run_demo
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("starting", total=None)
@@ -457,7 +466,6 @@ def experiment(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from linadapt.experiments.registry import run_experiment, summarize
 
     if name not in EXPERIMENTS:
         _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
@@ -484,7 +492,6 @@ def experiment(
     if plot:
         metric = "accuracy" if "accuracy" in records[0]["metrics"] else "rmse"
         fig = report.shots_figure(records, metric, name)
-        from linadapt._files import atomic_write
 
         atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         console.print(f"wrote {plot}", markup=False, soft_wrap=True)
@@ -540,7 +547,6 @@ def bench(
 
     Example: linadapt bench --reps 9 --n 1024
     """
-    from linadapt.app.bench import format_dense_table, format_table, run_bench, run_dense_bench
 
     with console.status("timing kernel products …"):
         rows = run_bench(reps, n, threads)
@@ -552,14 +558,12 @@ def bench(
         print()
         print(format_dense_table(drows, dense_reps, threads))
         if neural_tangents:
-            from linadapt.app.bench import run_neural_tangents
 
             with console.status("timing neural-tangents (JAX) on the same models …"):
                 _, text = run_neural_tangents(jax_python, dense_reps, threads)
             print()
             print(text)
     if memory:
-        from linadapt.app.bench import format_memory_table, run_memory_bench
 
         with console.status("measuring peak memory …"):
             mrows = run_memory_bench(n, threads)

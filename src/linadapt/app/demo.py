@@ -25,6 +25,8 @@ from linadapt._files import atomic_write_text
 from linadapt.app import report
 from linadapt.estimators.regressor import LinearizedRegressor
 from linadapt.experiments.baselines import finetune
+from linadapt.experiments.compare import selected_methods
+from linadapt.experiments.rotated_mnist import rotated_mnist
 
 __all__ = ["run_demo"]
 
@@ -134,9 +136,6 @@ def _records_table(records: list[dict]) -> str:
 
 
 def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], str]:
-    from linadapt.experiments.compare import selected_methods
-    from linadapt.experiments.registry import rotated_mnist
-
     # the demo's fixed method set: the optional laplace-torch baseline belongs to `linadapt experiment`
     demo_methods = ("source", "finetune-last", "finetune-all", "finetune-bias", "linadapt")
     with selected_methods(demo_methods):

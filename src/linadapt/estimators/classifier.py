@@ -12,7 +12,7 @@ from torch import nn
 
 from linadapt._validation import as_label_tensor, check_choice, check_positive
 from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
-from linadapt.estimators.persistence import SaveLoadMixin
+from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.laplace import ClassificationProblem, LaplacePosterior, optimize_prior_var
 from linadapt.inference.loo import loo_nll
 from linadapt.inference.regression import SolverOptions, choose_space_and_solver
@@ -23,6 +23,7 @@ from linadapt.likelihoods.softmax_links import LINKS, class_probabilities
 __all__ = ["LinearizedClassifier"]
 
 
+@register_estimator
 class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     """Softmax classification with the linearized network and a Laplace posterior over its weights.
 
@@ -132,6 +133,14 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                 from y are allowed: they keep their (adapted) prior probabilities.
         """
         return self._fit(X, y, None)
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The fitted hyperparameters a ``.linadapt`` file stores (JSON)."""
+        return {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
+
+    def _refit_from_state(self, X: Any, y: Any, fitted: dict[str, Any]) -> LinearizedClassifier:
+        """The Laplace posterior on (X, y) at the stored prior variance (no search): what ``load`` rebuilds."""
+        return self._fit(X, y, fitted["prior_var_"])
 
     def _fit(self, X: Any, y: Any, fixed: float | None) -> LinearizedClassifier:
         """``fit``, or with ``fixed`` = prior_var_ the Laplace posterior at that value (used by load)."""

