@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from linear_operator.utils.cholesky import psd_safe_cholesky
 from linear_operator.utils.lanczos import lanczos_tridiag
 from linear_operator.utils.linear_cg import linear_cg
 from linear_operator.utils.warnings import NumericalWarning
@@ -243,15 +244,17 @@ class SPDSystem:
         self.info: SolveInfo | None = None
 
     def chol(self) -> torch.Tensor:
-        """Lower Cholesky factor of A (forms A; adds a tiny jitter only if round-off breaks the factorisation)."""
+        """Lower Cholesky factor of A (forms A).
+
+        Only if round-off breaks the factorisation, linear_operator's ``psd_safe_cholesky`` adds a jitter
+        ε · mean(diag A) · I with ε = 1e-10, then 1e-9, 1e-8 (``settings.cholesky_max_tries``), warning a
+        ``NumericalWarning`` each time, and raises ``NotPSDError`` (a RuntimeError) if that does not help; a NaN
+        in A raises ``NanError``.
+        """
         if self._chol is None:
             assert self._matrix is not None
             A = self._matrix()
-            L, status = torch.linalg.cholesky_ex(A)
-            if int(status) != 0:
-                A = A + 1e-10 * float(A.diagonal().mean()) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-                L = torch.linalg.cholesky(A)
-            self._chol = L
+            self._chol = psd_safe_cholesky(A, jitter=1e-10 * float(A.diagonal().mean()))
         return self._chol
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
