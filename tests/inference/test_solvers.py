@@ -36,3 +36,25 @@ def test_chol_jitter_is_relative_to_the_diagonal_and_grows_only_if_needed():
     with pytest.raises(NotPSDError), warnings.catch_warnings():
         warnings.simplefilter("ignore", NumericalWarning)
         _system(-A).chol()
+
+
+def test_low_rank_plus_diagonal_preconditioner_is_the_exact_inverse():
+    from linear_operator.operators import (
+        DiagLinearOperator,
+        LowRankRootAddedDiagLinearOperator,
+        LowRankRootLinearOperator,
+    )
+
+    from linadapt.inference.solvers import low_rank_plus_diagonal_preconditioner
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(300, 7, dtype=torch.float64, generator=g)
+    V = torch.randn(300, 3, dtype=torch.float64, generator=g)
+    scale, noise = 2.5, 0.3
+    P = scale * L @ L.T + noise * torch.eye(300, dtype=torch.float64)
+    got = low_rank_plus_diagonal_preconditioner(L, scale, noise)(V)
+    torch.testing.assert_close(got, torch.linalg.solve(P, V), rtol=1e-9, atol=1e-12)
+    # the same Woodbury solve as linear_operator's low-rank-root-plus-diagonal operator (kept for speed)
+    noise_diag = DiagLinearOperator(torch.full((300,), noise, dtype=torch.float64))
+    op = LowRankRootAddedDiagLinearOperator(LowRankRootLinearOperator(L * scale**0.5), noise_diag)
+    torch.testing.assert_close(got, op.solve(V), rtol=1e-9, atol=1e-12)
