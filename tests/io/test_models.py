@@ -116,3 +116,122 @@ def test_load_errors(workdir):
     with pytest.raises(ModelLoadError, match="could not read the exported program"):
         load_model(str(tmp / "junk.pt2"))
     assert os.getcwd() == str(tmp)
+
+
+class _Evil:
+    """Unpickling runs ``eval``: it creates the folder ``target`` and yields the object saved in ``payload``."""
+
+    def __init__(self, target, payload=None):
+        self.target, self.payload = str(target), str(payload)
+
+    def __reduce__(self):
+        return eval, (f"(__import__('os').mkdir({self.target!r}), __import__('torch').load({self.payload!r}))[1]",)
+
+
+def _rewrite_pt2(source, target, replace, add=None):
+    """Copy the .pt2 archive ``source`` to ``target`` with ``replace(relative_name, bytes) -> bytes`` and the
+    records ``add`` ({relative_name: bytes})."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            dst.writestr(info, replace(info.filename.split("/", 1)[1], src.read(info)))
+        for name, data in (add or {}).items():
+            dst.writestr(f"{root}/{name}", data)
+
+
+def _export(tmp, net):
+    X = torch.randn(5, 1, 8, 8)
+    torch.export.save(torch.export.export(net, (X,)), tmp / "net.pt2")
+    return X
+
+
+def test_malicious_pickles_are_refused_without_trust(workdir, monkeypatch):
+    import io
+    import logging
+
+    # torch 2.13 logs its weights_only=False fallback with a bad format string; pytest's log capture raises on it
+    monkeypatch.setattr(logging.getLogger("torch._export.serde.serialize"), "disabled", True)
+
+    tmp, net = workdir
+    torch.save([1], tmp / "list.pt")
+    torch.save(_Evil(tmp / "pwned_weights", tmp / "list.pt"), tmp / "evil.pt")
+    with pytest.raises(ModelLoadError, match="weights_only=True; --trust-pickle"):
+        load_model("user_nets:build", "evil.pt")
+    assert not (tmp / "pwned_weights").exists()
+    with pytest.raises(ModelLoadError, match="do not hold a state dict"):
+        load_model("user_nets:build", "evil.pt", trust_pickle=True)
+    assert (tmp / "pwned_weights").exists()  # trusted: the pickle ran (the test's own harmless payload)
+
+    X = _export(tmp, net)
+    buffer = io.BytesIO()
+    torch.save(_Evil(tmp / "pwned_program", tmp / "inputs.pt"), buffer)  # torch retries failed sample inputs unsafely
+
+    def replace(name, data):
+        if not name.startswith("data/sample_inputs/"):
+            return data
+        (tmp / "inputs.pt").write_bytes(data)  # the genuine sample inputs, which the payload then returns
+        return buffer.getvalue()
+
+    _rewrite_pt2(tmp / "net.pt2", tmp / "evil.pt2", replace)
+    with pytest.raises(ModelLoadError, match=r"needs full unpickling .*data/sample_inputs/.*--trust-pickle"):
+        load_model(str(tmp / "evil.pt2"))
+    assert not (tmp / "pwned_program").exists()
+    model = load_model(str(tmp / "evil.pt2"), trust_pickle=True)
+    assert (tmp / "pwned_program").exists()
+    torch.testing.assert_close(model(X), net(X))
+
+
+def test_pickled_payloads_in_a_program_need_trust(workdir):
+    import json
+    import pickle
+
+    tmp, net = workdir
+    _export(tmp, net)
+    torch.save([1], tmp / "list.pt")
+
+    def pickled_weight(name, data):  # torch.export.load would read it with torch.load(weights_only=False)
+        if not name.endswith("model_weights_config.json"):
+            return data
+        config = json.loads(data)
+        next(iter(config["config"].values()))["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    _rewrite_pt2(tmp / "net.pt2", tmp / "pickled.pt2", pickled_weight)
+    with pytest.raises(ModelLoadError, match="needs full unpickling"):
+        load_model(str(tmp / "pickled.pt2"))
+
+    def opaque_constant(name, data):  # torch.export.load would read it with pickle.loads
+        if not name.endswith("model_constants_config.json"):
+            return data
+        entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+        return json.dumps({"config": {"evil": entry}}).encode()
+
+    evil = pickle.dumps(_Evil(tmp / "pwned_constant", tmp / "list.pt"))
+    _rewrite_pt2(tmp / "net.pt2", tmp / "opaque.pt2", opaque_constant, {"data/constants/opaque_obj_0": evil})
+    with pytest.raises(ModelLoadError, match="stores pickled constants"):
+        load_model(str(tmp / "opaque.pt2"))
+    assert not (tmp / "pwned_constant").exists()
+
+
+def test_loading_leaves_torch_load_alone(workdir, monkeypatch):
+    import pickle
+
+    import torch.export.pt2_archive._package as package
+
+    tmp, net = workdir
+    X = _export(tmp, net)
+    torch.save(net.state_dict(), tmp / "w.pt")
+    real_load, real_export_load, seen = torch.load, torch.export.load, []
+
+    def spy(*args, **kwargs):  # runs inside load_model: nothing global may be swapped out meanwhile
+        seen.append((torch.load is real_load, torch.serialization.load is real_load, package.pickle is pickle))
+        return real_export_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", spy)
+    for trust in (False, True):
+        torch.testing.assert_close(load_model(str(tmp / "net.pt2"), trust_pickle=trust)(X), net(X))
+        torch.testing.assert_close(load_model("user_nets:build", "w.pt", trust_pickle=trust)(X), net(X))
+    assert seen == [(True, True, True)] * 2
+    assert torch.load is real_load and package.pickle is pickle

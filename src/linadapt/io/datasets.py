@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,24 +52,53 @@ def _check_finite(arr: np.ndarray, what: str) -> None:
         raise DataError(f"{what} contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
 
 
-def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
+def _csv_header(path: str) -> tuple[list[str], int] | None:
+    """The header (first row with a non-blank cell, cells stripped) and how many physical lines it ends at,
+    or None for a file without one."""
     with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise DataError(f"{path} is empty")
-    header = [h.strip() for h in rows[0]]
-    body = rows[1:]
-    if not body:
-        raise DataError(f"{path} has a header but no data rows")
-    if target is None:
-        target_idx = len(header) - 1 if require_target else None
-    elif target in header:
-        target_idx = header.index(target)
-    elif require_target:
-        raise DataError(f"{path} has no column {target!r} (columns: {', '.join(header)})")
-    else:
-        target_idx = None
+        reader = csv.reader(fh)
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                return [h.strip() for h in row], reader.line_num
+    return None
+
+
+def _parse_csv_fast(path: str, header_lines: int, n_cols: int) -> np.ndarray | None:
+    """The data rows as float64 (rows, n_cols) by numpy's C reader (skipping the ``header_lines`` physical
+    lines of the header), or None — for the per-cell reader to settle — whenever it does not read them
+    cleanly: a cell numpy refuses, a row of another length, NaN or inf, no rows. Every cell numpy accepts
+    holds the value ``float`` gives it (after the csv module's unquoting); the per-cell reader names a bad
+    cell, or reads what ``float`` accepts beyond numpy (``1_000``, non-ASCII digits)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": handled below
+            values = np.loadtxt(
+                path,
+                delimiter=",",
+                comments=None,
+                quotechar='"',
+                skiprows=header_lines,
+                dtype=np.float64,
+                ndmin=2,
+                encoding=None,
+            )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if values.shape[0] == 0 or values.shape[1] != n_cols or not np.isfinite(values).all():
+        return None
+    return values
+
+
+def _csv_body(path: str) -> list[list[str]]:
+    """The data rows (non-blank rows after the header) as csv cells."""
+    with open(path, newline="") as fh:
+        return [r for r in csv.reader(fh) if any(cell.strip() for cell in r)][1:]
+
+
+def _parse_csv_cells(path: str, header: list[str], body: list[list[str]]) -> np.ndarray:
+    """The data rows as float64 (len(body), len(header)), cell by cell with ``float`` (slow): raises DataError
+    naming the line (counted among the non-blank rows, the header being line 1) and column of the first bad
+    cell."""
     values = np.empty((len(body), len(header)), dtype=np.float64)
     for i, row in enumerate(body, start=2):
         if len(row) != len(header):
@@ -81,6 +111,31 @@ def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
             if not math.isfinite(v):
                 raise DataError(f"{path}, line {i}, column {header[j]!r}: {cell.strip()} (NaN or inf) is not allowed")
             values[i - 2, j] = v
+    return values
+
+
+def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
+    """A CSV file: numpy parses it; only when numpy does not read all of it cleanly is it read cell by cell
+    (to find and name the bad cell). The checks run in one order either way: empty file, no data rows, the
+    target column, the cells, no input columns."""
+    found = _csv_header(path)
+    if found is None:
+        raise DataError(f"{path} is empty")
+    header, header_lines = found
+    values = _parse_csv_fast(path, header_lines, len(header))
+    body = _csv_body(path) if values is None else []
+    if values is None and not body:
+        raise DataError(f"{path} has a header but no data rows")
+    if target is None:
+        target_idx = len(header) - 1 if require_target else None
+    elif target in header:
+        target_idx = header.index(target)
+    elif require_target:
+        raise DataError(f"{path} has no column {target!r} (columns: {', '.join(header)})")
+    else:
+        target_idx = None
+    if values is None:
+        values = _parse_csv_cells(path, header, body)
     inputs = [j for j in range(len(header)) if j != target_idx]
     if not inputs:
         raise DataError(f"{path} has no input columns besides the target {header[target_idx]!r}")

@@ -16,12 +16,13 @@ you made yourself or fully trust.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import io
+import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+import zipfile
 
 import torch
 from torch import nn
@@ -34,50 +35,90 @@ class ModelLoadError(ValueError):
     """The model or its weights could not be loaded (the message says which and why)."""
 
 
-@contextlib.contextmanager
-def _no_full_unpickling() -> Iterator[None]:
-    """Within the block, every ``torch.load`` is weights-only and plain ``pickle.loads`` in torch.export's
-    archive reader is refused."""
-    import torch.export.pt2_archive._package as package
+_FULL_UNPICKLING = (
+    "the program needs full unpickling (custom objects) to load{where}; pass trust_pickle=True "
+    "(CLI: --trust-pickle) only if you trust the file"
+)
+_PICKLED_CONSTANTS = (
+    "the program stores pickled constants{where}; pass trust_pickle=True (CLI: --trust-pickle) only if you "
+    "trust the file"
+)
+# records torch.export.load reads as text (archive metadata; the older format's program), never unpickles
+_TEXT_RECORDS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+                 "version", "serialized_exported_program.json"}
 
-    real_load = torch.load
 
-    def safe_load(*args, **kwargs):
-        if kwargs.get("weights_only") is False:
-            raise ModelLoadError(
-                "the program needs full unpickling (custom objects) to load; pass trust_pickle=True "
-                "(CLI: --trust-pickle) only if you trust the file"
-            )
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
+def _refuse_unpickling(data: bytes) -> None:
+    """Raise ModelLoadError unless ``torch.export.load`` can read the ``.pt2`` archive ``data`` without full
+    unpickling.
 
-    class _RefusePickle:
-        @staticmethod
-        def loads(*_args, **_kwargs):
-            raise ModelLoadError(
-                "the program stores pickled constants; pass trust_pickle=True (CLI: --trust-pickle) only if you "
-                "trust the file"
-            )
+    torch.export.load (torch 2.13) has no ``weights_only`` option: it unpickles pickled weights/constants with
+    ``torch.load(weights_only=False)``, opaque constants with ``pickle.loads``, and falls back to
+    ``weights_only=False`` when sample inputs (or a legacy ``.pt`` record) fail the weights-only unpickler. So
+    every record is checked before it is handed over:
 
-    real_pickle = getattr(package, "pickle", None)
-    torch.load = safe_load  # type: ignore[assignment]
-    if real_pickle is not None:
-        package.pickle = _RefusePickle  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        torch.load = real_load  # type: ignore[assignment]
-        if real_pickle is not None:
-            package.pickle = real_pickle  # type: ignore[attr-defined]
+    * payloads that the weights/constants configs list as raw tensor bytes are read as storage, never unpickled;
+    * payloads marked ``use_pickle`` are refused (opaque Python objects with their own message), except
+      TorchScript objects (``torch._C._pickle_load_obj`` rebuilds only registered torchbind classes);
+    * JSON, extra files and archive metadata are read as text;
+    * anything else (sample inputs, legacy or older-format ``.pt`` records, and records this check does not know,
+      such as compiled AOTInductor code) must load with ``torch.load(weights_only=True)`` — the same unpickler,
+      and the same allowed globals (``torch.serialization.add_safe_globals``), that torch tries first.
+
+    The check fails closed: a record it cannot classify is refused rather than passed through.
+    """
+    from torch.export.pt2_archive.constants import (
+        CONSTANTS_DIR,
+        CUSTOM_OBJ_FILENAME_PREFIX,
+        EXTRA_DIR,
+        MODELS_DIR,
+        OPAQUE_OBJ_FILENAME_PREFIX,
+        WEIGHTS_DIR,
+    )
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = [name for name in archive.namelist() if not name.endswith("/")]
+        if len(set(names)) < len(names):  # zipfile reads the last of equal names, torch's reader may not
+            raise ModelLoadError(_FULL_UNPICKLING.format(where=" (records with equal names)"))
+        # torch.save-style archives keep every record under one root folder (its name is free)
+        root = names[0].split("/", 1)[0] + "/" if names and all("/" in name for name in names) else ""
+        if root and not all(name.startswith(root) for name in names):
+            root = ""
+        relative = {name: name[len(root) :] for name in names}
+        configs = [
+            name
+            for name, rel in relative.items()
+            if rel.startswith((WEIGHTS_DIR, CONSTANTS_DIR)) and rel.endswith("_config.json")
+        ]
+        raw: set[str] = set()  # tensor payloads, read as bytes
+        for config_name in configs:
+            folder = config_name.rsplit("/", 1)[0]
+            entries = json.loads(archive.read(config_name)).get("config", {})
+            for key, entry in entries.items():
+                path_name = entry.get("path_name", "")
+                if path_name.startswith(OPAQUE_OBJ_FILENAME_PREFIX):
+                    raise ModelLoadError(_PICKLED_CONSTANTS.format(where=f" ({key})"))
+                if entry.get("use_pickle") and not path_name.startswith(CUSTOM_OBJ_FILENAME_PREFIX):
+                    raise ModelLoadError(_FULL_UNPICKLING.format(where=f" ({key})"))
+                raw.add(f"{folder}/{path_name}")
+        for name, rel in relative.items():
+            if name in raw or name in configs or rel in _TEXT_RECORDS:
+                continue
+            if rel.startswith((EXTRA_DIR, "extra_files/")) or (rel.startswith(MODELS_DIR) and rel.endswith(".json")):
+                continue  # extra files and programs: read as text / JSON
+            try:
+                torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ModelLoadError(_FULL_UNPICKLING.format(where=f" ({rel})")) from exc
 
 
 def _load_exported(path: str, trust_pickle: bool) -> nn.Module:
     try:
-        if trust_pickle:
-            program = torch.export.load(path)
-        else:
-            with _no_full_unpickling():
-                program = torch.export.load(path)
+        with open(path, "rb") as file:  # read once: the bytes checked are the bytes loaded
+            data = file.read()
+        if not trust_pickle:
+            _refuse_unpickling(data)
+        program = torch.export.load(io.BytesIO(data))
     except ModelLoadError:
         raise
     except Exception as exc:
