@@ -39,16 +39,17 @@ def _factors_by_convolution(lin, X, budget):
     """Cached factors with every convolution held for products by convolution (cuDNN's conv2d and its
     weight gradient), whatever the cost model would pick for these small layers."""
     from linadapt.jacobian import structured
+    from linadapt.jacobian.structured import costs
 
-    keep, engine = structured._conv_forms, None
-    structured._conv_forms = lambda *_: (True, False)
+    keep, engine = costs.conv_forms, None
+    costs.conv_forms = lambda *_: (True, False)
     try:
         engine = lin.structured(X)
         if engine is not None:
             engine._conv_forms.clear()
         return structured.factored_jacobian(lin, X, budget=budget)
     finally:
-        structured._conv_forms = keep
+        costs.conv_forms = keep
         if engine is not None:
             engine._conv_forms.clear()
 

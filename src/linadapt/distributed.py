@@ -28,12 +28,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from linear_operator.operators import LinearOperator
 
 __all__ = [
     "CommStats",
     "DistributedError",
-    "ShardedNTKOperator",
     "Sharding",
     "agree",
     "require_process_group",
@@ -88,9 +86,11 @@ class CommStats:
 
     @property
     def all_reduce_bytes(self) -> int:
+        """Bytes all-reduced so far (float64 elements × 8)."""
         return 8 * self.all_reduce_elements
 
     def reset(self) -> None:
+        """Start counting again from zero."""
         self.all_reduce_calls = self.all_reduce_elements = 0
 
 
@@ -171,74 +171,7 @@ def prepare_fit(local: Callable[[], T], distributed: bool, what: str) -> T:
     return agree(local, what)
 
 
-def linearize_shard(
-    model: Any, params: Any, chunk_size: int | None, device: Any, X: Any, distributed: bool
-) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The start of every fit: the :class:`~linadapt.jacobian.linearization.Linearization` of ``model``, the prepared
-    inputs X (this rank's shard when ``distributed``; it must not be empty) and f(X; θ̂), (n, c)."""
-    from linadapt.jacobian.linearization import Linearization
-
-    lin = Linearization(model, params, chunk_size, device)
-    Xt = lin.prepare_inputs(X, "X")
-    lin.fitted_input_shape = tuple(Xt.shape[1:])
-    if distributed:
-        check_shard_size(Xt.shape[0])
-    return lin, Xt, lin.outputs(Xt)
-
-
 def check_shard_size(n_local: int) -> None:
     """Every rank must hold at least one example."""
     if n_local < 1:
         raise ValueError("this rank's data shard is empty: with distributed=True every rank needs at least one example")
-
-
-class ShardedNTKOperator(LinearOperator):
-    """K = J Jᵀ over every rank's examples (N × N) as a lazy operator for linear_operator's algorithms
-    (pivoted-Cholesky preconditioners): products, the diagonal and selected rows are all computed from the
-    local shards — K V as in :meth:`~linadapt.inference.posterior.TrainingData.k_matmul`, the diagonal from each
-    rank's per-example blocks (gathered), rows K[i, :] as K applied to one-hot columns.
-
-    Args:
-        problem: a sharded :class:`~linadapt.inference.posterior.TrainingData`.
-    """
-
-    def __init__(self, problem: Any) -> None:
-        super().__init__(problem=problem)
-        self.problem = problem
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float64
-
-    @property
-    def device(self) -> torch.device:
-        return self.problem.lin.device
-
-    def _size(self) -> torch.Size:
-        return torch.Size((self.problem.n_obs, self.problem.n_obs))
-
-    def _transpose_nonbatch(self) -> ShardedNTKOperator:
-        return self  # symmetric
-
-    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
-        if rhs.dim() == 1:
-            return self.problem.k_matmul(rhs.unsqueeze(-1)).squeeze(-1)
-        if rhs.dim() != 2:
-            raise NotImplementedError("ShardedNTKOperator does not support batch dimensions")
-        return self.problem.k_matmul(rhs.to(torch.float64))
-
-    def _diagonal(self) -> torch.Tensor:
-        pr = self.problem
-        blocks = pr.lin.ntk_blocks(pr.X)  # (n_local, c, c)
-        return pr.gather_rows(torch.diagonal(blocks, dim1=-2, dim2=-1)).reshape(-1)
-
-    def _get_indices(self, row_index: Any, col_index: Any, *batch_indices: Any) -> torch.Tensor:
-        row_index, col_index = torch.broadcast_tensors(torch.as_tensor(row_index), torch.as_tensor(col_index))
-        rows, inv = torch.unique(row_index.reshape(-1), return_inverse=True)
-        E = torch.zeros(self.problem.n_obs, rows.numel(), dtype=torch.float64, device=self.device)
-        E[rows.to(self.device), torch.arange(rows.numel(), device=self.device)] = 1.0
-        K_rows = self.problem.k_matmul(E).T  # (r, N): K is symmetric
-        return K_rows[inv.to(K_rows.device), col_index.reshape(-1).to(K_rows.device)].reshape(row_index.shape)
-
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:  # pragma: no cover - no batch support
-        raise NotImplementedError("ShardedNTKOperator does not support batch dimensions")

@@ -286,7 +286,7 @@ def test_cold_kernel_product_in_one_forward_pass_is_exact(name: str) -> None:
     c = lin.output_dim(X)
     u = torch.randn(9, c, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     got = kernel_product(lin, X, u)
-    assert got is not None and lin._graph_ok
+    assert got is not None and lin.held.graph_ok
     torch.testing.assert_close(got, lin.jvp(X, lin.vjp(X, u)), rtol=1e-12, atol=1e-12)
     # the operator's first single-vector product takes this route; the same numbers as torch.func's
     op = la.NTKOperator(model, X)
@@ -305,7 +305,7 @@ def test_cold_kernel_product_declines_many_chunks_and_broken_models() -> None:
     lin = Linearization(_NoDoubleBackward(_DetachedBackward))
     X = lin.prepare_inputs(torch.randn(6, 3, dtype=torch.float64))
     assert kernel_product(lin, X, torch.ones(6, 2, dtype=torch.float64)) is None
-    assert lin._graph_ok is False
+    assert lin.held.graph_ok is False
     op = la.NTKOperator(lin, X)  # falls back to torch.func, which names the problem (no setup_context)
     with pytest.raises(LinearizationError, match="setup_context"):
         op.apply_rows(torch.randn(1, 12, dtype=torch.float64))
@@ -318,7 +318,7 @@ def test_held_jacobian_survives_linear_operator_rebuilds_and_is_shared() -> None
     op = la.NTKOperator(lin, X)
     v = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     results = [op.matmul(v) for _ in range(3)]  # linear_operator rebuilds the operator for each matmul
-    held = lin._held[2]
+    held = lin.held.value
     assert held not in (None, False)
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-12)
@@ -330,7 +330,7 @@ def test_held_jacobian_survives_linear_operator_rebuilds_and_is_shared() -> None
     assert rebuilt.hold is False and rebuilt.held() is None
     other = lin.prepare_inputs(inputs_for("mlp", 12, seed=9))
     la.NTKOperator(lin, other).apply_rows(v.T)  # different inputs replace the remembered ones
-    assert lin._held[2] is None and lin._held[1] == 1
+    assert lin.held.value is None and lin.held.uses == 1
 
 
 def test_graph_memory_estimate_does_not_charge_the_inputs_per_chunk() -> None:

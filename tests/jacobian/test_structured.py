@@ -105,14 +105,14 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     and unexpanded (for the cached-factor products: convolutions multiplied by convolution, sequence layers from
     their inputs and output gradients), or ("both") convolutions held in both product forms, each product
     taking the one that is cheaper for its number of vectors."""
-    import linadapt.jacobian.structured as structured
+    from linadapt.jacobian.structured import costs
 
     if request.param == "position-gram":
-        monkeypatch.setattr(structured, "_position_gram_cheaper", lambda *_: True)
-        monkeypatch.setattr(structured, "_position_form_for_products", lambda *_: True)
-        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, False))
+        monkeypatch.setattr(costs, "position_gram_cheaper", lambda *_: True)
+        monkeypatch.setattr(costs, "position_form_for_products", lambda *_: True)
+        monkeypatch.setattr(costs, "conv_forms", lambda *_: (True, False))
     if request.param == "both":
-        monkeypatch.setattr(structured, "_conv_forms", lambda *_: (True, True))
+        monkeypatch.setattr(costs, "conv_forms", lambda *_: (True, True))
     return request.param
 
 
@@ -309,8 +309,9 @@ def test_factored_jacobian_products_equal_autodiff(name: str, k: int, route: str
 
 def test_factored_jacobian_products_in_small_example_blocks(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     import linadapt.jacobian.structured as structured
+    from linadapt.jacobian.structured import costs
 
-    monkeypatch.setattr(structured, "_PRODUCT_BUDGET", 7)  # blocks of one example: temporaries stay bounded
+    monkeypatch.setattr(costs, "PRODUCT_BUDGET", 7)  # blocks of one example: temporaries stay bounded
     model, X = ZOO["conv"]
     lin = Linearization(model)
     Xp = lin.prepare_inputs(X)
@@ -360,9 +361,8 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     formed from the held factors on the first product with many vectors. The first convolution (general
     output gradients, few weights) is materialised at build. Products through either route equal autodiff;
     a materialised form that would not fit the budget is not formed (and the convolution serves)."""
-    import linadapt.jacobian.structured as structured
     from linadapt.app.bench import cnn
-    from linadapt.jacobian.structured import factored_jacobian
+    from linadapt.jacobian.structured import costs, factored_jacobian
 
     torch.manual_seed(0)
     model = cnn().double()
@@ -384,7 +384,7 @@ def test_convolutions_held_by_convolution_and_materialised_each_where_cheaper() 
     assert fj._conv_routes(1) == ([0], {1}) and fj._conv_routes(16) == ([], set())
     # the block formed from the held factors equals the one the network's backward pass gives
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(structured, "_conv_forms", lambda *_: (False, True))
+        patch.setattr(costs, "conv_forms", lambda *_: (False, True))
         plain = factored_jacobian(Linearization(model, chunk_size=5), X, budget=2**30)
     assert _rel(fj.dense[1][0], plain.dense[1][0]) < 1e-14
     # within a budget that has no room for it, the materialised form is never formed
@@ -400,8 +400,9 @@ def test_convolution_whose_outputs_are_the_networks_outputs(monkeypatch: pytest.
     """A fully convolutional network (outputs = the last convolution's map, flattened): its output gradients
     are the identity, which the position-major layout of the products by convolution reorders."""
     import linadapt.jacobian.structured as structured
+    from linadapt.jacobian.structured import costs
 
-    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    monkeypatch.setattr(costs, "conv_forms", lambda *_: forms)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten()).double()
     X = torch.randn(5, 2, 4, 4, dtype=torch.float64)  # 2 channels × 2 × 2 = 8 outputs
@@ -422,8 +423,9 @@ def test_channels_last_model_and_inputs(monkeypatch: pytest.MonkeyPatch, forms) 
     """A model and inputs already in channels-last memory (as users convert them for speed): the layer inputs and
     output gradients the hooks see are channels-last too; kernels and products are unchanged."""
     import linadapt.jacobian.structured as structured
+    from linadapt.jacobian.structured import costs
 
-    monkeypatch.setattr(structured, "_conv_forms", lambda *_: forms)
+    monkeypatch.setattr(costs, "conv_forms", lambda *_: forms)
     model, X = ZOO["conv"]
     ref = Linearization(model)
     K_ref = ref.ntk(X)
@@ -442,32 +444,32 @@ def test_channels_last_model_and_inputs(monkeypatch: pytest.MonkeyPatch, forms) 
 
 
 def test_convolution_product_cost_model() -> None:
-    from linadapt.jacobian.structured import _conv_forms
+    from linadapt.jacobian.structured.costs import conv_forms
 
     # 3×3 conv 16 → 32 on 8 × 8 before the output layer (rank-one output gradients: 2,048 stored entries)
-    assert _conv_forms(64, 144, 32, 10, 2048, 1024) == (True, True)
+    assert conv_forms(64, 144, 32, 10, 2048, 1024) == (True, True)
     # the same layer with general output gradients (c× more stored): still both, with 3 outputs (as many
     # stored entries, fewer materialised) materialised only
-    assert _conv_forms(64, 144, 32, 10, 20480, 1024) == (True, True)
-    assert _conv_forms(64, 144, 32, 3, 6144, 1024) == (False, True)
+    assert conv_forms(64, 144, 32, 10, 20480, 1024) == (True, True)
+    assert conv_forms(64, 144, 32, 3, 6144, 1024) == (False, True)
     # the first conv of that network (1 → 16 channels): few weights per output, materialised only
-    assert _conv_forms(64, 9, 16, 10, 10240, 64) == (False, True)
+    assert conv_forms(64, 9, 16, 10, 10240, 64) == (False, True)
     # a 1 × 1 conv 320 → 1280 on 2 × 2 (an image network's head): by convolution only, at any number of vectors
-    assert _conv_forms(4, 320, 1280, 10, 5120, 1280) == (True, False)
+    assert conv_forms(4, 320, 1280, 10, 5120, 1280) == (True, False)
 
 
 def test_rank_one_detection_rejects_near_rank_one() -> None:
-    from linadapt.jacobian.structured import _rank_one_outputs
+    from linadapt.jacobian.structured.output_gradients import rank_one_outputs
 
     g = torch.Generator().manual_seed(0)
     R, D = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
     G = R[:, None] * D[None]
-    R2, D2 = _rank_one_outputs(G)
+    R2, D2 = rank_one_outputs(G)
     assert torch.allclose(R2[:, None] * D2[None], G, rtol=0, atol=1e-15)
     G[1, 2, 3] += 1e-9  # one entry off: not rank one
-    assert _rank_one_outputs(G) is None
+    assert rank_one_outputs(G) is None
     D[:, 1] = 0.0  # a column of zeros (a dead unit) is fine
-    R3, D3 = _rank_one_outputs(R[:, None] * D[None])
+    R3, D3 = rank_one_outputs(R[:, None] * D[None])
     assert torch.allclose(R3[:, None] * D3[None], R[:, None] * D[None], rtol=0, atol=1e-15)
 
 

@@ -7,7 +7,6 @@ from models import inputs_for, mlp, reference_jacobian, resnet
 
 import linadapt as la
 import linadapt.kernels.operator as operator_module
-from linadapt.jacobian.graph import held_refused
 
 
 def _jac(model, X):
@@ -105,7 +104,7 @@ def test_products_when_holding_j_is_refused(monkeypatch, builder, output):
         torch.testing.assert_close(op @ V[:, 0], K @ V[:, 0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(op @ V, K @ V, rtol=1e-9, atol=1e-12)
     assert op.held() is None
-    assert held_refused(op.linearization, op.X1)  # tried, nothing fitted, remembered
+    assert op.linearization.held.refused(op.X1)  # tried, nothing fitted, remembered
     # linear_operator's algorithms on top of the refused path still solve with the right matrix
     b = V[:, 0]
     x = op.add_diagonal(torch.tensor(0.5, dtype=torch.float64)).solve(b)

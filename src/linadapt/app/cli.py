@@ -302,7 +302,6 @@ def adapt(
 def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
     """Metrics of the source network, linadapt (predictions ``pred``) and, optionally, fine-tuning on the test
     data, as an HTML table, and a figure (reliability diagram, or linadapt's predictive band)."""
-
     classification = len(pred) == 1
     Xtr, Xte, yte = torch.as_tensor(data.X), torch.as_tensor(test_data.X), test_data.y
     rows, probas = [], {}
@@ -547,7 +546,6 @@ def bench(
 
     Example: linadapt bench --reps 9 --n 1024
     """
-
     with console.status("timing kernel products …"):
         rows = run_bench(reps, n, threads)
     print(format_table(rows, reps, n, threads))

@@ -1,0 +1,1 @@
+"""The scikit-learn style estimators (regression, classification) and their ``.linadapt`` files."""

@@ -11,7 +11,8 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from linadapt._validation import as_label_tensor, check_choice, check_positive
-from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
+from linadapt.distributed import make_sharding, prepare_fit, shard_signature
+from linadapt.estimators._fit import linearize_shard
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.laplace import ClassificationProblem, LaplacePosterior, optimize_prior_var
 from linadapt.inference.loo import loo_nll

@@ -13,7 +13,8 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from linadapt._validation import as_target_tensor, check_choice, check_positive
-from linadapt.distributed import linearize_shard, make_sharding, prepare_fit, shard_signature
+from linadapt.distributed import make_sharding, prepare_fit, shard_signature
+from linadapt.estimators._fit import linearize_shard
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.evidence import evidence_bounds, maximize_evidence
 from linadapt.inference.hyper_averaging import HyperparameterMixture

@@ -42,12 +42,15 @@ class FineTuned:
 
     @torch.no_grad()
     def logits(self, X: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        """The fine-tuned network's outputs at X, (m, c), in batches."""
         return torch.cat([self.model(X[i : i + batch]) for i in range(0, X.shape[0], batch)])
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
+        """Softmax of the logits, (m, c), float64."""
         return torch.softmax(self.logits(X).double(), 1).numpy()
 
     def predict(self, X: torch.Tensor) -> np.ndarray:
+        """The outputs at X, (m, c), float64 (a regression network's predictions)."""
         return self.logits(X).double().numpy()
 
 
@@ -69,14 +72,21 @@ def finetune(
 
     Args:
         model: the trained network (not modified).
-        X, y: target data; y holds class labels (classification) or targets shaped like the output (regression).
+        X: target inputs.
+        y: class labels (classification) or targets shaped like the output (regression).
         task: ``"classification"`` (cross-entropy) or ``"regression"`` (mean squared error).
         params: which parameters are trained (as in linadapt); the others stay frozen.
-        epochs: the budget; patience: stop after this many epochs without held-out improvement.
+        epochs: the budget.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
+        batch_size: examples per step.
         val_fraction: share of (X, y) held out for early stopping (at least one example; none when n < 5,
             in which case the last epoch is kept).
-        lr, weight_decay, batch_size: Adam settings. BatchNorm layers stay in eval mode (running statistics
-            are not updated from a few target examples); dropout is active during training.
+        patience: stop after this many epochs without held-out improvement.
+        seed: seeds the split, the batches and dropout.
+
+    BatchNorm layers stay in eval mode (running statistics are not updated from a few target examples);
+    dropout is active during training.
     """
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
@@ -145,6 +155,7 @@ class GaussianPredictor:
     hyperparameters: dict
 
     def predict(self, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean and variance at X, each (m,) (float64 numpy arrays)."""
         mean, var = self.predict_fn(X)  # type: ignore[operator]
         return mean.numpy(), np.sqrt(np.maximum(var.numpy(), 1e-300))
 
@@ -391,11 +402,13 @@ class LaplaceTorchBaseline:
         return [X[i : i + self.batch] for i in range(0, X.shape[0], self.batch)]
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
+        """Class probabilities (m, c) from laplace-torch's predictive (its probit link)."""
         la = self.laplace
         out = [la(x, pred_type="glm", link_approx="probit").detach() for x in self._chunks(X)]  # type: ignore[operator]
         return torch.cat(out).double().numpy()
 
     def predict(self, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean and variance at X, each (m,), from laplace-torch's GLM predictive."""
         la = self.laplace
         means, variances = [], []
         for x in self._chunks(X):

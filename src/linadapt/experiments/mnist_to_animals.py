@@ -29,7 +29,6 @@ def mnist_to_animals(
 ) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: one
     source epoch, 5 shots, 300 test images, shorter fine-tuning; not for quoting."""
-
     step = step or (lambda _msg: None)
     step("mnist-to-animals: loading 5,000 MNIST digits and 10,000 Animal-MNIST silhouettes (offline)")
     X, y = load_mnist()

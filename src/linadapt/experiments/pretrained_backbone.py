@@ -82,7 +82,6 @@ def _stock_convolutions(net: nn.Module) -> None:
 
 def animal_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Animal-MNIST as (10000, 3, size, size) float32 in [−1, 1] (bilinear upsampling) and labels (10000,)."""
-
     A, a = load_animals()
     A = nn.functional.interpolate(A, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return ((A - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(), a

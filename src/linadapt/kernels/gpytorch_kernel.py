@@ -72,6 +72,8 @@ class NTKKernel(Kernel):
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
     ):
+        """The kernel between x1 (n1, d) and x2 (n2, d) as a lazy :class:`~linadapt.NTKOperator` (with
+        ``diag``: its diagonal, dense)."""
         if last_dim_is_batch:
             raise ValueError("NTKKernel does not support last_dim_is_batch")
         same = x1.shape == x2.shape and torch.equal(x1, x2)

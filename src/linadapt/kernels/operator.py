@@ -4,7 +4,7 @@ K = J(X1) J(X2)ᵀ has shape (n1·c, n2·c) and is **example-major**: row i·c +
 A product K V costs one vector-Jacobian product over X2 and one Jacobian-vector product over X1, for
 all columns of V at once (vmap), chunked over the data; K is never formed. A square operator (X2 = X1)
 multiplied more than once — as inside CG or Lanczos — holds J(X) for its later products, as per-layer
-factors or as the network's retained autograd graph (:func:`~linadapt.jacobian.graph.held_jacobian`, within
+factors or as the network's retained autograd graph (:class:`~linadapt.jacobian.held.HeldJacobian`, within
 ``HELD_BYTES``, shared through the linearization with the estimators' training data), so they need no
 forward pass; its first single-vector product runs one forward pass instead of two
 (:func:`~linadapt.jacobian.graph.kernel_product`).
@@ -18,6 +18,8 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import nn
 
+from linadapt.jacobian.graph import kernel_product
+from linadapt.jacobian.held import inputs_key
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.jacobian.selection import ParamSpec
 
@@ -103,10 +105,12 @@ class NTKOperator(LinearOperator):
     # -- the linear_operator contract ------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the operator's results (float64 unless built for a float32 model)."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The network's device, where every product is computed."""
         return self.linearization.device
 
     def _rebuilt(self, X1: torch.Tensor, X2: torch.Tensor, dtype: torch.dtype) -> NTKOperator:
@@ -147,21 +151,17 @@ class NTKOperator(LinearOperator):
         return out.squeeze(-1) if is_vec else out
 
     def _square(self) -> bool:
-        from linadapt.jacobian.graph import inputs_key
-
         # the same inputs, also after linear_operator rebuilt the operator from its arguments
         return self.symmetric and (self.X2 is self.X1 or inputs_key(self.X1) == inputs_key(self.X2))
 
     def held(self, count: bool = False) -> Any:
         """J(X) held for this square operator's products from the second product with these inputs on (per-layer
         factors or the retained graph, shared with the estimators' training data through the linearization,
-        see :func:`~linadapt.jacobian.graph.held_jacobian`), or None: a rectangular operator, ``hold=False``, the
+        see :class:`~linadapt.jacobian.held.HeldJacobian`), or None: a rectangular operator, ``hold=False``, the
         first product, or nothing fits in ``HELD_BYTES``. ``count`` counts a product."""
         if not (self.hold and self._square()):
             return None
-        from linadapt.jacobian.graph import held_jacobian
-
-        return held_jacobian(self.linearization, self.X1, HELD_BYTES, min_uses=2, count=count)
+        return self.linearization.held.get(self.linearization, self.X1, HELD_BYTES, min_uses=2, count=count)
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
@@ -170,10 +170,8 @@ class NTKOperator(LinearOperator):
         m, n2, n1 = V.shape[0], self.X2.shape[0], self.X1.shape[0]
         held = self.held(count=True)
         if held is None and self.hold and self.output is None and m == 1 and self._square():
-            from linadapt.jacobian.graph import held_refused, kernel_product
-
             # a first product: one forward pass instead of two (unless J(X) was found too big to hold)
-            out = None if held_refused(lin, self.X1) else kernel_product(lin, self.X1, V.reshape(n1, c))
+            out = None if lin.held.refused(self.X1) else kernel_product(lin, self.X1, V.reshape(n1, c))
             if out is not None:
                 return out.reshape(1, n1 * c)
         vjp = held.vjp if held is not None else (lambda U: lin.vjp(self.X2, U))

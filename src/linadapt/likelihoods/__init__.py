@@ -1,0 +1,1 @@
+"""Likelihoods of the linearized network's outputs."""

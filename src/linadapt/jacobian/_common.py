@@ -1,0 +1,42 @@
+"""What every Jacobian engine shares: the algebra dtype, eval mode for the borrowed model, the error type.
+
+The engines (:mod:`~linadapt.jacobian.linearization`, :mod:`~linadapt.jacobian.structured`,
+:mod:`~linadapt.jacobian.graph`) import these from here, so none of them imports another at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["ALGEBRA_DTYPE", "RHS_GROUP", "LinearizationError", "eval_mode"]
+
+ALGEBRA_DTYPE = torch.float64  # every product result, kernel and solve, whatever dtype the network runs in
+RHS_GROUP = 64  # right-hand sides pushed through one vmapped product
+
+
+class LinearizationError(ValueError):
+    """The model cannot be evaluated or differentiated as required (raised with the original error chained)."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration, then restore each module's own flag. Embeddings
+    with ``sparse=True`` give dense gradients meanwhile (torch.func cannot differentiate through sparse ones;
+    the values are the same)."""
+    modes = [(m, m.training) for m in model.modules()]
+    sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for m in sparse:
+            m.sparse = False
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        for m in sparse:
+            m.sparse = True

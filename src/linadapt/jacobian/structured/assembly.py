@@ -1,0 +1,86 @@
+"""Kernel assembly: dense NTK blocks between two chunks of examples from their per-layer factors."""
+
+from __future__ import annotations
+
+import torch
+
+from linadapt.jacobian.structured.features import Features
+
+
+def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
+    """Kernel block between two chunks: (b1, c, b2, c), or (b1, b2) summed over outputs with ``trace``."""
+    b1, b2 = f1.b, f2.b
+    out = None
+    for (A1, G1, bias), (A2, G2, _) in zip(f1.outer, f2.outer):
+        # weight and bias share the output-gradient Gram: Θ = (g·g) ⊙ (a·a [+ 1 with the bias])
+        if trace:  # Σ_a g_ia · g_ja: G as (b, c·d_out)
+            term = G1.permute(1, 0, 2).reshape(b1, -1) @ G2.permute(1, 0, 2).reshape(b2, -1).T
+            if A1 is not None:
+                term.mul_(A1 @ A2.T + 1.0 if bias else A1 @ A2.T)
+        else:  # rows (i, a): G as (b·c, d_out)
+            term = G1.permute(1, 0, 2).reshape(b1 * G1.shape[0], -1)
+            term = term @ G2.permute(1, 0, 2).reshape(b2 * G2.shape[0], -1).T
+            term = term.view(b1, G1.shape[0], b2, G2.shape[0])
+            if A1 is not None:
+                term.mul_((A1 @ A2.T + 1.0 if bias else A1 @ A2.T)[:, None, :, None])
+        out = term if out is None else out.add_(term)
+    for (A1, G1, bias), (A2, G2, _) in zip(f1.spatial, f2.spatial):
+        term = position_gram_block(A1, G1, A2, G2, bias, trace)
+        out = term if out is None else out.add_(term)
+    for D1, D2 in zip(f1.dense, f2.dense):
+        if trace:
+            term = torch.einsum("iaq,jaq->ij", D1, D2)
+        else:
+            term = (D1.reshape(b1 * D1.shape[1], -1) @ D2.reshape(b2 * D2.shape[1], -1).T).view(
+                b1, D1.shape[1], b2, D2.shape[1]
+            )
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+def diagonal_blocks(f: Features) -> torch.Tensor:
+    """Per-example c × c blocks J(x_i) J(x_i)ᵀ, (b, c, c), float64."""
+    out = None
+    for A, G, bias in f.outer:
+        Gi = G.permute(1, 0, 2)  # (b, c, d_out)
+        term = Gi @ Gi.transpose(1, 2)
+        if A is not None:
+            sq = (A * A).sum(1)
+            term.mul_((sq + 1.0 if bias else sq)[:, None, None])
+        out = term if out is None else out.add_(term)
+    for A, G, bias in f.spatial:
+        AA = A @ A.transpose(1, 2)  # (b, P, P)
+        if bias:
+            AA = AA + 1.0
+        Gi = G.permute(1, 0, 2, 3)  # (b, c, P, d_out)
+        term = torch.einsum("bst,bcso,bdto->bcd", AA, Gi, Gi)
+        out = term if out is None else out.add_(term)
+    for D in f.dense:
+        term = D @ D.transpose(1, 2)
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+def position_gram_block(
+    A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
+) -> torch.Tensor:
+    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o):
+    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``; one matrix product per position pair."""
+    AA = torch.einsum("isk,jtk->ijst", A1, A2)
+    if bias:
+        AA = AA + 1.0
+    c, b1, P, _ = G1.shape
+    b2 = G2.shape[1]
+    rows1 = G1.permute(2, 1, 0, 3).reshape(P, b1, -1) if trace else G1.permute(2, 1, 0, 3).reshape(P, b1 * c, -1)
+    rows2 = G2.permute(2, 1, 0, 3).reshape(P, b2, -1) if trace else G2.permute(2, 1, 0, 3).reshape(P, b2 * c, -1)
+    out = torch.zeros((b1, b2) if trace else (b1, c, b2, c), dtype=G1.dtype, device=G1.device)
+    for s_ in range(P):
+        for t in range(P):
+            M = rows1[s_] @ rows2[t].T
+            if trace:
+                out.add_(AA[:, :, s_, t] * M)
+            else:
+                out.add_(AA[:, None, :, None, s_, t] * M.view(b1, c, b2, c))
+    return out

@@ -1,0 +1,298 @@
+"""The per-layer NTK engine: layer factors from one forward and one batched backward pass, checked against autodiff."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from linadapt.jacobian._common import ALGEBRA_DTYPE, eval_mode
+from linadapt.jacobian.structured import assembly, costs, rules  # noqa: F401  (rules: registers the layer rules)
+from linadapt.jacobian.structured.features import Features, Layer, RuleError, feature_bytes, only_output
+from linadapt.jacobian.structured.output_gradients import rank_one_outputs
+from linadapt.jacobian.structured.registry import rule_for
+
+if TYPE_CHECKING:
+    from linadapt.jacobian.linearization import Linearization
+
+
+__all__ = ["StructuredNTK"]
+
+
+class StructuredNTK:
+    """Dense NTK blocks of a :class:`~linadapt.jacobian.linearization.Linearization` by per-layer rules.
+
+    Args:
+        lin: the linearization (its selected parameters and weight snapshot are used).
+        verify: check the rules against the plain Jacobian contraction on two examples before first use.
+
+    Attributes:
+        layers: names of the modules handled by a rule. fallback: selected parameters that are not.
+        usable: False after a failed check (callers then use the plain contraction).
+    """
+
+    def __init__(self, lin: Linearization, verify: bool = True) -> None:
+        self.lin = lin
+        self.verify = verify
+        self.usable = True
+        self._checked = False
+        self._batched_backward = True
+        self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
+        self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
+        selected = set(lin.param_names)
+        owners: dict[int, int] = {}
+        for mod in lin.model.modules():
+            for p in mod.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.layers: list[Layer] = []
+        for mname, mod in lin.model.named_modules():
+            if rule_for(mod) is None:
+                continue
+            names = {}
+            for pname in ("weight", "bias"):
+                full = f"{mname}.{pname}" if mname else pname
+                p = getattr(mod, pname, None)
+                if full in selected and isinstance(p, nn.Parameter) and owners.get(id(p), 0) == 1:
+                    names[pname] = full
+            if names:
+                self.layers.append(Layer(mname, mod, names.get("weight"), names.get("bias")))
+        self._set_fallback()
+
+    def _set_fallback(self) -> None:
+        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        self.fallback = [n for n in self.lin.param_names if n not in covered]
+        self._sub = self.lin.restricted(self.fallback) if self.fallback else None
+
+    def _demote(self, names: list[str]) -> None:
+        """Stop using the rules of these layers; their parameters join the Jacobian-contraction fallback."""
+        self.layers = [layer for layer in self.layers if layer.name not in names]
+        self._set_fallback()
+
+    # ------------------------------------------------------------------ features of one chunk
+    def _features(self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE, products: bool = False) -> Features:
+        """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below); with ``products``, each
+        reused-weight layer in the form cheaper for Jacobian-vector products rather than for kernels."""
+        lin = self.lin
+        b = xb.shape[0]
+        inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        outputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+
+        def hook_for(name: str):
+            def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                inputs[name].append(args[0])
+                outputs[name].append(out)
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(hook_for(layer.name)) for layer in self.layers]
+        try:
+            theta = {k: v.detach().requires_grad_(True) for k, v in lin.theta.items()}
+            with torch.enable_grad(), eval_mode(lin.model):
+                out = lin._f(theta, xb)
+                bad = [
+                    layer.name
+                    for layer in self.layers
+                    if len(outputs[layer.name]) != 1  # reused (or unused) in the forward pass
+                    or inputs[layer.name][0].shape[0] != b
+                    or outputs[layer.name][0].shape[0] != b  # batch not the first dimension
+                ]
+                if bad:
+                    raise RuleError(bad)
+                zs = [outputs[layer.name][0] for layer in self.layers]
+                grads = self._output_gradients(out, zs)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = Features(b)
+        for layer, G in zip(self.layers, grads):  # G: (c, b, *out_shape)
+            # products in float64 whatever the network's dtype: the kernel must stay positive semi-definite
+            # to float64 precision for the solves (float32 products perturb its eigenvalues by ~1e-7·‖K‖)
+            G = G.detach().to(dtype)
+            A = inputs[layer.name][0].detach().to(dtype)
+            self._layer_features(layer, A, G, feats, products)
+        if self._sub is not None:
+            feats.dense.append(self._sub._jacobian_chunk(xb).to(dtype))
+            feats.dense_names.append(list(self.fallback))
+        return feats
+
+    def _output_gradients(self, out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂f_a/∂z for every layer output z and output a, each (c, b, *z.shape[1:]): one batched backward
+        pass over the c one-hot cotangents (c separate passes where batching is not supported)."""
+        c = out.shape[1]
+        if self._batched_backward:
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            cot = eye[:, None, :].expand(c, out.shape[0], c)
+            try:
+                gs = torch.autograd.grad(out, zs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                return [z.new_zeros(c, *z.shape) if g is None else g for g, z in zip(gs, zs)]
+            except RuntimeError:
+                self._batched_backward = False
+        per_output: list[list[torch.Tensor]] = [[] for _ in zs]
+        for a in range(c):
+            gs = torch.autograd.grad(out[:, a].sum(), zs, retain_graph=True, allow_unused=True)
+            for k, (g, z) in enumerate(zip(gs, zs)):
+                per_output[k].append(torch.zeros_like(z) if g is None else g)
+        return [torch.stack(g) for g in per_output]
+
+    def _layer_features(
+        self, layer: Layer, A: torch.Tensor, G: torch.Tensor, feats: Features, products: bool = False
+    ) -> None:
+        """Append the factors of one layer (input A, output gradients G (c, b, *out_shape)) to ``feats`` by the
+        rule registered for its module type (:mod:`~linadapt.jacobian.structured.rules`)."""
+        rule_for(layer.module).features(self, layer, A, G, feats, products)
+
+
+    def _unexpanded(self, layer: Layer, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
+        """Whether a reused-weight layer is kept as patches and output gradients G4 (c, b, P, d_out) rather than
+        as materialised per-example gradients. For products the choice is made on the first chunk and kept
+        (all chunks must agree to be joined); output gradients of rank one over the outputs (see
+        :func:`rank_one_outputs`) are stored once rather than per output."""
+        c, d_out = G4.shape[0], G4.shape[-1]
+        if not products:  # kernels: the position-Gram form
+            return costs.position_gram_cheaper(P, k, d_out, c)
+        if layer.name not in self._product_forms:
+            rank_one = rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
+            self._product_forms[layer.name] = costs.position_form_for_products(P, k, d_out, c, rank_one)
+        return self._product_forms[layer.name]
+
+    def _conv_product_forms(
+        self, layer: Layer, A: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor
+    ) -> tuple[bool, bool]:
+        """For products: whether a convolution is kept for products by convolution (its input and output
+        gradients) and whether as materialised per-example gradients — by :func:`costs.conv_forms`, decided on the
+        first chunk and kept (all chunks must agree to be joined). When both win for some number of vectors, the
+        factors keep the convolution form and materialise the other on the first product that wants it."""
+        if layer.name not in self._conv_forms:
+            c, d_out, P = Gf.shape[0], Gf.shape[2], Gf.shape[3]
+            rank_one = rank_one_outputs(Gf.reshape(c, Gf.shape[1], -1)) is not None
+            stored = (1 if rank_one else c) * P * d_out
+            k_in = A.shape[1] * kernel[0] * kernel[1]
+            by_conv, materialised = costs.conv_forms(P, k_in, d_out, c, stored, A[0].numel())
+            self._conv_forms[layer.name] = (by_conv, materialised, stored)
+        by_conv, materialised, _ = self._conv_forms[layer.name]
+        return by_conv, materialised
+
+    # ------------------------------------------------------------------ blocks
+
+
+    # ------------------------------------------------------------------ public
+    def check(self, X: torch.Tensor) -> bool:
+        """Compare the rules with plain autodiff on (up to) two examples; remember the outcome.
+
+        With U three random output-space vectors on those examples, Uᵀ K U from the rules must equal
+        (Jᵀ U)ᵀ (Jᵀ U) from vector-Jacobian products (one vjp, no per-example Jacobian of all p parameters).
+        """
+        if self._checked:
+            return self.usable
+        self._checked = True
+        xb = X[:2]
+        while True:
+            if not self.layers:  # no layer keeps a rule (e.g. every one is run twice): no structured kernel
+                self.usable = False
+                return False
+            try:
+                f = self._features(xb)
+                break
+            except RuleError as exc:  # layers run twice, or not batch-first: their parameters fall back
+                self._demote(exc.args[0])
+        if not self.verify:
+            return True
+        mine = assembly.block(f, f, trace=False)
+        b, c = mine.shape[0], mine.shape[1]
+        gen = torch.Generator().manual_seed(0)
+        U = torch.randn(3, b, c, generator=gen, dtype=ALGEBRA_DTYPE).to(self.lin.device)
+        W = self.lin.vjp(xb, U)  # (3, p)
+        ref = W @ W.T
+        Uf = U.reshape(3, b * c)
+        got = Uf @ mine.reshape(b * c, b * c) @ Uf.T
+        scale = ref.diagonal().abs().sqrt()
+        err = ((got - ref).abs() / (scale[:, None] * scale[None, :]).clamp_min(1e-30)).max()
+        tol = 1e-4 if self.lin.net_dtype != torch.float64 else 1e-9
+        if float(err) > tol:
+            self.usable = False
+            warnings.warn(
+                f"structured NTK of {type(self.lin.model).__name__} disagrees with autodiff (relative error "
+                f"{float(err):.2e}; does the model mix the examples of a batch?): using the Jacobian contraction",
+                stacklevel=3,
+            )
+        return self.usable
+
+    def kernel(self, X1: torch.Tensor, X2: torch.Tensor | None = None, output: Any = None) -> torch.Tensor:
+        """Dense NTK, float64, for prepared inputs.
+
+        ``output=None``: J(X1) J(X2)ᵀ, (n1·c, n2·c) example-major; ``"sum"``: Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2);
+        an index a: J_a(X1) J_a(X2)ᵀ, (n1, n2).
+        """
+        c = self.lin.output_dim(X1)
+        trace = output is not None
+        pick = None if output is None or output == "sum" else int(output)
+        features = self._features if pick is None else (lambda x: only_output(self._features(x), pick))
+        size = self._size(X1, c)
+        if X2 is None:  # compute blocks j ≥ i only: with 4 or more chunks that is ≤ 5/8 of the work
+            size = min(size, max(32, -(-X1.shape[0] // 4)))
+        chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
+        second = X1 if X2 is None else X2
+        chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
+        cache = second.shape[0] * self._example_bytes <= 8 * 2 * costs.FEATURE_BUDGET  # all features of X2 ≤ 1 GiB
+        feats2 = [features(x) for x in chunks2] if cache else None
+        n1, n2 = X1.shape[0], second.shape[0]
+        K = torch.zeros((n1, n2) if trace else (n1, c, n2, c), dtype=ALGEBRA_DTYPE, device=self.lin.device)
+        o1 = 0
+        for i, x1 in enumerate(chunks1):
+            f1 = feats2[i] if (X2 is None and feats2 is not None) else features(x1)
+            o2 = 0
+            for j, x2 in enumerate(chunks2):
+                b1, b2 = x1.shape[0], x2.shape[0]
+                if X2 is None and j < i:
+                    o2 += b2
+                    continue
+                f2 = feats2[j] if feats2 is not None else features(x2)
+                block = assembly.block(f1, f2, trace)
+                if X2 is None and j == i:  # exactly symmetric diagonal blocks
+                    block = 0.5 * (block + (block.T if trace else block.permute(2, 3, 0, 1)))
+                if trace:
+                    K[o1 : o1 + b1, o2 : o2 + b2] = block
+                    if X2 is None and j > i:
+                        K[o2 : o2 + b2, o1 : o1 + b1] = block.T
+                else:
+                    K[o1 : o1 + b1, :, o2 : o2 + b2, :] = block
+                    if X2 is None and j > i:
+                        K[o2 : o2 + b2, :, o1 : o1 + b1, :] = block.permute(2, 3, 0, 1)
+                o2 += b2
+            o1 += x1.shape[0]
+        return K if trace else K.reshape(n1 * c, n2 * c)
+
+    def pair_flops(self, X: torch.Tensor) -> float:
+        """Multiply-adds per pair of examples of the full (c × c block) kernel by these rules: Σ over Linear
+        layers of d_in + c² d_out, over position-Gram layers of P² (k + c² d_out), over materialised blocks of
+        c² q (q: their columns, the fallback's included). From the features of one example of X."""
+        f = self._features(X[:1])
+        flops = 0.0
+        for A, G, _ in f.outer:
+            c = G.shape[0]
+            flops += (0 if A is None else A.shape[-1]) + c * c * G.shape[-1]
+        for A, G, _ in f.spatial:
+            c, P = G.shape[0], A.shape[1]
+            flops += P * P * (A.shape[-1] + c * c * G.shape[-1])
+        for D in f.dense:
+            flops += D.shape[1] ** 2 * D.shape[2]
+        return flops
+
+    def diagonal_blocks(self, X: torch.Tensor) -> torch.Tensor:
+        """Per-example blocks J(x_i) J(x_i)ᵀ, (n, c, c), float64."""
+        c = self.lin.output_dim(X)
+        size = self._size(X, c)
+        chunks = range(0, X.shape[0], size)
+        return torch.cat([assembly.diagonal_blocks(self._features(X[i : i + size])) for i in chunks])
+
+    def _size(self, X: torch.Tensor, c: int) -> int:
+        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget."""
+        if not hasattr(self, "_dense_q"):
+            probe = self._features(X[:1])
+            self._dense_q = sum(f.shape[-1] for f in probe.dense)
+            self._dense_q += sum(G.shape[2] * G.shape[3] for _, G, _ in probe.spatial)
+            self._example_bytes = feature_bytes(probe)
+        per_example = max(1, c * self._dense_q)
+        return max(1, min(self.lin.chunk_size or 256, costs.FEATURE_BUDGET // per_example))

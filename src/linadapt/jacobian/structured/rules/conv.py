@@ -1,0 +1,83 @@
+"""``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding, stock ``forward``): the per-example weight gradient
+is the layer's output gradients times its input patches. Kernels take it materialised or, with few positions,
+as a position Gram (``spatial``); products keep the input and output gradients and multiply by convolution
+(``conv``), materialised as well when the cost model says many-vector products prefer it. A Conv1d is handled
+as a 2-d convolution of height 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from linadapt.jacobian.structured.features import ConvGeometry
+from linadapt.jacobian.structured.registry import register
+
+__all__ = ["ConvRule"]
+
+
+@register(nn.Conv1d, nn.Conv2d)
+class ConvRule:
+    """The rule for 1-d and 2-d convolutions."""
+
+    def applies(self, module: nn.Module) -> bool:
+        """Stock ``forward``, one group, zero padding given as numbers (not "same"): otherwise the layer
+        computes something its input alone does not show (it goes to the Jacobian-contraction fallback)."""
+        stock = {nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward}
+        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
+        return (
+            type(module).forward is stock[base]
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+
+    def features(
+        self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool = False
+    ) -> None:
+        """Append the layer's factors: A (b, C_in, [H,] W), G (c, b, d_out, [H',] W')."""
+        conv = layer.module
+        c, b = G.shape[0], A.shape[0]
+        if isinstance(conv, nn.Conv1d):
+            A, G = A.unsqueeze(-2), G.unsqueeze(-2)
+            kernel, dilation, padding, stride = (
+                (1, conv.kernel_size[0]),
+                (1, conv.dilation[0]),
+                (0, conv.padding[0]),
+                (1, conv.stride[0]),
+            )
+        else:
+            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+        Gf = G.reshape(c, b, G.shape[2], -1)  # (c, b, d_out, P)
+        parts = []
+        if layer.weight and products:
+            by_conv, materialised = engine._conv_product_forms(layer, A, kernel, Gf)
+            if by_conv:
+                geometry = ConvGeometry(
+                    d_out=G.shape[2],
+                    c_in=A.shape[1],
+                    kernel=tuple(kernel),
+                    stride=tuple(stride),
+                    padding=tuple(padding),
+                    dilation=tuple(dilation),
+                    out_hw=tuple(G.shape[3:]),
+                    c=c,
+                    stored=engine._conv_forms[layer.name][2],
+                    input_entries=A[0].numel(),
+                )
+                feats.conv.append((A.contiguous(memory_format=torch.channels_last), Gf.reshape(c, b, -1), geometry))
+                feats.conv_names.append((layer.weight, layer.bias, materialised))
+                return  # the materialised form, if wanted too, is formed from these on first use
+        if layer.weight:
+            patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+            G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
+            if not products and engine._unexpanded(layer, patches.shape[2], patches.shape[1], G4, products):
+                feats.spatial.append((patches.transpose(1, 2), G4, layer.bias is not None))
+                feats.spatial_names.append((layer.weight, layer.bias))
+                return
+            parts.append(torch.einsum("cbop,bkp->bcok", Gf, patches).reshape(b, c, -1))
+        if layer.bias:
+            parts.append(Gf.sum(-1).permute(1, 0, 2))
+        feats.dense.append(torch.cat(parts, -1))
+        feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])

@@ -1,0 +1,47 @@
+"""``nn.Linear``: on (b, d_in) inputs the weight's Jacobian is the outer product g_ia a_iᵀ (kept as input and
+output-gradient Grams, the ``outer`` form); on (b, T, d_in) inputs the weight is reused over T positions
+(patches and output gradients per position — ``spatial`` — or materialised per-example gradients, whichever the
+cost model prefers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from linadapt.jacobian.structured.registry import register
+
+__all__ = ["LinearRule"]
+
+
+@register(nn.Linear)
+class LinearRule:
+    """The rule for ``nn.Linear`` with its stock ``forward``."""
+
+    def applies(self, module: nn.Module) -> bool:
+        """A subclass that changes ``forward`` computes something the rule cannot see: not handled."""
+        return type(module).forward is nn.Linear.forward
+
+    def features(
+        self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool = False
+    ) -> None:
+        """Append the layer's factors: A (b, d_in) or (b, ..., d_in), G (c, b, ..., d_out)."""
+        c, b = G.shape[0], A.shape[0]
+        if A.dim() == 2:
+            feats.outer.append((A if layer.weight else None, G, layer.bias is not None))
+            feats.outer_names.append((layer.weight, layer.bias))
+            return
+        A3 = A.reshape(b, -1, A.shape[-1])  # (b, T, d_in)
+        G4 = G.reshape(c, b, -1, G.shape[-1])  # (c, b, T, d_out)
+        if layer.weight and engine._unexpanded(layer, A3.shape[1], A3.shape[2], G4, products):
+            feats.spatial.append((A3, G4, layer.bias is not None))
+            feats.spatial_names.append((layer.weight, layer.bias))
+            return
+        parts = []
+        if layer.weight:
+            parts.append(torch.einsum("cbto,bti->bcoi", G4, A3).reshape(b, c, -1))
+        if layer.bias:
+            parts.append(G4.sum(2).permute(1, 0, 2))
+        feats.dense.append(torch.cat(parts, -1))
+        feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
