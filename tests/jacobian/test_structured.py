@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
 from torch import nn
 
+import linadapt as la
 from linadapt import ntk_gram
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.structured import StructuredNTK
@@ -220,15 +221,46 @@ def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode(
     assert model.training  # the user's flags are restored
 
 
-def test_a_model_that_mixes_examples_is_detected_and_uses_the_jacobian_contraction() -> None:
+class NoMixer(Mixer):
+    """The same layers without the batch mean: examples independent."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_model_that_mixes_examples_is_refused_by_every_path() -> None:
+    """A model whose output for an example depends on the rest of the batch has no per-example Jacobian that
+    the batched products agree with (before: the dense kernel was per-example, NTKOperator's products were not,
+    by 2.6 at entries of scale 1): every entry point refuses it with one clear error."""
     torch.manual_seed(0)
     model = Mixer().double()
     X = torch.randn(6, 3, dtype=torch.float64)
-    lin = Linearization(model)
-    with pytest.warns(UserWarning, match="disagrees with autodiff"):
-        K = lin.ntk(X)
-    assert lin.structured(lin.prepare_inputs(X)) is None
-    assert torch.equal(K, lin.ntk(X, method="jacobian"))
+    y = torch.randn(6, 2, dtype=torch.float64)
+    entry_points = {
+        "ntk": lambda: Linearization(model).ntk(X),
+        "ntk jacobian": lambda: ntk_gram(model, X, method="jacobian"),
+        "operator": lambda: la.NTKOperator(model, X, hold=False) @ torch.ones(12, dtype=torch.float64),
+        "cholesky fit": lambda: la.LinearizedRegressor(model, solver="cholesky").fit(X, y),
+        "cg fit": lambda: la.LinearizedRegressor(model, solver="cg").fit(X, y),
+        "classifier": lambda: la.LinearizedClassifier(model).fit(X, torch.tensor([0, 1, 0, 1, 0, 1])),
+    }
+    for name, call in entry_points.items():
+        with pytest.raises(la.LinearizationError, match="mixes the examples of a batch"):
+            call()
+        assert name  # each entry point raised
+
+
+def test_the_same_layers_without_mixing_agree_on_every_path() -> None:
+    """The control: without the batch mean the dense kernel, the operator's torch.func products and the CG and
+    Cholesky fits all agree with the plain-autograd reference Jacobian."""
+    torch.manual_seed(0)
+    model = NoMixer().double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    J = reference_jacobian(model, X, [n for n, _ in model.named_parameters()]).reshape(12, -1)
+    K = J @ J.T
+    assert _rel(Linearization(model).ntk(X), K) < 1e-12
+    V = torch.randn(12, 3, dtype=torch.float64)
+    assert _rel(la.NTKOperator(model, X, hold=False) @ V, K @ V) < 1e-12
 
 
 def test_float32_network_kernel_is_float64_and_accurate_to_network_precision() -> None:

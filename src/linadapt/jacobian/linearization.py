@@ -93,6 +93,7 @@ class Linearization:
         # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
+        self._examples_checked = False  # the network was seen to treat the examples of a batch independently
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -106,7 +107,36 @@ class Linearization:
         X = as_input_tensor(X, name)
         if X.is_floating_point():
             X = X.to(dtype=self.net_dtype)
-        return X.to(self.device)
+        X = X.to(self.device)
+        if not self._examples_checked and X.shape[0] >= 2:
+            self._check_examples_independent(X)
+        return X
+
+    def _check_examples_independent(self, X: torch.Tensor) -> None:
+        """Refuse a network whose output for one example depends on the other examples of its batch (batch
+        statistics, attention across the batch): the linearized model's kernel J(x) J(x')ᵀ is defined per
+        example, and the batched products (jvp / vjp), the per-example Jacobians and f(X; θ̂) would each
+        mean something else. Checked once, on the first (up to) four examples: f of them as one batch
+        against f of each alone, to the network's precision (1e-9 relative in float64, 1e-4 otherwise)."""
+        self._examples_checked = True
+        xb = X[:4]
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                together = self._f(self.theta, xb)
+                alone = torch.cat([self._f(self.theta, xb[i : i + 1]) for i in range(xb.shape[0])])
+        except Exception:  # the network fails on these inputs: its own error is reported where it is used
+            return
+        scale = float(together.abs().max()) + float(alone.abs().max())
+        tol = (1e-9 if self.net_dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+        if together.shape == alone.shape and float((together - alone).abs().max()) <= tol:
+            return
+        err = float((together - alone).abs().max()) if together.shape == alone.shape else float("nan")
+        raise LinearizationError(
+            f"{type(self.model).__name__} mixes the examples of a batch: its output for an example changes with "
+            f"the other examples given with it (max difference {err:.3g} between a batch of {xb.shape[0]} and "
+            "each example alone, in eval mode). The linearization needs f(x) per example; compute batch "
+            "statistics outside the model (or use BatchNorm, which runs on its running statistics here)."
+        )
 
     def _f(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Raw network output on one chunk, reshaped to (b, c)."""
