@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from models import inputs_for, mlp, reference_jacobian, resnet, single_out
+from models import gp_closed_form, inputs_for, mlp, reference_jacobian, resnet, single_out
 from sklearn.base import clone
 from torch import nn
 
@@ -297,16 +297,25 @@ def test_inputs_of_another_shape_than_at_fit_still_work_where_the_model_takes_th
     torch.manual_seed(0)
     model = MeanOverSequence().double()
     X, y = torch.randn(8, 5, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    reg = la.LinearizedRegressor(model).fit(X, y)
     X7 = torch.randn(4, 7, 3, dtype=torch.float64)
-    mean, std = reg.predict(X7, return_std=True)
-    assert mean.shape == (4, 2) and std.shape == (4, 2) and np.all(std > 0)
+    want = gp_closed_form(model, ["w"], X, y, X7, 0.7, 0.05)  # plain autograd, example by example
+    for solver in ("cholesky", "cg"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", la.ConvergenceWarning)  # CG must not fall back to Cholesky silently
+            reg = la.LinearizedRegressor(
+                model, prior_var=0.7, noise_var=0.05, optimize_hyperparameters=False, space="function", solver=solver
+            ).fit(X, y)
+        assert reg.solver_ == solver and not reg.linearization_._per_example_jacobian  # the basis pull ran
+        mean, std = reg.predict(X7, return_std=True)
+        np.testing.assert_allclose(mean, want[0], rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(std, want[1], rtol=1e-9, atol=1e-10)
     # a fresh linearization that knows the fitted shape: per-example vmap fails on the branch, and the Jacobian
     # falls back to reverse mode over a basis (the shape hint must not turn that failure into an error)
     lin = la.Linearization(model)
     lin.fitted_input_shape = (5, 3)
     J = lin.jacobian(X7)
-    assert J.shape == (4, 2, 6) and not lin._per_example_jacobian
+    assert not lin._per_example_jacobian
+    torch.testing.assert_close(J, reference_jacobian(model, X7, ["w"]), rtol=1e-12, atol=1e-13)
 
 
 def test_float32_network_float64_algebra():
