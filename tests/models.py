@@ -159,16 +159,44 @@ def reference_jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> t
 def fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings: dict):
     """``LinearizedRegressor(space="function", **settings)`` fitted twice on (X, Y): as the solvers run it
     (products through the held training Jacobian) and with torch.func products only. Returns the first
-    regressor and the (mean, std) predictions at Xs of both."""
+    regressor, the (mean, std) predictions at Xs of both, and a Counter of what served the first fit's products
+    with the training Jacobian (``TrainingData.jvp`` / ``vjp``, which the CG iterations call): keys such as
+    ``"FactoredJacobian.jvp"``, ``"GraphJacobian.vjp"`` or ``"Linearization.jvp"`` (torch.func)."""
+    import collections
+
     import linadapt as la
     from linadapt.inference.posterior import TrainingData
+    from linadapt.jacobian.graph import GraphJacobian
+    from linadapt.jacobian.structured import FactoredJacobian
 
-    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    served: collections.Counter = collections.Counter()
+    depth = [0]  # > 0 inside TrainingData.jvp / vjp
+
+    def wrap(cls, name, outer=False):
+        original = getattr(cls, name)
+
+        def counted(self, *args, **kwargs):
+            if depth[0] and not outer:
+                served[f"{cls.__name__}.{name}"] += 1
+            depth[0] += outer
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= outer
+
+        return counted
+
+    with monkeypatch.context() as m:
+        for name in ("jvp", "vjp"):
+            m.setattr(TrainingData, name, wrap(TrainingData, name, outer=True))
+            for cls in (la.Linearization, FactoredJacobian, GraphJacobian):
+                m.setattr(cls, name, wrap(cls, name))
+        reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
     with monkeypatch.context() as m:
         m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
         plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
         expected = plain.predict(Xs, return_std=True)
-    return reg, reg.predict(Xs, return_std=True), expected
+    return reg, reg.predict(Xs, return_std=True), expected, served
 
 
 def gp_closed_form(model, names, X, Y, Xs, s2: float, sig2: float):

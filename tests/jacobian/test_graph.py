@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
+from models import BUILDERS, fit_held_and_plain, gp_closed_form, inputs_for, reference_jacobian
 from torch import nn
 
 import linadapt as la
@@ -136,14 +138,23 @@ def test_solvers_use_the_graph_when_no_factors_apply_and_agree_with_torch_func(
     Y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Xs = inputs_for("resnet", 4, seed=5)
     settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
-    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings)
-    assert isinstance(reg.problem_.factored(), GraphJacobian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", la.ConvergenceWarning)  # CG, not a Cholesky fallback
+        reg, got, expected, served = fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings)
+    assert reg.solver_ == "cg" and reg.solve_info_.converged
+    # what the CG iterations' products with J(X) ran: the retained graph, never torch.func
+    assert served["GraphJacobian.jvp"] >= reg.solve_info_.iterations
+    assert served["GraphJacobian.vjp"] >= reg.solve_info_.iterations
+    assert served["Linearization.jvp"] == served["Linearization.vjp"] == 0
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
     dense = la.LinearizedRegressor(model, space="function", **{**settings, "solver": "cholesky"})
     want = dense.fit(X, Y).predict(Xs, return_std=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-7, atol=1e-8)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-7, atol=1e-8)
+    ref = gp_closed_form(model, reg.linearization_.param_names, X, Y, Xs, 0.7, 0.1)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-7, atol=1e-8)
 
 
 class _Convs(nn.Module):
