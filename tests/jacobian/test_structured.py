@@ -256,13 +256,22 @@ def test_ntk_gram_and_operator_options() -> None:
     assert _rel(op_sum.to_dense(), ntk_gram(lin, X, X[:3], output="sum", method="jacobian")) < 1e-12
 
 
-def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result() -> None:
+def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model, X = ZOO["conv"]
+    pulls = []
+    vjp = Linearization.vjp
+    monkeypatch.setattr(Linearization, "vjp", lambda self, *args: pulls.append(1) or vjp(self, *args))
     lin = Linearization(model, chunk_size=2)
     engine = StructuredNTK(lin, verify=False)
-    assert engine.check(lin.prepare_inputs(X))
+    assert engine.check(lin.prepare_inputs(X)) and not pulls  # no comparison with autodiff ran
     K = engine.kernel(lin.prepare_inputs(X))
-    assert _rel(K, Linearization(model).ntk(X, method="jacobian")) < 1e-12
+    assert not pulls
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(K, torch.einsum("iap,jbp->iajb", J, J).reshape(K.shape)) < 1e-12
+    verified = StructuredNTK(Linearization(model, chunk_size=2), verify=True)
+    assert verified.check(lin.prepare_inputs(X)) and len(pulls) == 1  # the check's vjp: the counter sees it
 
 
 @given(
