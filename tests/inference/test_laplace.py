@@ -346,7 +346,11 @@ def test_bad_input_errors():
     with pytest.raises(NotFittedError, match="not fitted"):
         la.LinearizedClassifier(model).predict_proba(X)
     fitted = la.LinearizedClassifier(model, optimize_hyperparameters=False).fit(X, y)
-    assert 0.0 <= fitted.score(X, y) <= 1.0
+    # score is the accuracy of the probit predictive of the dense Laplace posterior (explicit Jacobian)
+    _, mean, blocks, _ = dense_laplace(model, fitted.linearization_.param_names, X, y, X, 1.0)
+    ref = class_probabilities(mean, blocks, "probit").argmax(1)
+    assert 0 < int((ref == y).sum()) < 10  # a score that can tell right from wrong answers here
+    assert fitted.score(X, y) == pytest.approx(float((ref == y).double().mean()), abs=1e-12)
     with pytest.raises(ValueError, match="label 7, outside"):  # score checks labels as fit does
         fitted.score(X, torch.full((10,), 7))
     with pytest.raises(ValueError, match="9 labels but X has 10"):
