@@ -200,12 +200,16 @@ def test_experiment_methods_selection_and_merge(tmp_path):
     assert res.exit_code == 0, res.output
     first = json.loads(out.read_text())
     assert {r["method"] for r in first} == {"source", "linadapt"}
+    # mark every record on file: a record the merge keeps still carries the mark, one it replaces does not
+    out.write_text(json.dumps([{**r, "metrics": {"rmse": -1.0, "nll": -1.0}} for r in first]))
     res = CliRunner().invoke(app, [*base, "--methods", "ablr,linadapt", "--merge"])
     assert res.exit_code == 0, res.output
     merged = json.loads(out.read_text())
     assert sorted(r["method"] for r in merged) == sorted(["source", "linadapt", "ablr"] * 2)  # two variants
-    # the re-run replaced linadapt's records (same numbers: same seeds draw the same data)
     key = lambda r: (r["variant"], r["method"])  # noqa: E731
+    # source (not re-run) kept; linadapt's records replaced by the re-run's (the numbers of the first run again:
+    # same seeds draw the same data)
+    assert all(r["metrics"] == {"rmse": -1.0, "nll": -1.0} for r in merged if r["method"] == "source")
     assert {key(r): r["metrics"] for r in merged if r["method"] == "linadapt"} == {
         key(r): r["metrics"] for r in first if r["method"] == "linadapt"
     }
