@@ -146,8 +146,9 @@ def test_matrix_free_hyperparameters_close_to_dense():
     dense = la.LinearizedRegressor(net, solver="cholesky").fit(X, y)
     for space in ("function", "parameter"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", la.ConvergenceWarning)
+            warnings.simplefilter("error", la.ConvergenceWarning)  # CG ran to the end, no Cholesky fallback
             mf = la.LinearizedRegressor(net, solver="cg", space=space).fit(X, y)
+        assert mf.solver_ == "cg" and mf.solve_info_.converged
         assert abs(math.log(mf.noise_var_ / dense.noise_var_)) < 0.1
         assert abs(math.log(mf.prior_var_ / dense.prior_var_)) < 0.5
         # The log-determinant is a 16-probe Hutchinson estimate: its error is tens of nats on this
@@ -434,8 +435,9 @@ def test_small_cg_fits_learn_hyperparameters_from_the_exact_evidence(space):
     X = torch.randn(25, 2, dtype=torch.float64)
     y = torch.sin(X.sum(1)) + 0.1 * torch.randn(25, dtype=torch.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", la.ConvergenceWarning)
+        warnings.simplefilter("error", la.ConvergenceWarning)  # CG ran to the end, no Cholesky fallback
         cg = la.LinearizedRegressor(net, solver="cg", space=space).fit(X, y)
+    assert cg.solver_ == "cg" and cg.solve_info_.converged
     exact = la.LinearizedRegressor(net, solver="cholesky", space=space).fit(X, y)
     assert cg.prior_var_ == pytest.approx(exact.prior_var_, rel=1e-6)
     assert cg.noise_var_ == pytest.approx(exact.noise_var_, rel=1e-6)
