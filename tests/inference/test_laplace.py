@@ -394,7 +394,7 @@ def test_in_distribution_calibration_not_worse_than_the_map_network(seed):
     with torch.no_grad():
         map_proba = torch.softmax(net(X[te]), 1).numpy()
     M = la.metrics
-    for link in ("probit", "bridge"):
+    for link in ("probit", "mc", "bridge"):  # the links docs/usage.md says are tested for this
         proba = la.LinearizedClassifier(net, params="last", link=link).fit(X[ad], y[ad]).predict_proba(X[te])
         # ECE on ~1000 points has a sampling error of about ±0.005; NLL (a proper score) must improve.
         assert M.expected_calibration_error(proba, y[te]) <= M.expected_calibration_error(map_proba, y[te]) + 0.006
