@@ -159,13 +159,67 @@ def reference_jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> t
 def fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings: dict):
     """``LinearizedRegressor(space="function", **settings)`` fitted twice on (X, Y): as the solvers run it
     (products through the held training Jacobian) and with torch.func products only. Returns the first
-    regressor and the (mean, std) predictions at Xs of both."""
+    regressor, the (mean, std) predictions at Xs of both, and a Counter of what served the first fit's products
+    with the training Jacobian (``TrainingData.jvp`` / ``vjp``, which the CG iterations call): keys such as
+    ``"FactoredJacobian.jvp"``, ``"GraphJacobian.vjp"`` or ``"Linearization.jvp"`` (torch.func)."""
+    import collections
+
     import linadapt as la
     from linadapt.inference.posterior import TrainingData
+    from linadapt.jacobian.graph import GraphJacobian
+    from linadapt.jacobian.structured import FactoredJacobian
 
-    reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
+    served: collections.Counter = collections.Counter()
+    depth = [0]  # > 0 inside TrainingData.jvp / vjp
+
+    def wrap(cls, name, outer=False):
+        original = getattr(cls, name)
+
+        def counted(self, *args, **kwargs):
+            if depth[0] and not outer:
+                served[f"{cls.__name__}.{name}"] += 1
+            depth[0] += outer
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= outer
+
+        return counted
+
+    with monkeypatch.context() as m:
+        for name in ("jvp", "vjp"):
+            m.setattr(TrainingData, name, wrap(TrainingData, name, outer=True))
+            for cls in (la.Linearization, FactoredJacobian, GraphJacobian):
+                m.setattr(cls, name, wrap(cls, name))
+        reg = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
     with monkeypatch.context() as m:
         m.setattr(TrainingData, "factored", lambda self: None)  # torch.func products only
         plain = la.LinearizedRegressor(model, space="function", **settings).fit(X, Y)
         expected = plain.predict(Xs, return_std=True)
-    return reg, reg.predict(Xs, return_std=True), expected
+    return reg, reg.predict(Xs, return_std=True), expected, served
+
+
+def gp_closed_form(model, names, X, Y, Xs, s2: float, sig2: float):
+    """Predictive mean and std (y, noise included) of ``LinearizedRegressor(prior_var=s2, noise_var=sig2,
+    optimize_hyperparameters=False)`` by the dense function-space GP formulas on :func:`reference_jacobian`;
+    also the exact log marginal likelihood. Mean and std have shape (m, c) (Y given as (n, c))."""
+    import math
+
+    J, Js = reference_jacobian(model, X, names), reference_jacobian(model, Xs, names)
+    n, c, p = J.shape
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            f0, fs = model(X).reshape(n, c).double(), model(Xs).reshape(-1, c).double()
+    finally:
+        for m, t in was:
+            m.training = t
+    Jm, Jsm = J.reshape(n * c, p), Js.reshape(-1, p)
+    r = (torch.as_tensor(Y, dtype=torch.float64).reshape(n, c) - f0).reshape(-1)
+    A = s2 * Jm @ Jm.T + sig2 * torch.eye(n * c, dtype=torch.float64)
+    Kxs = s2 * Jsm @ Jm.T
+    mean = fs + (Kxs @ torch.linalg.solve(A, r)).reshape(-1, c)
+    var = s2 * (Jsm * Jsm).sum(1) - (Kxs * torch.linalg.solve(A, Kxs.T).T).sum(1) + sig2
+    lml = -0.5 * r @ torch.linalg.solve(A, r) - 0.5 * torch.logdet(A) - 0.5 * n * c * math.log(2 * math.pi)
+    return mean.numpy(), var.sqrt().reshape(-1, c).numpy(), float(lml)

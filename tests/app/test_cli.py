@@ -231,16 +231,25 @@ def test_memory_bench_measures_a_product_in_a_fresh_process():
     assert "| m | 300 | 1 | 2 | 3 | 5 | 4 |" in format_memory_table([row], 64)
 
 
-def test_dense_bench_row_checks_structured_against_plain():
+def test_dense_bench_row_checks_structured_against_plain(monkeypatch):
+    import types
+
     from torch import nn
 
+    import linadapt.app.bench as bench
     from linadapt.app.bench import bench_dense, format_dense_table
 
+    # fixed timings (each function still runs once): the row's ratios are the right quotients of them
+    fake = {"unit_full": 2.0, "full": 6.0, "unit_trace": 4.0, "trace": 10.0}
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, reps: [f() for f in fns.values()] and fake)
+    monkeypatch.setattr(bench, "timed", lambda fn: fn() or 2.0)  # the pass, for the plain contraction's ratio
+    clock = iter([100.0, 108.0])  # the plain contraction takes 8 s
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     row = bench_dense("tiny", net, torch.randn(6, 3), torch.randn(9, 3), reps=1, plain=True)
     assert row["p"] == 50 and row["n_full"] == 6 and row["n_trace"] == 9
-    assert row["full"] > 0 and row["trace"] > 0 and row["full_plain"] > 0
+    assert (row["full"], row["trace"], row["full_plain"]) == (3.0, 2.5, 4.0)
     assert row["max_rel_diff"] < 1e-6  # float32 network: both kernels agree to its precision
     table = format_dense_table([row], 1, 1)
     assert "| tiny | 50 |" in table and "speed-up" in table

@@ -40,13 +40,21 @@ def test_sinusoid_family_ranges():
     assert abs(tasks[:, 0].mean() - 2.55) < 0.15  # uniform, not clumped
 
 
-def test_sinusoids_quick_records_are_complete_and_deterministic():
+def test_sinusoids_quick_records_are_complete_and_deterministic(monkeypatch):
+    import types
+
+    import linadapt.experiments.compare as compare
+
+    # a clock that advances one second per reading: each method's fit_seconds is its own start-to-end interval
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     records = run_experiment("sinusoids", seeds=1, quick=True)
+    monkeypatch.undo()
     assert {(r["variant"], r["method"]) for r in records} == {(v, m) for v in ("family", "phase") for m in METHODS}
     for r in records:
         assert r["experiment"] == "sinusoids" and r["seed"] == 0 and r["shots"] == 10
         assert set(r["metrics"]) == {"rmse", "nll"} and all(math.isfinite(v) for v in r["metrics"].values())
-        assert r["fit_seconds"] >= 0
+        assert r["fit_seconds"] == (0.0 if r["method"] == "source" else 1.0), r["method"]
     # same seeds, same numbers (also for a run of fewer methods: the data draws do not depend on the choice)
     again = run_experiment("sinusoids", seeds=1, quick=True, methods=["finetune-all", "linadapt"])
     assert [r["metrics"] for r in again] == [
@@ -192,12 +200,16 @@ def test_experiment_methods_selection_and_merge(tmp_path):
     assert res.exit_code == 0, res.output
     first = json.loads(out.read_text())
     assert {r["method"] for r in first} == {"source", "linadapt"}
+    # mark every record on file: a record the merge keeps still carries the mark, one it replaces does not
+    out.write_text(json.dumps([{**r, "metrics": {"rmse": -1.0, "nll": -1.0}} for r in first]))
     res = CliRunner().invoke(app, [*base, "--methods", "ablr,linadapt", "--merge"])
     assert res.exit_code == 0, res.output
     merged = json.loads(out.read_text())
     assert sorted(r["method"] for r in merged) == sorted(["source", "linadapt", "ablr"] * 2)  # two variants
-    # the re-run replaced linadapt's records (same numbers: same seeds draw the same data)
     key = lambda r: (r["variant"], r["method"])  # noqa: E731
+    # source (not re-run) kept; linadapt's records replaced by the re-run's (the numbers of the first run again:
+    # same seeds draw the same data)
+    assert all(r["metrics"] == {"rmse": -1.0, "nll": -1.0} for r in merged if r["method"] == "source")
     assert {key(r): r["metrics"] for r in merged if r["method"] == "linadapt"} == {
         key(r): r["metrics"] for r in first if r["method"] == "linadapt"
     }

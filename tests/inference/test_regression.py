@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from models import inputs_for, mlp, reference_jacobian, resnet, single_out
+from models import gp_closed_form, inputs_for, mlp, reference_jacobian, resnet, single_out
 from sklearn.base import clone
 from torch import nn
 
@@ -146,8 +146,9 @@ def test_matrix_free_hyperparameters_close_to_dense():
     dense = la.LinearizedRegressor(net, solver="cholesky").fit(X, y)
     for space in ("function", "parameter"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", la.ConvergenceWarning)
+            warnings.simplefilter("error", la.ConvergenceWarning)  # CG ran to the end, no Cholesky fallback
             mf = la.LinearizedRegressor(net, solver="cg", space=space).fit(X, y)
+        assert mf.solver_ == "cg" and mf.solve_info_.converged
         assert abs(math.log(mf.noise_var_ / dense.noise_var_)) < 0.1
         assert abs(math.log(mf.prior_var_ / dense.prior_var_)) < 0.5
         # The log-determinant is a 16-probe Hutchinson estimate: its error is tens of nats on this
@@ -235,7 +236,11 @@ def test_sklearn_conventions():
     assert c.prior_var == 2.0 and c.model is not model
     assert reg.fit(X.numpy(), y) is reg
     assert hasattr(reg, "prior_var_") and hasattr(reg, "noise_var_")
-    assert 0 < reg.score(X.numpy(), y) <= 1
+    # R² of the posterior mean, from the dense GP closed form at the fitted hyperparameters
+    names = reg.linearization_.param_names
+    mean = gp_closed_form(model, names, X, torch.from_numpy(y), X, reg.prior_var_, reg.noise_var_)[0][:, 0]
+    r2 = 1 - ((y - mean) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert 0 < r2 < 1 and reg.score(X.numpy(), y) == pytest.approx(r2, rel=1e-8)
     with pytest.raises(Exception, match="not fitted"):
         la.LinearizedRegressor(model).predict(X)
 
@@ -297,16 +302,25 @@ def test_inputs_of_another_shape_than_at_fit_still_work_where_the_model_takes_th
     torch.manual_seed(0)
     model = MeanOverSequence().double()
     X, y = torch.randn(8, 5, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    reg = la.LinearizedRegressor(model).fit(X, y)
     X7 = torch.randn(4, 7, 3, dtype=torch.float64)
-    mean, std = reg.predict(X7, return_std=True)
-    assert mean.shape == (4, 2) and std.shape == (4, 2) and np.all(std > 0)
+    want = gp_closed_form(model, ["w"], X, y, X7, 0.7, 0.05)  # plain autograd, example by example
+    for solver in ("cholesky", "cg"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", la.ConvergenceWarning)  # CG must not fall back to Cholesky silently
+            reg = la.LinearizedRegressor(
+                model, prior_var=0.7, noise_var=0.05, optimize_hyperparameters=False, space="function", solver=solver
+            ).fit(X, y)
+        assert reg.solver_ == solver and not reg.linearization_._per_example_jacobian  # the basis pull ran
+        mean, std = reg.predict(X7, return_std=True)
+        np.testing.assert_allclose(mean, want[0], rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(std, want[1], rtol=1e-9, atol=1e-10)
     # a fresh linearization that knows the fitted shape: per-example vmap fails on the branch, and the Jacobian
     # falls back to reverse mode over a basis (the shape hint must not turn that failure into an error)
     lin = la.Linearization(model)
     lin.fitted_input_shape = (5, 3)
     J = lin.jacobian(X7)
-    assert J.shape == (4, 2, 6) and not lin._per_example_jacobian
+    assert not lin._per_example_jacobian
+    torch.testing.assert_close(J, reference_jacobian(model, X7, ["w"]), rtol=1e-12, atol=1e-13)
 
 
 def test_float32_network_float64_algebra():
@@ -421,8 +435,9 @@ def test_small_cg_fits_learn_hyperparameters_from_the_exact_evidence(space):
     X = torch.randn(25, 2, dtype=torch.float64)
     y = torch.sin(X.sum(1)) + 0.1 * torch.randn(25, dtype=torch.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", la.ConvergenceWarning)
+        warnings.simplefilter("error", la.ConvergenceWarning)  # CG ran to the end, no Cholesky fallback
         cg = la.LinearizedRegressor(net, solver="cg", space=space).fit(X, y)
+    assert cg.solver_ == "cg" and cg.solve_info_.converged
     exact = la.LinearizedRegressor(net, solver="cholesky", space=space).fit(X, y)
     assert cg.prior_var_ == pytest.approx(exact.prior_var_, rel=1e-6)
     assert cg.noise_var_ == pytest.approx(exact.noise_var_, rel=1e-6)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
+from models import BUILDERS, fit_held_and_plain, gp_closed_form, inputs_for, reference_jacobian
 from torch import nn
 
 import linadapt as la
@@ -38,8 +40,18 @@ def test_graph_products_match_torch_func_and_the_explicit_jacobian(name: str, pa
     J = reference_jacobian(lin.model, X, lin.param_names).reshape(n * c, p)
     V = torch.randn(2, p, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(graph.jvp(V).reshape(2, -1), V @ J.T, rtol=1e-10, atol=1e-12)
-    # repeated products reuse the same graphs
-    torch.testing.assert_close(graph.jvp(V), graph.jvp(V), rtol=0, atol=0)
+    # repeated products reuse the kept graphs: no forward pass through the network (counted by a hook)
+    forwards = []
+    handle = lin.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        for _ in range(2):
+            graph.jvp(V)
+            graph.vjp(U)
+        assert not forwards
+        lin.jvp(X, V)  # the hook does see torch.func's forward passes
+        assert forwards
+    finally:
+        handle.remove()
 
 
 def test_float32_network_products_agree_to_its_precision() -> None:
@@ -136,14 +148,23 @@ def test_solvers_use_the_graph_when_no_factors_apply_and_agree_with_torch_func(
     Y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Xs = inputs_for("resnet", 4, seed=5)
     settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
-    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings)
-    assert isinstance(reg.problem_.factored(), GraphJacobian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", la.ConvergenceWarning)  # CG, not a Cholesky fallback
+        reg, got, expected, served = fit_held_and_plain(monkeypatch, model, X, Y, Xs, settings)
+    assert reg.solver_ == "cg" and reg.solve_info_.converged
+    # what the CG iterations' products with J(X) ran: the retained graph, never torch.func
+    assert served["GraphJacobian.jvp"] >= reg.solve_info_.iterations
+    assert served["GraphJacobian.vjp"] >= reg.solve_info_.iterations
+    assert served["Linearization.jvp"] == served["Linearization.vjp"] == 0
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
     dense = la.LinearizedRegressor(model, space="function", **{**settings, "solver": "cholesky"})
     want = dense.fit(X, Y).predict(Xs, return_std=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-7, atol=1e-8)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-7, atol=1e-8)
+    ref = gp_closed_form(model, reg.linearization_.param_names, X, Y, Xs, 0.7, 0.1)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-7, atol=1e-8)
 
 
 class _Convs(nn.Module):

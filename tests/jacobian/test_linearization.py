@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from models import BUILDERS, inputs_for, mlp, reference_jacobian, resnet
+from models import BUILDERS, gp_closed_form, inputs_for, mlp, reference_jacobian, resnet
 from torch import nn
 
 import linadapt as la
@@ -162,9 +162,54 @@ def test_inplace_activations_work():
     assert torch.allclose(lin.jvp(X, V), torch.einsum("ncp,kp->knc", J, V), atol=TOL)
 
 
-def test_modules_without_forward_mode_fall_back_to_reverse_mode():
+def _fallback_checks(monkeypatch, model, X, n_out):
+    """For a model with a module that has no forward-mode AD: J(X) and J(X) V (the reverse-mode fallback of
+    jvp) against the plain-autograd reference Jacobian, and LinearizedRegressor's predictions (Cholesky; CG
+    through the held Jacobian; CG through torch.func products, i.e. the fallback) against the dense GP closed
+    form on that reference Jacobian."""
+    import warnings
+
+    from linadapt.inference.posterior import TrainingData
+
+    lin = la.Linearization(model)
+    J = reference_jacobian(model, X, lin.param_names)
+    V = torch.randn(3, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(lin.jvp(X, V), torch.einsum("icp,kp->kic", J, V), rtol=1e-10, atol=1e-12)
+    assert not lin._forward_ad  # the jvp above went through the fallback
+    torch.testing.assert_close(lin.jvp(X, V[0]), J @ V[0], rtol=1e-10, atol=1e-12)  # and stays on it
+    torch.testing.assert_close(lin.jacobian(X), J, rtol=1e-10, atol=1e-12)
+    n = X.shape[0]
+    Y = torch.randn(n, n_out, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s2, sig2 = 0.7, 0.05
+    want = gp_closed_form(model, lin.param_names, X, Y, X[:4], s2, sig2)
+    calls = []
+    original = la.Linearization._jvp_by_jacobian
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(la.Linearization, "_jvp_by_jacobian", counted)
+    for solver, products in (("cholesky", "held"), ("cg", "held"), ("cg", "torch.func")):
+        calls.clear()
+        with monkeypatch.context() as m, warnings.catch_warnings():
+            warnings.simplefilter("error", la.ConvergenceWarning)  # a silent Cholesky fallback would fail here
+            if products == "torch.func":
+                m.setattr(TrainingData, "factored", lambda self: None)
+            reg = la.LinearizedRegressor(
+                model, prior_var=s2, noise_var=sig2, optimize_hyperparameters=False, space="function", solver=solver
+            ).fit(X, Y)
+        assert reg.solver_ == solver and (solver == "cholesky" or reg.solve_info_.converged)
+        if products == "torch.func":
+            assert calls  # the CG products took the reverse-mode fallback
+        mean, std = reg.predict(X[:4], return_std=True)
+        np.testing.assert_allclose(mean, want[0], rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(std, want[1], rtol=1e-8, atol=1e-9)
+
+
+def test_modules_without_forward_mode_fall_back_to_reverse_mode(monkeypatch):
     """nn.EmbeddingBag has no forward-mode AD in torch: J v comes from reverse-mode Jacobian chunks instead,
-    equal to the explicit Jacobian, and both estimators fit and predict through it."""
+    equal to the plain-autograd Jacobian's product, and both estimators fit and predict through it."""
     import warnings
 
     class Bag(nn.Module):
@@ -181,13 +226,7 @@ def test_modules_without_forward_mode_fall_back_to_reverse_mode():
     X = torch.randint(0, 10, (12, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch: no batching rule for embedding_bag (slow path)
-        lin = la.Linearization(model)
-        V = torch.randn(3, lin.num_params, dtype=torch.float64)
-        J = lin.jacobian(X)
-        torch.testing.assert_close(lin.jvp(X, V), torch.einsum("icp,kp->kic", J, V))
-        assert not lin._forward_ad
-        mean, std = la.LinearizedRegressor(model).fit(X, torch.randn(12, 2)).predict(X[:4], return_std=True)
-        assert mean.shape == (4, 2) and np.all(std > 0)
+        _fallback_checks(monkeypatch, model, X, 2)
         proba = la.LinearizedClassifier(model).fit(X, torch.randint(0, 2, (12,))).predict_proba(X[:4])
         np.testing.assert_allclose(proba.sum(1), 1.0)
 
@@ -206,7 +245,7 @@ def test_sparse_embeddings_are_linearized_like_dense_ones():
     assert sparse[0].sparse
 
 
-def test_custom_functions_without_forward_mode_fall_back_too():
+def test_custom_functions_without_forward_mode_fall_back_too(monkeypatch):
     """A custom autograd.Function with a backward but no jvp ("... forward mode AD"): reverse mode as well."""
 
     class Square(torch.autograd.Function):
@@ -237,7 +276,4 @@ def test_custom_functions_without_forward_mode_fall_back_too():
 
     torch.manual_seed(0)
     model = Net().double()
-    X = torch.randn(6, 3, dtype=torch.float64)
-    lin = la.Linearization(model)
-    V = torch.randn(2, lin.num_params, dtype=torch.float64)
-    torch.testing.assert_close(lin.jvp(X, V), torch.einsum("icp,kp->kic", lin.jacobian(X), V))
+    _fallback_checks(monkeypatch, model, torch.randn(10, 3, dtype=torch.float64), 2)

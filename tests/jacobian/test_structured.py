@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import BUILDERS, fit_held_and_plain, inputs_for, reference_jacobian
+from models import BUILDERS, fit_held_and_plain, gp_closed_form, inputs_for, reference_jacobian
 from torch import nn
 
 import linadapt as la
-from linadapt import ntk_gram
+from linadapt import ConvergenceWarning, ntk_gram
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.structured import StructuredNTK
 
@@ -288,13 +288,22 @@ def test_ntk_gram_and_operator_options() -> None:
     assert _rel(op_sum.to_dense(), ntk_gram(lin, X, X[:3], output="sum", method="jacobian")) < 1e-12
 
 
-def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result() -> None:
+def test_verification_can_be_switched_off_and_chunking_does_not_change_the_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model, X = ZOO["conv"]
+    pulls = []
+    vjp = Linearization.vjp
+    monkeypatch.setattr(Linearization, "vjp", lambda self, *args: pulls.append(1) or vjp(self, *args))
     lin = Linearization(model, chunk_size=2)
     engine = StructuredNTK(lin, verify=False)
-    assert engine.check(lin.prepare_inputs(X))
+    assert engine.check(lin.prepare_inputs(X)) and not pulls  # no comparison with autodiff ran
     K = engine.kernel(lin.prepare_inputs(X))
-    assert _rel(K, Linearization(model).ntk(X, method="jacobian")) < 1e-12
+    assert not pulls
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(K, torch.einsum("iap,jbp->iajb", J, J).reshape(K.shape)) < 1e-12
+    verified = StructuredNTK(Linearization(model, chunk_size=2), verify=True)
+    assert verified.check(lin.prepare_inputs(X)) and len(pulls) == 1  # the check's vjp: the counter sees it
 
 
 @given(
@@ -527,10 +536,19 @@ def test_solvers_use_the_factors_and_agree_with_torch_func_products(monkeypatch:
     model, X = ZOO["conv"]
     Y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     settings = {"prior_var": 0.7, "noise_var": 0.1, "optimize_hyperparameters": False, "solver": "cg"}
-    reg, got, expected = fit_held_and_plain(monkeypatch, model, X, Y, X[:3] * 0.5, settings)
-    assert reg.problem_.factored() is not None  # the CG products went through the cached factors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # CG, not a Cholesky fallback
+        reg, got, expected, served = fit_held_and_plain(monkeypatch, model, X, Y, X[:3] * 0.5, settings)
+    assert reg.solver_ == "cg" and reg.solve_info_.converged
+    # what the CG iterations' products with J(X) ran: the cached factors, never torch.func
+    assert served["FactoredJacobian.jvp"] >= reg.solve_info_.iterations
+    assert served["FactoredJacobian.vjp"] >= reg.solve_info_.iterations
+    assert served["Linearization.jvp"] == served["Linearization.vjp"] == 0
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-9, atol=1e-10)
+    ref = gp_closed_form(model, reg.linearization_.param_names, X, Y, X[:3] * 0.5, 0.7, 0.1)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-8, atol=1e-9)
 
 
 def test_dense_kernel_cost_model_and_the_solver_choice_it_informs() -> None:

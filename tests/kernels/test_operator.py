@@ -209,9 +209,11 @@ def test_operator_casts_change_the_results_dtype_not_the_inputs():
 def test_operator_casts_and_checks_raw_tensors():
     model = mlp()  # float64 network
     X = inputs_for("mlp", 4)
-    ref = la.NTKOperator(model, X).to_dense()
-    assert torch.allclose(la.NTKOperator(model, X.float()).to_dense(), la.ntk_gram(model, X.float()), atol=TOL)
-    assert torch.allclose(la.NTKOperator(model, X.float()).to_dense(), ref, atol=1e-5)
+    names = la.Linearization(model).param_names
+    cast = X.float().double()  # the float32 inputs as the float64 network sees them
+    op = la.NTKOperator(model, X.float())
+    assert torch.allclose(op.to_dense(), dense_reference(model, cast, cast, names)[0], atol=TOL)
+    assert torch.allclose(op.to_dense(), dense_reference(model, X, X, names)[0], atol=1e-5)  # inputs rounded
     Xn = X.clone()
     Xn[2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
