@@ -1,13 +1,13 @@
-"""Two versions of the cached-factor products side by side in ONE process: another tree's
-``linadapt/structured.py`` is loaded beside the installed one, both build the factors of the same model and
-inputs, and their products are timed interleaved against the same forward+backward pass.
+"""Two versions of the cached-factor products side by side in ONE process: another tree's package (its
+``src`` folder) is loaded beside the installed one under another name, both build the factors of the same
+model and inputs, and their products are timed interleaved against the same forward+backward pass.
 
 Separate processes (``bench_cached_products.py`` run twice) differ by up to ±25 % on this machine — the
 pass itself lands in a fast or a slow mode per process — which hides changes of a few per cent; here both
 versions share the process, the pass and the inputs.
 
     git worktree add /tmp/old HEAD        # or any commit
-    python benchmarks/ab_cached_products.py /tmp/old/src/linadapt/structured.py [--models mlp cnn] [--reps 20]
+    python benchmarks/ab_cached_products.py /tmp/old/src [--models mlp cnn] [--reps 20]
 
 Prints, per model, the products' medians (ms) and ratios to the pass for the old and the new code, and the
 largest relative difference of their results (the two must agree to float32 rounding).
@@ -16,8 +16,12 @@ largest relative difference of their results (the two must agree to float32 roun
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -26,21 +30,27 @@ from linadapt import Linearization
 from linadapt.app.bench import _unit, cnn, interleaved_medians, mlp
 
 
-def _load(path: str):
-    """The structured module at ``path``, as a sibling of the installed one (its relative imports resolve to the
-    installed package)."""
-    spec = importlib.util.spec_from_file_location("linadapt._structured_under_test", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _load(src: str):
+    """(the other tree's ``Linearization``, its ``factored_jacobian``): its ``linadapt`` package copied to a
+    temporary folder as ``linadapt_under_test``, its absolute imports renamed to match (relative ones need
+    nothing), and imported beside the installed one. Trees from before and after the layer folders work."""
+    tmp = Path(tempfile.mkdtemp(prefix="linadapt-ab-"))
+    dst = tmp / "linadapt_under_test"
+    shutil.copytree(Path(src) / "linadapt", dst)
+    for f in dst.rglob("*.py"):
+        f.write_text(re.sub(r"\blinadapt(?=[. ])", "linadapt_under_test", f.read_text(encoding="utf-8")))
+    sys.path.insert(0, str(tmp))
+    pkg = importlib.import_module("linadapt_under_test")
+    try:
+        structured = importlib.import_module("linadapt_under_test.jacobian.structured")
+    except ModuleNotFoundError:  # a tree from before the layer folders
+        structured = importlib.import_module("linadapt_under_test.structured")
+    return pkg.Linearization, structured.factored_jacobian
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("old", help="path of the other version's linadapt/structured.py")
+    parser.add_argument("old", help="the other tree's src folder (the one holding its linadapt package)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16, help="vectors of the many-vector product")
@@ -48,13 +58,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old = _load(args.old)
+    OldLinearization, old_factored = _load(args.old)
     for name in args.models:
         torch.manual_seed(0)
         model, X = (mlp(), torch.randn(args.n, 64)) if name == "mlp" else (cnn(), torch.randn(args.n, 1, 8, 8))
         lin = Linearization(model)
         versions = {
-            "old": old.factored_jacobian(lin, X, budget=2**31),
+            "old": old_factored(OldLinearization(model), X, budget=2**31),
             "new": current.factored_jacobian(lin, X, budget=2**31),
         }
         g = torch.Generator().manual_seed(0)
