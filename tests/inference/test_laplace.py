@@ -12,7 +12,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 import linadapt as la
-from linadapt.inference.laplace import _lam, _r, _rt, softmax_curvature_blocks
+from linadapt.likelihoods.categorical import _lam, _r, _rt, softmax_curvature_blocks
 from linadapt.likelihoods.softmax_links import class_probabilities
 
 PATHS = [(s, v) for s in ("function", "parameter") for v in ("cholesky", "cg")]

@@ -14,12 +14,12 @@ from linadapt._validation import as_label_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
-from linadapt.inference.laplace import ClassificationProblem, LaplacePosterior, optimize_prior_var
+from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
 from linadapt.inference.loo import loo_nll
 from linadapt.inference.regression import SolverOptions, choose_space_and_solver
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
-from linadapt.likelihoods.softmax_links import LINKS, class_probabilities
+from linadapt.likelihoods import Categorical
 
 __all__ = ["LinearizedClassifier"]
 
@@ -70,6 +70,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         loo_nll_: with ``link="auto"``, the mean LOO negative log-likelihood of each candidate link.
     """
 
+    _likelihood = Categorical()  # the likelihood of the Laplace fit, its LOO cavity and its predictive
+
     def __init__(
         self,
         model: nn.Module,
@@ -112,7 +114,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def _check_settings(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        check_choice(self.link, "link", (*LINKS, "auto"))
+        check_choice(self.link, "link", (*self._likelihood.links, "auto"))
         if self.link == "auto" and self.distributed:
             raise ValueError("link='auto' (leave-one-out choice) is not available with distributed=True")
         check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
@@ -171,7 +173,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         space, solver = choose_space_and_solver(
             lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
         )
-        problem = ClassificationProblem(lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding)
+        problem = LaplaceProblem(
+            lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding, likelihood=self._likelihood
+        )
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:
             posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
@@ -203,7 +207,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         if self.loo_nll_ is None:
             Xt, labels = self._train_data
             mean, cov = self._logits(Xt, True)
-            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device))
+            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device), likelihood=self._likelihood)
             self.link_ = min(self.loo_nll_, key=self.loo_nll_.__getitem__)
         return self.link_
 
@@ -245,7 +249,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self._check_fitted()
         link = self._choose_link()
         mean, cov = self._logits(X, link != "map")
-        proba = class_probabilities(mean, cov, link, self.n_samples, self.seed)
+        proba = self._likelihood.predictive(mean, cov, link, self.n_samples, self.seed)
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:

@@ -1,14 +1,17 @@
-"""Laplace approximation of the linearized network under a softmax (categorical) likelihood.
+"""Laplace approximation of the linearized network under a likelihood p(y | f) (default: categorical / softmax).
 
 Model: logits f(x) = f(x; θ̂) + J(x) δ with prior δ ~ N(μ, s² I_p) (μ = 0: centred at the trained weights;
-μ = −θ̂: the weight-decay prior θ ~ N(0, s² I)) and y | f ~ Categorical(softmax f). The negative log
-posterior of δ,
+μ = −θ̂: the weight-decay prior θ ~ N(0, s² I)) and y | f ~ p(y | f), a
+:class:`~linadapt.likelihoods.base.Likelihood` (log-concave in f: :class:`~linadapt.likelihoods.Categorical`,
+y | f ~ Categorical(softmax f), or :class:`~linadapt.likelihoods.Gaussian`, for which everything below is
+exact). The negative log posterior of δ,
 
-    L(δ) = −Σᵢ log softmax(fᵢ)_{yᵢ} + ½ ‖δ − μ‖² / s²,
+    L(δ) = −Σᵢ log p(yᵢ | fᵢ) + ½ ‖δ − μ‖² / s²,
 
 is convex; its Hessian is exactly the generalized Gauss–Newton matrix H = Jᵀ Λ J + I / s² with the
-per-example c × c blocks Λᵢ = diag(πᵢ) − πᵢ πᵢᵀ, πᵢ = softmax(fᵢ). Newton's method (with a backtracking line
-search) finds the MAP δ*; the Laplace posterior is N(δ*, H(δ*)⁻¹).
+per-example c × c blocks Λᵢ = −∇²_f log p(yᵢ | fᵢ) (softmax: diag(πᵢ) − πᵢ πᵢᵀ, πᵢ = softmax(fᵢ)). Newton's
+method (with a backtracking line search) finds the MAP δ*; the Laplace posterior is N(δ*, H(δ*)⁻¹). Only the
+likelihood's log_likelihood, gradient and curvature (Λ, a root R with R Rᵀ = Λ, Rᵀ) are used here.
 
 Two equivalent spaces:
 
@@ -16,7 +19,7 @@ Two equivalent spaces:
   GGN-vector products H v = Jᵀ Λ (J v) + v / s² (one jvp, the closed-form Λ product, one vjp);
 * function space (N = n·c sized systems, the multi-class GP Laplace of Rasmussen & Williams §3.5 with full
   c × c blocks): with prior mean m = f(X; θ̂) + J μ and prior covariance s² K, K = J Jᵀ, and Λ = R Rᵀ
-  (R = diag(√π)(I − √π √πᵀ), block-diagonal), each step solves with B = I + s² Rᵀ K R.
+  (block-diagonal; softmax: R = diag(√π)(I − √π √πᵀ)), each step solves with B = I + s² Rᵀ K R.
 
 The Laplace evidence (the issue's objective for s²) is the same number in both spaces,
 
@@ -46,41 +49,11 @@ from linadapt.inference.solvers import (
     low_rank_plus_diagonal_preconditioner,
 )
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
+from linadapt.likelihoods import Categorical, Curvature, Likelihood
 
-__all__ = ["ClassificationProblem", "LaplacePosterior", "NewtonInfo", "optimize_prior_var"]
+__all__ = ["ClassificationProblem", "LaplacePosterior", "LaplaceProblem", "NewtonInfo", "optimize_prior_var"]
 
 _MAX_DECADES = 8  # the prior-variance search stays within prior_var · 10^{±8}
-
-
-# ---------------------------------------------------------------------------- softmax curvature
-# Vectors over outputs are (n, c, k): k columns, each an (n, c) output-space vector. With π (n, c) and
-# s = √π:  Λ v = π ⊙ v − π (πᵀ v),  R v = s ⊙ v − π (sᵀ v),  Rᵀ v = s ⊙ v − s (πᵀ v);  R Rᵀ = Λ.
-
-
-def _lam(pi: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    p = pi.unsqueeze(-1)
-    return p * V - p * (p * V).sum(1, keepdim=True)
-
-
-def _r(pi: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    p = pi.unsqueeze(-1)
-    s = p.sqrt()
-    return s * V - p * (s * V).sum(1, keepdim=True)
-
-
-def _rt(pi: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    p = pi.unsqueeze(-1)
-    s = p.sqrt()
-    return s * V - s * (p * V).sum(1, keepdim=True)
-
-
-def softmax_curvature_blocks(pi: torch.Tensor) -> torch.Tensor:
-    """Λᵢ = diag(πᵢ) − πᵢ πᵢᵀ for probabilities π (n, c): shape (n, c, c)."""
-    return torch.diag_embed(pi) - pi.unsqueeze(-1) * pi.unsqueeze(-2)
-
-
-def _log_lik(F: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(torch.log_softmax(F, dim=1).gather(1, labels.unsqueeze(1)).sum())
 
 
 @dataclass
@@ -93,13 +66,18 @@ class NewtonInfo:
     converged: bool
 
 
-class ClassificationProblem(TrainingData):
-    """Training data of a linearized softmax classifier and the products on it.
+class LaplaceProblem(TrainingData):
+    """Training data of a linearized model under a likelihood, and the products on it.
 
     Args:
-        lin: the linearization. X: (n, ...) prepared training inputs. labels: (n,) int64 in [0, c).
+        lin: the linearization. X: (n, ...) prepared training inputs. labels: the targets of all n examples,
+            as ``likelihood.encode_targets`` accepts them (categorical: (n,) int64 in [0, c)).
         prior_mean: ``"network"`` (μ = 0) or ``"zero"`` (μ = −θ̂ over the selected parameters).
-        options: solver settings. dense: use explicit J / K (small problems) instead of products.
+        options: solver settings. f0: f(X; θ̂) (n, c) if already computed. sharding: see
+            :class:`~linadapt.inference.posterior.TrainingData`.
+        likelihood: a :class:`~linadapt.likelihoods.base.Likelihood` (default: categorical).
+
+    Attributes: labels (as given), Y (the encoded targets, (n, c) float64), mu (μ, (p,)), likelihood.
     """
 
     def __init__(
@@ -111,13 +89,15 @@ class ClassificationProblem(TrainingData):
         options: SolverOptions,
         f0: torch.Tensor | None = None,
         sharding: Any = None,
+        likelihood: Likelihood | None = None,
     ) -> None:
+        self.likelihood = Categorical() if likelihood is None else likelihood
         self.f0 = lin.outputs(X) if f0 is None else f0
         super().__init__(lin, X, options, self.f0.shape[1], sharding)
         if self.f0.shape[0] != self.n or labels.shape[0] != self.n:
             raise ValueError(f"f0 and labels must cover all {self.n} training examples")
         self.labels = labels
-        self.Y = torch.nn.functional.one_hot(labels, self.c).to(ALGEBRA_DTYPE)
+        self.Y = self.likelihood.encode_targets(labels, self.c).to(ALGEBRA_DTYPE)
         if prior_mean == "network":
             self.mu = torch.zeros(self.p, dtype=ALGEBRA_DTYPE, device=lin.device)
         else:
@@ -148,28 +128,36 @@ class ClassificationProblem(TrainingData):
             return self.f0
         return self.f0 + self.j_mv(self.mu.unsqueeze(-1), dense).reshape(self.n, self.c)
 
-    def ggn_diagonal(self, pi: torch.Tensor) -> torch.Tensor:
-        """diag(Jᵀ Λ J) = Σᵢ Σ_a (Rᵢᵀ Jᵢ)²_a at probabilities π (n, c), shape (p,), by Jacobian chunks."""
-        return self.chunk_sum(lambda rows, jac: (_rt(pi[rows], jac) ** 2).sum(dim=(0, 1)))
+    def ggn_diagonal(self, curv: Curvature) -> torch.Tensor:
+        """diag(Jᵀ Λ J) = Σᵢ Σ_a (Rᵢᵀ Jᵢ)²_a for the curvature Λ = R Rᵀ, shape (p,), by Jacobian chunks."""
+        return self.chunk_sum(lambda rows, jac: (curv.rows(rows).root_t(jac) ** 2).sum(dim=(0, 1)))
+
+    def log_lik(self, F: torch.Tensor) -> float:
+        """log p(Y | F) = Σᵢ log p(yᵢ | fᵢ) at logits F (n, c)."""
+        return self.likelihood.log_likelihood(F, self.Y)
+
+
+ClassificationProblem = LaplaceProblem  # the former name (categorical default); kept for callers
 
 
 class LaplacePosterior(LinearizedPosterior):
-    """MAP and Laplace posterior of the linearized classifier for a fixed prior variance s².
+    """MAP and Laplace posterior of the linearized model for a fixed prior variance s².
 
     Args:
-        problem: the training data. prior_var: s². space, solver: as in the classifier.
+        problem: the training data and its likelihood. prior_var: s². space, solver: as in the classifier.
         newton_tol, newton_max_iter: Newton stopping rule (see the classifier).
         start: a posterior of the same problem at another s² whose MAP logits seed Newton (warm start).
 
     Attributes:
-        delta: δ* (p,). logits: f* = f(X; θ̂) + J δ* at the training inputs (n, c). pi: softmax(f*).
+        delta: δ* (p,). logits: f* = f(X; θ̂) + J δ* at the training inputs (n, c). pi: the likelihood's mean
+        E[y | f*] (softmax(f*) for categorical). curvature: Λ at f*. log_lik: log p(y | f*).
         log_evidence: the Laplace evidence log q(y | s²). newton: a :class:`NewtonInfo`.
-        system: the final system (B in function space, H in parameter space) at π(f*).
+        system: the final system (B in function space, H in parameter space) at Λ(f*).
     """
 
     def __init__(
         self,
-        problem: ClassificationProblem,
+        problem: LaplaceProblem,
         prior_var: float,
         space: str,
         solver: str,
@@ -191,7 +179,7 @@ class LaplacePosterior(LinearizedPosterior):
             self._newton_parameter(start)
         logdet = self.system.logdet() + (self.problem.p * math.log(self.s2) if space == "parameter" else 0.0)
         prior_quad = float(((self.delta - problem.mu) ** 2).sum()) / self.s2
-        self.log_lik = _log_lik(self.logits, problem.labels)
+        self.log_lik = problem.log_lik(self.logits)
         self.log_evidence = self.log_lik - 0.5 * prior_quad - 0.5 * logdet
 
     # ------------------------------------------------------------------ systems
@@ -212,42 +200,42 @@ class LaplacePosterior(LinearizedPosterior):
             return pr.n_obs * pr.n_obs * 8 * 2 <= self.memory_budget
         return (pr.n_obs * pr.p + 2 * pr.p * pr.p) * 8 <= self.memory_budget
 
-    def _function_system(self, pi: torch.Tensor) -> SPDSystem:
-        """B = I + s² Rᵀ K R at probabilities π."""
+    def _function_system(self, curv: Curvature) -> SPDSystem:
+        """B = I + s² Rᵀ K R for the curvature Λ = R Rᵀ."""
         pr, s2 = self.problem, self.s2
         n, c = pr.n, pr.c
 
         def matrix() -> torch.Tensor:
-            RtK = _rt(pi, pr.kernel().reshape(n, c, n * c)).reshape(n * c, n * c)
+            RtK = curv.root_t(pr.kernel().reshape(n, c, n * c)).reshape(n * c, n * c)
             # (Rᵀ K)ᵀ = K R since K is symmetric, so Rᵀ K R = Rᵀ (Rᵀ K)ᵀ
-            B = s2 * _rt(pi, RtK.T.reshape(n, c, n * c)).reshape(n * c, n * c)
+            B = s2 * curv.root_t(RtK.T.reshape(n, c, n * c)).reshape(n * c, n * c)
             B.diagonal().add_(1.0)
             return 0.5 * (B + B.T)
 
         def matmul(V: torch.Tensor) -> torch.Tensor:
             k = V.shape[1]
-            RV = _r(pi, V.reshape(n, c, k)).reshape(n * c, k)
+            RV = curv.root(V.reshape(n, c, k)).reshape(n * c, k)
             KRV = pr.k_mv(RV, dense=False)
-            return V + s2 * _rt(pi, KRV.reshape(n, c, k)).reshape(n * c, k)
+            return V + s2 * curv.root_t(KRV.reshape(n, c, k)).reshape(n * c, k)
 
         def preconditioner():
             if "L" not in pr.cache:
                 rank = min(pr.options.preconditioner_rank, pr.n_obs)
                 pr.cache["L"] = pivoted_cholesky(pr.operator, rank).detach()
             L = pr.cache["L"]
-            RtL = _rt(pi, L.reshape(n, c, -1)).reshape(n * c, -1)
+            RtL = curv.root_t(L.reshape(n, c, -1)).reshape(n * c, -1)
             return low_rank_plus_diagonal_preconditioner(RtL, s2, 1.0)
 
         return self._system(matrix, matmul, preconditioner, "function-space Laplace system I + s²RᵀKR")
 
-    def _parameter_system(self, pi: torch.Tensor, precond_diag: torch.Tensor | None = None) -> SPDSystem:
-        """H = Jᵀ Λ J + I / s² at probabilities π."""
+    def _parameter_system(self, curv: Curvature, precond_diag: torch.Tensor | None = None) -> SPDSystem:
+        """H = Jᵀ Λ J + I / s² for the curvature Λ."""
         pr, s2 = self.problem, self.s2
         n, c = pr.n, pr.c
 
         def matrix() -> torch.Tensor:
             J = pr.jacobian_matrix().reshape(n, c, pr.p)
-            M = _rt(pi, J).reshape(n * c, pr.p)
+            M = curv.root_t(J).reshape(n * c, pr.p)
             H = M.T @ M
             H.diagonal().add_(1.0 / s2)
             return H
@@ -255,10 +243,10 @@ class LaplacePosterior(LinearizedPosterior):
         def matmul(V: torch.Tensor) -> torch.Tensor:
             k = V.shape[1]
             JV = pr.j_mv(V, dense=False).reshape(n, c, k)
-            return pr.jt_mv(_lam(pi, JV).reshape(n * c, k), dense=False) + V / s2
+            return pr.jt_mv(curv.lam(JV).reshape(n * c, k), dense=False) + V / s2
 
         def preconditioner():
-            d = precond_diag if precond_diag is not None else pr.ggn_diagonal(pi)
+            d = precond_diag if precond_diag is not None else pr.ggn_diagonal(curv)
             return diagonal_preconditioner(d + 1.0 / s2)
 
         return self._system(matrix, matmul, preconditioner, "parameter-space Laplace system JᵀΛJ + I/s²")
@@ -309,9 +297,11 @@ class LaplacePosterior(LinearizedPosterior):
         return f, z, loss, True, dec2 <= 1e-6 * max(1.0, abs(loss))
 
     def _finish(self, it: int, dec2: float, converged: bool, f: torch.Tensor) -> None:
-        """Record the Newton outcome (warn on a miss) and the MAP logits f* (N,) and probabilities."""
+        """Record the Newton outcome (warn on a miss), the MAP logits f* (N,), the likelihood's mean and Λ there."""
         self.logits = f.reshape(self.problem.n, self.problem.c)
-        self.pi = torch.softmax(self.logits, dim=1)
+        lik = self.problem.likelihood
+        self.pi = lik.mean(self.logits)
+        self.curvature = lik.curvature(self.logits)
         self.newton = NewtonInfo(it, dec2, converged)
         if not converged:
             warnings.warn(
@@ -323,10 +313,9 @@ class LaplacePosterior(LinearizedPosterior):
 
     # ------------------------------------------------------------------ Newton, function space
     def _newton_function(self, start: LaplacePosterior | None) -> None:
-        pr, s2, dense = self.problem, self.s2, self.dense
+        pr, s2, dense, lik = self.problem, self.s2, self.dense, self.problem.likelihood
         n, c, N = pr.n, pr.c, pr.n_obs
         m = pr.prior_mean_outputs(dense).reshape(N)
-        y = pr.Y.reshape(N)
         if start is None:
             a = torch.zeros(N, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             f = m.clone()
@@ -336,18 +325,19 @@ class LaplacePosterior(LinearizedPosterior):
 
         def objective(f_: torch.Tensor, a_: torch.Tensor) -> float:
             # −Ψ = −log p(y | f) + ½ aᵀ (f − m)   (f − m = s² K a)
-            return -_log_lik(f_.reshape(n, c), pr.labels) + 0.5 * float(a_ @ (f_ - m))
+            return -pr.log_lik(f_.reshape(n, c)) + 0.5 * float(a_ @ (f_ - m))
 
         loss = objective(f, a)
         dec2, converged, it = float("inf"), False, 0
         for it in range(1, self.newton_max_iter + 1):  # noqa: B007
-            pi = torch.softmax(f.reshape(n, c), dim=1)
-            g = y - pi.reshape(N)
-            b = _lam(pi, (f - m).reshape(n, c, 1)).reshape(N) + g
+            F = f.reshape(n, c)
+            curv = lik.curvature(F)
+            g = lik.gradient(F, pr.Y).reshape(N)
+            b = curv.lam((f - m).reshape(n, c, 1)).reshape(N) + g
             Kb = s2 * pr.k_mv(b.unsqueeze(-1), dense)  # (N, 1)
-            system = self._function_system(pi)
-            x = system.solve(_rt(pi, Kb.reshape(n, c, 1)).reshape(N, 1), warn=False)
-            Rx = _r(pi, x.reshape(n, c, 1)).reshape(N, 1)
+            system = self._function_system(curv)
+            x = system.solve(curv.root_t(Kb.reshape(n, c, 1)).reshape(N, 1), warn=False)
+            Rx = curv.root(x.reshape(n, c, 1)).reshape(N, 1)
             a_new = b - Rx.squeeze(-1)
             f_new = m + (Kb - s2 * pr.k_mv(Rx, dense)).squeeze(-1)
             da, df = a_new - a, f_new - f
@@ -358,11 +348,11 @@ class LaplacePosterior(LinearizedPosterior):
         self._finish(it, dec2, converged, f)
         self.a = a
         self.delta = pr.mu + s2 * pr.jt_mv(a.unsqueeze(-1), dense).squeeze(-1)
-        self.system = self._function_system(self.pi)
+        self.system = self._function_system(self.curvature)
 
     # ------------------------------------------------------------------ Newton, parameter space
     def _newton_parameter(self, start: LaplacePosterior | None) -> None:
-        pr, s2, dense = self.problem, self.s2, self.dense
+        pr, s2, dense, lik = self.problem, self.s2, self.dense, self.problem.likelihood
         n, c, N = pr.n, pr.c, pr.n_obs
         if start is None:
             delta = torch.zeros(pr.p, dtype=ALGEBRA_DTYPE, device=self.lin.device)
@@ -371,19 +361,18 @@ class LaplacePosterior(LinearizedPosterior):
             delta, f = start.delta.clone(), start.logits.reshape(N).clone()
 
         def objective(f_: torch.Tensor, d_: torch.Tensor) -> float:
-            return -_log_lik(f_.reshape(n, c), pr.labels) + 0.5 * float(((d_ - pr.mu) ** 2).sum()) / s2
+            return -pr.log_lik(f_.reshape(n, c)) + 0.5 * float(((d_ - pr.mu) ** 2).sum()) / s2
 
         loss = objective(f, delta)
         # The Jacobi preconditioner of Newton-CG is built once at the start (it only needs to be roughly right).
-        pi0 = torch.softmax(f.reshape(n, c), dim=1)
-        precond_diag = None if dense else pr.ggn_diagonal(pi0)
+        precond_diag = None if dense else pr.ggn_diagonal(lik.curvature(f.reshape(n, c)))
         dec2, converged, it, grad0 = float("inf"), False, 0, None
         for it in range(1, self.newton_max_iter + 1):  # noqa: B007
-            pi = torch.softmax(f.reshape(n, c), dim=1)
-            grad = -pr.jt_mv((pr.Y - pi).reshape(N, 1), dense).squeeze(-1) + (delta - pr.mu) / s2
+            F = f.reshape(n, c)
+            grad = -pr.jt_mv(lik.gradient(F, pr.Y).reshape(N, 1), dense).squeeze(-1) + (delta - pr.mu) / s2
             gnorm = float(grad.norm())
             grad0 = grad0 or max(gnorm, 1e-300)
-            system = self._parameter_system(pi, precond_diag)
+            system = self._parameter_system(lik.curvature(F), precond_diag)
             d = -system.solve(grad.unsqueeze(-1), tol=self._inner_tol(gnorm, grad0), warn=False).squeeze(-1)
             dec2 = float(-(grad @ d))
             Jd = pr.j_mv(d.unsqueeze(-1), dense).squeeze(-1)
@@ -392,7 +381,7 @@ class LaplacePosterior(LinearizedPosterior):
                 break
         self._finish(it, dec2, converged, f)
         self.delta = delta
-        self.system = self._parameter_system(self.pi)
+        self.system = self._parameter_system(self.curvature)
 
     # ------------------------------------------------------------------ predictions
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
@@ -406,12 +395,12 @@ class LaplacePosterior(LinearizedPosterior):
         pr = self.problem
         k = B.shape[0]
         JB = pr.j_mv(B.T.contiguous(), self.dense)  # (N, k)
-        V = _rt(self.pi, JB.reshape(pr.n, pr.c, k)).reshape(pr.n_obs, k)
+        V = self.curvature.root_t(JB.reshape(pr.n, pr.c, k)).reshape(pr.n_obs, k)
         return [(self.s2, B, B.T), (-(self.s2**2), V.T, self.system.solve(V))]
 
 
 def optimize_prior_var(
-    problem: ClassificationProblem,
+    problem: LaplaceProblem,
     prior_var: float,
     space: str,
     solver: str,
