@@ -16,4 +16,4 @@ print(format_dense_table(run_dense_bench(reps, 2, plain=False), reps, 2))
 PY
 echo
 echo "== neural-tangents"
-.venv-bench-jax/bin/python src/linadapt/_nt_bench.py --reps "$REPS" --threads 2
+.venv-bench-jax/bin/python src/linadapt/app/_nt_bench.py --reps "$REPS" --threads 2

@@ -2,7 +2,7 @@
 # Build the separate venv for the neural-tangents side of the benchmark (never linadapt's own environment):
 # neural-tangents 0.6.5 imports only with jax/jaxlib <= 0.4.25 and numpy 1.26, and declares tf2jax (hence
 # TensorFlow), which its empirical NTK does not need: it is installed without dependencies, and
-# src/linadapt/_nt_bench.py stubs out the TensorFlow-based `neural_tangents.experimental` subpackage.
+# src/linadapt/app/_nt_bench.py stubs out the TensorFlow-based `neural_tangents.experimental` subpackage.
 #
 #   bash benchmarks/make_jax_venv.sh [VENV_DIR]     (default .venv-bench-jax; about 250 MB)
 set -euo pipefail

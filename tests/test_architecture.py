@@ -28,27 +28,42 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported linadapt module, whether inside a function) for every import of the package's own modules."""
+    """(imported linadapt module, whether inside a function) for every import of the package's own modules;
+    relative imports are resolved against the file's package, and imports under ``if TYPE_CHECKING:`` (its
+    body, not its ``else``) are left out."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    inside_src = SRC.parent in path.resolve().parents
+    name = _module_name(path) if inside_src else "linadapt._probe"
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    known = _modules()
     out: list[tuple[str, bool]] = []
 
-    def visit(node: ast.AST, in_function: bool, in_type_checking: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
-            guarded = in_type_checking or (
-                isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING"
-            )
-            if isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "linadapt":
-                if not guarded:
-                    # ``from pkg import mod`` depends on the module mod; ``from mod import name`` on mod
-                    subs = [f"{child.module}.{a.name}" for a in child.names]
-                    known = _modules()
-                    out.extend((s if s in known else child.module, in_function) for s in subs)
-            elif isinstance(child, ast.Import):
-                out.extend((a.name, in_function) for a in child.names if a.name.split(".")[0] == "linadapt")
-            visit(child, inside, guarded)
+    def absolute(node: ast.ImportFrom) -> str | None:
+        if not node.level:
+            return node.module
+        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+        return ".".join(base + ([node.module] if node.module else []))
 
-    visit(tree, False, False)
+    def record(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, ast.ImportFrom):
+            module = absolute(node)
+            if module and module.split(".")[0] == "linadapt":
+                # ``from pkg import mod`` depends on the module mod; ``from mod import name`` on mod
+                subs = [f"{module}.{a.name}" for a in node.names]
+                out.extend((s if s in known else module, in_function) for s in subs)
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, in_function) for a in node.names if a.name.split(".")[0] == "linadapt")
+
+    def visit(nodes: list[ast.AST], in_function: bool) -> None:
+        for child in nodes:
+            if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+                visit(child.orelse, in_function)
+                continue
+            record(child, in_function)
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            visit(list(ast.iter_child_nodes(child)), inside)
+
+    visit(tree.body, False)
     return out
 
 
@@ -85,6 +100,9 @@ def test_imports_point_down_the_layers_and_have_no_cycle() -> None:
         deps = set()
         for imported, _ in _imports(path):
             target = _resolve(imported, modules)
+            if target == "linadapt" and name not in ("linadapt", "linadapt.__main__"):
+                upward.append(f"{name} -> linadapt (the package's public face is above every layer)")
+                continue
             if target is None or target == name or target == "linadapt":
                 continue
             if target.startswith(name + ".") and path.name == "__init__.py":
@@ -162,5 +180,13 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     guarded = tmp_path / "b.py"
     guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from linadapt.app import cli\n")
     assert _imports(guarded) == []
+    guarded.write_text("if TYPE_CHECKING:\n    pass\nelse:\n    from linadapt.app import cli\n")
+    assert _imports(guarded) == [("linadapt.app.cli", False)]
+    relative = SRC / "jacobian" / "_relative_probe.py"  # resolved against its package, then removed
+    try:
+        relative.write_text("from .held import HeldJacobian\nfrom ..app import cli\n")
+        assert _imports(relative) == [("linadapt.jacobian.held", False), ("linadapt.app.cli", False)]
+    finally:
+        relative.unlink()
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None

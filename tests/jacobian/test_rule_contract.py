@@ -16,6 +16,8 @@ from torch import nn
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.structured.registry import RULES, rule_for
 
+ARGS = {nn.Linear: (3, 2), nn.Conv1d: (2, 2, 3), nn.Conv2d: (2, 2, 3)}  # a small instance of each rule's type
+
 
 def _handled(name: str) -> set[type]:
     """The module types whose rule the structured engine used on zoo model ``name``."""
@@ -43,6 +45,7 @@ def test_a_rule_declines_a_subclass_with_its_own_forward(module_type: type) -> N
         return module_type.forward(self, x) * 2.0
 
     custom = type(f"Custom{module_type.__name__}", (module_type,), {"forward": forward})
-    args = {nn.Linear: (3, 2), nn.Conv1d: (2, 2, 3), nn.Conv2d: (2, 2, 3)}[module_type]
+    assert module_type in ARGS, f"give {module_type.__name__}'s constructor arguments in ARGS"
+    args = ARGS[module_type]
     assert rule_for(module_type(*args)) is not None
     assert rule_for(custom(*args)) is None

@@ -250,6 +250,32 @@ def test_a_model_that_mixes_examples_is_refused_by_every_path() -> None:
         assert name  # each entry point raised
 
 
+def test_the_examples_check_sees_batch_statistics_nondeterminism_and_not_rounding() -> None:
+    """Batch statistics that need two examples (BatchNorm without running statistics) are compared within pairs
+    and refused; a forward that is not deterministic is named as such; a float16 network's own rounding (its
+    batch and single-example results differ at float16 precision) is not mistaken for mixing."""
+    torch.manual_seed(0)
+    X = torch.randn(6, 3, dtype=torch.float64)
+    stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).double()
+    with pytest.raises(la.LinearizationError, match="mixes the examples of a batch"):
+        Linearization(stats).ntk(X)
+
+    class AlwaysDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(self.lin(x), 0.5, training=True)
+
+    with pytest.raises(la.LinearizationError, match="not deterministic"):
+        Linearization(AlwaysDropout().double()).prepare_inputs(X)
+    layers = [m for _ in range(8) for m in (nn.Linear(16, 16), nn.Tanh())]
+    half = nn.Sequential(*layers, nn.Linear(16, 2)).half()
+    Xh = torch.randn(6, 16).half()
+    Linearization(half).prepare_inputs(Xh)  # no error
+
+
 def test_the_same_layers_without_mixing_agree_on_every_path() -> None:
     """The control: without the batch mean the dense kernel, the operator's torch.func products and the CG and
     Cholesky fits all agree with the plain-autograd reference Jacobian."""

@@ -11,7 +11,7 @@ numpy 1.26, and its ``experimental`` subpackage imports TensorFlow), so this fil
 anything outside the standard library until it runs: ``linadapt bench`` runs it with the interpreter of a
 separate venv (``--jax-python``; ``benchmarks/make_jax_venv.sh`` builds one), or by hand:
 
-    .venv-bench-jax/bin/python src/linadapt/_nt_bench.py [--reps 5] [--threads 2]
+    .venv-bench-jax/bin/python src/linadapt/app/_nt_bench.py [--reps 5] [--threads 2]
 """
 
 from __future__ import annotations

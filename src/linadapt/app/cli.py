@@ -405,7 +405,6 @@ def demo(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("starting", total=None)
         try:
@@ -464,7 +463,6 @@ def experiment(
     Example: linadapt experiment sinusoids --seeds 5 --output sinusoids.json
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 
     if name not in EXPERIMENTS:
         _fail(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
@@ -556,13 +554,11 @@ def bench(
         print()
         print(format_dense_table(drows, dense_reps, threads))
         if neural_tangents:
-
             with console.status("timing neural-tangents (JAX) on the same models …"):
                 _, text = run_neural_tangents(jax_python, dense_reps, threads)
             print()
             print(text)
     if memory:
-
         with console.status("measuring peak memory …"):
             mrows = run_memory_bench(n, threads)
         print()

@@ -23,5 +23,3 @@ def linearize_shard(
     if distributed:
         check_shard_size(Xt.shape[0])
     return lin, Xt, lin.outputs(Xt)
-
-

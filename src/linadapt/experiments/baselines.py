@@ -307,7 +307,6 @@ def ntk_plus_rbf_gp(
     """
     import gpytorch
 
-
     torch.manual_seed(seed)
     X = torch.as_tensor(X)
     yf = torch.as_tensor(y, dtype=torch.float64).reshape(-1)

@@ -16,19 +16,17 @@ standardised with the winter mean and std (the unit in which errors are reported
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_regression
+from linadapt.experiments.source import Step
 
 __all__ = ["SHOTS", "bikeshare", "load_bikeshare"]
 
 SHOTS = (10, 50, 200)
 WINTER, SUMMER = ("Dec", "Jan", "Feb"), ("June", "July", "Aug")
-Step = Callable[[str], None]
 
 
 def load_bikeshare() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

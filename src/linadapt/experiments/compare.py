@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,12 +22,12 @@ from linadapt import metrics
 from linadapt.estimators.classifier import LinearizedClassifier
 from linadapt.estimators.regressor import LinearizedRegressor
 from linadapt.experiments.baselines import ablr, finetune, laplace_torch, ntk_plus_rbf_gp, rbf_gp
+from linadapt.experiments.source import Step
 from linadapt.jacobian.selection import ParamSpec
 from linadapt.likelihoods.softmax_links import class_probabilities
 
 __all__ = ["METHODS", "ClassificationComparison", "compare_classification", "compare_regression", "selected_methods"]
 
-Step = Callable[[str], None]
 
 #: method names that can be selected (a linadapt variant's name also selects its -bridge / -map readouts)
 METHODS = (

@@ -10,18 +10,15 @@ predictions are chance-level, so every method must learn the new labels from the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from linadapt.experiments.compare import compare_classification
 from linadapt.experiments.datasets import load_animals, load_mnist, per_class_sample
-from linadapt.experiments.source import train_source
+from linadapt.experiments.source import Step, train_source
 
 __all__ = ["SHOTS", "mnist_to_animals"]
 
 SHOTS = (5, 20, 50)
-Step = Callable[[str], None]
 
 
 def mnist_to_animals(

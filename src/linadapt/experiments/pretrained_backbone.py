@@ -15,19 +15,17 @@ fine-tuning of the last layer, of all weights and of the biases.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_classification
 from linadapt.experiments.datasets import load_animals, per_class_sample
+from linadapt.experiments.source import Step
 
 __all__ = ["HEAD_BLOCK", "SHOTS", "efficientnet_lite0", "pretrained_backbone"]
 
 SHOTS = (5, 10)
 HEAD_BLOCK = ["_conv_head.*", "_bn1.*", "_fc.*"]
-Step = Callable[[str], None]
 
 
 def efficientnet_lite0(num_classes: int = 10, seed: int = 0) -> nn.Module:

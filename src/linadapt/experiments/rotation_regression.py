@@ -10,20 +10,17 @@ NTK + RBF composite, whose GPyTorch training recomputes the 25k-parameter NTK at
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_regression
 from linadapt.experiments.datasets import load_mnist, rotate_images
-from linadapt.experiments.source import make_cnn, train_source
+from linadapt.experiments.source import Step, make_cnn, train_source
 
 __all__ = ["SHOTS", "make_angle_cnn", "rotation_regression"]
 
 SHOTS = (10, 30, 100)
 _MAX_DEG, _UNIT = 60.0, 30.0
-Step = Callable[[str], None]
 
 
 def make_angle_cnn() -> nn.Module:

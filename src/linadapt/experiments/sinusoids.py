@@ -21,17 +21,16 @@ predictive std: their RMS residual on the target points they were given (floored
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_regression
+from linadapt.experiments.source import Step
 
 __all__ = ["SHOTS", "make_mlp", "sample_task", "sinusoids"]
 
 SHOTS = (5, 10, 20)
-Step = Callable[[str], None]
 
 
 def make_mlp() -> nn.Module:

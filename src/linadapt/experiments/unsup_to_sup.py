@@ -11,19 +11,17 @@ head) and the encoder's Jacobian (for the weights below it). Methods: see
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from linadapt.experiments.compare import compare_classification
 from linadapt.experiments.datasets import load_mnist, per_class_sample
+from linadapt.experiments.source import Step
 
 __all__ = ["SHOTS", "autoencoder", "unsup_to_sup"]
 
 SHOTS = (5, 10, 20)
 LATENT = 32
-Step = Callable[[str], None]
 
 
 def autoencoder() -> tuple[nn.Module, nn.Module]:

@@ -51,7 +51,7 @@ from linadapt.inference.solvers import (
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.likelihoods import Categorical, Curvature, Likelihood
 
-__all__ = ["ClassificationProblem", "LaplacePosterior", "LaplaceProblem", "NewtonInfo", "optimize_prior_var"]
+__all__ = ["LaplacePosterior", "LaplaceProblem", "NewtonInfo", "optimize_prior_var"]
 
 _MAX_DECADES = 8  # the prior-variance search stays within prior_var · 10^{±8}
 
@@ -135,9 +135,6 @@ class LaplaceProblem(TrainingData):
     def log_lik(self, F: torch.Tensor) -> float:
         """log p(Y | F) = Σᵢ log p(yᵢ | fᵢ) at logits F (n, c)."""
         return self.likelihood.log_likelihood(F, self.Y)
-
-
-ClassificationProblem = LaplaceProblem  # the former name (categorical default); kept for callers
 
 
 class LaplacePosterior(LinearizedPosterior):

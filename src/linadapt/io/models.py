@@ -44,8 +44,15 @@ _PICKLED_CONSTANTS = (
     "trust the file"
 )
 # records torch.export.load reads as text (archive metadata; the older format's program), never unpickles
-_TEXT_RECORDS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
-                 "version", "serialized_exported_program.json"}
+_TEXT_RECORDS = {
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+    "version",
+    "serialized_exported_program.json",
+}
 
 
 def _refuse_unpickling(data: bytes) -> None:

@@ -1,7 +1,9 @@
 """What every Jacobian engine shares: the algebra dtype, eval mode for the borrowed model, the error type.
 
 The engines (:mod:`~linadapt.jacobian.linearization`, :mod:`~linadapt.jacobian.structured`,
-:mod:`~linadapt.jacobian.graph`) import these from here, so none of them imports another at run time.
+:mod:`~linadapt.jacobian.graph`) import these from here: the structured rules and the graph need only these
+and the linearization's methods, so they import :mod:`~linadapt.jacobian.linearization` for type checking
+only, and the linearization can import them (it owns a structured engine and a held Jacobian).
 """
 
 from __future__ import annotations

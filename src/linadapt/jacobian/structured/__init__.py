@@ -21,7 +21,8 @@ chunk by chunk, never for all p parameters at once. When the layer has few posit
 O(P² (d_in k + c² d_out)) per pair of examples against O(c² d_out d_in k); the cheaper form is chosen per layer.
 Parameters outside a supported layer (normalisation scales, embeddings, layers used twice, grouped
 convolutions, ...) fall back to the Jacobian contraction restricted to them. The layers' inputs and output
-gradients come from one forward pass with hooks and c backward passes (one per output) per chunk of examples.
+gradients come from one forward pass with hooks and one backward pass batched over the c outputs per chunk of
+examples.
 
 The same factors, kept for fixed training inputs (:class:`FactoredJacobian`), give J v and Jᵀ u without a
 pass through the network; the iterative solvers use them (see :class:`~linadapt.inference.posterior.TrainingData`).

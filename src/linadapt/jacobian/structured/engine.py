@@ -143,7 +143,6 @@ class StructuredNTK:
         rule registered for its module type (:mod:`~linadapt.jacobian.structured.rules`)."""
         rule_for(layer.module).features(self, layer, A, G, feats, products)
 
-
     def _unexpanded(self, layer: Layer, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
         """Whether a reused-weight layer is kept as patches and output gradients G4 (c, b, P, d_out) rather than
         as materialised per-example gradients. For products the choice is made on the first chunk and kept
@@ -175,7 +174,6 @@ class StructuredNTK:
         return by_conv, materialised
 
     # ------------------------------------------------------------------ blocks
-
 
     # ------------------------------------------------------------------ public
     def check(self, X: torch.Tensor) -> bool:

@@ -34,9 +34,7 @@ class LayerRule(Protocol):
         """Whether the rule sees everything ``module`` computes from its input."""
         ...
 
-    def features(
-        self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool
-    ) -> None:
+    def features(self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool) -> None:
         """Append the layer's factors to ``feats``."""
         ...
 
