@@ -218,3 +218,39 @@ def test_operator_casts_and_checks_raw_tensors():
     Xn[2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         la.NTKOperator(model, Xn)  # checked when the operator is made, not at its first product
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_selected_rows_go_through_the_held_jacobian_without_a_pass_over_x(name, monkeypatch) -> None:
+    """Pivoted Cholesky asks a square operator for selected rows: once J(X) is held (factors for the MLP, the
+    retained graph for the ResNet) they cost a vjp over the few examples touched and a product with the held
+    J(X) — no torch.func jvp over all of X — and equal the plain-autograd kernel's entries."""
+    from linadapt.jacobian.linearization import Linearization
+
+    model = BUILDERS[name]()
+    X = inputs_for(name, 12)
+    lin = Linearization(model)
+    op = la.NTKOperator(lin, X)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    op @ v
+    op @ v  # held from the second product on
+    assert op.held() is not None
+    J = reference_jacobian(model, X, lin.param_names).flatten(0, 1)
+    K = J @ J.T
+    calls = {"jvp": 0}
+    real = Linearization.jvp
+
+    def counting(self, *args, **kwargs):
+        calls["jvp"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linearization, "jvp", counting)
+    rows = torch.tensor([0, 5, 17, 30])
+    cols = torch.tensor([3, 5, 2, 35])
+    got = op._get_indices(rows, cols)
+    L = pivoted_cholesky(op, 6)
+    assert calls["jvp"] == 0
+    torch.testing.assert_close(got, K[rows, cols], rtol=1e-10, atol=1e-12 * float(K.abs().max()))
+    # the low-rank factor reproduces the pivoted rows of the exact kernel: its first column is K's best pivot
+    pivot = int(torch.argmax(torch.diagonal(K)))
+    torch.testing.assert_close(L[:, 0] * L[pivot, 0], K[:, pivot], rtol=1e-8, atol=1e-10 * float(K.abs().max()))

@@ -207,9 +207,15 @@ class NTKOperator(LinearOperator):
             return diag.sum(-1).to(self._dtype)
         return diag[:, int(self.output)].to(self._dtype)
 
+    def _held_for_rows(self) -> Any:
+        """The J(X) this square, all-outputs operator already holds (see :meth:`held`), for computing selected
+        rows without a pass over X — as pivoted-Cholesky preconditioners ask for; else None."""
+        return self.held(count=False) if self.output is None else None
+
     def _get_indices(self, row_index: Any, col_index: Any, *batch_indices: Any) -> torch.Tensor:
         # Entries K[row_index, col_index] (broadcast): compute the needed rows from the few examples they
-        # touch (a vjp over those examples, a jvp over X2), then gather the columns.
+        # touch (a vjp over those examples, a jvp over X2 — through the held J(X) when there is one), then
+        # gather the columns.
         row_index, col_index = torch.broadcast_tensors(torch.as_tensor(row_index), torch.as_tensor(col_index))
         w = self._width
         uniq_rows, row_inv = torch.unique(row_index.reshape(-1), return_inverse=True)
@@ -217,10 +223,13 @@ class NTKOperator(LinearOperator):
         sub = self.X1[examples.to(self.X1.device)]
         basis = torch.zeros(uniq_rows.numel(), examples.numel() * w, dtype=ALGEBRA_DTYPE, device=self.device)
         basis[torch.arange(uniq_rows.numel()), ex_inv * w + uniq_rows % w] = 1.0
-        # rows of K(sub, X2) = (K(X2, sub) applied to the one-hot vectors)ᵀ
-        rows = NTKOperator(self.linearization, X1=self.X2, X2=sub, output=self.output, symmetric=False).apply_rows(
-            basis
-        )
+        held = self._held_for_rows()
+        if held is not None:  # J(X) held: the rows are J(X) (J(sub)ᵀ e), one small vjp, no pass over X
+            U = basis.reshape(-1, examples.numel(), w)
+            rows = held.jvp(self.linearization.vjp(sub, U)).reshape(U.shape[0], -1)
+        else:  # rows of K(sub, X2) = (K(X2, sub) applied to the one-hot vectors)ᵀ
+            rows = NTKOperator(self.linearization, X1=self.X2, X2=sub, output=self.output, symmetric=False)
+            rows = rows.apply_rows(basis)
         picked = rows[row_inv.to(rows.device), col_index.reshape(-1).to(rows.device)]
         return picked.reshape(row_index.shape).to(self._dtype)
 
