@@ -8,6 +8,7 @@ inside functions.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     return out
 
 
+@functools.cache
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in SRC.rglob("*.py")}
 

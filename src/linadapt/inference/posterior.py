@@ -62,7 +62,6 @@ class TrainingData:
         products). Products with either need no forward pass through the network."""
         if "factored" not in self.cache:
             held = self.lin.held.get(
-                self.lin,
                 self.X,
                 int(self.options.memory_budget) // 2,
                 factorize=getattr(self.options, "factorize", True),

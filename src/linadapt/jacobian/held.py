@@ -48,6 +48,9 @@ def inputs_key(X: torch.Tensor) -> tuple:
 class HeldJacobian:
     """The J(X) one linearization holds, and what it learnt about holding one.
 
+    Args:
+        lin: the linearization that owns this object (``lin.held``).
+
     Attributes:
         key: :func:`inputs_key` of the inputs the entry is for (None before the first request).
         uses: requests counted for those inputs.
@@ -56,7 +59,8 @@ class HeldJacobian:
             not checked yet; set by :func:`~linadapt.jacobian.graph.graph_jacobian`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lin: Linearization) -> None:
+        self.lin = lin
         self.key: tuple | None = None
         self.uses = 0
         self.value: Any = None
@@ -64,7 +68,6 @@ class HeldJacobian:
 
     def get(
         self,
-        lin: Linearization,
         X: torch.Tensor,
         budget: int,
         min_uses: int = 1,
@@ -81,7 +84,7 @@ class HeldJacobian:
         if count:
             self.uses += 1
         if self.value is None and self.uses >= min_uses and count:
-            held = cached_jacobian(lin, X, budget, factorize=factorize, graph=graph)
+            held = cached_jacobian(self.lin, X, budget, factorize=factorize, graph=graph)
             self.value = held if held is not None else False
         return self.value or None
 

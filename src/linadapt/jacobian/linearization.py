@@ -89,7 +89,7 @@ class Linearization:
         self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         # J(X) held for repeated products (cached factors or the retained graph), for the most recent inputs
-        self.held = HeldJacobian()
+        self.held = HeldJacobian(self)
         # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
@@ -205,7 +205,7 @@ class Linearization:
         sub.numels = [sub.theta[n].numel() for n in names]
         sub.num_params = int(sum(sub.numels))
         sub._structured = False
-        sub.held = HeldJacobian()
+        sub.held = HeldJacobian(sub)
         return sub
 
     # ------------------------------------------------------------------ flat vectors

@@ -161,7 +161,7 @@ class NTKOperator(LinearOperator):
         first product, or nothing fits in ``HELD_BYTES``. ``count`` counts a product."""
         if not (self.hold and self._square()):
             return None
-        return self.linearization.held.get(self.linearization, self.X1, HELD_BYTES, min_uses=2, count=count)
+        return self.linearization.held.get(self.X1, HELD_BYTES, min_uses=2, count=count)
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
