@@ -105,14 +105,14 @@ class LaplaceProblem(TrainingData):
 
     # -- products: columns are (N, k) in output space, (p, k) in parameter space ---------------------
     def j_mv(self, V: torch.Tensor, dense: bool) -> torch.Tensor:
-        """J V: (p, k) -> (N, k)."""
-        if dense:
+        """J V: (p, k) -> (N, k); through the dense J only when ``dense`` and J fits the memory budget."""
+        if dense and self.jacobian_fits():
             return self.jacobian_matrix() @ V
         return self.jvp(V.T).reshape(V.shape[1], -1).T
 
     def jt_mv(self, U: torch.Tensor, dense: bool) -> torch.Tensor:
-        """Jᵀ U: (N, k) -> (p, k)."""
-        if dense:
+        """Jᵀ U: (N, k) -> (p, k); through the dense J only when ``dense`` and J fits the memory budget."""
+        if dense and self.jacobian_fits():
             return self.jacobian_matrix().T @ U
         return self.vjp(U.T.reshape(U.shape[1], self.n, self.c)).T
 
@@ -389,11 +389,14 @@ class LaplacePosterior(LinearizedPosterior):
         """
         if self.space == "parameter":
             return [(1.0, B, self.system.solve(B.T.contiguous()))]
+        JB = self.problem.j_mv(B.T.contiguous(), self.dense)  # (N, k)
+        return [(self.s2, B, B.T), *self._data_terms(JB)]
+
+    def _data_terms(self, Kx: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Function space: −s⁴ Vᵀ B⁻¹ V with V = Rᵀ Kx for Kx = J(X) Bᵀ (N, k)."""
         pr = self.problem
-        k = B.shape[0]
-        JB = pr.j_mv(B.T.contiguous(), self.dense)  # (N, k)
-        V = self.curvature.root_t(JB.reshape(pr.n, pr.c, k)).reshape(pr.n_obs, k)
-        return [(self.s2, B, B.T), (-(self.s2**2), V.T, self.system.solve(V))]
+        V = self.curvature.root_t(Kx.reshape(pr.n, pr.c, -1)).reshape(pr.n_obs, -1)
+        return [(-(self.s2**2), V.T, self.system.solve(V))]
 
 
 def optimize_prior_var(

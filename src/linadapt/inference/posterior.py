@@ -134,6 +134,10 @@ class TrainingData:
             self.cache["K"] = self.lin.ntk(self.all_inputs())
         return self.cache["K"]
 
+    def jacobian_fits(self) -> bool:
+        """Whether the dense J (N × p, float64) is held already or fits in half the memory budget."""
+        return "J" in self.cache or self.n_obs * self.p * 8 <= int(self.options.memory_budget) // 2
+
     def jacobian_matrix(self) -> torch.Tensor:
         """Dense J(X) as (N × p), cached. Sharded: the rows of every rank, gathered."""
         if "J" not in self.cache:
@@ -143,16 +147,40 @@ class TrainingData:
 
 class LinearizedPosterior:
     """Base class: ``lin`` (the linearization), ``delta`` (δ̄, shape (p,)), ``c`` (outputs per example),
-    ``memory_budget`` (bytes a dense Jacobian of test points may take). Subclasses give ``_cov_terms``."""
+    ``memory_budget`` (bytes the test-point pieces may take), ``space``, ``problem`` (the
+    :class:`TrainingData`). Subclasses give ``_cov_terms`` and, for function space, ``_data_terms``.
+
+    In function space the predictive covariance needs no p-sized object per test output:
+    J* S J*ᵀ = s² K** + Σ coef · L R from the cross kernel K(X, X*) alone (:meth:`_data_terms`), computed in
+    bounded chunks of test points by per-layer rules (:meth:`~linadapt.jacobian.linearization.Linearization.
+    cross_kernel_chunks`).
+    """
 
     lin: Linearization
     delta: torch.Tensor
     c: int
     memory_budget: int
+    space: str
+    problem: TrainingData
+    s2: float
 
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         """Terms (coef, L, R) with B S Bᵀ = Σ coef · L R, L (k, D), R (D, k), for rows B (k, p)."""
         raise NotImplementedError
+
+    def _data_terms(self, Kx: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Function space: terms (coef, L, R) with B S Bᵀ = s² B Bᵀ + Σ coef · L R, given only
+        Kx = J(X) Bᵀ (N, k), the training rows' kernel with the test rows."""
+        raise NotImplementedError
+
+    def _by_kernels(self) -> bool:
+        """Whether test covariances go through kernels (function space, one process)."""
+        return self.space == "function" and getattr(self.problem, "sharding", None) is None
+
+    def _test_chunk(self, m: int) -> int:
+        """Test examples per chunk: the cross kernel (N × b·c) and its solve within a quarter of the budget."""
+        per_example = 8 * 3 * self.problem.n_obs * self.c
+        return max(1, min(m, int(self.memory_budget) // 4 // max(1, per_example)))
 
     def latent_cov_rows(self, B: torch.Tensor) -> torch.Tensor:
         """Posterior covariance of B δ for rows B (k, p) of a Jacobian: B S Bᵀ, shape (k, k)."""
@@ -162,19 +190,22 @@ class LinearizedPosterior:
         """Only the diagonal c × c blocks of B S Bᵀ for B = (b·c, p) rows grouped by example: (b, c, c).
 
         Costs O(D·b·c²) after the solves instead of O(D·(b·c)²) for the full matrix."""
-        b = B.shape[0] // c
-        out = torch.zeros(b, c, c, dtype=B.dtype, device=B.device)
-        for coef, L, R in self._cov_terms(B):
-            out += coef * torch.einsum("iad,dib->iab", L.reshape(b, c, -1), R.reshape(-1, b, c))
-        return out
+        return _diagonal_blocks(self._cov_terms(B), B.shape[0] // c, c, B.dtype, B.device)
 
     def mean_shift(self, Xs: torch.Tensor) -> torch.Tensor:
-        """J(X*) δ̄, shape (m, c)."""
+        """J(X*) δ̄, shape (m, c): one Jacobian-vector product per chunk of test points."""
         return self.lin.jvp(Xs, self.delta)
 
     def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
         """Per-example c × c posterior covariance blocks J(x) S J(x)ᵀ, shape (m, c, c)."""
         out = []
+        if self._by_kernels():
+            X = self.problem.all_inputs()
+            for _, Kx, Kss in self.lin.cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0])):
+                b = Kss.shape[0]
+                blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(Kx), b, self.c, Kx.dtype, Kx.device)
+                out.append(0.5 * (blocks + blocks.transpose(1, 2)))
+            return torch.cat(out) if out else torch.zeros(0, self.c, self.c, dtype=ALGEBRA_DTYPE)
         for _, jac in self.lin.jacobian_chunks(Xs):
             b, c, p = jac.shape
             blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
@@ -183,12 +214,33 @@ class LinearizedPosterior:
 
     def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
         """Full posterior covariance J* S J*ᵀ of the outputs at X*, shape (m·c, m·c), example-major."""
-        need = Xs.shape[0] * self.c * self.lin.num_params * 8
+        mc = Xs.shape[0] * self.c
+        if self._by_kernels():
+            need = 8 * (2 * mc * mc + 2 * self.problem.n_obs * mc)
+            what = "the test kernel and its cross kernel with the training points"
+        else:
+            need = mc * self.lin.num_params * 8
+            what = "a Jacobian of the test points"
         if need > self.memory_budget:
             raise ValueError(
-                f"the full predictive covariance for {Xs.shape[0]} points needs a {need / 2**30:.1f} GiB Jacobian; "
-                "predict fewer points at once or ask for per-example blocks instead"
+                f"the full predictive covariance for {Xs.shape[0]} points needs {need / 2**30:.1f} GiB for {what}, "
+                f"above memory_budget ({self.memory_budget / 2**30:.1f} GiB); predict fewer points at once, ask for "
+                "per-example blocks instead, or raise memory_budget"
             )
-        B = self.lin.jacobian(Xs).reshape(Xs.shape[0] * self.c, -1)
-        cov = self.latent_cov_rows(B)
+        if self._by_kernels():
+            Kx = self.lin.ntk(self.problem.all_inputs(), Xs)
+            cov = self.s2 * self.lin.ntk(Xs) + sum(coef * (L @ R) for coef, L, R in self._data_terms(Kx))
+        else:
+            B = self.lin.jacobian(Xs).reshape(mc, -1)
+            cov = self.latent_cov_rows(B)
         return 0.5 * (cov + cov.T)
+
+
+def _diagonal_blocks(
+    terms: list[tuple[float, torch.Tensor, torch.Tensor]], b: int, c: int, dtype: torch.dtype, device: Any
+) -> torch.Tensor:
+    """The diagonal c × c blocks (b, c, c) of Σ coef · L R for terms with L (b·c, D), R (D, b·c)."""
+    out = torch.zeros(b, c, c, dtype=dtype, device=device)
+    for coef, L, R in terms:
+        out += coef * torch.einsum("iad,dib->iab", L.reshape(b, c, -1), R.reshape(-1, b, c))
+    return out

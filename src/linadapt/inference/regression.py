@@ -340,4 +340,8 @@ class RegressionPosterior(LinearizedPosterior):
         if self.space == "parameter":
             return [(1.0, B, self.solve(B.T.contiguous()))]
         KnS = self.problem.jvp(B).reshape(B.shape[0], -1).T  # (N, k) = J(X) Bᵀ
-        return [(self.s2, B, B.T), (-(self.s2**2), KnS.T, self.solve(KnS))]
+        return [(self.s2, B, B.T), *self._data_terms(KnS)]
+
+    def _data_terms(self, Kx: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Function space: −s⁴ Kxᵀ A⁻¹ Kx for Kx = J(X) Bᵀ (N, k)."""
+        return [(-(self.s2**2), Kx.T, self.solve(Kx))]

@@ -443,6 +443,23 @@ class Linearization:
             return torch.diagonal(K, dim1=1, dim2=3).sum(-1)
         return K[:, output, :, output].contiguous()
 
+    def cross_kernel_chunks(
+        self, X: Any, Xs: Any, size: int, method: str = "auto"
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """For consecutive chunks of ``size`` inputs of Xs: (sl, K(X, Xs[sl]) (n·c, b·c) example-major, the
+        per-example blocks J(x*) J(x*)ᵀ (b, c, c)), float64 — what a function-space predictive needs of the
+        test points, without a p-sized vector per test output. By per-layer rules where they apply (the
+        factors of X computed once when they fit), else by Jacobian contraction."""
+        X = self.prepare_inputs(X, "X")
+        Xs = self.prepare_inputs(Xs, "Xs")
+        engine = self.structured(X) if _check_method(method) == "auto" else None
+        if engine is not None:
+            yield from engine.cross_kernel_chunks(X, Xs, max(1, int(size)))
+            return
+        for start in range(0, Xs.shape[0], max(1, int(size))):
+            sl = slice(start, min(start + max(1, int(size)), Xs.shape[0]))
+            yield sl, self._ntk_jacobian(X, Xs[sl]), self.ntk_blocks(Xs[sl], method="jacobian")
+
     def _ntk_jacobian(self, X1: torch.Tensor, X2: torch.Tensor | None) -> torch.Tensor:
         """J(X1) J(X2)ᵀ, (n1·c, n2·c), by contracting Jacobian chunks."""
         X2t = X1 if X2 is None else X2

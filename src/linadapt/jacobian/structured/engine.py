@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -261,6 +262,38 @@ class StructuredNTK:
                 o2 += b2
             o1 += x1.shape[0]
         return K if trace else K.reshape(n1 * c, n2 * c)
+
+    def cross_kernel_chunks(
+        self, X: torch.Tensor, Xs: torch.Tensor, size: int
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """For consecutive chunks of ``size`` test inputs Xs[sl]: (sl, K(X, Xs[sl]) of shape (n·c, b·c)
+        example-major, the blocks J(x*) J(x*)ᵀ of the chunk (b, c, c)), float64.
+
+        The factors of X are computed once for all test chunks when they fit twice the feature budget (else once
+        per test chunk), and each test chunk's factors serve both its cross kernel and its diagonal blocks: the
+        function-space predictive needs nothing else."""
+        c = self.lin.output_dim(X)
+        n = X.shape[0]
+        tsize = self._size(X, c)
+        train = [X[i : i + tsize] for i in range(0, n, tsize)]
+        keep = n * self._example_bytes <= 8 * 2 * costs.FEATURE_BUDGET
+        kept = [self._features(x) for x in train] if keep else None
+        for start in range(0, Xs.shape[0], size):
+            sl = slice(start, min(start + size, Xs.shape[0]))
+            test = [self._features(Xs[j : min(j + tsize, sl.stop)]) for j in range(sl.start, sl.stop, tsize)]
+            b = sl.stop - sl.start
+            K = torch.empty(n, c, b, c, dtype=ALGEBRA_DTYPE, device=self.lin.device)
+            o1 = 0
+            for i, x in enumerate(train):
+                f1 = kept[i] if kept is not None else self._features(x)
+                o2 = 0
+                for f2 in test:
+                    K[o1 : o1 + f1.b, :, o2 : o2 + f2.b, :] = assembly.block(f1, f2, False)
+                    o2 += f2.b
+                o1 += f1.b
+                del f1
+            diag = torch.cat([assembly.diagonal_blocks(f) for f in test])
+            yield sl, K.reshape(n * c, b * c), diag
 
     def pair_flops(self, X: torch.Tensor) -> float:
         """Multiply-adds per pair of examples of the full (c × c block) kernel by these rules: Σ over Linear
