@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file, save_model
 
 import linadapt as la
 from linadapt.io.models import ModelLoadError, load_model
@@ -21,6 +21,24 @@ FACTORY = textwrap.dedent(
 
     def lazy():
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
+
+    class Tied(torch.nn.Module):  # a language-model head: the output layer reuses the embedding's weight
+        def __init__(self, tie=True):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.mid = torch.nn.Linear(4, 4)
+            self.out = torch.nn.Linear(4, 10, bias=False)
+            if tie:
+                self.out.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.out(torch.tanh(self.mid(self.emb(tokens))))
+
+    def tied():
+        return Tied()
+
+    def untied():
+        return Tied(tie=False)
     """
 )
 
@@ -71,6 +89,45 @@ def test_lazy_modules_take_their_shapes_from_the_weights(workdir):
     save_file(net.state_dict(), tmp / "lazy.safetensors")
     model = load_model("user_nets:lazy", "lazy.safetensors")
     torch.testing.assert_close(model(X), net(X))
+
+
+def _tied_file(tmp):
+    """A tied-weights net saved with safetensors' save_model (which stores emb.weight only), and its contents."""
+    import user_nets
+
+    net = user_nets.tied().eval()
+    save_model(net, str(tmp / "tied.safetensors"))
+    stored = load_file(tmp / "tied.safetensors")
+    assert "emb.weight" in stored and "out.weight" not in stored  # the alias is not in the file
+    return net, stored
+
+
+def test_tied_weights_saved_by_safetensors_save_model(workdir):
+    tmp, _ = workdir
+    net, stored = _tied_file(tmp)
+    tokens = torch.tensor([[1, 2, 3], [9, 0, 4]])
+    model = load_model("user_nets:tied", "tied.safetensors")
+    assert model.out.weight is model.emb.weight  # the tie survives loading
+    torch.testing.assert_close(model.emb.weight, net.emb.weight)
+    torch.testing.assert_close(model(tokens), net(tokens))
+    # the tied tensor stored under its other name loads as well
+    save_file({"out.weight" if k == "emb.weight" else k: v for k, v in stored.items()}, tmp / "tied_out.safetensors")
+    model = load_model("user_nets:tied", "tied_out.safetensors")
+    assert model.out.weight is model.emb.weight
+    torch.testing.assert_close(model(tokens), net(tokens))
+
+
+def test_missing_weights_are_refused_even_beside_tied_ones(workdir):
+    tmp, _ = workdir
+    _, stored = _tied_file(tmp)
+    save_file({k: v for k, v in stored.items() if k != "mid.weight"}, tmp / "no_mid.safetensors")
+    with pytest.raises(ModelLoadError, match=r"do not fit .*: missing mid\.weight$"):  # out.weight is an alias
+        load_model("user_nets:tied", "no_mid.safetensors")
+    save_file({k: v for k, v in stored.items() if k != "emb.weight"}, tmp / "no_emb.safetensors")
+    with pytest.raises(ModelLoadError, match=r"missing emb\.weight, out\.weight$"):  # the file holds neither name
+        load_model("user_nets:tied", "no_emb.safetensors")
+    with pytest.raises(ModelLoadError, match=r"missing out\.weight$"):  # not tied in this model: a weight of its own
+        load_model("user_nets:untied", "tied.safetensors")
 
 
 def test_pickled_objects_need_trust(workdir):

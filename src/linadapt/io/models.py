@@ -189,8 +189,64 @@ def _read_weights(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def _storage(tensor: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """The tensor's storage as (device, address, bytes), or None when it has no memory of its own (lazy/meta)."""
+    if is_lazy(tensor) or tensor.device.type == "meta":
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other layouts without one storage: never an alias
+        return None
+    if storage.data_ptr() == 0 or storage.nbytes() == 0:
+        return None
+    return tensor.device, storage.data_ptr(), storage.nbytes()
+
+
+def _view(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride()
+
+
+def _writes_all_of(source: torch.Tensor, alias: torch.Tensor) -> bool:
+    """Whether copying into ``source`` writes every byte of ``alias`` (both in the model, storage shared)."""
+    where = _storage(source)
+    if where is None or where != _storage(alias):
+        return False
+    same_view = _view(source) == _view(alias)
+    whole_storage = (
+        source.storage_offset() == 0 and source.is_contiguous() and source.numel() * source.element_size() == where[2]
+    )
+    return same_view or whole_storage
+
+
+def _unloaded(missing: list[str], loaded: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names in ``missing`` that loading ``loaded`` (names read from the file) left unset.
+
+    ``safetensors.torch.save_model`` stores a tensor shared by several names (tied weights: an output layer
+    that reuses the embedding's Parameter) once, under one of them. A name missing from the file is set all
+    the same when, in the model loaded into, it is the same tensor as a loaded name or a view into the storage
+    that a loaded name covers entirely (``load_state_dict`` copies in place, so the tie is kept). Any other
+    missing name is reported.
+    """
+    by_storage: dict[tuple[torch.device, int, int], list[torch.Tensor]] = {}
+    by_id: set[int] = set()
+    for name in loaded:
+        by_id.add(id(tensors[name]))
+        where = _storage(tensors[name])
+        if where is not None:
+            by_storage.setdefault(where, []).append(tensors[name])
+    return [
+        name
+        for name in missing
+        if id(tensors[name]) not in by_id
+        and not any(_writes_all_of(source, tensors[name]) for source in by_storage.get(_storage(tensors[name]), ()))
+    ]
+
+
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """Load a trained network from a ``.pt2`` program or a ``module:factory`` plus a weights file.
+
+    Tied weights: a file written by ``safetensors.torch.save_model`` holds a tensor shared by several names
+    once; a name the file lacks is accepted only when it shares that tensor in the model built (``_unloaded``).
 
     Args:
         spec: ``path.pt2`` or ``package.module:factory``.
@@ -222,11 +278,13 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         raise ModelLoadError(
             f"weights {weights} do not fit the architecture from {spec!r}: wrong shape for {', '.join(wrong[:5])}{more}"
         )
+    tensors = model.state_dict(keep_vars=True)  # the Parameters themselves: a tie is one object under two names
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = _unloaded(result.missing_keys, [name for name in state if name in tensors], tensors)
+    if missing or result.unexpected_keys:
         parts = [
             f"{what} {', '.join(keys[:5])}" + (" …" if len(keys) > 5 else "")
-            for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+            for what, keys in (("missing", missing), ("unexpected", result.unexpected_keys))
             if keys
         ]
         raise ModelLoadError(f"weights {weights} do not fit the architecture from {spec!r}: {'; '.join(parts)}")
