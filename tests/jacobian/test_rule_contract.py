@@ -16,7 +16,15 @@ from torch import nn
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.structured.registry import RULES, rule_for
 
-ARGS = {nn.Linear: (3, 2), nn.Conv1d: (2, 2, 3), nn.Conv2d: (2, 2, 3)}  # a small instance of each rule's type
+ARGS = {
+    nn.Linear: (3, 2),
+    nn.Conv1d: (2, 2, 3),
+    nn.Conv2d: (2, 2, 3),
+    nn.BatchNorm1d: (3,),
+    nn.BatchNorm2d: (3,),
+    nn.LayerNorm: (3,),
+    nn.GroupNorm: (1, 3),
+}  # a small instance of each rule's type
 
 
 def _handled(name: str) -> set[type]:

@@ -19,7 +19,7 @@ from linadapt.jacobian.structured import StructuredNTK
 
 
 class ConvZoo(nn.Module):
-    """Conv2d with stride / dilation / no bias, Conv1d, a grouped conv (no rule), LayerNorm (no rule)."""
+    """Conv2d with stride / dilation / no bias, Conv1d, a grouped conv, LayerNorm."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,6 +36,34 @@ class ConvZoo(nn.Module):
         h = torch.tanh(self.c3(h.flatten(2)))  # (n, 3, L)
         h = self.norm(h.mean(-1))
         return self.head(h)
+
+
+class Norms(nn.Module):
+    """A depthwise convolution, GroupNorm, BatchNorm1d with running statistics (eval mode), LayerNorm over two
+    dimensions, and a PReLU (no rule: its weight falls back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, groups=4, bias=False)
+        self.act = nn.PReLU()
+        self.bn = nn.BatchNorm1d(4)
+        self.ln = nn.LayerNorm((2, 3))
+        self.head = nn.Linear(6, 3)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for m in (self.gn, self.bn, self.ln):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+            self.bn.running_mean.copy_(0.2 * torch.randn(4, generator=g))
+            self.bn.running_var.copy_(0.5 + torch.rand(4, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(torch.tanh(self.gn(self.stem(x))))  # (n, 4, 3, 3)
+        h = self.act(self.bn(h.mean(-1)))  # BatchNorm1d on (n, C, L)
+        h = self.ln(h.reshape(-1, 2, 6)[..., :3])  # (n, 2, 3)
+        return self.head(h.flatten(1))
 
 
 class SamePadConv(nn.Conv2d):
@@ -90,6 +118,7 @@ def _zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     cases["conv"] = (ConvZoo().double(), torch.randn(7, 2, 7, 9, generator=g, dtype=torch.float64))
     cases["tokens"] = (Tokens().double(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
     cases["samepad"] = (Padded().double(), torch.randn(7, 2, 8, 8, generator=g, dtype=torch.float64))
+    cases["norms"] = (Norms().double().eval(), torch.randn(7, 2, 7, 7, generator=g, dtype=torch.float64))
     return cases
 
 
@@ -145,8 +174,13 @@ def test_rules_cover_supported_layers_and_fall_back_for_the_rest() -> None:
     lin = Linearization(model)
     engine = lin.structured(lin.prepare_inputs(X))
     assert engine is not None
-    assert {layer.name for layer in engine.layers} == {"c1", "c2", "c3", "head"}
-    assert engine.fallback == ["g.weight", "g.bias", "norm.weight", "norm.bias"]
+    assert {layer.name for layer in engine.layers} == {"c1", "c2", "g", "c3", "norm", "head"}
+    assert engine.fallback == []
+    model, X = ZOO["norms"]  # a parameter of a module without a rule falls back, the rest keep theirs
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {layer.name for layer in engine.layers} == {"stem", "gn", "dw", "bn", "ln", "head"}
+    assert engine.fallback == ["act.weight"]
     # a layer run twice loses its rule (its weight gets contributions from both calls); the others keep theirs
     model, X = ZOO["shared"]
     lin = Linearization(model)
@@ -209,12 +243,12 @@ def test_layers_with_few_positions_and_many_weights_use_the_position_gram() -> N
     assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(24, 24)) < 1e-12
 
 
-def test_resnet_batchnorm_parameters_fall_back_and_batchnorm_stays_in_eval_mode() -> None:
+def test_resnet_batchnorm_parameters_have_a_rule_and_batchnorm_stays_in_eval_mode() -> None:
     model, X = ZOO["resnet"]
     assert model.training
     lin = Linearization(model)
     engine = lin.structured(lin.prepare_inputs(X))
-    assert set(engine.fallback) == {"bn.weight", "bn.bias", "block.bn.weight", "block.bn.bias"}
+    assert engine.fallback == [] and {"bn", "block.bn"} <= {layer.name for layer in engine.layers}
     K1 = lin.ntk(X[:3])
     K2 = lin.ntk(X)  # BatchNorm uses running statistics: a block does not depend on the other examples
     assert _rel(K2[:9, :9], K1) < 1e-12

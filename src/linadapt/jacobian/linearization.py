@@ -86,6 +86,7 @@ class Linearization:
         self.num_params = int(sum(self.numels))
         self._num_outputs: int | None = None
         self._per_example_jacobian = True
+        self._per_example_checked = False
         self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         # J(X) held for repeated products (cached factors or the retained graph), for the most recent inputs
@@ -361,13 +362,26 @@ class Linearization:
                     return self._f(th, x.unsqueeze(0))[0]
 
                 with eval_mode(self.model):
-                    jac = vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, xb)
-                return self.flatten(jac, 2)
+                    jac = self.flatten(vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, xb), 2)
+                if not self._per_example_checked and xb.shape[0] >= 2:
+                    # vmap's batching rules are not all right (PReLU's weight gradient comes out wrong, or
+                    # fails, for some input shapes): check the per-example route once against reverse mode
+                    # over a basis on two examples, and keep the latter if they disagree
+                    self._per_example_checked = True
+                    ref = self._guard("Jacobian", lambda: self._basis_jacobian(xb[:2]), inputs=xb[:2])
+                    scale = float(ref.abs().max())
+                    if float((jac[:2] - ref).abs().max()) > 1e-6 * max(scale, 1e-300):
+                        raise RuntimeError("vmap's per-example Jacobian disagrees with reverse mode")
+                return jac
             except LinearizationError:
                 raise
             except Exception:
                 # Some models cannot run on one example under vmap; use reverse mode over a basis instead.
                 self._per_example_jacobian = False
+        return self._guard("Jacobian", lambda: self._basis_jacobian(xb), inputs=xb)
+
+    def _basis_jacobian(self, xb: torch.Tensor) -> torch.Tensor:
+        """Dense J for a chunk, (b, c, p), float64: reverse mode over the basis of the b·c outputs."""
 
         def basis_pull() -> torch.Tensor:
             out, fn = vjp(lambda th: self._f(th, xb), self.theta)
@@ -376,7 +390,7 @@ class Linearization:
             rows = torch.cat([self.flatten(vmap(fn)(eye[g : g + RHS_GROUP])[0], 1) for g in range(0, b * c, RHS_GROUP)])
             return rows.reshape(b, c, -1)
 
-        return self._guard("Jacobian", basis_pull, inputs=xb)
+        return basis_pull()
 
     def _jacobian_chunk_size(self, c: int) -> int:
         by_memory = max(1, _JACOBIAN_BUDGET // max(1, c * self.num_params))

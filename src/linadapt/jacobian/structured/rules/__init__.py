@@ -1,5 +1,5 @@
 """The layer rules, one module per family; importing this package registers them (one line each)."""
 
-from linadapt.jacobian.structured.rules import conv, linear
+from linadapt.jacobian.structured.rules import conv, linear, norm
 
-__all__ = ["conv", "linear"]
+__all__ = ["conv", "linear", "norm"]

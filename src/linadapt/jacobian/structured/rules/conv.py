@@ -1,7 +1,9 @@
-"""``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding, stock ``forward``): the per-example weight gradient
-is the layer's output gradients times its input patches. Kernels take it materialised or, with few positions,
+"""``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, stock ``forward``): the per-example weight gradient is the layer's
+output gradients times its input patches. With one group, kernels take it materialised or, with few positions,
 as a position Gram (``spatial``); products keep the input and output gradients and multiply by convolution
-(``conv``), materialised as well when the cost model says many-vector products prefer it. A Conv1d is handled
+(``conv``), materialised as well when the cost model says many-vector products prefer it. Grouped and
+depthwise convolutions (few weights per output channel) are materialised per group: for group g, the
+gradient of its d_out/G filters is G_g (d_out/G × P) times its patches (P × C_in/G·kh·kw). A Conv1d is handled
 as a 2-d convolution of height 1."""
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ class ConvRule:
     """The rule for 1-d and 2-d convolutions."""
 
     def applies(self, module: nn.Module) -> bool:
-        """Stock ``forward``, one group, zero padding given as numbers (not "same"): otherwise the layer
-        computes something its input alone does not show (it goes to the Jacobian-contraction fallback)."""
+        """Stock ``forward``, zero padding given as numbers (not "same"): otherwise the layer computes something
+        its input alone does not show (it goes to the Jacobian-contraction fallback)."""
         stock = {nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward}
         base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Conv1d
         return (
             type(module).forward is stock[base]
-            and module.groups == 1
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )
@@ -51,6 +52,18 @@ class ConvRule:
             kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
         Gf = G.reshape(c, b, G.shape[2], -1)  # (c, b, d_out, P)
         parts = []
+        if conv.groups > 1:
+            if layer.weight:
+                groups = conv.groups
+                patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+                patches = patches.reshape(b, groups, -1, patches.shape[-1])  # (b, G, C_in/G·kh·kw, P)
+                Gg = Gf.reshape(c, b, groups, -1, Gf.shape[-1])  # (c, b, G, d_out/G, P)
+                parts.append(torch.einsum("cbgop,bgkp->bcgok", Gg, patches).reshape(b, c, -1))
+            if layer.bias:
+                parts.append(Gf.sum(-1).permute(1, 0, 2))
+            feats.dense.append(torch.cat(parts, -1))
+            feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
+            return
         if layer.weight and products:
             by_conv, materialised = engine._conv_product_forms(layer, A, kernel, Gf)
             if by_conv:
