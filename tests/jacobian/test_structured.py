@@ -134,7 +134,8 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     """Layers with reused weights by the cheaper form (auto), or all of them in the position-Gram form (kernels)
     and unexpanded (for the cached-factor products: convolutions multiplied by convolution, sequence layers from
     their inputs and output gradients), or ("both") convolutions held in both product forms, each product
-    taking the one that is cheaper for its number of vectors."""
+    taking the one that is cheaper for its number of vectors, and held for kernels as input and output
+    gradients (expanded per block)."""
     from linadapt.jacobian.structured import costs
 
     if request.param == "position-gram":
@@ -143,6 +144,7 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
         monkeypatch.setattr(costs, "conv_forms", lambda *_: (True, False))
     if request.param == "both":
         monkeypatch.setattr(costs, "conv_forms", lambda *_: (True, True))
+        monkeypatch.setattr(costs, "held_as_raw", lambda *_: True)  # kernels: convolutions held unexpanded
     return request.param
 
 

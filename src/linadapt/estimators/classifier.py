@@ -10,6 +10,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from linadapt._memory import resolve_memory_budget
 from linadapt._validation import as_label_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
@@ -59,6 +60,10 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         distributed: data-parallel fit inside an initialised ``torch.distributed`` process group: every rank
             calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
             every rank ends with the same posterior. See docs/distributed.md.
+        memory_budget: bytes (or a size such as ``"512MiB"``, ``"4GiB"``) linadapt's own arrays may take at
+            once — kernel matrices, Jacobian chunks, per-layer factors, the held training Jacobian, test-point
+            cross kernels; ``None``: min(2 GiB, ¼ of the available memory). Past it a path chunks or goes
+            matrix-free; where nothing fits, a ``MemoryBudgetError`` names the size needed (docs/usage.md).
 
     Attributes (after ``fit``):
         classes_: array([0, …, c − 1]). n_classes_: c.
@@ -91,6 +96,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         newton_max_iter: int = 100,
         seed: int = 0,
         distributed: bool = False,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -109,6 +115,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.newton_max_iter = newton_max_iter
         self.seed = seed
         self.distributed = distributed
+        self.memory_budget = memory_budget
 
     # ------------------------------------------------------------------ fitting
     def _check_settings(self) -> None:
@@ -152,7 +159,15 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         distributed = bool(self.distributed)
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
+            lin, Xt, f0 = linearize_shard(
+                self.model,
+                self.params,
+                self.chunk_size,
+                self.device,
+                X,
+                distributed,
+                resolve_memory_budget(self.memory_budget),
+            )
             c = f0.shape[1]
             if c < 2:
                 raise ValueError(
@@ -168,7 +183,12 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         sharding = make_sharding(Xt.shape[0], shard_signature(Xt, labels)) if distributed else None
         if sharding is not None:
             f0, labels = sharding.gather(f0), sharding.gather(labels)
-        options = SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
+        options = SolverOptions(
+            cg_tol=float(self.cg_tol),
+            cg_max_iter=self.cg_max_iter,
+            seed=int(self.seed),
+            memory_budget=resolve_memory_budget(self.memory_budget),
+        )
         n_obs = labels.shape[0] * c
         space, solver = choose_space_and_solver(
             lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None

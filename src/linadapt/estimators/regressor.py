@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from linadapt._memory import resolve_memory_budget
 from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
@@ -85,6 +86,10 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             calls ``fit`` with its own shard of (X, y) (uneven sizes allowed, at least one example each);
             products all-reduce over the ranks, and every rank ends with the same posterior, so ``predict``
             gives the same answer on every rank. See docs/distributed.md.
+        memory_budget: bytes (or a size such as ``"512MiB"``, ``"4GiB"``) linadapt's own arrays may take at
+            once — kernel matrices, Jacobian chunks, per-layer factors, the held training Jacobian, test-point
+            cross kernels; ``None``: min(2 GiB, ¼ of the available memory). Past it a path chunks or goes
+            matrix-free; where nothing fits, a ``MemoryBudgetError`` names the size needed (docs/usage.md).
 
     Attributes (after ``fit``):
         prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
@@ -114,6 +119,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         cg_max_iter: int | None = None,
         seed: int = 0,
         distributed: bool = False,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -132,11 +138,17 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.cg_max_iter = cg_max_iter
         self.seed = seed
         self.distributed = distributed
+        self.memory_budget = memory_budget
 
     # ------------------------------------------------------------------ fitting
     def _options(self) -> SolverOptions:
         check_positive(self.cg_tol, "cg_tol")
-        return SolverOptions(cg_tol=float(self.cg_tol), cg_max_iter=self.cg_max_iter, seed=int(self.seed))
+        return SolverOptions(
+            cg_tol=float(self.cg_tol),
+            cg_max_iter=self.cg_max_iter,
+            seed=int(self.seed),
+            memory_budget=resolve_memory_budget(self.memory_budget),
+        )
 
     def fit(self, X: Any, y: Any) -> LinearizedRegressor:
         """Condition the linearized GP on (X, y) and, if asked, learn prior_var and noise_var.
@@ -183,7 +195,15 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             self._check_dense_only("marginalize=True", ("prior_groups", self.prior_groups is not None))
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin, Xt, f0 = linearize_shard(self.model, self.params, self.chunk_size, self.device, X, distributed)
+            lin, Xt, f0 = linearize_shard(
+                self.model,
+                self.params,
+                self.chunk_size,
+                self.device,
+                X,
+                distributed,
+                resolve_memory_budget(self.memory_budget),
+            )
             yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
             c = f0.shape[1]
             if yt.dim() == 1 and c != 1:

@@ -15,12 +15,13 @@ tolerance warns and, when the dense matrix fits in the memory budget, is redone 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from linear_operator.functions import pivoted_cholesky
 
+from linadapt._memory import default_memory_budget, resolve_memory_budget
 from linadapt.inference.evidence import Spectrum
 from linadapt.inference.posterior import LinearizedPosterior, TrainingData
 from linadapt.inference.solvers import (
@@ -44,7 +45,6 @@ __all__ = [
 _DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
 _DENSE_MAX_DIM = 6000
 _CG_WORK = 450.0  # matrix-free fit ≈ this × N·p operations (function space; see choose_solver)
-_MEMORY_BUDGET = 2 * 2**30  # bytes for any dense matrix this module forms
 
 
 @dataclass
@@ -57,7 +57,7 @@ class SolverOptions:
     lanczos_iter: int = 100
     lanczos_probes: int = 16
     seed: int = 0
-    memory_budget: int = _MEMORY_BUDGET
+    memory_budget: int = field(default_factory=default_memory_budget)
     factorize: bool = True  # cache J(X_train) as per-layer factors for the solvers' products
     graph_products: bool = True  # else keep the network's autograd graph of X_train for them
 
@@ -72,13 +72,13 @@ def dense_bytes(space: str, n_obs: int, p: int) -> int:
     return (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8
 
 
-def dense_fits(space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET) -> bool:
+def dense_fits(space: str, n_obs: int, p: int, memory_budget: int | None = None) -> bool:
     """Whether the dense matrix of this space (and, for parameter space, the explicit J) fits the budget."""
-    return dense_bytes(space, n_obs, p) <= memory_budget
+    return dense_bytes(space, n_obs, p) <= resolve_memory_budget(memory_budget)
 
 
 def choose_solver(
-    space: str, n_obs: int, p: int, memory_budget: int = _MEMORY_BUDGET, kernel_flops: float | None = None
+    space: str, n_obs: int, p: int, memory_budget: int | None = None, kernel_flops: float | None = None
 ) -> str:
     """``"cholesky"`` when the dense matrix fits in memory and is cheap to form and factorise, else ``"cg"``.
 
@@ -108,7 +108,7 @@ def choose_space_and_solver(
     n_obs: int,
     space: str,
     solver: str,
-    memory_budget: int = _MEMORY_BUDGET,
+    memory_budget: int | None = None,
     sharded: bool = False,
 ) -> tuple[str, str]:
     """The estimators' ``space`` / ``solver`` settings resolved for N = n_obs outputs on inputs X.
@@ -121,6 +121,7 @@ def choose_space_and_solver(
         ValueError: ``solver="cholesky"`` given where the dense matrices exceed ``memory_budget``.
     """
     p = lin.num_params
+    memory_budget = resolve_memory_budget(memory_budget)
     space = choose_space(n_obs, p) if space == "auto" else space
     if solver == "auto":
         flops = dense_kernel_flops(lin, X) if space == "function" and not sharded else None

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from linadapt._blocks import blocks
+from linadapt._memory import MemoryBudgetError, format_bytes, resolve_memory_budget
 from linadapt._validation import as_input_tensor
 from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode
 from linadapt.jacobian.held import HeldJacobian
@@ -34,7 +35,6 @@ from linadapt.jacobian.structured import StructuredNTK
 __all__ = ["ALGEBRA_DTYPE", "Linearization", "LinearizationError"]
 
 _DEFAULT_CHUNK = 1024  # examples per chunk for products
-_JACOBIAN_BUDGET = 2**27  # float64 entries of a Jacobian chunk (1 GiB)
 
 
 class Linearization:
@@ -62,7 +62,9 @@ class Linearization:
         params: ParamSpec = "all",
         chunk_size: int | None = None,
         device: str | torch.device | None = None,
+        memory_budget: int | float | str | None = None,
     ) -> None:
+        self.memory_budget = resolve_memory_budget(memory_budget)
         self.param_names = select_parameters(model, params)
         named = dict(model.named_parameters(remove_duplicate=True))
         first = named[self.param_names[0]]
@@ -392,8 +394,13 @@ class Linearization:
 
         return basis_pull()
 
+    @property
+    def jacobian_entries(self) -> int:
+        """float64 entries of Jacobian chunks held at once: half of ``memory_budget``."""
+        return max(1, self.memory_budget // 2 // 8)
+
     def _jacobian_chunk_size(self, c: int) -> int:
-        by_memory = max(1, _JACOBIAN_BUDGET // max(1, c * self.num_params))
+        by_memory = max(1, self.jacobian_entries // max(1, c * self.num_params))
         return max(1, min(self.chunk_size or _DEFAULT_CHUNK, by_memory))
 
     def jacobian_chunks(self, X: Any) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -447,6 +454,14 @@ class Linearization:
         if output is not None and output != "sum":
             if isinstance(output, bool) or not isinstance(output, int) or not 0 <= output < c:
                 raise ValueError(f"output must be None, 'sum' or an output index in [0, {c}); got {output!r}")
+        n2 = X1.shape[0] if X2t is None else X2t.shape[0]
+        need = 8 * X1.shape[0] * n2 * (c * c if output is None else 1)
+        if need > self.memory_budget:
+            raise MemoryBudgetError(
+                f"the dense kernel of {X1.shape[0]:,} × {n2:,} examples ({c} outputs) needs {format_bytes(need)}, "
+                f"above memory_budget ({format_bytes(self.memory_budget)}): use fewer examples at once, a "
+                "matrix-free NTKOperator, or raise memory_budget"
+            )
         engine = self.structured(X1) if _check_method(method) == "auto" else None
         if engine is not None:
             return engine.kernel(X1, X2t, output)
@@ -480,7 +495,7 @@ class Linearization:
         c = self.output_dim(X1)
         n1, n2 = X1.shape[0], X2t.shape[0]
         K = torch.zeros(n1, c, n2, c, dtype=ALGEBRA_DTYPE, device=self.device)
-        cache_second = n2 * c * self.num_params <= _JACOBIAN_BUDGET
+        cache_second = n2 * c * self.num_params <= self.jacobian_entries
         second: list[tuple[slice, torch.Tensor]] | None = list(self.jacobian_chunks(X2t)) if cache_second else None
         for sl1, j1 in self.jacobian_chunks(X1):
             for sl2, j2 in second if second is not None else self.jacobian_chunks(X2t):

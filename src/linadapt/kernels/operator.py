@@ -5,7 +5,7 @@ A product K V costs one vector-Jacobian product over X2 and one Jacobian-vector 
 all columns of V at once (vmap), chunked over the data; K is never formed. A square operator (X2 = X1)
 multiplied more than once — as inside CG or Lanczos — holds J(X) for its later products, as per-layer
 factors or as the network's retained autograd graph (:class:`~linadapt.jacobian.held.HeldJacobian`, within
-``HELD_BYTES``, shared through the linearization with the estimators' training data), so they need no
+half the memory budget, shared through the linearization with the estimators' training data), so they need no
 forward pass; its first single-vector product runs one forward pass instead of two
 (:func:`~linadapt.jacobian.graph.kernel_product`).
 """
@@ -26,7 +26,7 @@ from linadapt.jacobian.selection import ParamSpec
 __all__ = ["NTKOperator", "ntk_gram"]
 
 OutputSpec = int | str | None
-HELD_BYTES = 2**30  # memory a square operator may hold for its repeated products (factors or graph)
+HELD_BYTES: int | None = None  # memory a square operator may hold for its products; None: half memory_budget
 
 
 def _check_output(output: OutputSpec, c: int) -> OutputSpec:
@@ -56,6 +56,9 @@ class NTKOperator(LinearOperator):
             :meth:`held`) and runs a first single-vector product through the retained graph (one forward
             pass, :func:`~linadapt.jacobian.graph.kernel_product`); ``False`` makes every product torch.func's vjp
             then jvp, as for benchmarks.
+        memory_budget: bytes (or a size such as ``"2GiB"``) the products' chunks and the held J(X) may take
+            (half of it); default :func:`~linadapt._memory.default_memory_budget`. Ignored when ``model`` is a
+            Linearization (its own budget is used).
         dtype: the dtype of the operator's results through the linear_operator interface (``matmul``, entries,
             ``diagonal()``, ``to_dense()``, hence ``solve`` and the rest): float64 (default) or float32, for a
             float32 GPyTorch model (:class:`~linadapt.kernels.gpytorch_kernel.NTKKernel` passes its inputs' dtype).
@@ -78,10 +81,14 @@ class NTKOperator(LinearOperator):
         symmetric: bool | None = None,
         hold: bool = True,
         dtype: torch.dtype = ALGEBRA_DTYPE,
+        memory_budget: int | str | None = None,
     ) -> None:
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-        lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
+        if isinstance(model, Linearization):
+            lin = model
+        else:
+            lin = Linearization(model, params, chunk_size, memory_budget=memory_budget)
         X1t = lin.prepare_inputs(X1, "X1")
         if X2 is None:
             X2t = X1t
@@ -158,10 +165,11 @@ class NTKOperator(LinearOperator):
         """J(X) held for this square operator's products from the second product with these inputs on (per-layer
         factors or the retained graph, shared with the estimators' training data through the linearization,
         see :class:`~linadapt.jacobian.held.HeldJacobian`), or None: a rectangular operator, ``hold=False``, the
-        first product, or nothing fits in ``HELD_BYTES``. ``count`` counts a product."""
+        first product, or nothing fits in half the linearization's ``memory_budget``. ``count`` counts a product."""
         if not (self.hold and self._square()):
             return None
-        return self.linearization.held.get(self.X1, HELD_BYTES, min_uses=2, count=count)
+        budget = HELD_BYTES if HELD_BYTES is not None else self.linearization.memory_budget // 2
+        return self.linearization.held.get(self.X1, budget, min_uses=2, count=count)
 
     def apply_rows(self, V: torch.Tensor) -> torch.Tensor:
         """K applied to each row of V: V (m, n2·w) -> (m, n1·w), w = c or 1 per ``output``."""
@@ -251,6 +259,7 @@ def ntk_gram(
     chunk_size: int | None = None,
     output: OutputSpec = None,
     method: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> torch.Tensor:
     """Dense NTK J(X1) J(X2)ᵀ, float64.
 
@@ -262,7 +271,12 @@ def ntk_gram(
     gradients; for a convolution its per-example gradient formed from patches and output gradients — and
     contracts per-example Jacobians only for parameters without a rule (see :mod:`linadapt.jacobian.structured`);
     ``"jacobian"`` contracts per-example Jacobian chunks of all selected parameters. Memory is bounded by a
-    chunk either way; the full J is never stored.
+    chunk either way; the full J is never stored. ``memory_budget`` (bytes or a size such as ``"2GiB"``; default
+    :func:`~linadapt._memory.default_memory_budget`) sizes the chunks; a kernel larger than it is a
+    ``MemoryBudgetError`` naming the size.
     """
-    lin = model if isinstance(model, Linearization) else Linearization(model, params, chunk_size)
+    if isinstance(model, Linearization):
+        lin = model
+    else:
+        lin = Linearization(model, params, chunk_size, memory_budget=memory_budget)
     return lin.ntk(X1, X2, output=output, method=method)

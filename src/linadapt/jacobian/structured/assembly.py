@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from linadapt.jacobian.structured.features import Features
+from linadapt.jacobian.structured.features import Features, expand_raw
 
 
 def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
@@ -27,7 +27,9 @@ def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
     for (A1, G1, bias), (A2, G2, _) in zip(f1.spatial, f2.spatial):
         term = position_gram_block(A1, G1, A2, G2, bias, trace)
         out = term if out is None else out.add_(term)
-    for D1, D2 in zip(f1.dense, f2.dense):
+    pairs = list(zip(f1.dense, f2.dense))
+    pairs += [(expand_raw(*r1), expand_raw(*r2)) for r1, r2 in zip(f1.raw, f2.raw)]
+    for D1, D2 in pairs:
         if trace:
             term = torch.einsum("iaq,jaq->ij", D1, D2)
         else:
@@ -56,7 +58,7 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
         Gi = G.permute(1, 0, 2, 3)  # (b, c, P, d_out)
         term = torch.einsum("bst,bcso,bdto->bcd", AA, Gi, Gi)
         out = term if out is None else out.add_(term)
-    for D in f.dense:
+    for D in [*f.dense, *(expand_raw(*r) for r in f.raw)]:
         term = D @ D.transpose(1, 2)
         out = term if out is None else out.add_(term)
     assert out is not None

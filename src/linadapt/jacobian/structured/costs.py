@@ -5,7 +5,6 @@ replacing one function here."""
 
 from __future__ import annotations
 
-FEATURE_BUDGET = 2**26  # float64 entries of materialised per-layer gradients held at once (512 MiB)
 FACTOR_MAX_OUTPUTS = 32  # cached factors: building them costs a backward pass per output
 PRODUCT_BUDGET = 2**24  # entries of the per-block temporaries of a product with the cached factors
 
@@ -58,3 +57,10 @@ def position_form_for_products(P: int, k: int, d_out: int, c: int, rank_one: boo
     over the outputs are stored once, not c times."""
     stored = (1 if rank_one else c) * P * d_out + P * k
     return P * k * d_out + stored < c * d_out * (k + 1)
+
+
+def held_as_raw(input_entries: int, c: int, d_out: int, P: int, k_in: int) -> bool:
+    """Whether a convolution's factors held for kernels take less memory as its input and output gradients
+    (input_entries + c·d_out·P per example) than as its materialised gradients (c·d_out·k_in): late layers with
+    few positions and many weights."""
+    return input_entries + c * d_out * P < c * d_out * k_in

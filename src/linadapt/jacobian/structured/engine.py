@@ -40,6 +40,7 @@ class StructuredNTK:
         self.usable = True
         self._checked = False
         self._batched_backward = True
+        self.compact = False  # while forming features for kernels that are held: see Features.raw
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
         selected = set(lin.param_names)
@@ -72,9 +73,20 @@ class StructuredNTK:
         self._set_fallback()
 
     # ------------------------------------------------------------------ features of one chunk
-    def _features(self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE, products: bool = False) -> Features:
+    def _features(
+        self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE, products: bool = False, compact: bool = False
+    ) -> Features:
         """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below); with ``products``, each
-        reused-weight layer in the form cheaper for Jacobian-vector products rather than for kernels."""
+        reused-weight layer in the form cheaper for Jacobian-vector products rather than for kernels; with
+        ``compact``, convolutions whose input and output gradients are smaller than their materialised
+        gradients are kept as those (``Features.raw``, for kernels whose factors are held across blocks)."""
+        self.compact = compact
+        try:
+            return self._layer_factors(xb, dtype, products)
+        finally:
+            self.compact = False
+
+    def _layer_factors(self, xb: torch.Tensor, dtype: torch.dtype, products: bool) -> Features:
         lin = self.lin
         b = xb.shape[0]
         inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
@@ -227,14 +239,18 @@ class StructuredNTK:
         c = self.lin.output_dim(X1)
         trace = output is not None
         pick = None if output is None or output == "sum" else int(output)
-        features = self._features if pick is None else (lambda x: only_output(self._features(x), pick))
+
+        def features(x: torch.Tensor) -> Features:
+            f = self._features(x, compact=True)
+            return f if pick is None else only_output(f, pick)
+
         size = self._size(X1, c)
         if X2 is None:  # compute blocks j ≥ i only: with 4 or more chunks that is ≤ 5/8 of the work
             size = min(size, max(32, -(-X1.shape[0] // 4)))
         chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
         second = X1 if X2 is None else X2
         chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
-        cache = second.shape[0] * self._example_bytes <= 8 * 2 * costs.FEATURE_BUDGET  # all features of X2 ≤ 1 GiB
+        cache = second.shape[0] * self._compact_bytes <= self.lin.memory_budget // 2  # X2's factors held
         feats2 = [features(x) for x in chunks2] if cache else None
         n1, n2 = X1.shape[0], second.shape[0]
         K = torch.zeros((n1, n2) if trace else (n1, c, n2, c), dtype=ALGEBRA_DTYPE, device=self.lin.device)
@@ -269,23 +285,28 @@ class StructuredNTK:
         """For consecutive chunks of ``size`` test inputs Xs[sl]: (sl, K(X, Xs[sl]) of shape (n·c, b·c)
         example-major, the blocks J(x*) J(x*)ᵀ of the chunk (b, c, c)), float64.
 
-        The factors of X are computed once for all test chunks when they fit twice the feature budget (else once
-        per test chunk), and each test chunk's factors serve both its cross kernel and its diagonal blocks: the
-        function-space predictive needs nothing else."""
+        The factors of X are computed once for all test chunks when they fit a quarter of ``memory_budget`` (else
+        once per test chunk, and the test chunks take up to half of it); each test chunk's factors (within a
+        quarter of the budget, which may shorten ``size``) serve both its cross kernel and its diagonal blocks:
+        the function-space predictive needs nothing else."""
         c = self.lin.output_dim(X)
         n = X.shape[0]
         tsize = self._size(X, c)
         train = [X[i : i + tsize] for i in range(0, n, tsize)]
-        keep = n * self._example_bytes <= 8 * 2 * costs.FEATURE_BUDGET
-        kept = [self._features(x) for x in train] if keep else None
+        quarter = self.lin.memory_budget // 4
+        keep = n * self._compact_bytes <= quarter
+        kept = [self._features(x, compact=True) for x in train] if keep else None
+        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._compact_bytes)))
         for start in range(0, Xs.shape[0], size):
             sl = slice(start, min(start + size, Xs.shape[0]))
-            test = [self._features(Xs[j : min(j + tsize, sl.stop)]) for j in range(sl.start, sl.stop, tsize)]
+            test = [
+                self._features(Xs[j : min(j + tsize, sl.stop)], compact=True) for j in range(sl.start, sl.stop, tsize)
+            ]
             b = sl.stop - sl.start
             K = torch.empty(n, c, b, c, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             o1 = 0
             for i, x in enumerate(train):
-                f1 = kept[i] if kept is not None else self._features(x)
+                f1 = kept[i] if kept is not None else self._features(x, compact=True)
                 o2 = 0
                 for f2 in test:
                     K[o1 : o1 + f1.b, :, o2 : o2 + f2.b, :] = assembly.block(f1, f2, False)
@@ -325,5 +346,12 @@ class StructuredNTK:
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
             self._dense_q += sum(G.shape[2] * G.shape[3] for _, G, _ in probe.spatial)
             self._example_bytes = feature_bytes(probe)
+            self._compact_bytes = feature_bytes(self._features(X[:1], compact=True))
         per_example = max(1, c * self._dense_q)
-        return max(1, min(self.lin.chunk_size or 256, costs.FEATURE_BUDGET // per_example))
+        return max(1, min(self.lin.chunk_size or 256, self.feature_entries // per_example))
+
+    @property
+    def feature_entries(self) -> int:
+        """float64 entries of one chunk's materialised per-layer gradients: ``memory_budget`` / 32 (64 MiB per
+        GiB of budget; 2²⁶ entries for the default 2 GiB)."""
+        return max(1, self.lin.memory_budget // 32)

@@ -45,6 +45,12 @@ class Features:
     # per conv entry: (weight name, bias name or None, whether the materialised form is wanted too: cheaper
     # for many vectors)
     conv_names: list[tuple[str, str | None, bool]] = field(default_factory=list)
+    # convolutions held for kernels as their input and output gradients, smaller than their materialised
+    # per-example gradients (few positions, many weights) and expanded to those when a block is formed (see
+    # :func:`expand_raw`): (layer input (b, C_in, H, W), output gradients (c, b, d_out, P), geometry, whether
+    # the bias is selected); the names per entry as for ``spatial``
+    raw: list[tuple[torch.Tensor, torch.Tensor, ConvGeometry, bool]] = field(default_factory=list)
+    raw_names: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,20 @@ def only_output(f: Features, a: int) -> Features:
         f.outer_names,
         f.dense_names,
         f.spatial_names,
+        raw=[(A, G[a : a + 1], geo, bias) for A, G, geo, bias in f.raw],
+        raw_names=f.raw_names,
     )
+
+
+def expand_raw(A: torch.Tensor, G: torch.Tensor, geo: ConvGeometry, bias: bool) -> torch.Tensor:
+    """A convolution's per-example gradients (b, c, d_out·k_in [+ d_out]) from its input A (b, C_in, H, W) and
+    output gradients G (c, b, d_out, P): Σ_p G[a, i, o, p] · patches[i, k, p] (and Σ_p G for the bias)."""
+    patches = torch.nn.functional.unfold(A, geo.kernel, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
+    c, b = G.shape[:2]
+    D = torch.einsum("cbop,bkp->bcok", G, patches).reshape(b, c, -1)
+    if bias:
+        D = torch.cat([D, G.sum(-1).permute(1, 0, 2)], -1)
+    return D
 
 
 def join(parts: Iterable[Features], n: int) -> Features:
@@ -114,11 +133,15 @@ def join(parts: Iterable[Features], n: int) -> Features:
                 spatial_names=f.spatial_names,
                 conv=[(allocate(A, 0, n), allocate(G, 1, n), geo) for A, G, geo in f.conv],
                 conv_names=f.conv_names,
+                raw=[(allocate(A, 0, n), allocate(G, 1, n), geo, bias) for A, G, geo, bias in f.raw],
+                raw_names=f.raw_names,
             )
         pairs = [(t, jt, 0) for t, jt in zip(f.dense, joined.dense)]
         for mine, theirs in ((f.outer, joined.outer), (f.spatial, joined.spatial), (f.conv, joined.conv)):
             for (A, G, _), (jA, jG, _) in zip(mine, theirs):
                 pairs += [(A, jA, 0), (G, jG, 1)]
+        for (A, G, *_), (jA, jG, *_) in zip(f.raw, joined.raw):
+            pairs += [(A, jA, 0), (G, jG, 1)]
         for t, jt, dim in pairs:
             if t is not None:
                 jt.narrow(dim, start, t.shape[dim]).copy_(t)
@@ -148,4 +171,5 @@ def feature_bytes(f: Features) -> int:
     tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
     tensors += [t for A, G, _ in f.spatial for t in (A, G)]
     tensors += [t for A, G, _ in f.conv for t in (A, G)]
+    tensors += [t for A, G, *_ in f.raw for t in (A, G)]
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from linadapt.jacobian.structured import costs
 from linadapt.jacobian.structured.features import ConvGeometry
 from linadapt.jacobian.structured.registry import register
 
@@ -83,12 +84,31 @@ class ConvRule:
                 feats.conv_names.append((layer.weight, layer.bias, materialised))
                 return  # the materialised form, if wanted too, is formed from these on first use
         if layer.weight:
-            patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
-            G4 = Gf.transpose(2, 3)  # (c, b, P, d_out)
-            if not products and engine._unexpanded(layer, patches.shape[2], patches.shape[1], G4, products):
-                feats.spatial.append((patches.transpose(1, 2), G4, layer.bias is not None))
+            P, k_in, d_out = Gf.shape[3], A.shape[1] * kernel[0] * kernel[1], Gf.shape[2]
+            if not products and engine._unexpanded(layer, P, k_in, Gf.transpose(2, 3), products):
+                patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
+                feats.spatial.append((patches.transpose(1, 2), Gf.transpose(2, 3), layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))
                 return
+            if not products and engine.compact and costs.held_as_raw(A[0].numel(), c, d_out, P, k_in):
+                # kernels, held for later blocks: input and output gradients take less memory than the
+                # materialised gradients (expanded when a block is formed)
+                geometry = ConvGeometry(
+                    d_out=d_out,
+                    c_in=A.shape[1],
+                    kernel=tuple(kernel),
+                    stride=tuple(stride),
+                    padding=tuple(padding),
+                    dilation=tuple(dilation),
+                    out_hw=tuple(G.shape[3:]),
+                    c=c,
+                    stored=c * d_out * P,
+                    input_entries=A[0].numel(),
+                )
+                feats.raw.append((A, Gf, geometry, layer.bias is not None))
+                feats.raw_names.append((layer.weight, layer.bias))
+                return
+            patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
             parts.append(torch.einsum("cbop,bkp->bcok", Gf, patches).reshape(b, c, -1))
         if layer.bias:
             parts.append(Gf.sum(-1).permute(1, 0, 2))
