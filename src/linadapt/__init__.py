@@ -6,6 +6,7 @@ inference in that GP.
 """
 
 from linadapt import metrics
+from linadapt._memory import MemoryBudgetError
 from linadapt._version import __version__
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
@@ -25,6 +26,7 @@ __all__ = [
     "LinearizationError",
     "LinearizedClassifier",
     "LinearizedRegressor",
+    "MemoryBudgetError",
     "ModelLoadError",
     "NTKKernel",
     "NTKOperator",

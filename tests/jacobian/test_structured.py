@@ -677,3 +677,24 @@ def test_promoted_factors_give_exact_symmetric_products():
     f = factored_jacobian(Linearization(mlp()), torch.randn(40, 64), budget=2**31)
     f.budget = int(1.5 * f.nbytes())
     assert not f.promote() and f.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("budget", [2**14, 2**16])  # nothing held (one chunk per group), or a few chunks
+def test_kernels_within_a_small_budget_stream_factors_and_stay_exact(name: str, budget: int) -> None:
+    """When the factors of all examples do not fit the budget, the square kernel holds groups of row chunks and
+    streams the column chunks past them, and the predictive's cross kernels recompute the training factors per
+    test chunk: both exact."""
+    model, X = ZOO[name]
+    lin = Linearization(model, chunk_size=2, memory_budget=budget)
+    J = reference_jacobian(model, X, lin.param_names)
+    n, c = J.shape[:2]
+    full = torch.einsum("iap,jbp->iajb", J, J)
+    assert _rel(lin.ntk(X), full.reshape(n * c, n * c)) < 1e-12
+    assert _rel(lin.ntk(X, output="sum"), torch.diagonal(full, dim1=1, dim2=3).sum(-1)) < 1e-12
+    Xs = X[:5].flip(0)
+    Js = J[:5].flip(0)
+    for sl, Kx, Kss in lin.cross_kernel_chunks(X, Xs, size=2):
+        b = sl.stop - sl.start
+        assert _rel(Kx, torch.einsum("iap,jbp->iajb", J, Js[sl]).reshape(n * c, b * c)) < 1e-12
+        assert _rel(Kss, torch.einsum("iap,ibp->iab", Js[sl], Js[sl])) < 1e-12

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from linadapt import metrics
 from linadapt._files import atomic_write, atomic_write_text
+from linadapt._memory import resolve_memory_budget
 from linadapt.app import report
 from linadapt.app.bench import (
     format_dense_table,
@@ -174,6 +175,10 @@ def adapt(
         str | None,
         typer.Option(help="Regression: one prior variance per 'layers' or per parameter 'tensors', by the evidence."),
     ] = None,
+    memory_budget: Annotated[
+        str,
+        typer.Option(help="Memory linadapt's arrays may take, e.g. 4GiB or 512MiB; auto: min(2 GiB, 1/4 available)."),
+    ] = "auto",
 ) -> None:
     """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt, OUT/report.html and, with
     --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
@@ -187,6 +192,10 @@ def adapt(
         _fail(f"--task must be regression, classification or auto, got {task!r}")
     if prior_groups not in (None, "layers", "tensors"):
         _fail(f"--prior-groups must be layers or tensors, got {prior_groups!r}")
+    try:
+        budget = resolve_memory_budget(memory_budget)
+    except ValueError as exc:
+        _fail(f"--memory-budget: {exc}")
     rank, world, device = _launch_context()
     if rank != 0:
         console.quiet = True
@@ -216,7 +225,7 @@ def adapt(
         if chosen == "classification":
             _fail("--prior-groups is available for regression only")
         extra["prior_groups"] = prior_groups
-    est = est_cls(net, params=spec, distributed=world > 1, device=device, **extra)
+    est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)
     rows = _shard(data.X.shape[0], rank, world)
     if world > 1 and data.X.shape[0] < world:
         _fail(f"{train} has {data.X.shape[0]} examples: fewer than the {world} processes")

@@ -11,7 +11,7 @@ from torch import nn
 
 from linadapt.jacobian._common import ALGEBRA_DTYPE, eval_mode
 from linadapt.jacobian.structured import assembly, costs, rules  # noqa: F401  (rules: registers the layer rules)
-from linadapt.jacobian.structured.features import Features, Layer, RuleError, feature_bytes, only_output
+from linadapt.jacobian.structured.features import Features, Layer, RuleError, feature_bytes, only_output, promoted
 from linadapt.jacobian.structured.output_gradients import rank_one_outputs
 from linadapt.jacobian.structured.registry import rule_for
 
@@ -230,18 +230,33 @@ class StructuredNTK:
             )
         return self.usable
 
+    def _stored(self) -> torch.dtype:
+        """The dtype factors held across kernel blocks are kept in: the network's (float32 or float64: its
+        forward and backward passes produced them at that precision), float32 for lower precisions. Blocks are
+        formed in float64 from them, so the kernel is exactly the Gram matrix of those factors."""
+        return self.lin.net_dtype if self.lin.net_dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _held_bytes(self) -> int:
+        """Bytes per example of the factors held across blocks (compact form, stored dtype)."""
+        return self._compact_bytes * torch.finfo(self._stored()).bits // 64
+
     def kernel(self, X1: torch.Tensor, X2: torch.Tensor | None = None, output: Any = None) -> torch.Tensor:
         """Dense NTK, float64, for prepared inputs.
 
         ``output=None``: J(X1) J(X2)ᵀ, (n1·c, n2·c) example-major; ``"sum"``: Σ_a J_a(X1) J_a(X2)ᵀ, (n1, n2);
         an index a: J_a(X1) J_a(X2)ᵀ, (n1, n2).
+
+        Each chunk's factors come from one forward and one batched backward pass. When those of all of X2 fit
+        half of ``memory_budget`` they are computed once; otherwise groups of X1's chunks are held (a quarter of
+        the budget) while X2's chunks are computed once per group and streamed past them.
         """
         c = self.lin.output_dim(X1)
         trace = output is not None
         pick = None if output is None or output == "sum" else int(output)
+        store = self._stored()
 
         def features(x: torch.Tensor) -> Features:
-            f = self._features(x, compact=True)
+            f = self._features(x, dtype=store, compact=True)
             return f if pick is None else only_output(f, pick)
 
         size = self._size(X1, c)
@@ -250,33 +265,43 @@ class StructuredNTK:
         chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
         second = X1 if X2 is None else X2
         chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
-        cache = second.shape[0] * self._compact_bytes <= self.lin.memory_budget // 2  # X2's factors held
+        budget = self.lin.memory_budget
+        cache = second.shape[0] * self._held_bytes() <= budget // 2  # X2's factors held
         feats2 = [features(x) for x in chunks2] if cache else None
+        if cache:
+            groups = [[i] for i in range(len(chunks1))]
+        else:
+            per_group = max(1, (budget // 4) // max(1, size * self._held_bytes()))
+            groups = [list(range(g, min(g + per_group, len(chunks1)))) for g in range(0, len(chunks1), per_group)]
+        offsets1 = [i * size for i in range(len(chunks1))]
+        offsets2 = [j * size for j in range(len(chunks2))]
         n1, n2 = X1.shape[0], second.shape[0]
         K = torch.zeros((n1, n2) if trace else (n1, c, n2, c), dtype=ALGEBRA_DTYPE, device=self.lin.device)
-        o1 = 0
-        for i, x1 in enumerate(chunks1):
-            f1 = feats2[i] if (X2 is None and feats2 is not None) else features(x1)
-            o2 = 0
-            for j, x2 in enumerate(chunks2):
-                b1, b2 = x1.shape[0], x2.shape[0]
-                if X2 is None and j < i:
-                    o2 += b2
-                    continue
-                f2 = feats2[j] if feats2 is not None else features(x2)
-                block = assembly.block(f1, f2, trace)
-                if X2 is None and j == i:  # exactly symmetric diagonal blocks
-                    block = 0.5 * (block + (block.T if trace else block.permute(2, 3, 0, 1)))
-                if trace:
-                    K[o1 : o1 + b1, o2 : o2 + b2] = block
-                    if X2 is None and j > i:
-                        K[o2 : o2 + b2, o1 : o1 + b1] = block.T
+        for group in groups:
+            rows = {i: feats2[i] if (X2 is None and feats2 is not None) else features(chunks1[i]) for i in group}
+            for j in range(group[0] if X2 is None else 0, len(chunks2)):
+                if feats2 is not None:
+                    f2 = feats2[j]
                 else:
-                    K[o1 : o1 + b1, :, o2 : o2 + b2, :] = block
-                    if X2 is None and j > i:
-                        K[o2 : o2 + b2, :, o1 : o1 + b1, :] = block.permute(2, 3, 0, 1)
-                o2 += b2
-            o1 += x1.shape[0]
+                    f2 = rows[j] if (X2 is None and j in rows) else features(chunks2[j])
+                f2_64 = promoted(f2, ALGEBRA_DTYPE)
+                for i in group:
+                    if X2 is None and j < i:
+                        continue
+                    o1, o2, b1, b2 = offsets1[i], offsets2[j], rows[i].b, f2.b
+                    block = assembly.block(promoted(rows[i], ALGEBRA_DTYPE), f2_64, trace)
+                    if X2 is None and j == i:  # exactly symmetric diagonal blocks
+                        block = 0.5 * (block + (block.T if trace else block.permute(2, 3, 0, 1)))
+                    if trace:
+                        K[o1 : o1 + b1, o2 : o2 + b2] = block
+                        if X2 is None and j > i:
+                            K[o2 : o2 + b2, o1 : o1 + b1] = block.T
+                    else:
+                        K[o1 : o1 + b1, :, o2 : o2 + b2, :] = block
+                        if X2 is None and j > i:
+                            K[o2 : o2 + b2, :, o1 : o1 + b1, :] = block.permute(2, 3, 0, 1)
+                del f2, f2_64
+            del rows
         return K if trace else K.reshape(n1 * c, n2 * c)
 
     def cross_kernel_chunks(
@@ -288,32 +313,34 @@ class StructuredNTK:
         The factors of X are computed once for all test chunks when they fit a quarter of ``memory_budget`` (else
         once per test chunk, and the test chunks take up to half of it); each test chunk's factors (within a
         quarter of the budget, which may shorten ``size``) serve both its cross kernel and its diagonal blocks:
-        the function-space predictive needs nothing else."""
+        the function-space predictive needs nothing else. Factors are held in :meth:`_stored`'s dtype."""
         c = self.lin.output_dim(X)
         n = X.shape[0]
         tsize = self._size(X, c)
+        store = self._stored()
         train = [X[i : i + tsize] for i in range(0, n, tsize)]
         quarter = self.lin.memory_budget // 4
-        keep = n * self._compact_bytes <= quarter
-        kept = [self._features(x, compact=True) for x in train] if keep else None
-        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._compact_bytes)))
+        keep = n * self._held_bytes() <= quarter
+        kept = [self._features(x, store, compact=True) for x in train] if keep else None
+        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._held_bytes())))
         for start in range(0, Xs.shape[0], size):
             sl = slice(start, min(start + size, Xs.shape[0]))
             test = [
-                self._features(Xs[j : min(j + tsize, sl.stop)], compact=True) for j in range(sl.start, sl.stop, tsize)
+                self._features(Xs[j : min(j + tsize, sl.stop)], store, compact=True)
+                for j in range(sl.start, sl.stop, tsize)
             ]
             b = sl.stop - sl.start
             K = torch.empty(n, c, b, c, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             o1 = 0
             for i, x in enumerate(train):
-                f1 = kept[i] if kept is not None else self._features(x, compact=True)
+                f1 = promoted(kept[i] if kept is not None else self._features(x, store, compact=True), ALGEBRA_DTYPE)
                 o2 = 0
                 for f2 in test:
-                    K[o1 : o1 + f1.b, :, o2 : o2 + f2.b, :] = assembly.block(f1, f2, False)
+                    K[o1 : o1 + f1.b, :, o2 : o2 + f2.b, :] = assembly.block(f1, promoted(f2, ALGEBRA_DTYPE), False)
                     o2 += f2.b
                 o1 += f1.b
                 del f1
-            diag = torch.cat([assembly.diagonal_blocks(f) for f in test])
+            diag = torch.cat([assembly.diagonal_blocks(promoted(f, ALGEBRA_DTYPE)) for f in test])
             yield sl, K.reshape(n * c, b * c), diag
 
     def pair_flops(self, X: torch.Tensor) -> float:

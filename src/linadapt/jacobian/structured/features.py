@@ -103,6 +103,29 @@ def only_output(f: Features, a: int) -> Features:
     )
 
 
+def promoted(f: Features, dtype: torch.dtype) -> Features:
+    """The same factors in ``dtype`` (``f`` itself when they already are)."""
+    if all(t.dtype == dtype for t in _tensors(f)):
+        return f
+
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
+
+    return Features(
+        f.b,
+        outer=[(to(A), to(G), bias) for A, G, bias in f.outer],
+        dense=[to(D) for D in f.dense],
+        spatial=[(to(A), to(G), bias) for A, G, bias in f.spatial],
+        outer_names=f.outer_names,
+        dense_names=f.dense_names,
+        spatial_names=f.spatial_names,
+        conv=[(to(A), to(G), geo) for A, G, geo in f.conv],
+        conv_names=f.conv_names,
+        raw=[(to(A), to(G), geo, bias) for A, G, geo, bias in f.raw],
+        raw_names=f.raw_names,
+    )
+
+
 def expand_raw(A: torch.Tensor, G: torch.Tensor, geo: ConvGeometry, bias: bool) -> torch.Tensor:
     """A convolution's per-example gradients (b, c, d_out·k_in [+ d_out]) from its input A (b, C_in, H, W) and
     output gradients G (c, b, d_out, P): Σ_p G[a, i, o, p] · patches[i, k, p] (and Σ_p G for the bias)."""
@@ -166,10 +189,14 @@ class RuleError(RuntimeError):
     """Layer rules that do not apply to how the model uses the layers; args[0]: the module names."""
 
 
-def feature_bytes(f: Features) -> int:
-    """Bytes held by the factors of one chunk."""
+def _tensors(f: Features) -> list[torch.Tensor]:
     tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
     tensors += [t for A, G, _ in f.spatial for t in (A, G)]
     tensors += [t for A, G, _ in f.conv for t in (A, G)]
     tensors += [t for A, G, *_ in f.raw for t in (A, G)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return tensors
+
+
+def feature_bytes(f: Features) -> int:
+    """Bytes held by the factors of one chunk."""
+    return sum(t.numel() * t.element_size() for t in _tensors(f))
