@@ -9,8 +9,9 @@ expect) from ``shots`` labelled images per class, and scored on 500 other images
 The source network's head is random (chance level): every method learns the labels from the shots. linadapt
 runs in two variants — ``params="last"`` (the new head only, 12,810 weights: Bayesian logistic regression on
 the ImageNet features) and ``params=HEAD_BLOCK`` (the 1 × 1 head convolution, its BatchNorm and the linear head,
-424,970 weights, through the matrix-free Jacobian products of the whole 3.4M-weight network) — against
-fine-tuning of the last layer, of all weights and of the biases.
+424,970 weights, through the matrix-free Jacobian products of the whole 3.4M-weight network) and ``params="all"``
+(every weight of the network, 3.4M, within the default memory budget) — against fine-tuning of the last layer, of
+all weights and of the biases.
 """
 
 from __future__ import annotations
@@ -98,7 +99,11 @@ def pretrained_backbone(
     order = torch.randperm(A.shape[0], generator=torch.Generator().manual_seed(5000 + seed))
     n_test = 100 if quick else 500
     test, pool = order[:n_test], order[n_test:]
-    variants = (("last", "linadapt-last"),) if quick else (("last", "linadapt-last"), (HEAD_BLOCK, "linadapt-head"))
+    variants = (
+        (("last", "linadapt-last"),)
+        if quick
+        else (("last", "linadapt-last"), (HEAD_BLOCK, "linadapt-head"), ("all", "linadapt-all"))
+    )
     records: list[dict] = []
     for k in (shots,) if shots else ((5,) if quick else SHOTS):
         g = torch.Generator().manual_seed(100 * seed + k)

@@ -335,7 +335,7 @@ def graph_jacobian(lin: Linearization, X: torch.Tensor, budget: int) -> GraphJac
     n = X.shape[0]
     if n == 0:
         return None
-    chunks = lin._chunk_slices(n)
+    chunks = lin._chunk_slices(n, X=X)
     try:
         graph = GraphJacobian(lin, X, chunks[:1])
         first = graph.chunks[0].rows
@@ -375,7 +375,7 @@ def kernel_product(lin: Linearization, X: torch.Tensor, u: torch.Tensor) -> torc
     kept), the model's graph products do not work (:func:`graph_products_work`) or the product fails (then
     the caller's torch.func products run, and report any error of the model itself)."""
     n = X.shape[0]
-    if n == 0 or len(lin._chunk_slices(n)) != 1 or not graph_products_work(lin, X):
+    if n == 0 or len(lin._chunk_slices(n, X=X)) != 1 or not graph_products_work(lin, X):
         return None
     try:
         graph = GraphJacobian(lin, X, [])

@@ -89,6 +89,7 @@ class Linearization:
         self._num_outputs: int | None = None
         self._per_example_jacobian = True
         self._per_example_checked = False
+        self._activation_bytes: int | None = None  # saved activations per example (see product_chunk)
         self._forward_ad = True  # False once a module without forward-mode AD (e.g. EmbeddingBag) was met
         self._structured: Any = None  # StructuredNTK once built; False when it does not apply
         # J(X) held for repeated products (cached factors or the retained graph), for the most recent inputs
@@ -181,8 +182,48 @@ class Linearization:
             )
         return out
 
-    def _chunk_slices(self, n: int, size: int | None = None) -> list[slice]:
+    def _chunk_slices(self, n: int, size: int | None = None, X: torch.Tensor | None = None, k: int = 1) -> list[slice]:
+        """Example slices of n: ``size``, else ``chunk_size``, else (with X) :meth:`product_chunk` for k vectors,
+        else 1,024."""
+        if size is None and self.chunk_size is None and X is not None:
+            size = self.product_chunk(X, k)
         return blocks(n, size or self.chunk_size or _DEFAULT_CHUNK)
+
+    def product_chunk(self, X: torch.Tensor, k: int = 1) -> int:
+        """Examples per chunk of the torch.func products with k vectors at once (``chunk_size`` when given):
+        as many as keep the activations their autograd graph saves (k-fold for k vmapped vectors) within an
+        eighth of ``memory_budget``, at most 1,024. The activations per example are measured once, from the
+        tensors saved by forward passes over one and three examples of X (the difference, so that saved
+        weights are not counted per example)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if self._activation_bytes is None and X.shape[0] > 0:
+            self._activation_bytes = self._saved_bytes_per_example(X)
+        per = max(1, self._activation_bytes or 1) * max(1, min(k, RHS_GROUP))
+        return max(1, min(_DEFAULT_CHUNK, (self.memory_budget // 8) // per))
+
+    def _saved_bytes_per_example(self, X: torch.Tensor) -> int:
+        """Bytes of the tensors a forward pass saves for its backward pass, per example of X."""
+        sizes = []
+        for k in (1, 3) if X.shape[0] >= 3 else (1,):
+            total = [0]
+
+            def pack(t: torch.Tensor, total: list[int] = total) -> torch.Tensor:
+                total[0] += t.numel() * t.element_size()
+                return t
+
+            theta = {n: v.detach().requires_grad_(True) for n, v in self.theta.items()}
+            try:
+                with (
+                    torch.enable_grad(),
+                    eval_mode(self.model),
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                ):
+                    self._f(theta, X[:k])
+            except Exception:  # the products themselves report what is wrong with the model
+                return 0
+            sizes.append(total[0])
+        return max(0, (sizes[1] - sizes[0]) // 2) if len(sizes) == 2 else sizes[0]
 
     @property
     def num_outputs(self) -> int:
@@ -285,7 +326,7 @@ class Linearization:
         for g in range(0, V.shape[0], RHS_GROUP):
             tangents = self.unflatten(V[g : g + RHS_GROUP])
             chunks = []
-            for sl in self._chunk_slices(X.shape[0]):
+            for sl in self._chunk_slices(X.shape[0], X=X, k=min(RHS_GROUP, V.shape[0] - g)):
                 xb = X[sl]
 
                 def push(t: dict[str, torch.Tensor], xb: torch.Tensor = xb) -> torch.Tensor:
@@ -337,7 +378,7 @@ class Linearization:
             raise ValueError(f"U must have shape (n, c) or (k, n, c) with n = {X.shape[0]}, got {tuple(U.shape)}")
         U = U.to(device=self.device, dtype=self.net_dtype)
         result = torch.zeros(U.shape[0], self.num_params, dtype=ALGEBRA_DTYPE, device=self.device)
-        for sl in self._chunk_slices(X.shape[0]):
+        for sl in self._chunk_slices(X.shape[0], X=X, k=U.shape[0]):
             xb = X[sl]
 
             def pull(xb: torch.Tensor = xb, ub: torch.Tensor = U[:, sl]) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Real networks, every weight: linadapt against fine-tuning all weights, side by side in one run.
+
+Each method runs in its own fresh process (so that its peak resident memory, ``VmHWM``, is its own), one after
+the other on the same machine: wall time of fit plus prediction on the test images, peak memory, accuracy, NLL
+and ECE. Methods:
+
+* ``finetune-all``: Adam on all weights, early stopping on 20 % of the labels, ``--epochs`` epochs (100, as the
+  pretrained-backbone experiment does), then predicting the test images;
+* ``linadapt-all``: ``LinearizedClassifier(net, params="all")`` — every weight — fit and ``predict_proba``;
+* ``linadapt-head``: the same on the head block only (the experiment's other variant).
+
+Network: ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
+weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
+test images (the experiment's draw for ``--seed``).
+
+    python benchmarks/real_networks.py --network efficientnet --shots 10 --size 64 --test 500 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+_CHILD = r"""
+import json, sys, time
+import numpy as np
+import torch
+torch.set_num_threads(THREADS)
+from linadapt import LinearizedClassifier, metrics
+from linadapt._memory import peak_rss
+from linadapt.experiments.baselines import finetune
+from linadapt.experiments.datasets import per_class_sample
+from linadapt.experiments.pretrained_backbone import HEAD_BLOCK, animal_images, efficientnet_lite0
+
+seed, shots, size, n_test, epochs, method = SEED, SHOTS, SIZE, NTEST, EPOCHS, "METHOD"
+net = efficientnet_lite0(10, seed)
+A, a = animal_images(size)
+order = torch.randperm(A.shape[0], generator=torch.Generator().manual_seed(5000 + seed))
+test, pool = order[:n_test], order[n_test:]
+pick = per_class_sample(pool, a, shots, torch.Generator().manual_seed(100 * seed + shots))
+xa, ya, xt, yt = A[pick], a[pick], A[test], a[test]
+del A
+start_rss = peak_rss()
+t = time.perf_counter()
+if method == "finetune-all":
+    tuned = finetune(net, xa, ya, params="all", epochs=epochs, lr=1e-3, seed=seed)
+    fit = time.perf_counter() - t
+    proba = tuned.predict_proba(xt)
+    extra = {"best_epoch": tuned.best_epoch}
+else:
+    params = "all" if method == "linadapt-all" else HEAD_BLOCK
+    clf = LinearizedClassifier(net, params=params).fit(xa, ya)
+    fit = time.perf_counter() - t
+    proba = clf.predict_proba(xt)
+    extra = {"prior_var": clf.prior_var_, "link": clf.link_, "weights": clf.linearization_.num_params,
+             "memory_budget": clf.linearization_.memory_budget}
+total = time.perf_counter() - t
+print(json.dumps({"method": method, "fit_s": fit, "total_s": total, "peak_gib": peak_rss() / 2**30,
+                  "start_gib": start_rss / 2**30, "accuracy": metrics.accuracy(proba, yt),
+                  "nll": metrics.nll(proba, yt), "ece": metrics.expected_calibration_error(proba, yt),
+                  "n_train": int(xa.shape[0]), **extra}))
+"""
+
+
+def run(method: str, args: argparse.Namespace) -> dict:
+    code = _CHILD
+    for key, value in {
+        "THREADS": args.threads,
+        "SEED": args.seed,
+        "SHOTS": args.shots,
+        "SIZE": args.size,
+        "NTEST": args.test,
+        "EPOCHS": args.epochs,
+        "METHOD": method,
+    }.items():
+        code = code.replace(key, str(value))
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"method": method, "error": res.stderr[-2000:], "wall_s": time.perf_counter() - t}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", default="efficientnet", choices=["efficientnet"])
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="finetune-all,linadapt-all,linadapt-head")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = []
+    for method in args.methods.split(","):
+        row = run(method, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["method"] == "finetune-all" and "total_s" in r), None)
+    print(
+        f"\n{args.network}, {args.shots} labels per class at {args.size}×{args.size}, {args.test} test images, "
+        f"seed {args.seed}, {args.threads} threads"
+    )
+    print("| method | weights | fit + predict (s) | × fine-tuning | peak memory (GiB) | accuracy | NLL | ECE |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | failed: {r['error'].splitlines()[-1][:80]} |")
+            continue
+        ratio = f"{r['total_s'] / base['total_s']:.2f}" if base else "–"
+        print(
+            f"| {r['method']} | {r.get('weights', 'all'):,} | {r['total_s']:.0f} | {ratio} | {r['peak_gib']:.2f} | "
+            f"{r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} |"
+            if isinstance(r.get("weights"), int)
+            else f"| {r['method']} | all | {r['total_s']:.0f} | {ratio} | {r['peak_gib']:.2f} | "
+            f"{r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
