@@ -6,7 +6,9 @@ and ECE. Methods:
 
 * ``finetune-all``: Adam on all weights, early stopping on 20 % of the labels, ``--epochs`` epochs (100, as the
   pretrained-backbone experiment does), then predicting the test images;
-* ``linadapt-all``: ``LinearizedClassifier(net, params="all")`` — every weight — fit and ``predict_proba``;
+* ``linadapt-all``: ``LinearizedClassifier(net, params="all", link=--link)`` — every weight — fit and
+  ``predict_proba`` (``link="auto"``, the default here as in the experiments' ``-auto`` rows: the readout with
+  the best leave-one-out likelihood on the labels — probit, bridge or the MAP logits);
 * ``linadapt-head``: the same on the head block only (the experiment's other variant).
 
 Network: ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
@@ -52,7 +54,7 @@ if method == "finetune-all":
     extra = {"best_epoch": tuned.best_epoch}
 else:
     params = "all" if method == "linadapt-all" else HEAD_BLOCK
-    clf = LinearizedClassifier(net, params=params).fit(xa, ya)
+    clf = LinearizedClassifier(net, params=params, link="LINK").fit(xa, ya)
     fit = time.perf_counter() - t
     proba = clf.predict_proba(xt)
     extra = {"prior_var": clf.prior_var_, "link": clf.link_, "weights": clf.linearization_.num_params,
@@ -75,6 +77,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
         "NTEST": args.test,
         "EPOCHS": args.epochs,
         "METHOD": method,
+        "LINK": args.link,
     }.items():
         code = code.replace(key, str(value))
     t = time.perf_counter()
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="finetune-all,linadapt-all,linadapt-head")
+    parser.add_argument("--link", default="auto", help="linadapt's readout (auto: chosen by leave-one-out)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rows = []
