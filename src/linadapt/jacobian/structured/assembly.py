@@ -69,20 +69,27 @@ def position_gram_block(
     A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
 ) -> torch.Tensor:
     """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o):
-    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``; one matrix product per position pair."""
+    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``. The output-gradient products of all position
+    pairs come from one matrix product per slab of positions s (slabs bounding its result to
+    :data:`_SLAB_ENTRIES`), then are weighted by the patch Grams."""
     AA = torch.einsum("isk,jtk->ijst", A1, A2)
     if bias:
         AA = AA + 1.0
     c, b1, P, _ = G1.shape
     b2 = G2.shape[1]
-    rows1 = G1.permute(2, 1, 0, 3).reshape(P, b1, -1) if trace else G1.permute(2, 1, 0, 3).reshape(P, b1 * c, -1)
-    rows2 = G2.permute(2, 1, 0, 3).reshape(P, b2, -1) if trace else G2.permute(2, 1, 0, 3).reshape(P, b2 * c, -1)
+    w = 1 if trace else c  # rows per example and position: (example, output) pairs, or examples with c·o columns
+    rows1 = G1.permute(2, 1, 0, 3).reshape(P * b1 * w, -1)  # rows (s, i[, a])
+    rows2 = G2.permute(2, 1, 0, 3).reshape(P * b2 * w, -1)  # rows (t, j[, b])
     out = torch.zeros((b1, b2) if trace else (b1, c, b2, c), dtype=G1.dtype, device=G1.device)
-    for s_ in range(P):
-        for t in range(P):
-            M = rows1[s_] @ rows2[t].T
-            if trace:
-                out.add_(AA[:, :, s_, t] * M)
-            else:
-                out.add_(AA[:, None, :, None, s_, t] * M.view(b1, c, b2, c))
+    slab = max(1, _SLAB_ENTRIES // max(1, b1 * w * P * b2 * w))
+    for s0 in range(0, P, slab):
+        s1 = min(P, s0 + slab)
+        M = rows1[s0 * b1 * w : s1 * b1 * w] @ rows2.T
+        if trace:
+            out += torch.einsum("ijst,sitj->ij", AA[:, :, s0:s1], M.view(s1 - s0, b1, P, b2))
+        else:
+            out += torch.einsum("ijst,siatjb->iajb", AA[:, :, s0:s1], M.view(s1 - s0, b1, c, P, b2, c))
     return out
+
+
+_SLAB_ENTRIES = 2**22  # entries of one slab's output-gradient products in position_gram_block
