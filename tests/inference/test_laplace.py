@@ -499,3 +499,25 @@ def test_cg_with_a_float32_network_needs_no_dense_fallback():
         proba = la.LinearizedClassifier(net, solver="cg", **kw).fit(X, y).predict_proba(X[:5])
     dense = la.LinearizedClassifier(net, solver="cholesky", **kw).fit(X, y).predict_proba(X[:5])
     np.testing.assert_allclose(proba, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["classifier", "regressor"])
+def test_blocks_at_the_training_inputs_come_from_the_held_kernel(estimator, monkeypatch):
+    """The leave-one-out readout asks for the posterior blocks at the training inputs: they are read from the
+    training kernel the dense fit holds (no cross kernel is formed again) and equal the generic path's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    X = torch.randn(20, 3, dtype=torch.float64)
+    if estimator == "classifier":
+        est = la.LinearizedClassifier(net).fit(X, torch.arange(20) % 3)
+    else:
+        est = la.LinearizedRegressor(net).fit(X, torch.randn(20, 3, dtype=torch.float64))
+    post, lin = est.posterior_, est.linearization_
+    assert (est.space_, est.solver_) == ("function", "cholesky")
+    Xt = est._train_data[0]
+    generic = post.latent_blocks(Xt.clone())  # other memory: the cross-kernel path
+    calls = []
+    monkeypatch.setattr(lin, "cross_kernel_chunks", lambda *a, **k: calls.append(1) or iter(()))
+    held = post.latent_blocks(Xt)
+    assert not calls
+    assert float((held - generic).abs().max()) <= 1e-10 * float(generic.abs().max())

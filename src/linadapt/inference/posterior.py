@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from linadapt.jacobian.held import inputs_key
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.kernels.operator import NTKOperator
 from linadapt.kernels.sharded import ShardedNTKOperator
@@ -201,6 +202,8 @@ class LinearizedPosterior:
         out = []
         if self._by_kernels():
             X = self.problem.all_inputs()
+            if "K" in self.problem.cache and inputs_key(Xs) == inputs_key(X):
+                return self._training_blocks()
             for _, Kx, Kss in self.lin.cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0])):
                 b = Kss.shape[0]
                 blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(Kx), b, self.c, Kx.dtype, Kx.device)
@@ -209,6 +212,20 @@ class LinearizedPosterior:
         for _, jac in self.lin.jacobian_chunks(Xs):
             b, c, p = jac.shape
             blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
+            out.append(0.5 * (blocks + blocks.transpose(1, 2)))
+        return torch.cat(out)
+
+    def _training_blocks(self) -> torch.Tensor:
+        """:meth:`latent_blocks` at the training inputs themselves (e.g. for leave-one-out readouts) from the
+        training kernel K already held: no kernel is formed again. (n, c, c)."""
+        K, n, c = self.problem.kernel(), self.problem.n, self.c
+        out = []
+        size = self._test_chunk(n)
+        for start in range(0, n, size):
+            b = min(n, start + size) - start
+            cols = slice(start * c, (start + b) * c)
+            Kss = K[cols, cols].reshape(b, c, b, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(K[:, cols]), b, c, K.dtype, K.device)
             out.append(0.5 * (blocks + blocks.transpose(1, 2)))
         return torch.cat(out)
 
