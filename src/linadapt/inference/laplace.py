@@ -175,7 +175,10 @@ class LaplacePosterior(LinearizedPosterior):
         else:
             self._newton_parameter(start)
         logdet = self.system.logdet() + (self.problem.p * math.log(self.s2) if space == "parameter" else 0.0)
-        prior_quad = float(((self.delta - problem.mu) ** 2).sum()) / self.s2
+        if space == "function":  # ‖δ − μ‖² / s² = s² aᵀ K a with δ − μ = s² Jᵀ a: no p-sized product
+            prior_quad = self.s2 * float(self.a @ problem.k_mv(self.a.unsqueeze(-1), self.dense).squeeze(-1))
+        else:
+            prior_quad = float(((self.delta - problem.mu) ** 2).sum()) / self.s2
         self.log_lik = problem.log_lik(self.logits)
         self.log_evidence = self.log_lik - 0.5 * prior_quad - 0.5 * logdet
 
@@ -344,7 +347,7 @@ class LaplacePosterior(LinearizedPosterior):
                 break
         self._finish(it, dec2, converged, f)
         self.a = a
-        self.delta = pr.mu + s2 * pr.jt_mv(a.unsqueeze(-1), dense).squeeze(-1)
+        self._delta: torch.Tensor | None = None  # δ = μ + s² Jᵀ a, formed on first use (see delta)
         self.system = self._function_system(self.curvature)
 
     # ------------------------------------------------------------------ Newton, parameter space
@@ -355,7 +358,7 @@ class LaplacePosterior(LinearizedPosterior):
             delta = torch.zeros(pr.p, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             f = pr.f0.reshape(N).clone()
         else:
-            delta, f = start.delta.clone(), start.logits.reshape(N).clone()
+            delta, f = start.delta.clone(), start.logits.reshape(N).clone()  # start: parameter space too
 
         def objective(f_: torch.Tensor, d_: torch.Tensor) -> float:
             return -pr.log_lik(f_.reshape(n, c)) + 0.5 * float(((d_ - pr.mu) ** 2).sum()) / s2
@@ -377,8 +380,17 @@ class LaplacePosterior(LinearizedPosterior):
             if done:
                 break
         self._finish(it, dec2, converged, f)
-        self.delta = delta
+        self._delta = delta
         self.system = self._parameter_system(self.curvature)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """δ* (p,), the MAP weight offset; in function space μ + s² Jᵀ a, one vector-Jacobian product formed on
+        first use (the evidence search evaluates many s² and needs it only at the chosen one)."""
+        if self._delta is None:
+            pr = self.problem
+            self._delta = pr.mu + self.s2 * pr.jt_mv(self.a.unsqueeze(-1), self.dense).squeeze(-1)
+        return self._delta
 
     # ------------------------------------------------------------------ predictions
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
