@@ -706,3 +706,22 @@ def test_kernels_within_a_small_budget_stream_factors_and_stay_exact(name: str, 
         b = sl.stop - sl.start
         assert _rel(Kx, torch.einsum("iap,jbp->iajb", J, Js[sl]).reshape(n * c, b * c)) < 1e-12
         assert _rel(Kss, torch.einsum("iap,ibp->iab", Js[sl], Js[sl])) < 1e-12
+
+
+def test_layer_forms_list_every_selected_weight_and_the_form_the_cost_model_chose(monkeypatch) -> None:
+    from linadapt.jacobian.structured import costs
+
+    model, X = ZOO["norms"]
+    lin = Linearization(model)
+    rows = lin.layer_forms(X)
+    assert sum(r["weights"] for r in rows) == lin.num_params
+    by_layer = {r["layer"]: r for r in rows}
+    assert by_layer["head"]["kernel"] == by_layer["head"]["products"] == "outer"
+    assert by_layer["bn"]["type"] == "BatchNorm1d" and by_layer["bn"]["kernel"] == "materialised"
+    assert by_layer["act.weight"]["kernel"] == "per-example Jacobian"
+    model, X = ZOO["conv"]
+    monkeypatch.setattr(costs, "position_gram_cheaper", lambda *_: True)
+    monkeypatch.setattr(costs, "conv_forms", lambda *_: (True, False))
+    forms = {r["layer"]: (r["kernel"], r["products"]) for r in Linearization(model).layer_forms(X)}
+    assert forms["c1"] == forms["c2"] == ("position Gram", "by convolution")
+    assert forms["g"] == ("materialised", "materialised")  # grouped: one form

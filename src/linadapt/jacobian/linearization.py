@@ -465,6 +465,15 @@ class Linearization:
             self._structured = False
         return self._structured or None
 
+    def layer_forms(self, X: Any) -> list[dict[str, Any]]:
+        """The form each layer's factors take in kernels and in products on inputs like X (see
+        :meth:`~linadapt.jacobian.structured.StructuredNTK.layer_forms`): a debug listing of the per-layer cost
+        model's choices. Empty when no layer rule applies (every parameter then goes through per-example
+        Jacobians)."""
+        X = self.prepare_inputs(X)
+        engine = self.structured(X)
+        return [] if engine is None else engine.layer_forms(X)
+
     def ntk_blocks(self, X: Any, method: str = "auto") -> torch.Tensor:
         """The per-example c×c blocks J(x_i) J(x_i)ᵀ, shape (n, c, c), float64, without storing J.
 

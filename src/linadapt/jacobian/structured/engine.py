@@ -343,6 +343,53 @@ class StructuredNTK:
             diag = torch.cat([assembly.diagonal_blocks(promoted(f, ALGEBRA_DTYPE)) for f in test])
             yield sl, K.reshape(n * c, b * c), diag
 
+    def layer_forms(self, X: torch.Tensor) -> list[dict[str, Any]]:
+        """How each selected parameter's layer enters kernels and products, from the factors of (up to) eight
+        examples of X: one dict per layer (and one for the parameters without a rule) with ``layer``,
+        ``type``, ``weights`` (selected entries), ``kernel`` and ``products`` — ``"outer"`` (input and
+        output-gradient Grams), ``"position Gram"``, ``"inputs and output gradients"`` (expanded per block),
+        ``"by convolution"``, ``"materialised"`` (per-example gradients) or ``"per-example Jacobian"`` (no
+        rule: the Jacobian contraction restricted to those parameters)."""
+        xb = X[:8]
+        forms: dict[str, dict[str, str]] = {}
+        for what, f in (
+            ("kernel", self._features(xb, compact=True)),
+            ("products", self._features(xb, self.lin.net_dtype, products=True)),
+        ):
+            tagged = [(names, "outer") for names in f.outer_names]
+            tagged += [(names, "position Gram") for names in f.spatial_names]
+            tagged += [(names, "inputs and output gradients") for names in f.raw_names]
+            tagged += [((w, b), "by convolution") for w, b, _ in f.conv_names]
+            tagged += [(names, "materialised") for names in f.dense_names]
+            for names, form in tagged:
+                for name in names:
+                    if name:
+                        forms.setdefault(name, {})[what] = form
+        numel = dict(zip(self.lin.param_names, self.lin.numels))
+        rows = []
+        for layer in self.layers:
+            names = [n for n in (layer.weight, layer.bias) if n]
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "type": type(layer.module).__name__,
+                    "weights": sum(numel[n] for n in names),
+                    "kernel": forms.get(names[0], {}).get("kernel", "none"),
+                    "products": forms.get(names[0], {}).get("products", "none"),
+                }
+            )
+        if self.fallback:
+            rows.append(
+                {
+                    "layer": ", ".join(self.fallback),
+                    "type": "(no rule)",
+                    "weights": sum(numel[n] for n in self.fallback),
+                    "kernel": "per-example Jacobian",
+                    "products": "per-example Jacobian",
+                }
+            )
+        return rows
+
     def pair_flops(self, X: torch.Tensor) -> float:
         """Multiply-adds per pair of examples of the full (c × c block) kernel by these rules: Σ over Linear
         layers of d_in + c² d_out, over position-Gram layers of P² (k + c² d_out), over materialised blocks of
