@@ -197,7 +197,7 @@ class LaplacePosterior(LinearizedPosterior):
     def _dense_fits(self) -> bool:
         pr = self.problem
         if self.space == "function":
-            return pr.n_obs * pr.n_obs * 8 * 2 <= self.memory_budget
+            return pr.n_obs * pr.n_obs * 8 * 3 <= self.memory_budget  # K, B and its Cholesky factor
         return (pr.n_obs * pr.p + 2 * pr.p * pr.p) * 8 <= self.memory_budget
 
     def _function_system(self, curv: Curvature) -> SPDSystem:

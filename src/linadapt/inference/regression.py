@@ -68,8 +68,10 @@ def choose_space(n_obs: int, p: int) -> str:
 
 
 def dense_bytes(space: str, n_obs: int, p: int) -> int:
-    """Bytes of the dense matrix of this space (and, for parameter space, the explicit J), float64."""
-    return (n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8
+    """Bytes the dense path of this space holds at its peak, float64: function space K, A = s²K + σ²I and its
+    Cholesky factor (or K, its eigenvectors and the eigensolver's workspace for the exact evidence), 3 N²;
+    parameter space the explicit J and JᵀJ, N p + p²."""
+    return (3 * n_obs * n_obs if space == "function" else n_obs * p + p * p) * 8
 
 
 def dense_fits(space: str, n_obs: int, p: int, memory_budget: int | None = None) -> bool:
