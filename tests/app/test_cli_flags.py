@@ -373,3 +373,16 @@ def test_demo_without_quick_runs_the_full_sizes(tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0 and seen == {"regression": (10, True), "classification": (5, True)}
     assert "Quick run" in (tmp_path / "q" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- adapt --memory-budget
+
+
+def test_memory_budget_reaches_the_estimator_and_bad_sizes_are_named(project):
+    tmp = project[0]
+    base = ["--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv", "--no-baselines"]
+    res = adapt(*base, "--memory-budget", "64MiB", "--out", "mb")
+    assert res.exit_code == 0, res.output
+    assert read_header(tmp / "mb" / "adapted.linadapt")["settings"]["memory_budget"] == 64 * 2**20
+    res = runner.invoke(app, ["adapt", *base, "--memory-budget", "lots"])
+    assert res.exit_code == 2 and "--memory-budget" in res.output and "memory_budget must be" in res.output
