@@ -13,7 +13,7 @@ __all__ = ["linearize_shard"]
 
 
 def linearize_shard(
-    model: Any, params: Any, chunk_size: int | None, device: Any, X: Any, distributed: bool, memory_budget: int
+    model: Any, params: Any, chunk_size: int | None, device: Any, X: Any, distributed: bool, memory_budget: Any
 ) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The start of every fit: the :class:`~linadapt.jacobian.linearization.Linearization` of ``model``, the prepared
     inputs X (this rank's shard when ``distributed``; it must not be empty) and f(X; θ̂), (n, c)."""

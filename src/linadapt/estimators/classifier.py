@@ -166,7 +166,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                 self.device,
                 X,
                 distributed,
-                resolve_memory_budget(self.memory_budget),
+                self.memory_budget,
             )
             c = f0.shape[1]
             if c < 2:

@@ -202,7 +202,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 self.device,
                 X,
                 distributed,
-                resolve_memory_budget(self.memory_budget),
+                self.memory_budget,
             )
             yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
             c = f0.shape[1]

@@ -204,10 +204,8 @@ class LinearizedPosterior:
             X = self.problem.all_inputs()
             if "K" in self.problem.cache and inputs_key(Xs) == inputs_key(X):
                 return self._training_blocks()
-            for _, Kx, Kss in self.lin.cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0])):
-                b = Kss.shape[0]
-                blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(Kx), b, self.c, Kx.dtype, Kx.device)
-                out.append(0.5 * (blocks + blocks.transpose(1, 2)))
+            chunks = self.lin.cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0]))
+            out = [self._blocks_from_kernels(Kx, Kss) for _, Kx, Kss in chunks]
             return torch.cat(out) if out else torch.zeros(0, self.c, self.c, dtype=ALGEBRA_DTYPE)
         for _, jac in self.lin.jacobian_chunks(Xs):
             b, c, p = jac.shape
@@ -225,9 +223,15 @@ class LinearizedPosterior:
             b = min(n, start + size) - start
             cols = slice(start * c, (start + b) * c)
             Kss = K[cols, cols].reshape(b, c, b, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(K[:, cols]), b, c, K.dtype, K.device)
-            out.append(0.5 * (blocks + blocks.transpose(1, 2)))
+            out.append(self._blocks_from_kernels(K[:, cols], Kss))
         return torch.cat(out)
+
+    def _blocks_from_kernels(self, Kx: torch.Tensor, Kss: torch.Tensor) -> torch.Tensor:
+        """Function space: the symmetrised blocks s² Kss + (diagonal blocks of the data terms) for b points,
+        from Kx = K(X, x*) (N, b·c) and their prior blocks Kss (b, c, c)."""
+        b = Kss.shape[0]
+        blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(Kx), b, self.c, Kx.dtype, Kx.device)
+        return 0.5 * (blocks + blocks.transpose(1, 2))
 
     def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
         """Full posterior covariance J* S J*ᵀ of the outputs at X*, shape (m·c, m·c), example-major."""

@@ -68,18 +68,8 @@ class ConvRule:
         if layer.weight and products:
             by_conv, materialised = engine._conv_product_forms(layer, A, kernel, Gf)
             if by_conv:
-                geometry = ConvGeometry(
-                    d_out=G.shape[2],
-                    c_in=A.shape[1],
-                    kernel=tuple(kernel),
-                    stride=tuple(stride),
-                    padding=tuple(padding),
-                    dilation=tuple(dilation),
-                    out_hw=tuple(G.shape[3:]),
-                    c=c,
-                    stored=engine._conv_forms[layer.name][2],
-                    input_entries=A[0].numel(),
-                )
+                stored = engine._conv_forms[layer.name][2]
+                geometry = _geometry(A, G, kernel, stride, padding, dilation, stored)
                 feats.conv.append((A.contiguous(memory_format=torch.channels_last), Gf.reshape(c, b, -1), geometry))
                 feats.conv_names.append((layer.weight, layer.bias, materialised))
                 return  # the materialised form, if wanted too, is formed from these on first use
@@ -93,18 +83,7 @@ class ConvRule:
             if not products and engine.compact and costs.held_as_raw(A[0].numel(), c, d_out, P, k_in):
                 # kernels, held for later blocks: input and output gradients take less memory than the
                 # materialised gradients (expanded when a block is formed)
-                geometry = ConvGeometry(
-                    d_out=d_out,
-                    c_in=A.shape[1],
-                    kernel=tuple(kernel),
-                    stride=tuple(stride),
-                    padding=tuple(padding),
-                    dilation=tuple(dilation),
-                    out_hw=tuple(G.shape[3:]),
-                    c=c,
-                    stored=c * d_out * P,
-                    input_entries=A[0].numel(),
-                )
+                geometry = _geometry(A, G, kernel, stride, padding, dilation, c * d_out * P)
                 feats.raw.append((A, Gf, geometry, layer.bias is not None))
                 feats.raw_names.append((layer.weight, layer.bias))
                 return
@@ -114,3 +93,20 @@ class ConvRule:
             parts.append(Gf.sum(-1).permute(1, 0, 2))
         feats.dense.append(torch.cat(parts, -1))
         feats.dense_names.append([n for n in (layer.weight, layer.bias) if n])
+
+
+def _geometry(A: torch.Tensor, G: torch.Tensor, kernel, stride, padding, dilation, stored: int) -> ConvGeometry:
+    """The layer's :class:`ConvGeometry` from its input A (b, C_in, H, W), output gradients G (c, b, d_out, H', W')
+    and settings; ``stored``: the output-gradient entries kept per example."""
+    return ConvGeometry(
+        d_out=G.shape[2],
+        c_in=A.shape[1],
+        kernel=tuple(kernel),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        out_hw=tuple(G.shape[3:]),
+        c=G.shape[0],
+        stored=stored,
+        input_entries=A[0].numel(),
+    )
