@@ -25,6 +25,10 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _real_tasks import TASKS
 
 _CHILD = r"""
 import json, sys, time
@@ -34,26 +38,22 @@ torch.set_num_threads(THREADS)
 from linadapt import LinearizedClassifier, metrics
 from linadapt._memory import peak_rss
 from linadapt.experiments.baselines import finetune
-from linadapt.experiments.datasets import per_class_sample
-from linadapt.experiments.pretrained_backbone import HEAD_BLOCK, animal_images, efficientnet_lite0
+sys.path.insert(0, BENCH_DIR)
+from _real_tasks import TASKS
 
 seed, shots, size, n_test, epochs, method = SEED, SHOTS, SIZE, NTEST, EPOCHS, "METHOD"
-net = efficientnet_lite0(10, seed)
-A, a = animal_images(size)
-order = torch.randperm(A.shape[0], generator=torch.Generator().manual_seed(5000 + seed))
-test, pool = order[:n_test], order[n_test:]
-pick = per_class_sample(pool, a, shots, torch.Generator().manual_seed(100 * seed + shots))
-xa, ya, xt, yt = A[pick], a[pick], A[test], a[test]
-del A
+task = TASKS["NETWORK"](seed, shots, size, n_test)
+net, xa, ya, xt, yt = task["net"], task["xa"], task["ya"], task["xt"], task["yt"]
+del task["net"], task["xa"], task["ya"], task["xt"], task["yt"]
 start_rss = peak_rss()
 t = time.perf_counter()
 if method == "finetune-all":
-    tuned = finetune(net, xa, ya, params="all", epochs=epochs, lr=1e-3, seed=seed)
+    tuned = finetune(net, xa, ya, params="all", epochs=epochs, seed=seed, **task["finetune"])
     fit = time.perf_counter() - t
     proba = tuned.predict_proba(xt)
     extra = {"best_epoch": tuned.best_epoch}
 else:
-    params = "all" if method == "linadapt-all" else HEAD_BLOCK
+    params = "all" if method == "linadapt-all" else task["head"]
     clf = LinearizedClassifier(net, params=params, link="LINK").fit(xa, ya)
     fit = time.perf_counter() - t
     proba = clf.predict_proba(xt)
@@ -77,6 +77,8 @@ def run(method: str, args: argparse.Namespace) -> dict:
         "NTEST": args.test,
         "EPOCHS": args.epochs,
         "METHOD": method,
+        "NETWORK": args.network,
+        "BENCH_DIR": repr(str(Path(__file__).resolve().parent)),
         "LINK": args.link,
     }.items():
         code = code.replace(key, str(value))
@@ -89,7 +91,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--network", default="efficientnet", choices=["efficientnet"])
+    parser.add_argument("--network", default="efficientnet", choices=sorted(TASKS))
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--test", type=int, default=500)
