@@ -15,8 +15,10 @@ from linadapt._validation import as_label_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
+from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
 from linadapt.inference.loo import loo_nll
+from linadapt.inference.prior_groups import GroupSpec, resolve_groups
 from linadapt.inference.regression import SolverOptions, choose_space_and_solver
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
@@ -40,6 +42,14 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
         prior_var: s² (starting value when optimising, fixed otherwise).
         optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
+        prior_groups: one prior variance per group of weights instead of one for all — e.g. the new head and
+            the backbone, whose scales an adapted network rarely shares: ``"layers"`` (a group per module owning
+            adapted weights), ``"tensors"``, or a list of name / glob patterns (or lists of them), one group
+            each, the unmatched weights forming a group ``"rest"``. The prior kernel of the logits is then
+            Σ_g s²_g J_g Jᵀ_g, every s²_g learned by the Laplace evidence (a derivative-free search from the
+            best single s², so suited to a handful of groups; ``prior_var`` is each group's value without
+            optimisation). Dense function space in one process; see
+            :mod:`linadapt.inference.grouped_laplace`.
         link: how probabilities are computed from the Gaussian over logits: ``"probit"``, ``"mc"``
             (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge) or
             ``"map"`` (softmax of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of
@@ -67,7 +77,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
     Attributes (after ``fit``):
         classes_: array([0, …, c − 1]). n_classes_: c.
-        prior_var_: s² used. space_, solver_: the choices made.
+        prior_var_: s² used (None with ``prior_groups``). space_, solver_: the choices made.
+        prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
         linearization_, posterior_: the linearization and the :class:`~linadapt.inference.laplace.LaplacePosterior`.
         n_iter_: Newton iterations of the final MAP search.
         log_marginal_likelihood_value_: the Laplace evidence at prior_var_.
@@ -83,6 +94,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         params: ParamSpec = "all",
         prior_var: float = 1.0,
         optimize_hyperparameters: bool = True,
+        prior_groups: GroupSpec = None,
         link: str = "probit",
         n_samples: int = 1000,
         prior_mean: str = "network",
@@ -102,6 +114,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.params = params
         self.prior_var = prior_var
         self.optimize_hyperparameters = optimize_hyperparameters
+        self.prior_groups = prior_groups
         self.link = link
         self.n_samples = n_samples
         self.prior_mean = prior_mean
@@ -146,17 +159,36 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
     def _fitted_state(self) -> dict[str, Any]:
         """The fitted hyperparameters a ``.linadapt`` file stores (JSON)."""
-        return {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
+        state: dict[str, Any] = {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
+        if self.prior_vars_ is not None:
+            state["prior_vars_"] = dict(self.prior_vars_)
+        return state
 
     def _refit_from_state(self, X: Any, y: Any, fitted: dict[str, Any]) -> LinearizedClassifier:
         """The Laplace posterior on (X, y) at the stored prior variance (no search): what ``load`` rebuilds."""
-        return self._fit(X, y, fitted["prior_var_"])
+        return self._fit(X, y, fitted.get("prior_vars_") or fitted["prior_var_"])
 
-    def _fit(self, X: Any, y: Any, fixed: float | None) -> LinearizedClassifier:
-        """``fit``, or with ``fixed`` = prior_var_ the Laplace posterior at that value (used by load)."""
+    def _fit(self, X: Any, y: Any, fixed: Any) -> LinearizedClassifier:
+        """``fit``, or with ``fixed`` = prior_var_ (or prior_vars_ with groups) the Laplace posterior at that
+        value (used by load)."""
         self._check_settings()
         prior0 = check_positive(self.prior_var, "prior_var")
         distributed = bool(self.distributed)
+        if self.prior_groups is not None:
+            conflicts = [
+                setting
+                for setting, bad in (
+                    ("distributed=True", distributed),
+                    ("space='parameter'", self.space == "parameter"),
+                    ("solver='cg'", self.solver == "cg"),
+                )
+                if bad
+            ]
+            if conflicts:
+                raise ValueError(
+                    "prior_groups uses the dense function-space path (space='function', solver='cholesky', one "
+                    f"process); not with {', '.join(conflicts)}"
+                )
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
             lin, Xt, f0 = linearize_shard(
@@ -189,24 +221,29 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             seed=int(self.seed),
             memory_budget=resolve_memory_budget(self.memory_budget),
         )
-        n_obs = labels.shape[0] * c
-        space, solver = choose_space_and_solver(
-            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
-        )
-        problem = LaplaceProblem(
-            lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding, likelihood=self._likelihood
-        )
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
-        if fixed is not None:
-            posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
-        elif self.optimize_hyperparameters:
-            posterior = optimize_prior_var(problem, prior0, space, solver, tol, iters)
+        self.prior_vars_ = self.groups_ = None
+        if self.prior_groups is not None:
+            posterior = self._fit_groups(lin, Xt, labels, f0, options, prior0, fixed)
+            problem, space = posterior.problem, "function"
         else:
-            posterior = LaplacePosterior(problem, prior0, space, solver, tol, iters)
+            n_obs = labels.shape[0] * c
+            space, solver = choose_space_and_solver(
+                lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+            )
+            problem = LaplaceProblem(
+                lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding, likelihood=self._likelihood
+            )
+            if fixed is not None:
+                posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
+            elif self.optimize_hyperparameters:
+                posterior = optimize_prior_var(problem, prior0, space, solver, tol, iters)
+            else:
+                posterior = LaplacePosterior(problem, prior0, space, solver, tol, iters)
         self.linearization_ = lin
         self.problem_ = problem
         self.posterior_ = posterior
-        self.prior_var_ = posterior.s2
+        self.prior_var_ = None if self.prior_groups is not None else posterior.s2
         self.space_, self.solver_ = space, posterior.system.method
         self.n_classes_ = c
         self.classes_ = np.arange(c)
@@ -218,6 +255,36 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         if self.link == "auto":
             self._choose_link()
         return self
+
+    def _fit_groups(
+        self,
+        lin: Linearization,
+        Xt: torch.Tensor,
+        labels: torch.Tensor,
+        f0: torch.Tensor,
+        options: SolverOptions,
+        prior0: float,
+        fixed: Any,
+    ) -> GroupedLaplacePosterior:
+        """The Laplace posterior with one prior variance per group (:mod:`linadapt.inference.grouped_laplace`):
+        at the saved ``fixed`` {label: s²_g}, by the evidence, or at ``prior0`` for every group."""
+        groups = resolve_groups(list(lin.param_names), self.prior_groups)
+        names = [label for label, _ in groups]
+        problem = GroupedLaplaceProblem(
+            lin, Xt, labels, self.prior_mean, options, groups, self.model, f0=f0, likelihood=self._likelihood
+        )
+        tol, iters = float(self.newton_tol), int(self.newton_max_iter)
+        if fixed is not None:
+            if not isinstance(fixed, dict) or set(fixed) != set(names):
+                raise ValueError(f"saved prior groups {fixed!r} differ from this model's groups {names}")
+            posterior = GroupedLaplacePosterior(problem, np.array([float(fixed[g]) for g in names]), tol, iters)
+        elif self.optimize_hyperparameters:
+            posterior = optimize_group_prior_vars(problem, prior0, tol, iters)
+        else:
+            posterior = GroupedLaplacePosterior(problem, np.full(len(groups), prior0), tol, iters)
+        self.prior_vars_ = {g: float(v) for g, v in zip(names, posterior.prior_vars)}
+        self.groups_ = {g: list(members) for g, members in groups}
+        return posterior
 
     def _choose_link(self) -> str:
         """The link of ``predict_proba``: ``link``, or with ``"auto"`` the one with the best LOO likelihood
@@ -238,6 +305,11 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self._check_fitted()
         if prior_var is None:
             return self.log_marginal_likelihood_value_
+        if self.prior_vars_ is not None:
+            raise ValueError(
+                "with prior_groups the evidence depends on one prior variance per group: "
+                "log_marginal_likelihood() gives it at the fitted prior_vars_"
+            )
         s2 = check_positive(prior_var, "prior_var")
         post = self.posterior_
         return LaplacePosterior(

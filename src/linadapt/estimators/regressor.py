@@ -348,7 +348,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 f"prior_groups needs {len(groups)} dense {n_obs} × {n_obs} kernels ({need / 2**30:.1f} GiB), more "
                 f"than the memory budget ({budget / 2**30:.1f} GiB): use fewer groups or fewer training points"
             )
-        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device)
+        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device, lin.memory_budget)
         Ks = kernels.gram(Xt)
         labels = [label for label, _ in groups]
         if fixed is not None:

@@ -319,9 +319,8 @@ class LaplacePosterior(LinearizedPosterior):
         if start is None:
             a = torch.zeros(N, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             f = m.clone()
-        else:  # the same logits: f − m = s² K a = s²_start K a_start
-            a = start.a * (start.s2 / s2)
-            f = start.logits.reshape(N).clone()
+        else:
+            a, f = self._warm_start(start, m)
 
         def objective(f_: torch.Tensor, a_: torch.Tensor) -> float:
             # −Ψ = −log p(y | f) + ½ aᵀ (f − m)   (f − m = s² K a)
@@ -349,6 +348,11 @@ class LaplacePosterior(LinearizedPosterior):
         self.a = a
         self._delta: torch.Tensor | None = None  # δ = μ + s² Jᵀ a, formed on first use (see delta)
         self.system = self._function_system(self.curvature)
+
+    def _warm_start(self, start: LaplacePosterior, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, f) to start Newton from another posterior of the same kernel: the same logits, with
+        f − m = s² K a = s²_start K a_start."""
+        return start.a * (start.s2 / self.s2), start.logits.reshape(-1).clone()
 
     # ------------------------------------------------------------------ Newton, parameter space
     def _newton_parameter(self, start: LaplacePosterior | None) -> None:

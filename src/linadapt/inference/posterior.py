@@ -8,7 +8,7 @@ S (p × p); only the per-example blocks are computed when only those are wanted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -204,7 +204,7 @@ class LinearizedPosterior:
             X = self.problem.all_inputs()
             if "K" in self.problem.cache and inputs_key(Xs) == inputs_key(X):
                 return self._training_blocks()
-            chunks = self.lin.cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0]))
+            chunks = self._cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0]))
             out = [self._blocks_from_kernels(Kx, Kss) for _, Kx, Kss in chunks]
             return torch.cat(out) if out else torch.zeros(0, self.c, self.c, dtype=ALGEBRA_DTYPE)
         for _, jac in self.lin.jacobian_chunks(Xs):
@@ -212,6 +212,17 @@ class LinearizedPosterior:
             blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
             out.append(0.5 * (blocks + blocks.transpose(1, 2)))
         return torch.cat(out)
+
+    def _cross_kernel_chunks(
+        self, X: torch.Tensor, Xs: torch.Tensor, size: int
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Chunks of ``size`` test points: (sl, K(X, Xs[sl]) (N, b·c), prior blocks (b, c, c)) of the kernel whose
+        s² multiple is the prior covariance of the outputs (here J Jᵀ; a grouped prior sums scaled kernels)."""
+        return self.lin.cross_kernel_chunks(X, Xs, size)
+
+    def _dense_kernels(self, X: torch.Tensor, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K(X, X*) (N, m·c), K(X*, X*) (m·c, m·c)) of that kernel, dense."""
+        return self.lin.ntk(X, Xs), self.lin.ntk(Xs)
 
     def _training_blocks(self) -> torch.Tensor:
         """:meth:`latent_blocks` at the training inputs themselves (e.g. for leave-one-out readouts) from the
@@ -249,8 +260,8 @@ class LinearizedPosterior:
                 "per-example blocks instead, or raise memory_budget"
             )
         if self._by_kernels():
-            Kx = self.lin.ntk(self.problem.all_inputs(), Xs)
-            cov = self.s2 * self.lin.ntk(Xs) + sum(coef * (L @ R) for coef, L, R in self._data_terms(Kx))
+            Kx, Kss = self._dense_kernels(self.problem.all_inputs(), Xs)
+            cov = self.s2 * Kss + sum(coef * (L @ R) for coef, L, R in self._data_terms(Kx))
         else:
             B = self.lin.jacobian(Xs).reshape(mc, -1)
             cov = self.latent_cov_rows(B)

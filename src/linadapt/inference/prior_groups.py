@@ -88,10 +88,15 @@ class GroupedKernels:
     """The per-group tangent kernels K_g = J_g J_gᵀ of one network (a :class:`Linearization` per group)."""
 
     def __init__(
-        self, model: nn.Module, groups: list[tuple[str, list[str]]], chunk_size: int | None, device: Any
+        self,
+        model: nn.Module,
+        groups: list[tuple[str, list[str]]],
+        chunk_size: int | None,
+        device: Any,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.groups = groups
-        self.lins = [Linearization(model, names, chunk_size, device) for _, names in groups]
+        self.lins = [Linearization(model, names, chunk_size, device, memory_budget) for _, names in groups]
 
     def gram(self, X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
         """(G, n1·c, n2·c): J_g(X1) J_g(X2)ᵀ per group, float64."""
