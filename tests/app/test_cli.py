@@ -112,7 +112,7 @@ def test_adapt_regression_with_prior_groups(project):
     res = runner.invoke(app, ["predict", "--adapted", "grp/adapted.linadapt", "--data", "new.csv", "--out", "q.csv"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*args, "--prior-groups", "per-layer"])
-    assert res.exit_code != 0 and "--prior-groups must be layers or tensors" in res.output
+    assert res.exit_code != 0 and "--prior-groups must be layers, tensors or comma-separated" in res.output
 
 
 def test_adapt_classification_auto_task_and_params(project):

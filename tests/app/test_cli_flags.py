@@ -170,7 +170,7 @@ def test_trust_pickle_for_adapt_and_predict(project):
 
 @needs_matplotlib
 def test_prior_groups_tensors(project):
-    tmp, nets, X, t, _ = project
+    tmp, nets, X, t, labels = project
     base = ["--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv", "--no-baselines"]
     res = adapt(*base, "--prior-groups", "tensors", "--test", "new.csv", "--out", "g")
     assert "prior variances" in res.output
@@ -181,20 +181,19 @@ def test_prior_groups_tensors(project):
         assert fitted[k] == pytest.approx(v, rel=1e-8)
     _, values = read(tmp / "g" / "predictions.csv")
     np.testing.assert_allclose(values, np.column_stack(ref.predict(NEW, return_std=True)), rtol=1e-8)
-    res = runner.invoke(
-        app,
-        [
-            "adapt",
-            "--model",
-            "nets:classifier",
-            "--weights",
-            "clf.safetensors",
-            "--train",
-            "clf.csv",
-            *["--prior-groups", "tensors"],
-        ],
-    )
-    assert res.exit_code == 2 and "--prior-groups is available for regression only" in res.output
+    # classification: a group per name pattern, the rest in "rest"; the same fit as the estimator's
+    base = ["--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv", "--no-baselines"]
+    res = adapt(*base, "--prior-groups", "2.*", "--test", "new.csv", "--out", "cg")
+    assert "prior variances" in res.output and "rest:" in res.output
+    ref = la.LinearizedClassifier(nets.classifier(), prior_groups=["2.*"]).fit(X, labels)
+    fitted = read_header(tmp / "cg" / "adapted.linadapt")["fitted"]["prior_vars_"]
+    assert set(fitted) == {"2.*", "rest"}
+    for k, v in ref.prior_vars_.items():
+        assert fitted[k] == pytest.approx(v, rel=1e-8)
+    _, values = read(tmp / "cg" / "predictions.csv")
+    np.testing.assert_allclose(values[:, :3], ref.predict_proba(NEW), rtol=1e-8)
+    res = runner.invoke(app, ["adapt", *base, "--prior-groups", "per-layer"])
+    assert res.exit_code == 2 and "--prior-groups must be layers, tensors or comma-separated" in res.output
 
 
 # ---------------------------------------------------------------- experiment --plot

@@ -75,9 +75,9 @@ SCALES = {"0.weight": 2.0, "0.bias": 2.0, "2.weight": 0.05, "2.bias": 0.05, "4.w
 def test_grouped_laplace_equals_weight_space_closed_form() -> None:
     net, (X, y) = _net(), _data()
     Xs = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    clf = LinearizedClassifier(
-        net, prior_groups=[["0.*"], ["2.*"]], prior_var=0.7, optimize_hyperparameters=False
-    ).fit(X, y)
+    clf = LinearizedClassifier(net, prior_groups=[["0.*"], ["2.*"]], prior_var=0.7, optimize_hyperparameters=False).fit(
+        X, y
+    )
     assert clf.prior_vars_ == {"0.*": 0.7, "2.*": 0.7, "rest": 0.7}
     clf = LinearizedClassifier(net, prior_groups="layers", optimize_hyperparameters=False)
     clf.fit(X, y)  # at equal scales first, then the posterior at the chosen scales via load's fixed path

@@ -173,7 +173,10 @@ def adapt(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
     prior_groups: Annotated[
         str | None,
-        typer.Option(help="Regression: one prior variance per 'layers' or per parameter 'tensors', by the evidence."),
+        typer.Option(
+            help="One prior variance per group of weights, learned by the evidence: 'layers', 'tensors', or "
+            "comma-separated name patterns, one group each (the rest forming a group), e.g. 'fc.*'."
+        ),
     ] = None,
     memory_budget: Annotated[
         str,
@@ -190,8 +193,14 @@ def adapt(
     """
     if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
         _fail(f"--task must be regression, classification or auto, got {task!r}")
-    if prior_groups not in (None, "layers", "tensors"):
-        _fail(f"--prior-groups must be layers or tensors, got {prior_groups!r}")
+    groups_spec: str | list[str] | None = prior_groups
+    if prior_groups is not None and prior_groups not in ("layers", "tensors"):
+        groups_spec = [p.strip() for p in prior_groups.split(",") if p.strip()]
+        if not groups_spec or not all(any(ch in p for ch in ".*?[") for p in groups_spec):
+            _fail(
+                f"--prior-groups must be layers, tensors or comma-separated parameter name patterns "
+                f"(such as 'fc.*'), got {prior_groups!r}"
+            )
     try:
         budget = resolve_memory_budget(memory_budget)
     except ValueError as exc:
@@ -221,10 +230,8 @@ def adapt(
     est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
     y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
     extra: dict = {}
-    if prior_groups is not None:
-        if chosen == "classification":
-            _fail("--prior-groups is available for regression only")
-        extra["prior_groups"] = prior_groups
+    if groups_spec is not None:
+        extra["prior_groups"] = groups_spec
     est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)
     rows = _shard(data.X.shape[0], rank, world)
     if world > 1 and data.X.shape[0] < world:
