@@ -11,6 +11,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from linadapt._memory import resolve_memory_budget
+from linadapt._progress import check_progress
 from linadapt._validation import as_label_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
@@ -75,6 +76,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             cross kernels; ``None``: min(2 GiB, ¼ of the available memory). Past it a path chunks or goes
             matrix-free; where nothing fits, a ``MemoryBudgetError`` names the size needed (docs/usage.md).
 
+        progress: a progress bar on stderr while the predictive covariance of many test points is computed:
+            ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
+
     Attributes (after ``fit``):
         classes_: array([0, …, c − 1]). n_classes_: c.
         prior_var_: s² used (None with ``prior_groups``). space_, solver_: the choices made.
@@ -109,6 +113,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         seed: int = 0,
         distributed: bool = False,
         memory_budget: int | str | None = None,
+        progress: bool | str = "auto",
     ) -> None:
         self.model = model
         self.params = params
@@ -129,6 +134,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.distributed = distributed
         self.memory_budget = memory_budget
+        self.progress = progress
 
     # ------------------------------------------------------------------ fitting
     def _check_settings(self) -> None:
@@ -323,6 +329,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
     def _logits(self, X: Any, with_cov: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         lin, post = self.linearization_, self.posterior_
+        post.progress = check_progress(self.progress)
         Xs = lin.prepare_inputs(X, "X")
         mean = lin.outputs(Xs) + post.mean_shift(Xs)
         return mean, (post.latent_blocks(Xs) if with_cov else None)

@@ -13,6 +13,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from linadapt._memory import resolve_memory_budget
+from linadapt._progress import check_progress
 from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import linearize_shard
@@ -91,6 +92,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             cross kernels; ``None``: min(2 GiB, ¼ of the available memory). Past it a path chunks or goes
             matrix-free; where nothing fits, a ``MemoryBudgetError`` names the size needed (docs/usage.md).
 
+        progress: a progress bar on stderr while the predictive covariance of many test points is computed:
+            ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
+
     Attributes (after ``fit``):
         prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
         prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
@@ -120,6 +124,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         seed: int = 0,
         distributed: bool = False,
         memory_budget: int | str | None = None,
+        progress: bool | str = "auto",
     ) -> None:
         self.model = model
         self.params = params
@@ -139,6 +144,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.seed = seed
         self.distributed = distributed
         self.memory_budget = memory_budget
+        self.progress = progress
 
     # ------------------------------------------------------------------ fitting
     def _options(self) -> SolverOptions:
@@ -463,6 +469,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if return_std and return_cov:
             raise ValueError("at most one of return_std and return_cov can be requested")
         post, c = self.posterior_, self.n_outputs_
+        post.progress = check_progress(self.progress)
         if getattr(self, "mixture_", None) is not None:
             return self._predict_mixture(X, return_std, return_cov, include_noise)
         Xs, mean = self._latent_mean(X)
@@ -502,6 +509,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if getattr(self, "mixture_", None) is not None:
             raise ValueError("predict_blocks is not available with marginalize=True; use predict(return_std=True)")
         post, c = self.posterior_, self.n_outputs_
+        post.progress = check_progress(self.progress)
         Xs, mean = self._latent_mean(X)
         blocks = post.latent_blocks(Xs)
         if include_noise:

@@ -8,11 +8,13 @@ S (p × p); only the per-example blocks are computed when only those are wanted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from linadapt._progress import with_progress
 from linadapt.jacobian.held import inputs_key
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.kernels.operator import NTKOperator
@@ -164,6 +166,7 @@ class LinearizedPosterior:
     space: str
     problem: TrainingData
     s2: float
+    progress: bool | str = "auto"  # a progress bar over test chunks (linadapt._progress); set by the estimators
 
     def _cov_terms(self, B: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         """Terms (coef, L, R) with B S Bᵀ = Σ coef · L R, L (k, D), R (D, k), for rows B (k, p)."""
@@ -204,10 +207,16 @@ class LinearizedPosterior:
             X = self.problem.all_inputs()
             if "K" in self.problem.cache and inputs_key(Xs) == inputs_key(X):
                 return self._training_blocks()
-            chunks = self._cross_kernel_chunks(X, Xs, self._test_chunk(Xs.shape[0]))
-            out = [self._blocks_from_kernels(Kx, Kss) for _, Kx, Kss in chunks]
+            size = self._test_chunk(Xs.shape[0])
+            chunks = self._cross_kernel_chunks(X, Xs, size)
+            steps = self.lin.cross_kernel_steps(X, Xs, size)
+            out = [
+                self._blocks_from_kernels(Kx, Kss)
+                for _, Kx, Kss in with_progress(chunks, steps, self._progress_label(Xs), self.progress)
+            ]
             return torch.cat(out) if out else torch.zeros(0, self.c, self.c, dtype=ALGEBRA_DTYPE)
-        for _, jac in self.lin.jacobian_chunks(Xs):
+        steps = math.ceil(Xs.shape[0] / self.lin._jacobian_chunk_size(self.c))
+        for _, jac in with_progress(self.lin.jacobian_chunks(Xs), steps, self._progress_label(Xs), self.progress):
             b, c, p = jac.shape
             blocks = self.latent_cov_row_blocks(jac.reshape(b * c, p), c)
             out.append(0.5 * (blocks + blocks.transpose(1, 2)))
@@ -223,6 +232,9 @@ class LinearizedPosterior:
     def _dense_kernels(self, X: torch.Tensor, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K(X, X*) (N, m·c), K(X*, X*) (m·c, m·c)) of that kernel, dense."""
         return self.lin.ntk(X, Xs), self.lin.ntk(Xs)
+
+    def _progress_label(self, Xs: torch.Tensor) -> str:
+        return f"predictive covariance of {Xs.shape[0]:,} points"
 
     def _training_blocks(self) -> torch.Tensor:
         """:meth:`latent_blocks` at the training inputs themselves (e.g. for leave-one-out readouts) from the

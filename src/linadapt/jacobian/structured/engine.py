@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,9 @@ from linadapt.jacobian.structured import assembly, costs, rules  # noqa: F401  (
 from linadapt.jacobian.structured.features import Features, Layer, RuleError, feature_bytes, only_output, promoted
 from linadapt.jacobian.structured.output_gradients import rank_one_outputs
 from linadapt.jacobian.structured.registry import rule_for
+
+MIN_TEST_CHUNK = 32  # test examples per cross-kernel chunk at least when the training factors are kept
+PROGRESS_STEPS = 16  # ... and about this many chunks for a long prediction (a progress bar's steps)
 
 if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
@@ -319,10 +323,8 @@ class StructuredNTK:
         tsize = self._size(X, c)
         store = self._stored()
         train = [X[i : i + tsize] for i in range(0, n, tsize)]
-        quarter = self.lin.memory_budget // 4
-        keep = n * self._held_bytes() <= quarter
+        keep, size = self._cross_plan(n, Xs.shape[0], size)
         kept = [self._features(x, store, compact=True) for x in train] if keep else None
-        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._held_bytes())))
         for start in range(0, Xs.shape[0], size):
             sl = slice(start, min(start + size, Xs.shape[0]))
             test = [
@@ -342,6 +344,23 @@ class StructuredNTK:
                 del f1
             diag = torch.cat([assembly.diagonal_blocks(promoted(f, ALGEBRA_DTYPE)) for f in test])
             yield sl, K.reshape(n * c, b * c), diag
+
+    def _cross_plan(self, n: int, m: int, size: int) -> tuple[bool, int]:
+        """(whether the n training examples' factors are kept across test chunks, test examples per chunk) for
+        :meth:`cross_kernel_chunks` with m test points and at most ``size`` per chunk. Kept factors cost
+        nothing per chunk, so the chunks are then also at most ⌈m / PROGRESS_STEPS⌉ (at least MIN_TEST_CHUNK)
+        for a progress bar that advances in steps; recomputed ones keep the chunks as large as fit."""
+        quarter = self.lin.memory_budget // 4
+        keep = n * self._held_bytes() <= quarter
+        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._held_bytes())))
+        if keep:
+            size = min(size, max(MIN_TEST_CHUNK, math.ceil(m / PROGRESS_STEPS)))
+        return keep, size
+
+    def cross_kernel_steps(self, X: torch.Tensor, m: int, size: int) -> int:
+        """How many chunks :meth:`cross_kernel_chunks` yields for training inputs X and m test examples."""
+        self._size(X, self.lin.output_dim(X))  # the per-example factor sizes, measured once
+        return math.ceil(m / self._cross_plan(X.shape[0], m, size)[1]) if m else 0
 
     def layer_forms(self, X: torch.Tensor) -> list[dict[str, Any]]:
         """How each selected parameter's layer enters kernels and products, from the factors of (up to) eight
