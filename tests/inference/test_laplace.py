@@ -331,8 +331,16 @@ def test_bad_input_errors():
         clf.fit(bad, y)
     with pytest.raises(ValueError, match="9 labels but X has 10"):
         clf.fit(X, y[:9])
-    with pytest.raises(ValueError, match="integer class labels"):
+    with pytest.raises(ValueError, match=r"1 distinct labels \(\['a'\]\) and the model has 3 outputs"):
         clf.fit(X, np.array(["a"] * 10))
+    # labels that are not output indices: c distinct values map to the outputs in sorted order (classes_)
+    names = np.array(["cat", "dog", "emu"])[y.numpy()]
+    named = clone(clf).fit(X, names)
+    assert list(named.classes_) == ["cat", "dog", "emu"]
+    np.testing.assert_allclose(named.predict_proba(X), clone(clf).fit(X, y).predict_proba(X), rtol=1e-12)
+    assert set(named.predict(X)) <= {"cat", "dog", "emu"} and 0 <= named.score(X, names) <= 1
+    with pytest.raises(ValueError, match="not among the fitted classes"):
+        named.score(X, np.array(["cat"] * 9 + ["yak"]))
     with pytest.raises(ValueError, match="c ≥ 2"):
         la.LinearizedClassifier(single_out()).fit(inputs_for("single", 5), np.zeros(5, dtype=int))
     with pytest.raises(ValueError, match="link must be one of"):
@@ -351,15 +359,14 @@ def test_bad_input_errors():
     ref = class_probabilities(mean, blocks, "probit").argmax(1)
     assert 0 < int((ref == y).sum()) < 10  # a score that can tell right from wrong answers here
     assert fitted.score(X, y) == pytest.approx(float((ref == y).double().mean()), abs=1e-12)
-    with pytest.raises(ValueError, match="label 7, outside"):  # score checks labels as fit does
+    with pytest.raises(ValueError, match="label 7, not among the fitted classes"):  # score checks labels
         fitted.score(X, torch.full((10,), 7))
     with pytest.raises(ValueError, match="9 labels but X has 10"):
         fitted.score(X, y[:9])
-    # inputs of another shape than at fit: the error names both shapes
-    with pytest.raises(
-        ValueError, match=r"inputs of shape \(5,\) per example, but the model was fitted on inputs of shape"
-    ):
+    # feature vectors of another width than at fit: refused in scikit-learn's words, before the network runs
+    with pytest.raises(ValueError, match="X has 5 features, but LinearizedClassifier is expecting 4 features"):
         fitted.predict(torch.randn(4, 5, dtype=X.dtype))
+    assert fitted.n_features_in_ == 4
 
 
 def test_float32_network_float64_algebra():

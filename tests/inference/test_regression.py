@@ -258,12 +258,17 @@ def test_bad_input_errors():
         ((X, y[:, :2]), "model has 3 outputs"),
         ((X, y[:, 0]), r"pass y of shape \(n, 3\)"),
         ((X[:0], y[:0]), "empty"),
-        ((X, y.long()), "non-floating"),
+        ((X, torch.complex(y, y)), "complex"),
         ((X, np.array([["a"] * 3] * 6)), "numeric"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
             clone(reg).fit(*args)
+    # integer targets are numbers (scikit-learn accepts them): the same fit as with their float values
+    yi = torch.arange(18).reshape(6, 3) % 4
+    np.testing.assert_allclose(
+        clone(reg).fit(X, yi).predict(X), clone(reg).fit(X, yi.double()).predict(X), rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="matches no parameter"):
         la.LinearizedRegressor(model, params=["encoder.*"]).fit(X, y)
     with pytest.raises(ValueError, match="prior_var"):
@@ -280,7 +285,11 @@ def test_bad_input_errors():
         reg.predict(X, return_std=True, return_cov=True)
     shape = tuple(X.shape[1:])
     wider = torch.randn(3, shape[0] + 2, *shape[1:], dtype=X.dtype)
-    with pytest.raises(ValueError, match=rf"fitted on inputs of shape \({shape[0]},"):
+    if X.dim() == 2:  # feature vectors: scikit-learn's message, before the network runs
+        match = rf"X has {shape[0] + 2} features, but LinearizedRegressor is expecting {shape[0]} features"
+    else:
+        match = rf"fitted on inputs of shape \({shape[0]},"
+    with pytest.raises(ValueError, match=match):
         reg.predict(wider)
 
 

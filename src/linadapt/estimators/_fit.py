@@ -23,3 +23,29 @@ def linearize_shard(
     if distributed:
         check_shard_size(Xt.shape[0])
     return lin, Xt, lin.outputs(Xt)
+
+
+def record_n_features(estimator: Any, Xt: torch.Tensor) -> None:
+    """Set ``n_features_in_`` (scikit-learn's attribute) for 2-D floating inputs — feature vectors; other inputs
+    (images, token ids of any length) have none."""
+    if Xt.dim() == 2 and Xt.is_floating_point():
+        estimator.n_features_in_ = int(Xt.shape[1])
+    elif hasattr(estimator, "n_features_in_"):
+        del estimator.n_features_in_
+
+
+def check_n_features(estimator: Any, Xs: torch.Tensor) -> None:
+    """Refuse feature vectors of another width than those fitted on (a model that would run on them anyway
+    would compute something unrelated): a ValueError in scikit-learn's words."""
+    expected = getattr(estimator, "n_features_in_", None)
+    if expected is None:
+        return
+    if Xs.dim() != 2:
+        raise ValueError(
+            f"X has shape {tuple(Xs.shape)}, but {type(estimator).__name__} was fitted on 2-D feature vectors "
+            f"(n, {expected}). Reshape your data to (n, {expected})"
+        )
+    if Xs.shape[1] != expected:
+        raise ValueError(
+            f"X has {Xs.shape[1]} features, but {type(estimator).__name__} is expecting {expected} features as input"
+        )

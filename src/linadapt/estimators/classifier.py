@@ -12,9 +12,9 @@ from torch import nn
 
 from linadapt._memory import resolve_memory_budget
 from linadapt._progress import check_progress
-from linadapt._validation import as_label_tensor, check_choice, check_positive
+from linadapt._validation import check_choice, check_positive, encode_labels
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
-from linadapt.estimators._fit import linearize_shard
+from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
@@ -80,7 +80,10 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
 
     Attributes (after ``fit``):
-        classes_: array([0, …, c − 1]). n_classes_: c.
+        classes_: the label of each output: array([0, …, c − 1]) for integer labels that are output indices, else
+            the c distinct labels of y in sorted order (any labels scikit-learn accepts). n_classes_: c.
+        n_features_in_: the number of input features (2-D floating inputs; predictions on another width are
+            refused).
         prior_var_: s² used (None with ``prior_groups``). space_, solver_: the choices made.
         prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
         linearization_, posterior_: the linearization and the :class:`~linadapt.inference.laplace.LaplacePosterior`.
@@ -168,15 +171,18 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         state: dict[str, Any] = {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
         if self.prior_vars_ is not None:
             state["prior_vars_"] = dict(self.prior_vars_)
+        if not np.array_equal(self.classes_, np.arange(self.n_classes_)):
+            state["classes_"] = self.classes_.tolist()  # the training labels are stored as output indices
         return state
 
     def _refit_from_state(self, X: Any, y: Any, fitted: dict[str, Any]) -> LinearizedClassifier:
         """The Laplace posterior on (X, y) at the stored prior variance (no search): what ``load`` rebuilds."""
-        return self._fit(X, y, fitted.get("prior_vars_") or fitted["prior_var_"])
+        classes = np.asarray(fitted["classes_"]) if "classes_" in fitted else None
+        return self._fit(X, y, fitted.get("prior_vars_") or fitted["prior_var_"], classes)
 
-    def _fit(self, X: Any, y: Any, fixed: Any) -> LinearizedClassifier:
+    def _fit(self, X: Any, y: Any, fixed: Any, restored_classes: np.ndarray | None = None) -> LinearizedClassifier:
         """``fit``, or with ``fixed`` = prior_var_ (or prior_vars_ with groups) the Laplace posterior at that
-        value (used by load)."""
+        value and the saved ``restored_classes`` (used by load, whose y are output indices)."""
         self._check_settings()
         prior0 = check_positive(self.prior_var, "prior_var")
         distributed = bool(self.distributed)
@@ -212,10 +218,12 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                     f"the model returns {c} logit per example; a classifier needs logits of shape (n, c) with c ≥ 2 "
                     "(for a binary model with one logit z, return torch.cat([torch.zeros_like(z), z], 1))"
                 )
-            labels = as_label_tensor(y, Xt.shape[0], c, "y").to(lin.device)
-            return lin, Xt, labels, f0
+            labels, classes = encode_labels(y, Xt.shape[0], c, "y")
+            self._classes_seen = classes
+            return lin, Xt, labels.to(lin.device), f0
 
         lin, Xt, labels, f0 = prepare_fit(local, distributed, "LinearizedClassifier.fit (checking the data shard)")
+        record_n_features(self, Xt)
         c = f0.shape[1]
         local_labels = labels
         sharding = make_sharding(Xt.shape[0], shard_signature(Xt, labels)) if distributed else None
@@ -252,7 +260,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.prior_var_ = None if self.prior_groups is not None else posterior.s2
         self.space_, self.solver_ = space, posterior.system.method
         self.n_classes_ = c
-        self.classes_ = np.arange(c)
+        self.classes_ = self._classes_seen if restored_classes is None else restored_classes
         self.n_iter_ = posterior.newton.iterations
         self.log_marginal_likelihood_value_ = posterior.log_evidence
         self._train_data = (Xt, local_labels)
@@ -331,6 +339,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         lin, post = self.linearization_, self.posterior_
         post.progress = check_progress(self.progress)
         Xs = lin.prepare_inputs(X, "X")
+        check_n_features(self, Xs)
         mean = lin.outputs(Xs) + post.mean_shift(Xs)
         return mean, (post.latent_blocks(Xs) if with_cov else None)
 
@@ -352,13 +361,15 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        """The most probable class (m,) under ``predict_proba``."""
+        """The most probable class (m,) under ``predict_proba``, as a label of ``classes_``."""
+        self._check_fitted()
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy of ``predict`` on (X, y); y is checked as in ``fit`` (integer labels in [0, c)), so a
-        label the model cannot predict is an error rather than a silent miss."""
+        """Accuracy of ``predict`` on (X, y); every label of y must be one of ``classes_``, so a label the model
+        cannot predict is an error rather than a silent miss."""
         self._check_fitted()
         Xs = self.linearization_.prepare_inputs(X, "X")
-        labels = as_label_tensor(y, Xs.shape[0], len(self.classes_), "y").numpy()
-        return super().score(Xs, labels, sample_weight)
+        check_n_features(self, Xs)
+        labels, _ = encode_labels(y, Xs.shape[0], len(self.classes_), "y", classes=self.classes_)
+        return super().score(Xs, self.classes_[labels.numpy()], sample_weight)

@@ -16,7 +16,7 @@ from linadapt._memory import resolve_memory_budget
 from linadapt._progress import check_progress
 from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
-from linadapt.estimators._fit import linearize_shard
+from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.evidence import evidence_bounds, maximize_evidence
 from linadapt.inference.hyper_averaging import HyperparameterMixture
@@ -96,6 +96,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
 
     Attributes (after ``fit``):
+        n_features_in_: the number of input features (2-D floating inputs; predictions on another width are
+            refused).
         prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
         prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
         space_, solver_: the choices made (``solver_`` becomes ``"cholesky"`` after a CG fallback).
@@ -145,6 +147,12 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.distributed = distributed
         self.memory_budget = memory_budget
         self.progress = progress
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags: y may have several outputs (one column per network output)."""
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
 
     # ------------------------------------------------------------------ fitting
     def _options(self) -> SolverOptions:
@@ -219,6 +227,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             return lin, Xt, yt, f0
 
         lin, Xt, yt, f0 = prepare_fit(local, distributed, "LinearizedRegressor.fit (checking the data shard)")
+        record_n_features(self, Xt)
         sharding = make_sharding(Xt.shape[0], shard_signature(Xt, yt)) if distributed else None
         if sharding is not None:
             f0, yt_all = sharding.gather(f0), sharding.gather(yt)
@@ -303,6 +312,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self._check_fitted()
         lin = self.linearization_
         Xs = lin.prepare_inputs(X, "X")
+        check_n_features(self, Xs)
         yt = as_target_tensor(y, Xs.shape[0], "y").reshape(Xs.shape[0], -1).to(lin.device)
         if yt.shape[1] != self.n_outputs_:
             raise ValueError(f"y has {yt.shape[1]} outputs per example, the model {self.n_outputs_}")
@@ -437,6 +447,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     def _latent_mean(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared inputs and the posterior mean of f there, m(X*) + J(X*) δ̄, shape (m, c)."""
         Xs = self.linearization_.prepare_inputs(X, "X")
+        check_n_features(self, Xs)
         return Xs, self._prior_mean(Xs) + self.posterior_.mean_shift(Xs)
 
     def _mixture_inputs(self, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -495,7 +506,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         """Mean (and std) of the predictive averaged over the hyperparameters (``marginalize=True``)."""
         if return_cov:
             raise ValueError("return_cov is not available with marginalize=True (the predictive is a mixture)")
-        prior_mean, Ks, kss = self._mixture_inputs(self.linearization_.prepare_inputs(X, "X"))
+        Xs = self.linearization_.prepare_inputs(X, "X")
+        check_n_features(self, Xs)
+        prior_mean, Ks, kss = self._mixture_inputs(Xs)
         shift, var = self.mixture_.moments(Ks, kss, include_noise)
         mean = (prior_mean + shift).cpu().numpy()
         shape = (-1,) if self._y_ndim == 1 else (-1, 1)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -201,55 +202,66 @@ class LaplacePosterior(LinearizedPosterior):
         return (pr.n_obs * pr.p + 2 * pr.p * pr.p) * 8 <= self.memory_budget
 
     def _function_system(self, curv: Curvature) -> SPDSystem:
-        """B = I + s² Rᵀ K R for the curvature Λ = R Rᵀ."""
+        """B = I + s² Rᵀ K R for the curvature Λ = R Rᵀ; its pieces are bound methods, not closures, so that a
+        fitted posterior pickles."""
+        return self._system(
+            partial(self._function_matrix, curv),
+            partial(self._function_matmul, curv),
+            partial(self._function_preconditioner, curv),
+            "function-space Laplace system I + s²RᵀKR",
+        )
+
+    def _function_matrix(self, curv: Curvature) -> torch.Tensor:
         pr, s2 = self.problem, self.s2
         n, c = pr.n, pr.c
+        RtK = curv.root_t(pr.kernel().reshape(n, c, n * c)).reshape(n * c, n * c)
+        # (Rᵀ K)ᵀ = K R since K is symmetric, so Rᵀ K R = Rᵀ (Rᵀ K)ᵀ
+        B = s2 * curv.root_t(RtK.T.reshape(n, c, n * c)).reshape(n * c, n * c)
+        B.diagonal().add_(1.0)
+        return 0.5 * (B + B.T)
 
-        def matrix() -> torch.Tensor:
-            RtK = curv.root_t(pr.kernel().reshape(n, c, n * c)).reshape(n * c, n * c)
-            # (Rᵀ K)ᵀ = K R since K is symmetric, so Rᵀ K R = Rᵀ (Rᵀ K)ᵀ
-            B = s2 * curv.root_t(RtK.T.reshape(n, c, n * c)).reshape(n * c, n * c)
-            B.diagonal().add_(1.0)
-            return 0.5 * (B + B.T)
+    def _function_matmul(self, curv: Curvature, V: torch.Tensor) -> torch.Tensor:
+        pr, s2 = self.problem, self.s2
+        n, c, k = pr.n, pr.c, V.shape[1]
+        RV = curv.root(V.reshape(n, c, k)).reshape(n * c, k)
+        KRV = pr.k_mv(RV, dense=False)
+        return V + s2 * curv.root_t(KRV.reshape(n, c, k)).reshape(n * c, k)
 
-        def matmul(V: torch.Tensor) -> torch.Tensor:
-            k = V.shape[1]
-            RV = curv.root(V.reshape(n, c, k)).reshape(n * c, k)
-            KRV = pr.k_mv(RV, dense=False)
-            return V + s2 * curv.root_t(KRV.reshape(n, c, k)).reshape(n * c, k)
-
-        def preconditioner():
-            if "L" not in pr.cache:
-                rank = min(pr.options.preconditioner_rank, pr.n_obs)
-                pr.cache["L"] = pivoted_cholesky(pr.operator, rank).detach()
-            L = pr.cache["L"]
-            RtL = curv.root_t(L.reshape(n, c, -1)).reshape(n * c, -1)
-            return low_rank_plus_diagonal_preconditioner(RtL, s2, 1.0)
-
-        return self._system(matrix, matmul, preconditioner, "function-space Laplace system I + s²RᵀKR")
+    def _function_preconditioner(self, curv: Curvature) -> Any:
+        pr = self.problem
+        n, c = pr.n, pr.c
+        if "L" not in pr.cache:
+            rank = min(pr.options.preconditioner_rank, pr.n_obs)
+            pr.cache["L"] = pivoted_cholesky(pr.operator, rank).detach()
+        RtL = curv.root_t(pr.cache["L"].reshape(n, c, -1)).reshape(n * c, -1)
+        return low_rank_plus_diagonal_preconditioner(RtL, self.s2, 1.0)
 
     def _parameter_system(self, curv: Curvature, precond_diag: torch.Tensor | None = None) -> SPDSystem:
         """H = Jᵀ Λ J + I / s² for the curvature Λ."""
-        pr, s2 = self.problem, self.s2
-        n, c = pr.n, pr.c
+        return self._system(
+            partial(self._parameter_matrix, curv),
+            partial(self._parameter_matmul, curv),
+            partial(self._parameter_preconditioner, curv, precond_diag),
+            "parameter-space Laplace system JᵀΛJ + I/s²",
+        )
 
-        def matrix() -> torch.Tensor:
-            J = pr.jacobian_matrix().reshape(n, c, pr.p)
-            M = curv.root_t(J).reshape(n * c, pr.p)
-            H = M.T @ M
-            H.diagonal().add_(1.0 / s2)
-            return H
+    def _parameter_matrix(self, curv: Curvature) -> torch.Tensor:
+        pr = self.problem
+        J = pr.jacobian_matrix().reshape(pr.n, pr.c, pr.p)
+        M = curv.root_t(J).reshape(pr.n * pr.c, pr.p)
+        H = M.T @ M
+        H.diagonal().add_(1.0 / self.s2)
+        return H
 
-        def matmul(V: torch.Tensor) -> torch.Tensor:
-            k = V.shape[1]
-            JV = pr.j_mv(V, dense=False).reshape(n, c, k)
-            return pr.jt_mv(curv.lam(JV).reshape(n * c, k), dense=False) + V / s2
+    def _parameter_matmul(self, curv: Curvature, V: torch.Tensor) -> torch.Tensor:
+        pr = self.problem
+        k = V.shape[1]
+        JV = pr.j_mv(V, dense=False).reshape(pr.n, pr.c, k)
+        return pr.jt_mv(curv.lam(JV).reshape(pr.n * pr.c, k), dense=False) + V / self.s2
 
-        def preconditioner():
-            d = precond_diag if precond_diag is not None else pr.ggn_diagonal(curv)
-            return diagonal_preconditioner(d + 1.0 / s2)
-
-        return self._system(matrix, matmul, preconditioner, "parameter-space Laplace system JᵀΛJ + I/s²")
+    def _parameter_preconditioner(self, curv: Curvature, precond_diag: torch.Tensor | None) -> Any:
+        d = precond_diag if precond_diag is not None else self.problem.ggn_diagonal(curv)
+        return diagonal_preconditioner(d + 1.0 / self.s2)
 
     def _system(self, matrix, matmul, preconditioner, what: str) -> SPDSystem:
         if self.dense:
