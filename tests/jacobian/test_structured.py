@@ -729,3 +729,53 @@ def test_layer_forms_list_every_selected_weight_and_the_form_the_cost_model_chos
     forms = {r["layer"]: (r["kernel"], r["products"]) for r in Linearization(model).layer_forms(X)}
     assert forms["c1"] == forms["c2"] == ("position Gram", "by convolution")
     assert forms["g"] == ("materialised", "materialised")  # grouped: one form
+
+
+def test_held_convolutions_expand_one_layer_at_a_time_and_once_per_chunk_pair(monkeypatch) -> None:
+    """Kernels from convolutions held as input and output gradients: a block expands them one layer at a time
+    (when one is made, only the same layer's other side is alive), a diagonal block once (k² expansions per
+    layer for k chunks, not k(k+1)), so kernel chunks are sized by the largest such layer; a float32 network's
+    are expanded in float32, as materialised layers are formed: its kernel is the all-materialised one to
+    float64 rounding."""
+    import weakref
+
+    from linadapt.jacobian.structured import assembly, costs
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    X = torch.randn(10, 1, 6, 6)
+    materialised = Linearization(net, chunk_size=3).ntk(X)
+    monkeypatch.setattr(costs, "held_as_raw", lambda *_: True)
+    assert _rel(Linearization(net, chunk_size=3).ntk(X), materialised) < 1e-12  # float32: same expansion
+    net, X = net.double(), X.double()
+    lin = Linearization(net, chunk_size=3)
+    Xp = lin.prepare_inputs(X)
+    engine = lin.structured(Xp)
+    expansions, alive = [], []
+    expand = assembly.expand_raw
+
+    def counted(*raw):
+        D = expand(*raw)
+        alive.append(sum(ref() is not None for ref in expansions))
+        expansions.append(weakref.ref(D))
+        return D
+
+    monkeypatch.setattr(assembly, "expand_raw", counted)
+    K = engine.kernel(Xp)
+    assert len(expansions) == 3 * 4**2 and max(alive) == 1  # 3 convolutions, 4 chunks (3, 3, 3, 1)
+    J = reference_jacobian(net, X, lin.param_names)
+    assert _rel(K, torch.einsum("iap,jbp->iajb", J, J).reshape(30, 30)) < 1e-12
+    # the chunk: the largest held convolution's gradients (4·(3·9) + 4 columns per output), not all three's
+    c, entries = 3, 3 * 112 * 3
+    small = Linearization(net, memory_budget=32 * entries).structured(Xp)
+    assert small.feature_entries == entries
+    assert small._size(Xp, c, compact=True) == entries // (c * 112) == 3
+    assert small._size(Xp, c) == entries // (c * (30 + 112 + 74)) == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from linadapt.jacobian._common import ALGEBRA_DTYPE
 from linadapt.jacobian.structured.features import Features, expand_raw
 
 
@@ -27,18 +30,30 @@ def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
     for (A1, G1, bias), (A2, G2, _) in zip(f1.spatial, f2.spatial):
         term = position_gram_block(A1, G1, A2, G2, bias, trace)
         out = term if out is None else out.add_(term)
-    pairs = list(zip(f1.dense, f2.dense))
-    pairs += [(expand_raw(*r1), expand_raw(*r2)) for r1, r2 in zip(f1.raw, f2.raw)]
-    for D1, D2 in pairs:
-        if trace:
-            term = torch.einsum("iaq,jaq->ij", D1, D2)
-        else:
-            term = (D1.reshape(b1 * D1.shape[1], -1) @ D2.reshape(b2 * D2.shape[1], -1).T).view(
-                b1, D1.shape[1], b2, D2.shape[1]
-            )
-        out = term if out is None else out.add_(term)
+    for D1, D2 in zip(f1.dense, f2.dense):
+        out = _gram_add(out, D1, D2, trace)
+    # held input and output gradients: expanded one layer at a time (the peak holds one layer's gradients, which
+    # is what the chunk size allows for) in their own dtype, as materialised layers are formed, then promoted;
+    # a chunk paired with itself is expanded once
+    for r1, r2 in zip(f1.raw, f2.raw):
+        D1 = expand_raw(*r1).to(ALGEBRA_DTYPE)
+        D2 = D1 if r2 is r1 else expand_raw(*r2).to(ALGEBRA_DTYPE)
+        out = _gram_add(out, D1, D2, trace)
+        del D1, D2
     assert out is not None
     return out
+
+
+def _gram_add(out: torch.Tensor | None, D1: torch.Tensor, D2: torch.Tensor, trace: bool) -> torch.Tensor:
+    """``out`` plus the block of materialised gradients D1 (b1, c, q), D2 (b2, c, q)."""
+    b1, b2 = D1.shape[0], D2.shape[0]
+    if trace:
+        term = torch.einsum("iaq,jaq->ij", D1, D2)
+    else:
+        term = (D1.reshape(b1 * D1.shape[1], -1) @ D2.reshape(b2 * D2.shape[1], -1).T).view(
+            b1, D1.shape[1], b2, D2.shape[1]
+        )
+    return term if out is None else out.add_(term)
 
 
 def diagonal_blocks(f: Features) -> torch.Tensor:
@@ -58,7 +73,7 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
         Gi = G.permute(1, 0, 2, 3)  # (b, c, P, d_out)
         term = torch.einsum("bst,bcso,bdto->bcd", AA, Gi, Gi)
         out = term if out is None else out.add_(term)
-    for D in [*f.dense, *(expand_raw(*r) for r in f.raw)]:
+    for D in itertools.chain(f.dense, (expand_raw(*r).to(ALGEBRA_DTYPE) for r in f.raw)):  # one layer at a time
         term = D @ D.transpose(1, 2)
         out = term if out is None else out.add_(term)
     assert out is not None

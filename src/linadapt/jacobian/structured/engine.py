@@ -263,7 +263,7 @@ class StructuredNTK:
             f = self._features(x, dtype=store, compact=True)
             return f if pick is None else only_output(f, pick)
 
-        size = self._size(X1, c)
+        size = self._size(X1, c, compact=True)
         if X2 is None:  # compute blocks j ≥ i only: with 4 or more chunks that is ≤ 5/8 of the work
             size = min(size, max(32, -(-X1.shape[0] // 4)))
         chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
@@ -293,7 +293,10 @@ class StructuredNTK:
                     if X2 is None and j < i:
                         continue
                     o1, o2, b1, b2 = offsets1[i], offsets2[j], rows[i].b, f2.b
-                    block = assembly.block(promoted(rows[i], ALGEBRA_DTYPE), f2_64, trace)
+                    # a diagonal block gets one object on both sides: its held convolutions are expanded once
+                    f1_64 = f2_64 if (X2 is None and i == j) else promoted(rows[i], ALGEBRA_DTYPE)
+                    block = assembly.block(f1_64, f2_64, trace)
+                    del f1_64
                     if X2 is None and j == i:  # exactly symmetric diagonal blocks
                         block = 0.5 * (block + (block.T if trace else block.permute(2, 3, 0, 1)))
                     if trace:
@@ -320,7 +323,7 @@ class StructuredNTK:
         the function-space predictive needs nothing else. Factors are held in :meth:`_stored`'s dtype."""
         c = self.lin.output_dim(X)
         n = X.shape[0]
-        tsize = self._size(X, c)
+        tsize = self._size(X, c, compact=True)
         store = self._stored()
         train = [X[i : i + tsize] for i in range(0, n, tsize)]
         keep, size = self._cross_plan(n, Xs.shape[0], size)
@@ -432,15 +435,21 @@ class StructuredNTK:
         chunks = range(0, X.shape[0], size)
         return torch.cat([assembly.diagonal_blocks(self._features(X[i : i + size])) for i in chunks])
 
-    def _size(self, X: torch.Tensor, c: int) -> int:
-        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget."""
+    def _size(self, X: torch.Tensor, c: int, compact: bool = False) -> int:
+        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget. ``compact``:
+        for kernel blocks from the held (compact) factors, whose convolutions held as input and output gradients
+        are expanded one layer at a time (:func:`assembly.block`), so that only the largest of them counts."""
         if not hasattr(self, "_dense_q"):
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
             self._dense_q += sum(G.shape[2] * G.shape[3] for _, G, _ in probe.spatial)
             self._example_bytes = feature_bytes(probe)
-            self._compact_bytes = feature_bytes(self._features(X[:1], compact=True))
-        per_example = max(1, c * self._dense_q)
+            held = self._features(X[:1], compact=True)
+            self._compact_bytes = feature_bytes(held)
+            self._compact_q = sum(f.shape[-1] for f in held.dense)
+            self._compact_q += sum(G.shape[2] * G.shape[3] for _, G, _ in held.spatial)
+            self._compact_q += max((g.d_out * (g.k_in + bias) for _, _, g, bias in held.raw), default=0)
+        per_example = max(1, c * (self._compact_q if compact else self._dense_q))
         return max(1, min(self.lin.chunk_size or 256, self.feature_entries // per_example))
 
     @property

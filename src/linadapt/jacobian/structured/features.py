@@ -104,8 +104,10 @@ def only_output(f: Features, a: int) -> Features:
 
 
 def promoted(f: Features, dtype: torch.dtype) -> Features:
-    """The same factors in ``dtype`` (``f`` itself when they already are)."""
-    if all(t.dtype == dtype for t in _tensors(f)):
+    """The same factors in ``dtype`` (``f`` itself when they already are), except the convolutions held as input
+    and output gradients (``raw``): they stay in their dtype, are expanded in it (as materialised layers are
+    formed from factors in the stored dtype) and the expanded gradients are promoted (:func:`assembly.block`)."""
+    if all(t.dtype == dtype for t in _tensors(f, raw=False)):
         return f
 
     def to(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,7 +123,7 @@ def promoted(f: Features, dtype: torch.dtype) -> Features:
         spatial_names=f.spatial_names,
         conv=[(to(A), to(G), geo) for A, G, geo in f.conv],
         conv_names=f.conv_names,
-        raw=[(to(A), to(G), geo, bias) for A, G, geo, bias in f.raw],
+        raw=list(f.raw),
         raw_names=f.raw_names,
     )
 
@@ -189,11 +191,12 @@ class RuleError(RuntimeError):
     """Layer rules that do not apply to how the model uses the layers; args[0]: the module names."""
 
 
-def _tensors(f: Features) -> list[torch.Tensor]:
+def _tensors(f: Features, raw: bool = True) -> list[torch.Tensor]:
     tensors = [t for A, G, _ in f.outer for t in (A, G) if t is not None] + list(f.dense)
     tensors += [t for A, G, _ in f.spatial for t in (A, G)]
     tensors += [t for A, G, _ in f.conv for t in (A, G)]
-    tensors += [t for A, G, *_ in f.raw for t in (A, G)]
+    if raw:
+        tensors += [t for A, G, *_ in f.raw for t in (A, G)]
     return tensors
 
 
