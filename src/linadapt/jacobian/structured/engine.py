@@ -13,7 +13,7 @@ from linadapt.jacobian._common import ALGEBRA_DTYPE, eval_mode
 from linadapt.jacobian.structured import assembly, costs, rules  # noqa: F401  (rules: registers the layer rules)
 from linadapt.jacobian.structured.features import Features, Layer, RuleError, feature_bytes, only_output, promoted
 from linadapt.jacobian.structured.output_gradients import rank_one_outputs
-from linadapt.jacobian.structured.registry import rule_for
+from linadapt.jacobian.structured.registry import Capture, capture_for, parameters_for, rule_for
 
 if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
@@ -48,22 +48,27 @@ class StructuredNTK:
         for mod in lin.model.modules():
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
+        claimed: set[int] = set()  # parameters covered by an enclosing module's rule (MHA's out_proj)
         self.layers: list[Layer] = []
         for mname, mod in lin.model.named_modules():
-            if rule_for(mod) is None:
+            rule = rule_for(mod)
+            if rule is None:
                 continue
             names = {}
-            for pname in ("weight", "bias"):
-                full = f"{mname}.{pname}" if mname else pname
-                p = getattr(mod, pname, None)
-                if full in selected and isinstance(p, nn.Parameter) and owners.get(id(p), 0) == 1:
-                    names[pname] = full
+            for local in parameters_for(rule, mod):
+                p = _attribute(mod, local)
+                if not isinstance(p, nn.Parameter) or id(p) in claimed:
+                    continue
+                claimed.add(id(p))
+                full = f"{mname}.{local}" if mname else local
+                if full in selected and owners.get(id(p), 0) == 1:
+                    names[local] = full
             if names:
-                self.layers.append(Layer(mname, mod, names.get("weight"), names.get("bias")))
+                self.layers.append(Layer(mname, mod, names))
         self._set_fallback()
 
     def _set_fallback(self) -> None:
-        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        covered = {n for layer in self.layers for n in layer.params.values()}
         self.fallback = [n for n in self.lin.param_names if n not in covered]
         self._sub = self.lin.restricted(self.fallback) if self.fallback else None
 
@@ -89,42 +94,42 @@ class StructuredNTK:
     def _layer_factors(self, xb: torch.Tensor, dtype: torch.dtype, products: bool) -> Features:
         lin = self.lin
         b = xb.shape[0]
-        inputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
-        outputs: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        captured: dict[str, list[Capture | None]] = {layer.name: [] for layer in self.layers}
 
-        def hook_for(name: str):
-            def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-                inputs[name].append(args[0])
-                outputs[name].append(out)
+        def hook_for(layer: Layer):
+            capture = capture_for(rule_for(layer.module))
+
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+                got = capture(mod, args, kwargs, out, b)
+                captured[layer.name].append(got)
+                return None if got is None else got.replacement
 
             return hook
 
-        handles = [layer.module.register_forward_hook(hook_for(layer.name)) for layer in self.layers]
+        handles = [layer.module.register_forward_hook(hook_for(layer), with_kwargs=True) for layer in self.layers]
         try:
             theta = {k: v.detach().requires_grad_(True) for k, v in lin.theta.items()}
             with torch.enable_grad(), eval_mode(lin.model):
                 out = lin._f(theta, xb)
-                bad = [
-                    layer.name
-                    for layer in self.layers
-                    if len(outputs[layer.name]) != 1  # reused (or unused) in the forward pass
-                    or inputs[layer.name][0].shape[0] != b
-                    or outputs[layer.name][0].shape[0] != b  # batch not the first dimension
-                ]
+                # reused (or unused) in the forward pass, or called in a way the rule does not handle (e.g. the
+                # batch not first)
+                bad = [n for n, got in captured.items() if len(got) != 1 or got[0] is None]
                 if bad:
                     raise RuleError(bad)
-                zs = [outputs[layer.name][0] for layer in self.layers]
-                grads = self._output_gradients(out, zs)
+                caps = [captured[layer.name][0] for layer in self.layers]
+                grads = self._output_gradients(out, [z for cap in caps for z in cap.outputs])
         finally:
             for h in handles:
                 h.remove()
         feats = Features(b)
-        for layer, G in zip(self.layers, grads):  # G: (c, b, *out_shape)
+        start = 0
+        for layer, cap in zip(self.layers, caps):
             # products in float64 whatever the network's dtype: the kernel must stay positive semi-definite
             # to float64 precision for the solves (float32 products perturb its eigenvalues by ~1e-7·‖K‖)
-            G = G.detach().to(dtype)
-            A = inputs[layer.name][0].detach().to(dtype)
-            self._layer_features(layer, A, G, feats, products)
+            Gs = [g.detach().to(dtype) for g in grads[start : start + len(cap.outputs)]]  # each (c, b, *out_shape)
+            start += len(cap.outputs)
+            A = _prepared(cap.inputs, dtype)
+            self._layer_features(layer, A, Gs[0] if len(Gs) == 1 else tuple(Gs), feats, products)
         if self._sub is not None:
             feats.dense.append(self._sub._jacobian_chunk(xb).to(dtype))
             feats.dense_names.append(list(self.fallback))
@@ -132,8 +137,16 @@ class StructuredNTK:
 
     def _output_gradients(self, out: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
         """∂f_a/∂z for every layer output z and output a, each (c, b, *z.shape[1:]): one batched backward
-        pass over the c one-hot cotangents (c separate passes where batching is not supported)."""
+        pass over the c one-hot cotangents (c separate passes where batching is not supported). Zero for an output
+        that does not depend on the selected parameters or the inputs (no graph to differentiate)."""
         c = out.shape[1]
+        live = [k for k, z in enumerate(zs) if z.requires_grad]
+        if len(live) < len(zs):
+            got = self._output_gradients(out, [zs[k] for k in live]) if live else []
+            grads = [z.new_zeros(c, *z.shape) for z in zs]
+            for k, g in zip(live, got):
+                grads[k] = g
+            return grads
         if self._batched_backward:
             eye = torch.eye(c, dtype=out.dtype, device=out.device)
             cot = eye[:, None, :].expand(c, out.shape[0], c)
@@ -156,18 +169,24 @@ class StructuredNTK:
         rule registered for its module type (:mod:`~linadapt.jacobian.structured.rules`)."""
         rule_for(layer.module).features(self, layer, A, G, feats, products)
 
-    def _unexpanded(self, layer: Layer, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
+    def _unexpanded(self, key: str, P: int, k: int, G4: torch.Tensor, products: bool) -> bool:
         """Whether a reused-weight layer is kept as patches and output gradients G4 (c, b, P, d_out) rather than
-        as materialised per-example gradients. For products the choice is made on the first chunk and kept
-        (all chunks must agree to be joined); output gradients of rank one over the outputs (see
-        :func:`rank_one_outputs`) are stored once rather than per output."""
+        as materialised per-example gradients. For products the choice is made on the first chunk and kept per
+        ``key`` (a name for the weight: all chunks must agree to be joined); output gradients of rank one over
+        the outputs (see :func:`rank_one_outputs`) are stored once rather than per output."""
         c, d_out = G4.shape[0], G4.shape[-1]
         if not products:  # kernels: the position-Gram form
             return costs.position_gram_cheaper(P, k, d_out, c)
-        if layer.name not in self._product_forms:
+        if key not in self._product_forms:
             rank_one = rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
-            self._product_forms[layer.name] = costs.position_form_for_products(P, k, d_out, c, rank_one)
-        return self._product_forms[layer.name]
+            self._product_forms[key] = costs.position_form_for_products(P, k, d_out, c, rank_one)
+        return self._product_forms[key]
+
+    def snapshot(self, layer: Layer, local: str) -> torch.Tensor:
+        """The value, in the linearization's weight snapshot, of the parameter or buffer ``local`` (its name in the
+        module) of ``layer``, selected or not (for rules that recompute part of a module's forward)."""
+        full = f"{layer.name}.{local}" if layer.name else local
+        return self.lin.theta[full] if full in self.lin.theta else self.lin.frozen[full]
 
     def _conv_product_forms(
         self, layer: Layer, A: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor
@@ -429,3 +448,25 @@ class StructuredNTK:
         """float64 entries of one chunk's materialised per-layer gradients: ``memory_budget`` / 32 (64 MiB per
         GiB of budget; 2²⁶ entries for the default 2 GiB)."""
         return max(1, self.lin.memory_budget // 32)
+
+
+def _attribute(module: nn.Module, dotted: str) -> Any:
+    """``module``'s attribute at a dotted path (``"out_proj.weight"``), or None."""
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _prepared(x: Any, dtype: torch.dtype) -> Any:
+    """Captured layer inputs for a rule: tensors detached, floating ones in ``dtype`` (integer ids kept), inside
+    tuples, lists and dicts too."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, tuple | list):
+        return type(x)(_prepared(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _prepared(v, dtype) for k, v in x.items()}
+    return x
