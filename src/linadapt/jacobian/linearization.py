@@ -98,6 +98,25 @@ class Linearization:
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
         self._examples_checked = False  # the network was seen to treat the examples of a batch independently
+        self._fixed_entries = self._padding_rows(model)
+
+    def _padding_rows(self, model: nn.Module) -> torch.Tensor:
+        """Flat indices of the selected entries that autograd never differentiates: the ``padding_idx`` rows of
+        embeddings (their backward gives them no gradient, so they stay fixed in training and J has zero columns
+        for them in reverse mode). Forward mode would push a tangent through them; :meth:`jvp` zeroes these
+        entries of its vectors so that J v is the adjoint of :meth:`vjp`."""
+        offsets, start = {}, 0
+        for name, numel in zip(self.param_names, self.numels):
+            offsets[name] = start
+            start += numel
+        fixed = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding | nn.EmbeddingBag) and getattr(mod, "padding_idx", None) is not None:
+                name = f"{mname}.weight" if mname else "weight"
+                if name in offsets:
+                    row = mod.padding_idx % mod.num_embeddings
+                    fixed.append(torch.arange(mod.embedding_dim) + offsets[name] + row * mod.embedding_dim)
+        return torch.cat(fixed).to(self.device) if fixed else torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -248,6 +267,7 @@ class Linearization:
         sub.shapes = [sub.theta[n].shape for n in names]
         sub.numels = [sub.theta[n].numel() for n in names]
         sub.num_params = int(sum(sub.numels))
+        sub._fixed_entries = sub._padding_rows(self.model)
         sub._structured = False
         sub.held = HeldJacobian(sub)
         return sub
@@ -319,6 +339,8 @@ class Linearization:
         X = self.prepare_inputs(X)
         single = V.dim() == 1
         V = V.reshape(-1, self.num_params).to(self.device)
+        if self._fixed_entries.numel():  # (see _padding_rows)
+            V = V.index_fill(1, self._fixed_entries, 0)
         if not self._forward_ad:
             out = self._jvp_by_jacobian(X, V)
             return out[0] if single else out

@@ -367,8 +367,10 @@ class StructuredNTK:
         examples of X: one dict per layer (and one for the parameters without a rule) with ``layer``,
         ``type``, ``weights`` (selected entries), ``kernel`` and ``products`` — ``"outer"`` (input and
         output-gradient Grams), ``"position Gram"``, ``"inputs and output gradients"`` (expanded per block),
-        ``"by convolution"``, ``"materialised"`` (per-example gradients) or ``"per-example Jacobian"`` (no
-        rule: the Jacobian contraction restricted to those parameters)."""
+        ``"by convolution"``, ``"index Gram"`` (embeddings: ids and output gradients), ``"materialised"``
+        (per-example gradients) or ``"per-example Jacobian"`` (no rule: the Jacobian contraction restricted to
+        those parameters); for a module with several parameters in different forms (attention), its distinct
+        forms, the largest parameter's first."""
         xb = X[:8]
         forms: dict[str, dict[str, str]] = {}
         for what, f in (
@@ -379,6 +381,7 @@ class StructuredNTK:
             tagged += [(names, "position Gram") for names in f.spatial_names]
             tagged += [(names, "inputs and output gradients") for names in f.raw_names]
             tagged += [((w, b), "by convolution") for w, b, _ in f.conv_names]
+            tagged += [((name,), "index Gram") for name in f.index_names]
             tagged += [(names, "materialised") for names in f.dense_names]
             for names, form in tagged:
                 for name in names:
@@ -387,14 +390,19 @@ class StructuredNTK:
         numel = dict(zip(self.lin.param_names, self.lin.numels))
         rows = []
         for layer in self.layers:
-            names = [n for n in (layer.weight, layer.bias) if n]
+            names = sorted(layer.params.values(), key=lambda n: -numel[n])  # the largest parameter's form first
+
+            def form(what: str, names: list[str] = names) -> str:
+                found = [forms.get(n, {}).get(what, "none") for n in names]
+                return ", ".join(dict.fromkeys(found))  # distinct forms (several for a module with several maps)
+
             rows.append(
                 {
                     "layer": layer.name,
                     "type": type(layer.module).__name__,
                     "weights": sum(numel[n] for n in names),
-                    "kernel": forms.get(names[0], {}).get("kernel", "none"),
-                    "products": forms.get(names[0], {}).get("products", "none"),
+                    "kernel": form("kernel"),
+                    "products": form("products"),
                 }
             )
         if self.fallback:
@@ -411,8 +419,9 @@ class StructuredNTK:
 
     def pair_flops(self, X: torch.Tensor) -> float:
         """Multiply-adds per pair of examples of the full (c × c block) kernel by these rules: Σ over Linear
-        layers of d_in + c² d_out, over position-Gram layers of P² (k + c² d_out), over materialised blocks of
-        c² q (q: their columns, the fallback's included). From the features of one example of X."""
+        layers of d_in + c² d_out, over position-Gram layers of P² (k + c² d_out), over embeddings of P c² d
+        (about P matching position pairs), over materialised blocks of c² q (q: their columns, the fallback's
+        included). From the features of one example of X."""
         f = self._features(X[:1])
         flops = 0.0
         for A, G, _ in f.outer:
@@ -421,6 +430,9 @@ class StructuredNTK:
         for A, G, _ in f.spatial:
             c, P = G.shape[0], A.shape[1]
             flops += P * P * (A.shape[-1] + c * c * G.shape[-1])
+        for ids, G in f.index:  # as many matching position pairs as positions, taken as typical
+            c = G.shape[0]
+            flops += ids.shape[1] * c * c * G.shape[-1]
         for D in f.dense:
             flops += D.shape[1] ** 2 * D.shape[2]
         return flops
@@ -438,6 +450,7 @@ class StructuredNTK:
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
             self._dense_q += sum(G.shape[2] * G.shape[3] for _, G, _ in probe.spatial)
+            self._dense_q += sum(G.shape[2] * G.shape[3] for _, G in probe.index)
             self._example_bytes = feature_bytes(probe)
             self._compact_bytes = feature_bytes(self._features(X[:1], compact=True))
         per_example = max(1, c * self._dense_q)

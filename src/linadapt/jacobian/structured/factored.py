@@ -70,6 +70,11 @@ class FactoredJacobian:
             for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
         ]
         self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
+        # embeddings: (ids (n, P), −1 where no row; output gradients over P·d as above; the table's name)
+        self.index = [
+            (ids, compact(G.reshape(G.shape[0], G.shape[1], -1)), w) for (ids, G), w in zip(f.index, f.index_names)
+        ]
+        self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G in f.index]
         # convolutions multiplied by convolution: (input (n, C_in, H, W) channels-last, output gradients over
         # P·d_out as above, reordered position-major — each position's d_out channels contiguous, the layout of a
         # channels-last convolution's result, so that the products need no copy —, geometry, weight, bias names)
@@ -86,6 +91,7 @@ class FactoredJacobian:
         self._twin: list[int | None] = [None] * len(self.conv)
         self.budget = budget
         self._widths += [geo.d_out * geo.positions for _, _, geo in f.conv]
+        self._shapes = dict(zip(lin.param_names, lin.shapes))
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -109,6 +115,7 @@ class FactoredJacobian:
 
         self.outer = [(None if A is None else A.double(), up(G), w, b) for A, G, w, b in self.outer]
         self.spatial = [(A.double(), up(G), w, b) for A, G, w, b in self.spatial]
+        self.index = [(ids, up(G), w) for ids, G, w in self.index]
         self.conv = [(A.double(), up(G), geo, w, b) for A, G, geo, w, b in self.conv]  # keeps channels-last
         self.dense = [(D.double(), names) for D, names in self.dense]
         self.dtype = torch.float64
@@ -117,7 +124,7 @@ class FactoredJacobian:
     def nbytes(self) -> int:
         """Memory held by the factors."""
         tensors = [D for D, _ in self.dense]
-        pairs = [(A, G) for A, G, _, _ in self.outer + self.spatial] + [(A, G) for A, G, *_ in self.conv]
+        pairs = [(A, G) for A, G, _, _ in self.outer + self.spatial] + [(A, G) for A, G, *_ in self.conv + self.index]
         for A, G in pairs:
             tensors += [t for t in (A, *(G if isinstance(G, tuple) else (G,))) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -198,6 +205,11 @@ class FactoredJacobian:
                 out[:, self._slices[w]] += torch.einsum("kro,ri->koi", W, A[sl].reshape(nb * P, d_in)).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
+            for ids, G, w in self.index:  # Σ_a u_ia g_iat added to row id_it of the table
+                nb, P = ids[sl].shape
+                W = contract_any(G, Ub, sl, examples_first=True).reshape(k, nb * P, -1)
+                table = out[:, self._slices[w]].view(k, -1, W.shape[-1])  # (k, V, d), a view of out
+                table.index_add_(1, ids[sl].reshape(-1).clamp_min(0), W)  # (zero gradients where no row)
             for j, (D, names) in enumerate(self.dense):
                 if j in skipped:
                     continue
@@ -236,7 +248,11 @@ class FactoredJacobian:
             d_out = width(G, self.c) // A.shape[1]
             Vw = V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])
             spatial.append((A, G, Vw, None if b is None else V[:, self._slices[b]][:, None, :]))
+        index = [(ids, G, V[:, self._slices[w]].reshape(k, *self._shapes[w])) for ids, G, w in self.index]
         for sl in self._blocks(k):
+            for ids, G, table in index:  # g_iat · V_E[id_it]: the rows gathered (zero gradients where no row)
+                M = table[:, ids[sl].clamp_min(0)]  # (k, block, P, d)
+                out[:, sl] += expand_any(G, M.reshape(k, M.shape[1], -1), sl)
             for A, G, geo, Vw, vb in convs:  # the convolution of a_i with the k weight directions at once
                 M = torch.nn.functional.conv2d(A[sl], Vw, vb, geo.stride, geo.padding, geo.dilation)
                 nb, P = M.shape[0], geo.positions
