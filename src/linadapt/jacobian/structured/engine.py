@@ -43,6 +43,7 @@ class StructuredNTK:
         self.compact = False  # while forming features for kernels that are held: see Features.raw
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
+        self._memo: dict[str, dict] = {}  # per layer: what its rule's capture decided on the first call
         selected = set(lin.param_names)
         owners: dict[int, int] = {}
         for mod in lin.model.modules():
@@ -99,8 +100,10 @@ class StructuredNTK:
         def hook_for(layer: Layer):
             capture = capture_for(rule_for(layer.module))
 
+            memo = self._memo.setdefault(layer.name, {})
+
             def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-                got = capture(mod, args, kwargs, out, b)
+                got = capture(mod, args, kwargs, out, b, memo)
                 captured[layer.name].append(got)
                 return None if got is None else got.replacement
 
@@ -186,7 +189,11 @@ class StructuredNTK:
         """The value, in the linearization's weight snapshot, of the parameter or buffer ``local`` (its name in the
         module) of ``layer``, selected or not (for rules that recompute part of a module's forward)."""
         full = f"{layer.name}.{local}" if layer.name else local
-        return self.lin.theta[full] if full in self.lin.theta else self.lin.frozen[full]
+        if full in self.lin.theta:
+            return self.lin.theta[full]
+        if full in self.lin.frozen:
+            return self.lin.frozen[full]
+        return _attribute(layer.module, local).detach()  # (a tied tensor, listed under another name)
 
     def _conv_product_forms(
         self, layer: Layer, A: torch.Tensor, kernel: tuple[int, int], Gf: torch.Tensor

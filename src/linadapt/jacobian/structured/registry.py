@@ -18,10 +18,11 @@ and two optional ones, for modules that are not "one input, one output, a ``weig
 * ``parameters(module) -> tuple[str, ...]``: the names (in the module) of the parameters the rule covers
   (default ``("weight", "bias")``); a rule may cover its submodules' parameters (``"out_proj.weight"``), which
   then get no rule of their own;
-* ``capture(module, args, kwargs, output, b) -> Capture | None``: what the forward hook keeps for the rule (see
-  :class:`Capture`; default :func:`default_capture`: the first positional argument and the output, both with the
-  batch of b examples first); None when the call is not one the rule can handle (the layer's parameters then fall
-  back).
+* ``capture(module, args, kwargs, output, b, memo) -> Capture | None``: what the forward hook keeps for the rule
+  (see :class:`Capture`; default :func:`default_capture`: the first positional argument and the output, both with
+  the batch of b examples first; :func:`positionwise_capture` for layers applied per position, which also accept
+  the batch in another leading dimension); None when the call is not one the rule can handle (the layer's
+  parameters then fall back). ``memo``: a dict kept per layer across calls, for what the first call decides.
 
 Rules register with :func:`register` when their module is imported: :mod:`.rules` imports each rule module
 (one line per rule), and the engine imports :mod:`.rules`.
@@ -36,7 +37,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["RULES", "Capture", "LayerRule", "capture_for", "default_capture", "parameters_for", "register", "rule_for"]
+__all__ = [
+    "RULES",
+    "Capture",
+    "LayerRule",
+    "capture_for",
+    "default_capture",
+    "parameters_for",
+    "positionwise_capture",
+    "register",
+    "rule_for",
+]
 
 
 class LayerRule(Protocol):
@@ -71,7 +82,9 @@ class Capture:
     replacement: Any = None
 
 
-def default_capture(module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int) -> Capture | None:
+def default_capture(
+    module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int, memo: dict | None = None
+) -> Capture | None:
     """The first positional argument and the output, when both are tensors with the batch of b examples first."""
     x = args[0] if args else None
     if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor)):
@@ -79,6 +92,32 @@ def default_capture(module: nn.Module, args: tuple, kwargs: dict, output: Any, b
     if x.dim() == 0 or output.dim() == 0 or x.shape[0] != b or output.shape[0] != b:
         return None
     return Capture(x, (output,))
+
+
+def positionwise_capture(
+    module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int, memo: dict | None = None
+) -> Capture | None:
+    """For a layer applied independently at every position of its leading dimensions (a Linear layer or a
+    LayerNorm on (…, d) inputs): the batch may be any leading dimension, e.g. (T, b, d) in sequence-first
+    transformers. The first call picks it — the first leading dimension of size b in both input and output — and
+    ``memo`` keeps it for the later calls (whose sizes may be ambiguous, T = b); input and output are then moved
+    batch first (the output replaced by a view of that)."""
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor)) or x.dim() < 3:
+        return default_capture(module, args, kwargs, output, b)
+    memo = {} if memo is None else memo
+    if "batch_dim" not in memo:
+        found = [d for d in range(x.dim() - 1) if x.shape[d] == b and output.dim() == x.dim() and output.shape[d] == b]
+        if not found:
+            return None
+        memo["batch_dim"] = found[0]
+    dim = memo["batch_dim"]
+    if output.dim() != x.dim() or x.shape[dim] != b or output.shape[dim] != b:
+        return None
+    if dim == 0:
+        return Capture(x, (output,))
+    first = output.movedim(dim, 0)
+    return Capture(x.movedim(dim, 0), (first,), replacement=first.movedim(0, dim))
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}

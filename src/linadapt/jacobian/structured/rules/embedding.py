@@ -52,7 +52,9 @@ class EmbeddingRule:
             and not module.sparse
         )
 
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int) -> Capture | None:
+    def capture(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int, memo: dict | None = None
+    ) -> Capture | None:
         """The ids (b, ...) and the output (b, ..., d); ids of one example for a batch of b are expanded (and the
         output with them, in place of the module's)."""
         ids = args[0] if args else kwargs.get("input")

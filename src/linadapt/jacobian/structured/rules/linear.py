@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linadapt.jacobian.structured.registry import register
+from linadapt.jacobian.structured.registry import Capture, positionwise_capture, register
 
 __all__ = ["LinearRule", "append_positions"]
 
@@ -22,6 +22,12 @@ class LinearRule:
     def applies(self, module: nn.Module) -> bool:
         """A subclass that changes ``forward`` computes something the rule cannot see: not handled."""
         return type(module).forward is nn.Linear.forward
+
+    def capture(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int, memo: dict | None = None
+    ) -> Capture | None:
+        """Input and output with the batch in any leading dimension (:func:`positionwise_capture`)."""
+        return positionwise_capture(module, args, kwargs, output, b, memo)
 
     def features(
         self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool = False
