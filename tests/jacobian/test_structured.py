@@ -24,7 +24,7 @@ from torch import nn
 import linadapt as la
 from linadapt import ConvergenceWarning, ntk_gram
 from linadapt.jacobian.linearization import Linearization
-from linadapt.jacobian.structured import StructuredNTK
+from linadapt.jacobian.structured import StructuredNTK, factored_jvp
 
 
 class ConvZoo(nn.Module):
@@ -900,3 +900,22 @@ def test_transformer_kernel_within_a_small_memory_budget(monkeypatch) -> None:
     assert len(held) > X.shape[0]  # features recomputed: the budget does not hold all of them
     peak[0] = max(held)
     assert peak[0] <= budget and _rel(K, full) < 1e-12
+
+
+def test_jvp_without_forward_mode_comes_from_the_layer_factors(monkeypatch) -> None:
+    """torch has no forward-mode derivative for the fused encoder layer (nor for scaled_dot_product_attention):
+    Linearization.jvp then takes J v from per-chunk layer factors (reused-weight layers unexpanded, one matrix
+    product per vector) instead of per-example Jacobians of all weights; exact."""
+    from linadapt.jacobian import linearization
+
+    calls = []
+    monkeypatch.setattr(linearization, "factored_jvp", lambda *a: calls.append(1) or factored_jvp(*a))
+    monkeypatch.setattr(Linearization, "_basis_jacobian", lambda *a: pytest.fail("per-example Jacobian"))
+    model, X = ZOO["transformer"]
+    lin = Linearization(model, chunk_size=3)
+    J = reference_jacobian(model, X, lin.param_names)
+    V = torch.randn(2, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = lin.jvp(X, V)
+    assert not lin._forward_ad and calls
+    V[:, lin._fixed_entries] = 0.0  # the padding row: no gradient in reverse mode, so none here either
+    assert _rel(got, torch.einsum("iap,kp->kia", J, V)) < 1e-12

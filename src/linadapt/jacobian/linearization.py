@@ -30,7 +30,8 @@ from linadapt._validation import as_input_tensor
 from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode
 from linadapt.jacobian.held import HeldJacobian
 from linadapt.jacobian.selection import ParamSpec, select_parameters
-from linadapt.jacobian.structured import StructuredNTK
+from linadapt.jacobian.structured import StructuredNTK, factored_jvp
+from linadapt.jacobian.structured.costs import FACTOR_MAX_OUTPUTS
 
 __all__ = ["ALGEBRA_DTYPE", "Linearization", "LinearizationError"]
 
@@ -374,8 +375,15 @@ class Linearization:
         return out[0] if single else out
 
     def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """J(X) V for V (k, p) through reverse-mode Jacobian chunks (memory-bounded): the fallback for models
-        with a module that has no forward-mode AD in torch (e.g. ``nn.EmbeddingBag``). (k, n, c), float64."""
+        """J(X) V for V (k, p) without forward-mode AD (a module torch has none for: ``nn.EmbeddingBag``, attention
+        by ``scaled_dot_product_attention``): from the layer factors of chunks of X when layer rules apply
+        (:func:`~linadapt.jacobian.structured.factored_jvp`), else through reverse-mode Jacobian chunks
+        (memory-bounded). (k, n, c), float64."""
+        engine = self.structured(X) if X.shape[0] > 0 else None
+        if engine is not None and self.output_dim(X) <= FACTOR_MAX_OUTPUTS:
+            out = factored_jvp(engine, X, V)
+            self._num_outputs = int(out.shape[-1])
+            return out
         V = V.to(ALGEBRA_DTYPE)
         parts = [torch.einsum("bcp,kp->kbc", J, V) for _, J in self.jacobian_chunks(X)]
         out = torch.cat(parts, dim=1)

@@ -41,6 +41,7 @@ class StructuredNTK:
         self._checked = False
         self._batched_backward = True
         self.compact = False  # while forming features for kernels that are held: see Features.raw
+        self.few_vectors = False  # while forming features for products with a few vectors (factored_jvp)
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
         self._memo: dict[str, dict] = {}  # per layer: what its rule's capture decided on the first call
@@ -180,6 +181,8 @@ class StructuredNTK:
         c, d_out = G4.shape[0], G4.shape[-1]
         if not products:  # kernels: the position-Gram form
             return costs.position_gram_cheaper(P, k, d_out, c)
+        if self.few_vectors:  # one matrix product per vector, against materialising c·d_out·k per example
+            return True
         if key not in self._product_forms:
             rank_one = rank_one_outputs(G4.reshape(c, G4.shape[1], -1)) is not None
             self._product_forms[key] = costs.position_form_for_products(P, k, d_out, c, rank_one)
@@ -201,7 +204,8 @@ class StructuredNTK:
         """For products: whether a convolution is kept for products by convolution (its input and output
         gradients) and whether as materialised per-example gradients — by :func:`costs.conv_forms`, decided on the
         first chunk and kept (all chunks must agree to be joined). When both win for some number of vectors, the
-        factors keep the convolution form and materialise the other on the first product that wants it."""
+        factors keep the convolution form and materialise the other on the first product that wants it. For a few
+        vectors (``few_vectors``), by convolution only."""
         if layer.name not in self._conv_forms:
             c, d_out, P = Gf.shape[0], Gf.shape[2], Gf.shape[3]
             rank_one = rank_one_outputs(Gf.reshape(c, Gf.shape[1], -1)) is not None
@@ -210,7 +214,7 @@ class StructuredNTK:
             by_conv, materialised = costs.conv_forms(P, k_in, d_out, c, stored, A[0].numel())
             self._conv_forms[layer.name] = (by_conv, materialised, stored)
         by_conv, materialised, _ = self._conv_forms[layer.name]
-        return by_conv, materialised
+        return (True, False) if self.few_vectors else (by_conv, materialised)
 
     # ------------------------------------------------------------------ blocks
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
 
 
-__all__ = ["FactoredJacobian", "factored_jacobian"]
+__all__ = ["FactoredJacobian", "factored_jacobian", "factored_jvp"]
 
 
 class FactoredJacobian:
@@ -298,3 +298,26 @@ def factored_jacobian(
         return None
     size = engine._size(X, c)
     return FactoredJacobian(engine, X, blocks(X.shape[0], size), budget)
+
+
+def factored_jvp(engine: StructuredNTK, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """J(X) V for V (k, p), (k, n, c) float64, from the layer factors of chunks of X: the Jacobian-vector product
+    for networks torch has no forward-mode AD for (scaled_dot_product_attention, the fused transformer encoder
+    layer), in place of per-example Jacobians of all p weights.
+
+    Each chunk's factors come from one forward and one batched backward pass, with every reused-weight layer kept
+    unexpanded — patches and output gradients (J v: Σ_t g_iat · (V_W a_it + v_b), one matrix product per vector),
+    convolutions by convolution — since they serve these few vectors only; chunks hold those factors within a
+    quarter of ``memory_budget``. Parameters without a rule still take their per-example Jacobians."""
+    lin = engine.lin
+    n = X.shape[0]
+    engine.few_vectors = True
+    try:
+        per_example = feature_bytes(engine._features(X[:1], lin.net_dtype, products=True))
+        size = max(1, min(lin.chunk_size or 256, lin.memory_budget // 4 // max(1, per_example)))
+        if engine._sub is not None:  # their dense per-example Jacobians (c × p_fallback) as well
+            size = min(size, engine._size(X, lin.output_dim(X)))
+        parts = [FactoredJacobian(engine, X[sl], [slice(0, sl.stop - sl.start)]).jvp(V) for sl in blocks(n, size)]
+    finally:
+        engine.few_vectors = False
+    return torch.cat(parts, dim=1)
