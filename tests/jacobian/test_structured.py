@@ -919,3 +919,38 @@ def test_jvp_without_forward_mode_comes_from_the_layer_factors(monkeypatch) -> N
     assert not lin._forward_ad and calls
     V[:, lin._fixed_entries] = 0.0  # the padding row: no gradient in reverse mode, so none here either
     assert _rel(got, torch.einsum("iap,kp->kia", J, V)) < 1e-12
+
+
+def test_factors_held_per_position_when_only_those_fit(monkeypatch) -> None:
+    """Sequence layers' materialised factors (c · d_out · d_in per example) that do not fit the budget while their
+    inputs and output gradients per position (P · (d_in + c · d_out)) do: the kernel and the predictive's cross
+    kernels hold those (position Grams) rather than recomputing factors for every group of examples, when the
+    cost model says the position pairs cost less than the recomputation; exact either way."""
+    from models import TextEncoder
+
+    from linadapt.jacobian.structured import costs
+
+    torch.manual_seed(0)
+    model, X = TextEncoder(d=32).double().eval(), token_ids(9, seed=5)
+    lin = Linearization(model)
+    J = reference_jacobian(model, X, lin.param_names)
+    full = torch.einsum("iap,jbp->iajb", J, J)
+    probe = Linearization(model).structured(lin.prepare_inputs(X))
+    probe._size(lin.prepare_inputs(X), 3)
+    assert probe._held_bytes("positions") < probe._held_bytes() / 2
+    budget = 2 * 9 * (probe._held_bytes("positions") + probe._held_bytes()) // 2  # between the two
+    calls = []
+    monkeypatch.setattr(costs, "hold_positions", lambda *a: calls.append(a) or True)
+    small = Linearization(model, memory_budget=budget)
+    Xp = small.prepare_inputs(X)
+    engine = small.structured(Xp)
+    assert _rel(engine.kernel(Xp), full.reshape(27, 27)) < 1e-12 and calls
+    assert engine._held_mode(9, budget // 2, budget // 4) == "positions"
+    Xs = X[:4].flip(0)
+    for sl, Kx, Kss in small.cross_kernel_chunks(X, Xs, size=3):
+        Js = J[:4].flip(0)[sl]
+        assert _rel(Kx, torch.einsum("iap,jbp->iajb", J, Js).reshape(27, -1)) < 1e-12
+        assert _rel(Kss, torch.einsum("iap,ibp->iab", Js, Js)) < 1e-12
+    # the cost model: position pairs cheaper than recomputing the factors for every group of two examples
+    materialised, positions, forming = engine._position_costs
+    assert costs.hold_positions(materialised, positions, forming, 2) == (positions - materialised < forming / 2)

@@ -81,12 +81,18 @@ class StructuredNTK:
 
     # ------------------------------------------------------------------ features of one chunk
     def _features(
-        self, xb: torch.Tensor, dtype: torch.dtype = ALGEBRA_DTYPE, products: bool = False, compact: bool = False
+        self,
+        xb: torch.Tensor,
+        dtype: torch.dtype = ALGEBRA_DTYPE,
+        products: bool = False,
+        compact: bool | str = False,
     ) -> Features:
         """Per-layer factors of J(xb) in ``dtype`` (float64 for kernels, see below); with ``products``, each
         reused-weight layer in the form cheaper for Jacobian-vector products rather than for kernels; with
         ``compact``, convolutions whose input and output gradients are smaller than their materialised
-        gradients are kept as those (``Features.raw``, for kernels whose factors are held across blocks)."""
+        gradients are kept as those (``Features.raw``, for kernels whose factors are held across blocks); with
+        ``compact="positions"``, every reused-weight Linear layer is kept as its inputs and output gradients per
+        position as well (the position-Gram form: see :meth:`_held_mode`)."""
         self.compact = compact
         try:
             return self._layer_factors(xb, dtype, products)
@@ -179,8 +185,8 @@ class StructuredNTK:
         ``key`` (a name for the weight: all chunks must agree to be joined); output gradients of rank one over
         the outputs (see :func:`rank_one_outputs`) are stored once rather than per output."""
         c, d_out = G4.shape[0], G4.shape[-1]
-        if not products:  # kernels: the position-Gram form
-            return costs.position_gram_cheaper(P, k, d_out, c)
+        if not products:  # kernels: the position-Gram form (held that way when it saves recomputing: _held_mode)
+            return self.compact == "positions" or costs.position_gram_cheaper(P, k, d_out, c)
         if self.few_vectors:  # one matrix product per vector, against materialising c·d_out·k per example
             return True
         if key not in self._product_forms:
@@ -266,9 +272,22 @@ class StructuredNTK:
         formed in float64 from them, so the kernel is exactly the Gram matrix of those factors."""
         return self.lin.net_dtype if self.lin.net_dtype in (torch.float32, torch.float64) else torch.float32
 
-    def _held_bytes(self) -> int:
-        """Bytes per example of the factors held across blocks (compact form, stored dtype)."""
-        return self._compact_bytes * torch.finfo(self._stored()).bits // 64
+    def _held_bytes(self, mode: bool | str = True) -> int:
+        """Bytes per example of the factors held across blocks (compact form ``mode``, stored dtype)."""
+        held = self._positions_bytes if mode == "positions" else self._compact_bytes
+        return held * torch.finfo(self._stored()).bits // 64
+
+    def _held_mode(self, n: int, share: int, group_share: int) -> bool | str:
+        """The compact form for holding the factors of n examples within ``share`` bytes: ``True`` (the cost
+        model's forms; when they do not fit, groups of examples within ``group_share`` are held and the other
+        examples' factors recomputed for each group) or ``"positions"`` — reused-weight Linear layers held as
+        inputs and output gradients per position (position Grams: P² (k + c² d_out) per pair of examples instead
+        of c² k d_out, but P (k + c d_out) entries per example instead of c k d_out) — when only those fit and
+        the extra position-pair work costs less than the recomputed factors (:func:`costs.hold_positions`)."""
+        if n * self._held_bytes(True) <= share or n * self._held_bytes("positions") > share:
+            return True
+        group = max(1, group_share // max(1, self._held_bytes(True)))
+        return "positions" if costs.hold_positions(*self._position_costs, group) else True
 
     def kernel(self, X1: torch.Tensor, X2: torch.Tensor | None = None, output: Any = None) -> torch.Tensor:
         """Dense NTK, float64, for prepared inputs.
@@ -285,23 +304,26 @@ class StructuredNTK:
         pick = None if output is None or output == "sum" else int(output)
         store = self._stored()
 
+        second = X1 if X2 is None else X2
+        budget = self.lin.memory_budget
+        self._size(X1, c)  # (measures the factors' sizes)
+        mode = self._held_mode(second.shape[0], budget // 2, budget // 4)
+
         def features(x: torch.Tensor) -> Features:
-            f = self._features(x, dtype=store, compact=True)
+            f = self._features(x, dtype=store, compact=mode)
             return f if pick is None else only_output(f, pick)
 
-        size = self._size(X1, c)
+        size = self._size(X1, c, mode)
         if X2 is None:  # compute blocks j ≥ i only: with 4 or more chunks that is ≤ 5/8 of the work
             size = min(size, max(32, -(-X1.shape[0] // 4)))
         chunks1 = [X1[i : i + size] for i in range(0, X1.shape[0], size)]
-        second = X1 if X2 is None else X2
         chunks2 = chunks1 if X2 is None else [second[i : i + size] for i in range(0, second.shape[0], size)]
-        budget = self.lin.memory_budget
-        cache = second.shape[0] * self._held_bytes() <= budget // 2  # X2's factors held
+        cache = second.shape[0] * self._held_bytes(mode) <= budget // 2  # X2's factors held
         feats2 = [features(x) for x in chunks2] if cache else None
         if cache:
             groups = [[i] for i in range(len(chunks1))]
         else:
-            per_group = max(1, (budget // 4) // max(1, size * self._held_bytes()))
+            per_group = max(1, (budget // 4) // max(1, size * self._held_bytes(mode)))
             groups = [list(range(g, min(g + per_group, len(chunks1)))) for g in range(0, len(chunks1), per_group)]
         offsets1 = [i * size for i in range(len(chunks1))]
         offsets2 = [j * size for j in range(len(chunks2))]
@@ -346,24 +368,27 @@ class StructuredNTK:
         the function-space predictive needs nothing else. Factors are held in :meth:`_stored`'s dtype."""
         c = self.lin.output_dim(X)
         n = X.shape[0]
-        tsize = self._size(X, c)
         store = self._stored()
-        train = [X[i : i + tsize] for i in range(0, n, tsize)]
         quarter = self.lin.memory_budget // 4
-        keep = n * self._held_bytes() <= quarter
-        kept = [self._features(x, store, compact=True) for x in train] if keep else None
-        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._held_bytes())))
+        self._size(X, c)  # (measures the factors' sizes)
+        mode = self._held_mode(n, quarter, 2 * quarter)  # not kept: recomputed per test chunk (≤ half the budget)
+        tsize = self._size(X, c, mode)
+        train = [X[i : i + tsize] for i in range(0, n, tsize)]
+        keep = n * self._held_bytes(mode) <= quarter
+        kept = [self._features(x, store, compact=mode) for x in train] if keep else None
+        size = max(1, min(size, (quarter if keep else 2 * quarter) // max(1, self._held_bytes(mode))))
         for start in range(0, Xs.shape[0], size):
             sl = slice(start, min(start + size, Xs.shape[0]))
             test = [
-                self._features(Xs[j : min(j + tsize, sl.stop)], store, compact=True)
+                self._features(Xs[j : min(j + tsize, sl.stop)], store, compact=mode)
                 for j in range(sl.start, sl.stop, tsize)
             ]
             b = sl.stop - sl.start
             K = torch.empty(n, c, b, c, dtype=ALGEBRA_DTYPE, device=self.lin.device)
             o1 = 0
             for i, x in enumerate(train):
-                f1 = promoted(kept[i] if kept is not None else self._features(x, store, compact=True), ALGEBRA_DTYPE)
+                f1 = kept[i] if kept is not None else self._features(x, store, compact=mode)
+                f1 = promoted(f1, ALGEBRA_DTYPE)
                 o2 = 0
                 for f2 in test:
                     K[o1 : o1 + f1.b, :, o2 : o2 + f2.b, :] = assembly.block(f1, promoted(f2, ALGEBRA_DTYPE), False)
@@ -455,8 +480,9 @@ class StructuredNTK:
         chunks = range(0, X.shape[0], size)
         return torch.cat([assembly.diagonal_blocks(self._features(X[i : i + size])) for i in chunks])
 
-    def _size(self, X: torch.Tensor, c: int) -> int:
-        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget."""
+    def _size(self, X: torch.Tensor, c: int, mode: bool | str = True) -> int:
+        """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget (in the
+        compact form ``mode``: its factors)."""
         if not hasattr(self, "_dense_q"):
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
@@ -464,7 +490,10 @@ class StructuredNTK:
             self._dense_q += sum(G.shape[2] * G.shape[3] for _, G in probe.index)
             self._example_bytes = feature_bytes(probe)
             self._compact_bytes = feature_bytes(self._features(X[:1], compact=True))
-        per_example = max(1, c * self._dense_q)
+            positions = self._features(X[:1], compact="positions")
+            self._positions_bytes = feature_bytes(positions)
+            self._position_costs = _position_costs(positions)
+        per_example = max(1, c * self._dense_q if mode != "positions" else self._positions_bytes // 8)
         return max(1, min(self.lin.chunk_size or 256, self.feature_entries // per_example))
 
     @property
@@ -472,6 +501,22 @@ class StructuredNTK:
         """float64 entries of one chunk's materialised per-layer gradients: ``memory_budget`` / 32 (64 MiB per
         GiB of budget; 2²⁶ entries for the default 2 GiB)."""
         return max(1, self.lin.memory_budget // 32)
+
+
+def _position_costs(f: Features) -> tuple[float, float, float]:
+    """From factors of one example with every reused-weight Linear layer kept per position: over the layers that
+    the cost model would materialise, multiply-adds per pair of examples of their kernel blocks materialised
+    (c² d_out (k + 1)) and as position Grams (P² (k + c² d_out)), and of forming their factors ((1 + 2c) P k d_out:
+    forward, backward and materialisation)."""
+    materialised = position_grams = forming = 0.0
+    for A, G, _ in f.spatial:
+        c, P, k, d_out = G.shape[0], A.shape[1], A.shape[2], G.shape[3]
+        if costs.position_gram_cheaper(P, k, d_out, c):
+            continue
+        materialised += c * c * d_out * (k + 1)
+        position_grams += P * P * (k + c * c * d_out)
+        forming += (1 + 2 * c) * P * k * d_out
+    return materialised, position_grams, forming
 
 
 def _attribute(module: nn.Module, dotted: str) -> Any:
