@@ -11,11 +11,16 @@ and ECE. Methods:
   the best leave-one-out likelihood on the labels — probit, bridge or the MAP logits);
 * ``linadapt-head``: the same on the head block only (the experiment's other variant).
 
-Network: ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
-weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
-test images (the experiment's draw for ``--seed``).
+Networks (``_real_tasks.py``):
+
+* ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
+  weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
+  test images (the experiment's draw for ``--seed``);
+* ``minilm`` — the pretrained sentence encoder all-MiniLM-L6-v2 (a 6-layer BERT, 22.6M weights, new 3-way head;
+  the ``text`` extra) on Tate artwork titles → medium, ``--size`` tokens per title.
 
     python benchmarks/real_networks.py --network efficientnet --shots 10 --size 64 --test 500 --seed 0
+    python benchmarks/real_networks.py --network minilm --shots 10 --size 32 --test 500 --seed 0
 """
 
 from __future__ import annotations
@@ -108,8 +113,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["method"] == "finetune-all" and "total_s" in r), None)
+    size = f"{args.size} tokens" if args.network == "minilm" else f"{args.size}×{args.size}"
     print(
-        f"\n{args.network}, {args.shots} labels per class at {args.size}×{args.size}, {args.test} test images, "
+        f"\n{args.network}, {args.shots} labels per class at {size}, {args.test} test points, "
         f"seed {args.seed}, {args.threads} threads"
     )
     print("| method | weights | fit + predict (s) | × fine-tuning | peak memory (GiB) | accuracy | NLL | ECE |")

@@ -946,6 +946,8 @@ def test_factors_held_per_position_when_only_those_fit(monkeypatch) -> None:
     engine = small.structured(Xp)
     assert _rel(engine.kernel(Xp), full.reshape(27, 27)) < 1e-12 and calls
     assert engine._held_mode(9, budget // 2, budget // 4) == "positions"
+    held = engine._features(Xp, compact="positions")  # the padding positions (no gradient) are left out
+    assert max(A.shape[1] for A, _, _ in held.spatial) == int((X != 0).sum(1).max()) < X.shape[1]
     Xs = X[:4].flip(0)
     for sl, Kx, Kss in small.cross_kernel_chunks(X, Xs, size=3):
         Js = J[:4].flip(0)[sl]
@@ -954,3 +956,17 @@ def test_factors_held_per_position_when_only_those_fit(monkeypatch) -> None:
     # the cost model: position pairs cheaper than recomputing the factors for every group of two examples
     materialised, positions, forming = engine._position_costs
     assert costs.hold_positions(materialised, positions, forming, 2) == (positions - materialised < forming / 2)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_factored_jvp_equals_the_reference_jacobian(name: str) -> None:
+    model, X = ZOO[name]
+    lin = Linearization(model, chunk_size=3)
+    Xp = lin.prepare_inputs(X)
+    engine = lin.structured(Xp)
+    if engine is None:
+        pytest.skip("no layer rule applies")
+    J = reference_jacobian(model, X, lin.param_names)
+    V = torch.randn(2, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V[:, lin._fixed_entries] = 0.0
+    assert _rel(factored_jvp(engine, Xp, V), torch.einsum("iap,kp->kia", J, V)) < 1e-12

@@ -74,27 +74,27 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
 def position_gram_block(
     A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
 ) -> torch.Tensor:
-    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o):
-    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``. The output-gradient products of all position
-    pairs come from one matrix product per slab of positions s (slabs bounding its result to
-    :data:`_SLAB_ENTRIES`), then are weighted by the patch Grams."""
+    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o) (P1
+    positions in the first chunk, P2 in the second): (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``.
+    The output-gradient products of all position pairs come from one matrix product per slab of positions s
+    (slabs bounding its result to :data:`_SLAB_ENTRIES`), then are weighted by the patch Grams."""
     AA = torch.einsum("isk,jtk->ijst", A1, A2)
     if bias:
         AA = AA + 1.0
-    c, b1, P, _ = G1.shape
-    b2 = G2.shape[1]
+    c, b1, P1, _ = G1.shape
+    b2, P2 = G2.shape[1], G2.shape[2]
     w = 1 if trace else c  # rows per example and position: (example, output) pairs, or examples with c·o columns
-    rows1 = G1.permute(2, 1, 0, 3).reshape(P * b1 * w, -1)  # rows (s, i[, a])
-    rows2 = G2.permute(2, 1, 0, 3).reshape(P * b2 * w, -1)  # rows (t, j[, b])
+    rows1 = G1.permute(2, 1, 0, 3).reshape(P1 * b1 * w, -1)  # rows (s, i[, a])
+    rows2 = G2.permute(2, 1, 0, 3).reshape(P2 * b2 * w, -1)  # rows (t, j[, b])
     out = torch.zeros((b1, b2) if trace else (b1, c, b2, c), dtype=G1.dtype, device=G1.device)
-    slab = max(1, _SLAB_ENTRIES // max(1, b1 * w * P * b2 * w))
-    for s0 in range(0, P, slab):
-        s1 = min(P, s0 + slab)
+    slab = max(1, _SLAB_ENTRIES // max(1, b1 * w * P2 * b2 * w))
+    for s0 in range(0, P1, slab):
+        s1 = min(P1, s0 + slab)
         M = rows1[s0 * b1 * w : s1 * b1 * w] @ rows2.T
         if trace:
-            out += torch.einsum("ijst,sitj->ij", AA[:, :, s0:s1], M.view(s1 - s0, b1, P, b2))
+            out += torch.einsum("ijst,sitj->ij", AA[:, :, s0:s1], M.view(s1 - s0, b1, P2, b2))
         else:
-            out += torch.einsum("ijst,siatjb->iajb", AA[:, :, s0:s1], M.view(s1 - s0, b1, c, P, b2, c))
+            out += torch.einsum("ijst,siatjb->iajb", AA[:, :, s0:s1], M.view(s1 - s0, b1, c, P2, b2, c))
     return out
 
 

@@ -42,6 +42,7 @@ class StructuredNTK:
         self._batched_backward = True
         self.compact = False  # while forming features for kernels that are held: see Features.raw
         self.few_vectors = False  # while forming features for products with a few vectors (factored_jvp)
+        self.trim_positions = True  # held per position: positions without a gradient left out (not in size probes)
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
         self._memo: dict[str, dict] = {}  # per layer: what its rule's capture decided on the first call
@@ -490,7 +491,11 @@ class StructuredNTK:
             self._dense_q += sum(G.shape[2] * G.shape[3] for _, G in probe.index)
             self._example_bytes = feature_bytes(probe)
             self._compact_bytes = feature_bytes(self._features(X[:1], compact=True))
-            positions = self._features(X[:1], compact="positions")
+            self.trim_positions = False  # sizes and costs for every position (the probe may be a short sequence)
+            try:
+                positions = self._features(X[:1], compact="positions")
+            finally:
+                self.trim_positions = True
             self._positions_bytes = feature_bytes(positions)
             self._position_costs = _position_costs(positions)
         per_example = max(1, c * self._dense_q if mode != "positions" else self._positions_bytes // 8)

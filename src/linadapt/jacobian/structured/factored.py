@@ -13,12 +13,12 @@ from linadapt.jacobian.structured.engine import StructuredNTK
 from linadapt.jacobian.structured.features import feature_bytes, join
 from linadapt.jacobian.structured.output_gradients import (
     OutputGradients,
-    compact,
     contract_any,
     expand_any,
     position_major,
     width,
 )
+from linadapt.jacobian.structured.output_gradients import compact as compact_outputs
 
 if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
@@ -56,6 +56,8 @@ class FactoredJacobian:
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         f = join((engine._features(X[sl], self.dtype, products=True) for sl in chunks), self.n)
         self.c = lin.output_dim(X)
+        # (built for a few vectors, by factored_jvp: not worth the search for the compact forms below)
+        compact = _as_they_are if engine.few_vectors else compact_outputs
         # Linear layers: (inputs (n, d_in) or None, output gradients, weight, bias names); the output gradients
         # as None when they are the identity (a layer producing the network's outputs: g_ia = e_a), as the
         # factors (R (c, d_out), D (n, d_out)) when g_ia = R_a ⊙ D_i (a layer followed by an elementwise
@@ -277,6 +279,10 @@ class FactoredJacobian:
             for D, Vq in dense:
                 out[:, sl] += torch.einsum("bcq,kq->kbc", D[sl], Vq)
         return out.to(ALGEBRA_DTYPE)
+
+
+def _as_they_are(G: torch.Tensor) -> torch.Tensor:
+    return G
 
 
 def factored_jacobian(

@@ -61,6 +61,8 @@ def append_positions(
     weight, the same in every chunk)."""
     c, b = G4.shape[:2]
     if weight and engine._unexpanded(key, A3.shape[1], A3.shape[2], G4, products):
+        if engine.compact == "positions" and engine.trim_positions:  # kernels: only positions with a gradient
+            A3, G4 = _live_positions(A3, G4)
         feats.spatial.append((A3, G4, bias is not None))
         feats.spatial_names.append((weight, bias))
         return
@@ -72,3 +74,19 @@ def append_positions(
     if parts:
         feats.dense.append(torch.cat(parts, -1))
         feats.dense_names.append([n for n in (weight, bias) if n])
+
+
+def _live_positions(A3: torch.Tensor, G4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of each example whose output gradients are not all zero (padding tokens behind an attention
+    mask and left out of the pooling get none), moved first in their order, and as many positions as the example
+    with the most of them: A3 (b, P', d_in), G4 (c, b, P', d_out). Sums over positions (the weight's gradients
+    Σ_t g_t a_tᵀ, Σ_t g_t; the position Gram over pairs) are unchanged: the positions left out, and those of shorter
+    examples filled in, have zero output gradients."""
+    live = G4.ne(0).any(3).any(0)  # (b, P)
+    kept = int(live.sum(1).max()) if live.numel() else 0
+    if kept == live.shape[1]:
+        return A3, G4
+    order = torch.argsort(live.logical_not().to(torch.int8), dim=1, stable=True)[:, : max(1, kept)]  # (b, P')
+    A3 = A3.gather(1, order.unsqueeze(-1).expand(-1, -1, A3.shape[-1]))
+    G4 = G4.gather(2, order.view(1, *order.shape, 1).expand(G4.shape[0], -1, -1, G4.shape[-1]))
+    return A3, G4
