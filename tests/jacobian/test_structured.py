@@ -970,3 +970,45 @@ def test_factored_jvp_equals_the_reference_jacobian(name: str) -> None:
     V = torch.randn(2, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     V[:, lin._fixed_entries] = 0.0
     assert _rel(factored_jvp(engine, Xp, V), torch.einsum("iap,kp->kia", J, V)) < 1e-12
+
+
+class _AttentionOptions(nn.Module):
+    """One nn.MultiheadAttention call with the options the zoo does not use: per-head weights returned and used,
+    no biases, a boolean per-example-and-head attention mask with a key padding mask (sequence first), or
+    separate key / value widths without bias_kv."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        kdim = 5 if case == "separate" else None
+        self.attn = nn.MultiheadAttention(6, 2, bias=case != "no-bias", kdim=kdim, vdim=kdim)
+        self.proj = nn.Linear(3, 6)
+        self.mem = nn.Linear(3, kdim or 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 3)
+        n, T, _ = x.shape
+        q = torch.tanh(self.proj(x)).transpose(0, 1)
+        kv = torch.tanh(self.mem(x)).transpose(0, 1)
+        kwargs: dict = {}
+        if self.case == "masks":
+            kwargs["key_padding_mask"] = x[:, :, 0] > 1.0  # data-dependent padding
+            kwargs["key_padding_mask"][:, 0] = False
+            kwargs["attn_mask"] = (torch.arange(T)[None, :] > torch.arange(T)[:, None]).repeat(n * 2, 1, 1)
+        per_head = self.case == "per-head"
+        o, w = self.attn(q, kv, kv, average_attn_weights=not per_head, **kwargs)
+        out = self.head(o.mean(0))
+        return out + w.reshape(n, -1)[:, :2] if per_head else out
+
+
+@pytest.mark.parametrize("case", ["per-head", "no-bias", "masks", "separate"])
+def test_attention_options_are_exact(case: str) -> None:
+    torch.manual_seed(0)
+    model = _AttentionOptions(case).double().eval()
+    X = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for params in ("all", "bias") if case != "no-bias" else ("all",):
+        lin = Linearization(model, params, chunk_size=2)
+        Xp = lin.prepare_inputs(X)
+        assert lin.structured(Xp).fallback == []
+        J = reference_jacobian(model, X, lin.param_names)
+        assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(10, 10)) < 1e-12
