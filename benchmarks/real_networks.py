@@ -13,9 +13,13 @@ and ECE. Methods:
   (``prior_groups=[head block]``), both learned by the Laplace evidence;
 * ``linadapt-head``: the same on the head block only (the experiment's other variant).
 
-Network: ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
-weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
-test images (the experiment's draw for ``--seed``).
+Networks (``_real_tasks.py``):
+
+* ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
+  weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
+  test images (the experiment's draw for ``--seed``);
+* ``minilm`` — the pretrained sentence encoder all-MiniLM-L6-v2 (a 6-layer BERT, 22.6M weights, new 3-way head;
+  the ``text`` extra) on Tate artwork titles → medium, ``--size`` tokens per title.
 
 Network: ``resnet18`` — a ResNet-18 for small images (11.2M weights, BatchNorm, residual blocks; defined in
 ``_real_tasks.py``) trained here on the 5,000 MNIST digits at ``--size`` × ``--size`` and cached under
@@ -24,6 +28,7 @@ Network: ``resnet18`` — a ResNet-18 for small images (11.2M weights, BatchNorm
 
     python benchmarks/real_networks.py --network efficientnet --shots 10 --size 64 --test 500 --seed 0
     python benchmarks/real_networks.py --network resnet18 --shots 10 --size 32 --test 500 --seed 0 --threads 1
+    python benchmarks/real_networks.py --network minilm --shots 10 --size 32 --test 500 --seed 0
 """
 
 from __future__ import annotations
@@ -119,8 +124,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["method"] == "finetune-all" and "total_s" in r), None)
+    size = f"{args.size} tokens" if args.network == "minilm" else f"{args.size}×{args.size}"
     print(
-        f"\n{args.network}, {args.shots} labels per class at {args.size}×{args.size}, {args.test} test images, "
+        f"\n{args.network}, {args.shots} labels per class at {size}, {args.test} test points, "
         f"seed {args.seed}, {args.threads} threads"
     )
     print("| method | weights | fit + predict (s) | × fine-tuning | peak memory (GiB) | accuracy | NLL | ECE |")

@@ -94,6 +94,76 @@ def embedder(seed: int = 0) -> nn.Module:
     return Embedder().double()
 
 
+class TextEncoder(nn.Module):
+    """Token ids (n, T) → token embeddings (padding_idx 0) + position embeddings (a (1, T) id buffer broadcast over
+    the batch, as BERT's) → nn.TransformerEncoder (batch first or sequence first; a key padding mask from the ids
+    when ``padded``; pre-norm layers when not batch first) → mean over the real tokens → linear head: 3 outputs."""
+
+    def __init__(self, batch_first: bool = True, padded: bool = True, vocab: int = 11, d: int = 8) -> None:
+        super().__init__()
+        self.batch_first, self.padded = batch_first, padded
+        self.tokens = nn.Embedding(vocab, d, padding_idx=0)
+        self.positions = nn.Embedding(16, d)
+        self.register_buffer("position_ids", torch.arange(16).unsqueeze(0), persistent=False)
+        layer = nn.TransformerEncoderLayer(
+            d, 2, 2 * d, dropout=0.1, batch_first=batch_first, norm_first=not batch_first
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(self.position_ids[:, : ids.shape[1]])
+        pad = ids == 0 if self.padded else None
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.encoder(h, src_key_padding_mask=pad)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        keep = (ids != 0).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def text_encoder(seed: int = 0, batch_first: bool = True, padded: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    return TextEncoder(batch_first, padded).double().eval()
+
+
+def token_ids(n: int, T: int = 5, vocab: int = 11, seed: int = 1) -> torch.Tensor:
+    """Token ids (n, T) in 1..vocab-1 with a few trailing padding ids (0); every sequence keeps ≥ 2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, T), generator=g)
+    lengths = torch.randint(2, T + 1, (n,), generator=g)
+    return ids.masked_fill(torch.arange(T) >= lengths.unsqueeze(1), 0)
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention in its other configurations: sequence-first cross-attention with separate key/value
+    projection weights (kdim = vdim ≠ embed_dim), bias_k / bias_v and a zero attention position, whose averaged
+    attention weights also reach the output; then batch-first causal self-attention with a float mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = nn.Linear(3, 5)
+        self.query = nn.Linear(3, 6)
+        self.cross = nn.MultiheadAttention(6, 3, kdim=5, vdim=5, add_bias_kv=True, add_zero_attn=True)
+        self.self_attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (n, T, 3)
+        mem = torch.tanh(self.memory(x)).transpose(0, 1)  # (T, n, 5)
+        q = torch.tanh(self.query(x[:, :2])).transpose(0, 1)  # (2, n, 6)
+        o, w = self.cross(q, mem, mem)  # w (n, 2, T + 2), averaged over heads
+        o = o.transpose(0, 1)
+        causal = nn.Transformer.generate_square_subsequent_mask(2, dtype=x.dtype)
+        o, _ = self.self_attn(o, o, o, attn_mask=causal, need_weights=False, is_causal=True)
+        return self.head(o.mean(1)) + w[:, :, :2].sum(1)
+
+
+def cross_attention(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return CrossAttention().double().eval()
+
+
 class SingleOut(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -40,7 +40,14 @@ IMPLEMENTATIONS: dict[str, Callable[[Linearization, torch.Tensor], object | None
     "graph": lambda lin, X: graph_jacobian(lin, X, budget=2**30),
 }
 # where an implementation must apply (it may decline elsewhere, e.g. the factors with no layer rule at all)
-MUST_APPLY = {"torch.func": set(ZOO), "factored": {"mlp", "conv", "tokens", "resnet"}, "graph": set(ZOO)}
+# The graph differentiates the network's backward pass: torch has no derivative of the CPU backward of
+# scaled_dot_product_attention (which nn.MultiheadAttention calls), so it declines the attention models.
+ATTENTION = {"attention", "transformer", "transformer-seq"}
+MUST_APPLY = {
+    "torch.func": set(ZOO),
+    "factored": {"mlp", "conv", "tokens", "resnet", "embedder"} | ATTENTION,
+    "graph": set(ZOO) - ATTENTION,
+}
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

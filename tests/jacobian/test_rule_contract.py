@@ -24,6 +24,8 @@ ARGS = {
     nn.BatchNorm2d: (3,),
     nn.LayerNorm: (3,),
     nn.GroupNorm: (1, 3),
+    nn.Embedding: (5, 3),
+    nn.MultiheadAttention: (4, 2),
 }  # a small instance of each rule's type
 
 

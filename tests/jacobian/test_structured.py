@@ -9,13 +9,22 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import BUILDERS, fit_held_and_plain, gp_closed_form, inputs_for, reference_jacobian
+from models import (
+    BUILDERS,
+    cross_attention,
+    fit_held_and_plain,
+    gp_closed_form,
+    inputs_for,
+    reference_jacobian,
+    text_encoder,
+    token_ids,
+)
 from torch import nn
 
 import linadapt as la
 from linadapt import ConvergenceWarning, ntk_gram
 from linadapt.jacobian.linearization import Linearization
-from linadapt.jacobian.structured import StructuredNTK
+from linadapt.jacobian.structured import StructuredNTK, factored_jvp
 
 
 class ConvZoo(nn.Module):
@@ -119,6 +128,11 @@ def _zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     cases["tokens"] = (Tokens().double(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
     cases["samepad"] = (Padded().double(), torch.randn(7, 2, 8, 8, generator=g, dtype=torch.float64))
     cases["norms"] = (Norms().double().eval(), torch.randn(7, 2, 7, 7, generator=g, dtype=torch.float64))
+    # transformers: batch first with a key padding mask, sequence first without (the other two combinations in
+    # test_transformer_encoders_in_every_layout), and MultiheadAttention's other options
+    cases["transformer"] = (text_encoder(), token_ids(7))
+    cases["transformer-seq"] = (text_encoder(batch_first=False, padded=False), token_ids(7, seed=2))
+    cases["attention"] = (cross_attention(), torch.randn(7, 4, 3, generator=g, dtype=torch.float64))
     return cases
 
 
@@ -158,6 +172,7 @@ def test_structured_kernel_equals_reference_jacobian(name: str, params: str, rou
     full = torch.einsum("iap,jbp->iajb", J, J)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none of these models may trigger the disagreement fallback
+        warnings.filterwarnings("ignore", "There is a performance drop")  # torch's vmap over attention's backward
         K = lin.ntk(X)
     assert K.shape == (n * c, n * c) and K.dtype == torch.float64
     assert _rel(K, full.reshape(n * c, n * c)) < 1e-12
@@ -777,5 +792,273 @@ def test_held_convolutions_expand_one_layer_at_a_time_and_once_per_chunk_pair(mo
     c, entries = 3, 3 * 112 * 3
     small = Linearization(net, memory_budget=32 * entries).structured(Xp)
     assert small.feature_entries == entries
-    assert small._size(Xp, c, compact=True) == entries // (c * 112) == 3
+    assert small._size(Xp, c, True) == entries // (c * 112) == 3
     assert small._size(Xp, c) == entries // (c * (30 + 112 + 74)) == 1
+
+
+@pytest.mark.parametrize("batch_first, padded", [(True, False), (False, True)])
+def test_transformer_encoders_in_every_layout(batch_first: bool, padded: bool) -> None:
+    """The zoo's transformers are batch first with a key padding mask and sequence first without; the other two
+    combinations: every weight by a rule (none by the per-example Jacobian), kernel and products exact."""
+    from linadapt.jacobian.structured import factored_jacobian
+
+    model, X = text_encoder(batch_first=batch_first, padded=padded), token_ids(6, seed=4)
+    lin = Linearization(model, chunk_size=4)
+    Xp = lin.prepare_inputs(X)
+    assert lin.structured(Xp).fallback == []
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(18, 18)) < 1e-12
+    fj = factored_jacobian(lin, Xp, budget=2**30)
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    V = torch.randn(2, lin.num_params, generator=g, dtype=torch.float64)
+    assert _rel(fj.vjp(U), torch.einsum("iap,kia->kp", J, U)) < 1e-12
+    assert _rel(fj.jvp(V), lin.jvp(Xp, V)) < 1e-12
+
+
+def test_layer_forms_list_the_embedding_and_attention_forms(monkeypatch) -> None:
+    from linadapt.jacobian.structured import costs
+
+    model, X = ZOO["transformer"]
+    lin = Linearization(model)
+    rows = {r["layer"]: r for r in lin.layer_forms(X)}
+    assert sum(r["weights"] for r in rows.values()) == lin.num_params
+    assert all(r["type"] != "(no rule)" for r in rows.values())
+    assert rows["tokens"]["type"] == "Embedding"
+    assert rows["tokens"]["kernel"] == rows["tokens"]["products"] == "index Gram"
+    assert rows["positions"]["kernel"] == "index Gram"  # a (1, T) id buffer broadcast over the batch
+    attn = rows["encoder.layers.0.self_attn"]
+    assert attn["type"] == "MultiheadAttention" and attn["weights"] == 4 * 8 * 8 + 4 * 8
+    assert attn["kernel"] in ("position Gram", "materialised")
+    monkeypatch.setattr(costs, "position_gram_cheaper", lambda *_: True)
+    rows = {r["layer"]: r for r in Linearization(model).layer_forms(X)}
+    assert rows["encoder.layers.0.self_attn"]["kernel"] == "position Gram"
+    # few table rows (no more than positions): materialised
+    model = nn.Sequential(nn.Embedding(3, 4), nn.Flatten(), nn.Linear(20, 2)).double()
+    rows = Linearization(model).layer_forms(torch.randint(0, 3, (4, 5)))
+    assert rows[0]["kernel"] == rows[0]["products"] == "materialised"
+
+
+def test_index_gram_visits_the_matching_pairs_only_and_equals_the_one_hot_position_gram() -> None:
+    from linadapt.jacobian.structured.assembly import (
+        index_diagonal_blocks,
+        index_gram_block,
+        matching_pairs,
+        position_gram_block,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    keys1, keys2 = torch.randint(-1, 6, (40,), generator=g), torch.randint(-1, 6, (30,), generator=g)
+    r1, r2 = matching_pairs(keys1, keys2)
+    brute = {(i, j) for i in range(40) for j in range(30) if keys1[i] == keys2[j] >= 0}
+    assert set(zip(r1.tolist(), r2.tolist())) == brute and len(r1) == len(brute)
+    ids1, ids2 = torch.randint(-1, 9, (4, 5), generator=g), torch.randint(-1, 9, (3, 5), generator=g)
+    G1 = torch.randn(2, 4, 5, 3, generator=g, dtype=torch.float64)
+    G2 = torch.randn(2, 3, 5, 3, generator=g, dtype=torch.float64)
+
+    def one_hot(ids: torch.Tensor) -> torch.Tensor:  # (b, P, 9); no row where the id is -1
+        return nn.functional.one_hot(ids.clamp_min(0), 9).double() * (ids >= 0).unsqueeze(-1)
+
+    for trace in (False, True):
+        ref = position_gram_block(one_hot(ids1), G1, one_hot(ids2), G2, False, trace)
+        assert _rel(index_gram_block(ids1, G1, ids2, G2, trace), ref) < 1e-14
+    ref = position_gram_block(one_hot(ids1), G1, one_hot(ids1), G1, False, False)
+    assert _rel(index_diagonal_blocks(ids1, G1), torch.einsum("iaib->iab", ref)) < 1e-14
+
+
+def test_embedding_options_the_rule_cannot_see_fall_back_exactly() -> None:
+    """max_norm (rows renormalised in the forward), scale_grad_by_freq (a backward that is not the forward's
+    derivative) and sparse gradients are refused by the rule; padding rows get no gradient, and J v is the adjoint
+    of Jᵀ u (forward mode would differentiate through the padding row autograd keeps fixed)."""
+    from linadapt.jacobian.structured.registry import rule_for
+
+    assert rule_for(nn.Embedding(5, 3)) is not None and rule_for(nn.Embedding(5, 3, padding_idx=0)) is not None
+    for kwargs in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}):
+        assert rule_for(nn.Embedding(5, 3, **kwargs)) is None
+    torch.manual_seed(0)
+    model, X = ZOO["transformer"]
+    lin = Linearization(model)
+    Xp = lin.prepare_inputs(X)
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    V = torch.randn(lin.num_params, generator=g, dtype=torch.float64)
+    Ju, Jv = lin.vjp(Xp, U), lin.jvp(Xp, V)
+    assert abs(float(Ju @ V - (U * Jv).sum())) < 1e-12 * float(Ju.abs().sum() * V.abs().max())
+    assert float(lin.unflatten(Ju)["tokens.weight"][0].abs().max()) == 0.0  # the padding row
+
+
+def test_attention_the_rule_cannot_recompute_falls_back_exactly(monkeypatch) -> None:
+    """If the rule's recomputed attention differs from the module's output (here: masks ignored, as for a call
+    the rule did not model), the module's parameters go to the Jacobian contraction at the engine's first check;
+    the kernel stays exact. A subclass with its own forward, or unbatched inputs, are refused the same way."""
+    from linadapt.jacobian.structured.rules import attention
+
+    monkeypatch.setattr(attention, "_additive", lambda mask, dtype: torch.zeros_like(mask, dtype=dtype))
+    model, X = ZOO["transformer"]
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert {"encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.1.self_attn.out_proj.bias"} <= set(
+        engine.fallback
+    )
+    assert not any(n.startswith("encoder.layers.0.linear") for n in engine.fallback)
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(21, 21)) < 1e-12
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 4): each example's (T, 4) on its own
+            return self.head(torch.stack([self.attn(e, e, e)[0].mean(0) for e in x]))
+
+    model = Unbatched().double()
+    lin = Linearization(model)
+    X = torch.randn(3, 5, 4, dtype=torch.float64)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert engine.fallback == [n for n in lin.param_names if n.startswith("attn.")]
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(6, 6)) < 1e-12
+
+
+def test_transformer_kernel_within_a_small_memory_budget(monkeypatch) -> None:
+    """With a budget that holds the factors of about two examples, the kernel of the transformer is formed from
+    groups of row chunks with the column chunks streamed past (features recomputed), never from all examples'
+    factors at once, and equals the kernel with the default budget."""
+    from linadapt.jacobian.structured import engine as engine_module
+
+    model, X = ZOO["transformer"]
+    full = Linearization(model).ntk(X)
+    probe = Linearization(model, chunk_size=1)
+    Xp = probe.prepare_inputs(X)
+    eng = probe.structured(Xp)
+    eng._size(Xp, 3)
+    budget = 2 * eng._held_bytes()
+    lin = Linearization(model, chunk_size=1, memory_budget=budget)
+    small = lin.structured(lin.prepare_inputs(X))
+    held, peak = [], [0]
+    features = engine_module.StructuredNTK._features
+
+    def counted(self, *args, **kwargs):
+        f = features(self, *args, **kwargs)
+        held.append(engine_module.feature_bytes(f))
+        return f
+
+    monkeypatch.setattr(engine_module.StructuredNTK, "_features", counted)
+    K = small.kernel(lin.prepare_inputs(X))
+    assert len(held) > X.shape[0]  # features recomputed: the budget does not hold all of them
+    peak[0] = max(held)
+    assert peak[0] <= budget and _rel(K, full) < 1e-12
+
+
+def test_jvp_without_forward_mode_comes_from_the_layer_factors(monkeypatch) -> None:
+    """torch has no forward-mode derivative for the fused encoder layer (nor for scaled_dot_product_attention):
+    Linearization.jvp then takes J v from per-chunk layer factors (reused-weight layers unexpanded, one matrix
+    product per vector) instead of per-example Jacobians of all weights; exact."""
+    from linadapt.jacobian import linearization
+
+    calls = []
+    monkeypatch.setattr(linearization, "factored_jvp", lambda *a: calls.append(1) or factored_jvp(*a))
+    monkeypatch.setattr(Linearization, "_basis_jacobian", lambda *a: pytest.fail("per-example Jacobian"))
+    model, X = ZOO["transformer"]
+    lin = Linearization(model, chunk_size=3)
+    J = reference_jacobian(model, X, lin.param_names)
+    V = torch.randn(2, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = lin.jvp(X, V)
+    assert not lin._forward_ad and calls
+    V[:, lin._fixed_entries] = 0.0  # the padding row: no gradient in reverse mode, so none here either
+    assert _rel(got, torch.einsum("iap,kp->kia", J, V)) < 1e-12
+
+
+def test_factors_held_per_position_when_only_those_fit(monkeypatch) -> None:
+    """Sequence layers' materialised factors (c · d_out · d_in per example) that do not fit the budget while their
+    inputs and output gradients per position (P · (d_in + c · d_out)) do: the kernel and the predictive's cross
+    kernels hold those (position Grams) rather than recomputing factors for every group of examples, when the
+    cost model says the position pairs cost less than the recomputation; exact either way."""
+    from models import TextEncoder
+
+    from linadapt.jacobian.structured import costs
+
+    torch.manual_seed(0)
+    model, X = TextEncoder(d=32).double().eval(), token_ids(9, seed=5)
+    lin = Linearization(model)
+    J = reference_jacobian(model, X, lin.param_names)
+    full = torch.einsum("iap,jbp->iajb", J, J)
+    probe = Linearization(model).structured(lin.prepare_inputs(X))
+    probe._size(lin.prepare_inputs(X), 3)
+    assert probe._held_bytes("positions") < probe._held_bytes() / 2
+    budget = 2 * 9 * (probe._held_bytes("positions") + probe._held_bytes()) // 2  # between the two
+    calls = []
+    monkeypatch.setattr(costs, "hold_positions", lambda *a: calls.append(a) or True)
+    small = Linearization(model, memory_budget=budget)
+    Xp = small.prepare_inputs(X)
+    engine = small.structured(Xp)
+    assert _rel(engine.kernel(Xp), full.reshape(27, 27)) < 1e-12 and calls
+    assert engine._held_mode(9, budget // 2, budget // 4) == "positions"
+    held = engine._features(Xp, compact="positions")  # the padding positions (no gradient) are left out
+    assert max(A.shape[1] for A, _, _ in held.spatial) == int((X != 0).sum(1).max()) < X.shape[1]
+    Xs = X[:4].flip(0)
+    for sl, Kx, Kss in small.cross_kernel_chunks(X, Xs, size=3):
+        Js = J[:4].flip(0)[sl]
+        assert _rel(Kx, torch.einsum("iap,jbp->iajb", J, Js).reshape(27, -1)) < 1e-12
+        assert _rel(Kss, torch.einsum("iap,ibp->iab", Js, Js)) < 1e-12
+    # the cost model: position pairs cheaper than recomputing the factors for every group of two examples
+    materialised, positions, forming = engine._position_costs
+    assert costs.hold_positions(materialised, positions, forming, 2) == (positions - materialised < forming / 2)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_factored_jvp_equals_the_reference_jacobian(name: str) -> None:
+    model, X = ZOO[name]
+    lin = Linearization(model, chunk_size=3)
+    Xp = lin.prepare_inputs(X)
+    engine = lin.structured(Xp)
+    if engine is None:
+        pytest.skip("no layer rule applies")
+    J = reference_jacobian(model, X, lin.param_names)
+    V = torch.randn(2, lin.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V[:, lin._fixed_entries] = 0.0
+    assert _rel(factored_jvp(engine, Xp, V), torch.einsum("iap,kp->kia", J, V)) < 1e-12
+
+
+class _AttentionOptions(nn.Module):
+    """One nn.MultiheadAttention call with the options the zoo does not use: per-head weights returned and used,
+    no biases, a boolean per-example-and-head attention mask with a key padding mask (sequence first), or
+    separate key / value widths without bias_kv."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        kdim = 5 if case == "separate" else None
+        self.attn = nn.MultiheadAttention(6, 2, bias=case != "no-bias", kdim=kdim, vdim=kdim)
+        self.proj = nn.Linear(3, 6)
+        self.mem = nn.Linear(3, kdim or 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 3)
+        n, T, _ = x.shape
+        q = torch.tanh(self.proj(x)).transpose(0, 1)
+        kv = torch.tanh(self.mem(x)).transpose(0, 1)
+        kwargs: dict = {}
+        if self.case == "masks":
+            kwargs["key_padding_mask"] = x[:, :, 0] > 1.0  # data-dependent padding
+            kwargs["key_padding_mask"][:, 0] = False
+            kwargs["attn_mask"] = (torch.arange(T)[None, :] > torch.arange(T)[:, None]).repeat(n * 2, 1, 1)
+        per_head = self.case == "per-head"
+        o, w = self.attn(q, kv, kv, average_attn_weights=not per_head, **kwargs)
+        out = self.head(o.mean(0))
+        return out + w.reshape(n, -1)[:, :2] if per_head else out
+
+
+@pytest.mark.parametrize("case", ["per-head", "no-bias", "masks", "separate"])
+def test_attention_options_are_exact(case: str) -> None:
+    torch.manual_seed(0)
+    model = _AttentionOptions(case).double().eval()
+    X = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for params in ("all", "bias") if case != "no-bias" else ("all",):
+        lin = Linearization(model, params, chunk_size=2)
+        Xp = lin.prepare_inputs(X)
+        assert lin.structured(Xp).fallback == []
+        J = reference_jacobian(model, X, lin.param_names)
+        assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(10, 10)) < 1e-12

@@ -31,7 +31,8 @@ from linadapt._validation import as_input_tensor
 from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode
 from linadapt.jacobian.held import HeldJacobian
 from linadapt.jacobian.selection import ParamSpec, select_parameters
-from linadapt.jacobian.structured import StructuredNTK
+from linadapt.jacobian.structured import StructuredNTK, factored_jvp
+from linadapt.jacobian.structured.costs import FACTOR_MAX_OUTPUTS
 
 __all__ = ["ALGEBRA_DTYPE", "Linearization", "LinearizationError"]
 
@@ -99,6 +100,25 @@ class Linearization:
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
         self._examples_checked = False  # the network was seen to treat the examples of a batch independently
+        self._fixed_entries = self._padding_rows(model)
+
+    def _padding_rows(self, model: nn.Module) -> torch.Tensor:
+        """Flat indices of the selected entries that autograd never differentiates: the ``padding_idx`` rows of
+        embeddings (their backward gives them no gradient, so they stay fixed in training and J has zero columns
+        for them in reverse mode). Forward mode would push a tangent through them; :meth:`jvp` zeroes these
+        entries of its vectors so that J v is the adjoint of :meth:`vjp`."""
+        offsets, start = {}, 0
+        for name, numel in zip(self.param_names, self.numels):
+            offsets[name] = start
+            start += numel
+        fixed = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding | nn.EmbeddingBag) and getattr(mod, "padding_idx", None) is not None:
+                name = f"{mname}.weight" if mname else "weight"
+                if name in offsets:
+                    row = mod.padding_idx % mod.num_embeddings
+                    fixed.append(torch.arange(mod.embedding_dim) + offsets[name] + row * mod.embedding_dim)
+        return torch.cat(fixed).to(self.device) if fixed else torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -249,6 +269,7 @@ class Linearization:
         sub.shapes = [sub.theta[n].shape for n in names]
         sub.numels = [sub.theta[n].numel() for n in names]
         sub.num_params = int(sum(sub.numels))
+        sub._fixed_entries = sub._padding_rows(self.model)
         sub._structured = False
         sub.held = HeldJacobian(sub)
         return sub
@@ -320,6 +341,8 @@ class Linearization:
         X = self.prepare_inputs(X)
         single = V.dim() == 1
         V = V.reshape(-1, self.num_params).to(self.device)
+        if self._fixed_entries.numel():  # (see _padding_rows)
+            V = V.index_fill(1, self._fixed_entries, 0)
         if not self._forward_ad:
             out = self._jvp_by_jacobian(X, V)
             return out[0] if single else out
@@ -353,8 +376,15 @@ class Linearization:
         return out[0] if single else out
 
     def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """J(X) V for V (k, p) through reverse-mode Jacobian chunks (memory-bounded): the fallback for models
-        with a module that has no forward-mode AD in torch (e.g. ``nn.EmbeddingBag``). (k, n, c), float64."""
+        """J(X) V for V (k, p) without forward-mode AD (a module torch has none for: ``nn.EmbeddingBag``, attention
+        by ``scaled_dot_product_attention``): from the layer factors of chunks of X when layer rules apply
+        (:func:`~linadapt.jacobian.structured.factored_jvp`), else through reverse-mode Jacobian chunks
+        (memory-bounded). (k, n, c), float64."""
+        engine = self.structured(X) if X.shape[0] > 0 else None
+        if engine is not None and self.output_dim(X) <= FACTOR_MAX_OUTPUTS:
+            out = factored_jvp(engine, X, V)
+            self._num_outputs = int(out.shape[-1])
+            return out
         V = V.to(ALGEBRA_DTYPE)
         parts = [torch.einsum("bcp,kp->kbc", J, V) for _, J in self.jacobian_chunks(X)]
         out = torch.cat(parts, dim=1)

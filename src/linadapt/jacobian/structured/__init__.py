@@ -34,6 +34,6 @@ contraction is used instead, with a warning.
 """
 
 from linadapt.jacobian.structured.engine import StructuredNTK
-from linadapt.jacobian.structured.factored import FactoredJacobian, factored_jacobian
+from linadapt.jacobian.structured.factored import FactoredJacobian, factored_jacobian, factored_jvp
 
-__all__ = ["FactoredJacobian", "StructuredNTK", "factored_jacobian"]
+__all__ = ["FactoredJacobian", "StructuredNTK", "factored_jacobian", "factored_jvp"]

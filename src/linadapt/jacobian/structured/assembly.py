@@ -30,6 +30,9 @@ def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
     for (A1, G1, bias), (A2, G2, _) in zip(f1.spatial, f2.spatial):
         term = position_gram_block(A1, G1, A2, G2, bias, trace)
         out = term if out is None else out.add_(term)
+    for (ids1, G1), (ids2, G2) in zip(f1.index, f2.index):
+        term = index_gram_block(ids1, G1, ids2, G2, trace)
+        out = term if out is None else out.add_(term)
     for D1, D2 in zip(f1.dense, f2.dense):
         out = _gram_add(out, D1, D2, trace)
     # held input and output gradients: expanded one layer at a time (the peak holds one layer's gradients, which
@@ -73,6 +76,9 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
         Gi = G.permute(1, 0, 2, 3)  # (b, c, P, d_out)
         term = torch.einsum("bst,bcso,bdto->bcd", AA, Gi, Gi)
         out = term if out is None else out.add_(term)
+    for ids, G in f.index:
+        term = index_diagonal_blocks(ids, G)
+        out = term if out is None else out.add_(term)
     for D in itertools.chain(f.dense, (expand_raw(*r).to(ALGEBRA_DTYPE) for r in f.raw)):  # one layer at a time
         term = D @ D.transpose(1, 2)
         out = term if out is None else out.add_(term)
@@ -83,28 +89,98 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
 def position_gram_block(
     A1: torch.Tensor, G1: torch.Tensor, A2: torch.Tensor, G2: torch.Tensor, bias: bool, trace: bool
 ) -> torch.Tensor:
-    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o):
-    (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``. The output-gradient products of all position
-    pairs come from one matrix product per slab of positions s (slabs bounding its result to
-    :data:`_SLAB_ENTRIES`), then are weighted by the patch Grams."""
+    """Σ_{s,t} (a_is · a_jt [+ 1]) (g_ias · g_jbt) for patches A (b, P, k) and output gradients G (c, b, P, o) (P1
+    positions in the first chunk, P2 in the second): (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``.
+    The output-gradient products of all position pairs come from one matrix product per slab of positions s
+    (slabs bounding its result to :data:`_SLAB_ENTRIES`), then are weighted by the patch Grams."""
     AA = torch.einsum("isk,jtk->ijst", A1, A2)
     if bias:
         AA = AA + 1.0
-    c, b1, P, _ = G1.shape
-    b2 = G2.shape[1]
+    c, b1, P1, _ = G1.shape
+    b2, P2 = G2.shape[1], G2.shape[2]
     w = 1 if trace else c  # rows per example and position: (example, output) pairs, or examples with c·o columns
-    rows1 = G1.permute(2, 1, 0, 3).reshape(P * b1 * w, -1)  # rows (s, i[, a])
-    rows2 = G2.permute(2, 1, 0, 3).reshape(P * b2 * w, -1)  # rows (t, j[, b])
+    rows1 = G1.permute(2, 1, 0, 3).reshape(P1 * b1 * w, -1)  # rows (s, i[, a])
+    rows2 = G2.permute(2, 1, 0, 3).reshape(P2 * b2 * w, -1)  # rows (t, j[, b])
     out = torch.zeros((b1, b2) if trace else (b1, c, b2, c), dtype=G1.dtype, device=G1.device)
-    slab = max(1, _SLAB_ENTRIES // max(1, b1 * w * P * b2 * w))
-    for s0 in range(0, P, slab):
-        s1 = min(P, s0 + slab)
+    slab = max(1, _SLAB_ENTRIES // max(1, b1 * w * P2 * b2 * w))
+    for s0 in range(0, P1, slab):
+        s1 = min(P1, s0 + slab)
         M = rows1[s0 * b1 * w : s1 * b1 * w] @ rows2.T
         if trace:
-            out += torch.einsum("ijst,sitj->ij", AA[:, :, s0:s1], M.view(s1 - s0, b1, P, b2))
+            out += torch.einsum("ijst,sitj->ij", AA[:, :, s0:s1], M.view(s1 - s0, b1, P2, b2))
         else:
-            out += torch.einsum("ijst,siatjb->iajb", AA[:, :, s0:s1], M.view(s1 - s0, b1, c, P, b2, c))
+            out += torch.einsum("ijst,siatjb->iajb", AA[:, :, s0:s1], M.view(s1 - s0, b1, c, P2, b2, c))
     return out
 
 
 _SLAB_ENTRIES = 2**22  # entries of one slab's output-gradient products in position_gram_block
+
+
+def index_gram_block(
+    ids1: torch.Tensor, G1: torch.Tensor, ids2: torch.Tensor, G2: torch.Tensor, trace: bool
+) -> torch.Tensor:
+    """An embedding's kernel block Σ_{s,t} [id_is = id_jt] (g_ias · g_jbt) for ids (b, P) (−1: no row) and output
+    gradients G (c, b, P, d): (b1, c, b2, c), or (b1, b2) summed over a = b with ``trace``.
+
+    This is the position Gram of a Linear layer applied to one-hot rows, whose input Gram is the id-equality mask:
+    only the matching position pairs are visited (found by sorting, never forming anything of the table's size),
+    so the work is (matching pairs) · c² · d rather than P² · c² · d."""
+    b1, P1 = ids1.shape
+    b2, P2 = ids2.shape
+    c, d = G1.shape[0], G1.shape[-1]
+    r1, r2 = matching_pairs(ids1.reshape(-1), ids2.reshape(-1))
+    rows1 = G1.permute(1, 2, 0, 3).reshape(b1 * P1, c, d)  # (position of an example, output, d)
+    rows2 = G2.permute(1, 2, 0, 3).reshape(b2 * P2, c, d)
+    target = (r1 // P1) * b2 + r2 // P2  # the example pair (i, j) of each matching position pair
+    sums = _pair_sums(rows1, rows2, r1, r2, target, b1 * b2, trace)
+    return sums.view(b1, b2) if trace else sums.view(b1, b2, c, c).permute(0, 2, 1, 3).contiguous()
+
+
+def index_diagonal_blocks(ids: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """An embedding's per-example blocks Σ_{s,t} [id_is = id_it] g_ias · g_ibt, (b, c, c), for ids (b, P) (−1: no
+    row) and output gradients G (c, b, P, d): the matching pairs within each example (ids offset per example)."""
+    b, P = ids.shape
+    c, d = G.shape[0], G.shape[-1]
+    span = int(ids.max()) + 1 if ids.numel() else 1
+    offsets = torch.arange(b, device=ids.device).unsqueeze(1) * span
+    keys = torch.where(ids >= 0, ids + offsets, ids).reshape(-1)
+    r1, r2 = matching_pairs(keys, keys)
+    rows = G.permute(1, 2, 0, 3).reshape(b * P, c, d)
+    return _pair_sums(rows, rows, r1, r2, r1 // P, b, False)
+
+
+def matching_pairs(keys1: torch.Tensor, keys2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All index pairs (r1, r2) with keys1[r1] = keys2[r2] ≥ 0 (negative keys match nothing), for int64 keys: by
+    sorting keys2 and locating each key of keys1 in it."""
+    where2 = (keys2 >= 0).nonzero().squeeze(1)
+    sorted2, order = keys2[where2].sort()
+    where2 = where2[order]
+    where1 = (keys1 >= 0).nonzero().squeeze(1)
+    k1 = keys1[where1]
+    lo = torch.searchsorted(sorted2, k1)
+    counts = torch.searchsorted(sorted2, k1, right=True) - lo
+    r1 = where1.repeat_interleave(counts)
+    first = (counts.cumsum(0) - counts).repeat_interleave(counts)  # where each key's run starts in the output
+    r2 = where2[lo.repeat_interleave(counts) + torch.arange(r1.shape[0], device=keys1.device) - first]
+    return r1, r2
+
+
+def _pair_sums(
+    rows1: torch.Tensor,
+    rows2: torch.Tensor,
+    r1: torch.Tensor,
+    r2: torch.Tensor,
+    target: torch.Tensor,
+    size: int,
+    trace: bool,
+) -> torch.Tensor:
+    """Σ over the pairs m with target[m] = q of rows1[r1[m]] rows2[r2[m]]ᵀ (c × c; its trace with ``trace``), for
+    rows (·, c, d): (size, c, c) or (size,); in slabs of pairs bounding the gathered rows to :data:`_SLAB_ENTRIES`."""
+    c, d = rows1.shape[1:]
+    out = rows1.new_zeros((size,) if trace else (size, c, c))
+    step = max(1, _SLAB_ENTRIES // max(1, c * d))
+    for s in range(0, r1.shape[0], step):
+        g1, g2 = rows1[r1[s : s + step]], rows2[r2[s : s + step]]
+        val = (g1 * g2).sum((1, 2)) if trace else g1 @ g2.transpose(1, 2)
+        out.index_add_(0, target[s : s + step], val)
+    return out

@@ -59,6 +59,14 @@ def position_form_for_products(P: int, k: int, d_out: int, c: int, rank_one: boo
     return P * k * d_out + stored < c * d_out * (k + 1)
 
 
+def hold_positions(materialised: float, position_grams: float, forming: float, group: int) -> bool:
+    """Whether kernels whose factors do not fit the budget materialised (groups of ``group`` examples held, the
+    other examples' factors formed again for each group: about ``forming`` / ``group`` more multiply-adds per
+    pair of examples) are cheaper with the reused-weight layers held as position Grams, which fit: those cost
+    ``position_grams`` per pair instead of ``materialised``."""
+    return position_grams - materialised < forming / max(1, group)
+
+
 def held_as_raw(input_entries: int, c: int, d_out: int, P: int, k_in: int) -> bool:
     """Whether a convolution's factors held for kernels take less memory as its input and output gradients
     (input_entries + c·d_out·P per example) than as its materialised gradients (c·d_out·k_in): late layers with

@@ -13,18 +13,18 @@ from linadapt.jacobian.structured.engine import StructuredNTK
 from linadapt.jacobian.structured.features import feature_bytes, join
 from linadapt.jacobian.structured.output_gradients import (
     OutputGradients,
-    compact,
     contract_any,
     expand_any,
     position_major,
     width,
 )
+from linadapt.jacobian.structured.output_gradients import compact as compact_outputs
 
 if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
 
 
-__all__ = ["FactoredJacobian", "factored_jacobian"]
+__all__ = ["FactoredJacobian", "factored_jacobian", "factored_jvp"]
 
 
 class FactoredJacobian:
@@ -56,6 +56,8 @@ class FactoredJacobian:
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         f = join((engine._features(X[sl], self.dtype, products=True) for sl in chunks), self.n)
         self.c = lin.output_dim(X)
+        # (built for a few vectors, by factored_jvp: not worth the search for the compact forms below)
+        compact = _as_they_are if engine.few_vectors else compact_outputs
         # Linear layers: (inputs (n, d_in) or None, output gradients, weight, bias names); the output gradients
         # as None when they are the identity (a layer producing the network's outputs: g_ia = e_a), as the
         # factors (R (c, d_out), D (n, d_out)) when g_ia = R_a ⊙ D_i (a layer followed by an elementwise
@@ -70,6 +72,11 @@ class FactoredJacobian:
             for (A, G, _), (w, b) in zip(f.spatial, f.spatial_names)
         ]
         self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G, _ in f.spatial]
+        # embeddings: (ids (n, P), −1 where no row; output gradients over P·d as above; the table's name)
+        self.index = [
+            (ids, compact(G.reshape(G.shape[0], G.shape[1], -1)), w) for (ids, G), w in zip(f.index, f.index_names)
+        ]
+        self._widths += [G.shape[0] * G.shape[2] * G.shape[3] for _, G in f.index]
         # convolutions multiplied by convolution: (input (n, C_in, H, W) channels-last, output gradients over
         # P·d_out as above, reordered position-major — each position's d_out channels contiguous, the layout of a
         # channels-last convolution's result, so that the products need no copy —, geometry, weight, bias names)
@@ -86,6 +93,7 @@ class FactoredJacobian:
         self._twin: list[int | None] = [None] * len(self.conv)
         self.budget = budget
         self._widths += [geo.d_out * geo.positions for _, _, geo in f.conv]
+        self._shapes = dict(zip(lin.param_names, lin.shapes))
         offsets, start = {}, 0
         for name, numel in zip(lin.param_names, lin.numels):
             offsets[name] = slice(start, start + numel)
@@ -109,6 +117,7 @@ class FactoredJacobian:
 
         self.outer = [(None if A is None else A.double(), up(G), w, b) for A, G, w, b in self.outer]
         self.spatial = [(A.double(), up(G), w, b) for A, G, w, b in self.spatial]
+        self.index = [(ids, up(G), w) for ids, G, w in self.index]
         self.conv = [(A.double(), up(G), geo, w, b) for A, G, geo, w, b in self.conv]  # keeps channels-last
         self.dense = [(D.double(), names) for D, names in self.dense]
         self.dtype = torch.float64
@@ -117,7 +126,7 @@ class FactoredJacobian:
     def nbytes(self) -> int:
         """Memory held by the factors."""
         tensors = [D for D, _ in self.dense]
-        pairs = [(A, G) for A, G, _, _ in self.outer + self.spatial] + [(A, G) for A, G, *_ in self.conv]
+        pairs = [(A, G) for A, G, _, _ in self.outer + self.spatial] + [(A, G) for A, G, *_ in self.conv + self.index]
         for A, G in pairs:
             tensors += [t for t in (A, *(G if isinstance(G, tuple) else (G,))) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -198,6 +207,11 @@ class FactoredJacobian:
                 out[:, self._slices[w]] += torch.einsum("kro,ri->koi", W, A[sl].reshape(nb * P, d_in)).reshape(k, -1)
                 if b is not None:
                     out[:, self._slices[b]] += W.sum(1)
+            for ids, G, w in self.index:  # Σ_a u_ia g_iat added to row id_it of the table
+                nb, P = ids[sl].shape
+                W = contract_any(G, Ub, sl, examples_first=True).reshape(k, nb * P, -1)
+                table = out[:, self._slices[w]].view(k, -1, W.shape[-1])  # (k, V, d), a view of out
+                table.index_add_(1, ids[sl].reshape(-1).clamp_min(0), W)  # (zero gradients where no row)
             for j, (D, names) in enumerate(self.dense):
                 if j in skipped:
                     continue
@@ -236,7 +250,11 @@ class FactoredJacobian:
             d_out = width(G, self.c) // A.shape[1]
             Vw = V[:, self._slices[w]].reshape(k, d_out, A.shape[-1])
             spatial.append((A, G, Vw, None if b is None else V[:, self._slices[b]][:, None, :]))
+        index = [(ids, G, V[:, self._slices[w]].reshape(k, *self._shapes[w])) for ids, G, w in self.index]
         for sl in self._blocks(k):
+            for ids, G, table in index:  # g_iat · V_E[id_it]: the rows gathered (zero gradients where no row)
+                M = table[:, ids[sl].clamp_min(0)]  # (k, block, P, d)
+                out[:, sl] += expand_any(G, M.reshape(k, M.shape[1], -1), sl)
             for A, G, geo, Vw, vb in convs:  # the convolution of a_i with the k weight directions at once
                 M = torch.nn.functional.conv2d(A[sl], Vw, vb, geo.stride, geo.padding, geo.dilation)
                 nb, P = M.shape[0], geo.positions
@@ -263,6 +281,10 @@ class FactoredJacobian:
         return out.to(ALGEBRA_DTYPE)
 
 
+def _as_they_are(G: torch.Tensor) -> torch.Tensor:
+    return G
+
+
 def factored_jacobian(
     lin: Linearization, X: torch.Tensor, budget: int, max_outputs: int = costs.FACTOR_MAX_OUTPUTS
 ) -> FactoredJacobian | None:
@@ -282,3 +304,26 @@ def factored_jacobian(
         return None
     size = engine._size(X, c)
     return FactoredJacobian(engine, X, blocks(X.shape[0], size), budget)
+
+
+def factored_jvp(engine: StructuredNTK, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """J(X) V for V (k, p), (k, n, c) float64, from the layer factors of chunks of X: the Jacobian-vector product
+    for networks torch has no forward-mode AD for (scaled_dot_product_attention, the fused transformer encoder
+    layer), in place of per-example Jacobians of all p weights.
+
+    Each chunk's factors come from one forward and one batched backward pass, with every reused-weight layer kept
+    unexpanded — patches and output gradients (J v: Σ_t g_iat · (V_W a_it + v_b), one matrix product per vector),
+    convolutions by convolution — since they serve these few vectors only; chunks hold those factors within a
+    quarter of ``memory_budget``. Parameters without a rule still take their per-example Jacobians."""
+    lin = engine.lin
+    n = X.shape[0]
+    engine.few_vectors = True
+    try:
+        per_example = feature_bytes(engine._features(X[:1], lin.net_dtype, products=True))
+        size = max(1, min(lin.chunk_size or 256, lin.memory_budget // 4 // max(1, per_example)))
+        if engine._sub is not None:  # their dense per-example Jacobians (c × p_fallback) as well
+            size = min(size, engine._size(X, lin.output_dim(X)))
+        parts = [FactoredJacobian(engine, X[sl], [slice(0, sl.stop - sl.start)]).jvp(V) for sl in blocks(n, size)]
+    finally:
+        engine.few_vectors = False
+    return torch.cat(parts, dim=1)

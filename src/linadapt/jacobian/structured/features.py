@@ -13,12 +13,23 @@ from linadapt.jacobian.structured import costs
 
 @dataclass
 class Layer:
-    """A supported module and which of its parameters are selected (names in the Linearization)."""
+    """A supported module and which of its parameters are selected: ``params`` maps the parameter's name in the
+    module (``"weight"``, ``"in_proj_weight"``, ``"out_proj.bias"``, ...) to its name in the Linearization, for
+    the selected ones only."""
 
     name: str
     module: nn.Module
-    weight: str | None
-    bias: str | None
+    params: dict[str, str]
+
+    @property
+    def weight(self) -> str | None:
+        """The selected ``weight``'s name in the Linearization, or None."""
+        return self.params.get("weight")
+
+    @property
+    def bias(self) -> str | None:
+        """The selected ``bias``'s name in the Linearization, or None."""
+        return self.params.get("bias")
 
 
 @dataclass
@@ -51,6 +62,10 @@ class Features:
     # the bias is selected); the names per entry as for ``spatial``
     raw: list[tuple[torch.Tensor, torch.Tensor, ConvGeometry, bool]] = field(default_factory=list)
     raw_names: list[tuple[str, str | None]] = field(default_factory=list)
+    # embeddings (rows of a table picked by integer ids): (the ids (b, P), int64, −1 at positions whose row gets
+    # no gradient; output gradients (c, b, P, d), zero at those positions); the table's name per entry
+    index: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    index_names: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,14 +115,17 @@ def only_output(f: Features, a: int) -> Features:
         f.spatial_names,
         raw=[(A, G[a : a + 1], geo, bias) for A, G, geo, bias in f.raw],
         raw_names=f.raw_names,
+        index=[(ids, G[a : a + 1]) for ids, G in f.index],
+        index_names=f.index_names,
     )
 
 
 def promoted(f: Features, dtype: torch.dtype) -> Features:
     """The same factors in ``dtype`` (``f`` itself when they already are), except the convolutions held as input
     and output gradients (``raw``): they stay in their dtype, are expanded in it (as materialised layers are
-    formed from factors in the stored dtype) and the expanded gradients are promoted (:func:`assembly.block`)."""
-    if all(t.dtype == dtype for t in _tensors(f, raw=False)):
+    formed from factors in the stored dtype) and the expanded gradients are promoted (:func:`assembly.block`);
+    integer ids are kept as they are."""
+    if all(t.dtype == dtype for t in _tensors(f, raw=False) if t.is_floating_point()):
         return f
 
     def to(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -125,6 +143,8 @@ def promoted(f: Features, dtype: torch.dtype) -> Features:
         conv_names=f.conv_names,
         raw=list(f.raw),
         raw_names=f.raw_names,
+        index=[(ids, to(G)) for ids, G in f.index],
+        index_names=f.index_names,
     )
 
 
@@ -160,12 +180,14 @@ def join(parts: Iterable[Features], n: int) -> Features:
                 conv_names=f.conv_names,
                 raw=[(allocate(A, 0, n), allocate(G, 1, n), geo, bias) for A, G, geo, bias in f.raw],
                 raw_names=f.raw_names,
+                index=[(allocate(ids, 0, n), allocate(G, 1, n)) for ids, G in f.index],
+                index_names=f.index_names,
             )
         pairs = [(t, jt, 0) for t, jt in zip(f.dense, joined.dense)]
         for mine, theirs in ((f.outer, joined.outer), (f.spatial, joined.spatial), (f.conv, joined.conv)):
             for (A, G, _), (jA, jG, _) in zip(mine, theirs):
                 pairs += [(A, jA, 0), (G, jG, 1)]
-        for (A, G, *_), (jA, jG, *_) in zip(f.raw, joined.raw):
+        for (A, G, *_), (jA, jG, *_) in zip(f.raw + f.index, joined.raw + joined.index):
             pairs += [(A, jA, 0), (G, jG, 1)]
         for t, jt, dim in pairs:
             if t is not None:
@@ -188,7 +210,12 @@ def allocate(t: torch.Tensor | None, dim: int, n: int) -> torch.Tensor | None:
 
 
 class RuleError(RuntimeError):
-    """Layer rules that do not apply to how the model uses the layers; args[0]: the module names."""
+    """Layer rules that do not apply to how the model uses the layers; args[0]: the module names, args[1] (when
+    given): why."""
+
+    def __str__(self) -> str:
+        names = ", ".join(self.args[0])
+        return f"layer rules do not apply to {names}" + (f": {self.args[1]}" if len(self.args) > 1 else "")
 
 
 def _tensors(f: Features, raw: bool = True) -> list[torch.Tensor]:
@@ -197,6 +224,7 @@ def _tensors(f: Features, raw: bool = True) -> list[torch.Tensor]:
     tensors += [t for A, G, _ in f.conv for t in (A, G)]
     if raw:
         tensors += [t for A, G, *_ in f.raw for t in (A, G)]
+    tensors += [t for ids, G in f.index for t in (ids, G)]
     return tensors
 
 

@@ -75,7 +75,7 @@ class ConvRule:
                 return  # the materialised form, if wanted too, is formed from these on first use
         if layer.weight:
             P, k_in, d_out = Gf.shape[3], A.shape[1] * kernel[0] * kernel[1], Gf.shape[2]
-            if not products and engine._unexpanded(layer, P, k_in, Gf.transpose(2, 3), products):
+            if not products and engine._unexpanded(layer.name, P, k_in, Gf.transpose(2, 3), products):
                 patches = torch.nn.functional.unfold(A, kernel, dilation=dilation, padding=padding, stride=stride)
                 feats.spatial.append((patches.transpose(1, 2), Gf.transpose(2, 3), layer.bias is not None))
                 feats.spatial_names.append((layer.weight, layer.bias))

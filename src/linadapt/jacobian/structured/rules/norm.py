@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linadapt.jacobian.structured.registry import register
+from linadapt.jacobian.structured.registry import Capture, default_capture, positionwise_capture, register
 
 __all__ = ["NormRule"]
 
@@ -41,6 +41,17 @@ class NormRule:
         if isinstance(module, _BATCH_NORMS):
             return bool(module.track_running_stats) and module.running_mean is not None
         return True
+
+    def capture(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, b: int, memo: dict | None = None
+    ) -> Capture | None:
+        """A LayerNorm normalises each position of its leading dimensions on its own: the batch may be any of
+        those (:func:`positionwise_capture`); the others take it first."""
+        if isinstance(module, nn.LayerNorm):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() - len(module.normalized_shape) >= 2:
+                return positionwise_capture(module, args, kwargs, output, b, memo)
+        return default_capture(module, args, kwargs, output, b)
 
     def features(
         self, engine: Any, layer: Any, A: torch.Tensor, G: torch.Tensor, feats: Any, products: bool = False
