@@ -90,6 +90,14 @@ def test_grouped_laplace_equals_weight_space_closed_form() -> None:
     np.testing.assert_allclose(m, mean.numpy(), atol=1e-8)
     np.testing.assert_allclose(cov, blocks.numpy(), atol=1e-8)
     np.testing.assert_allclose(clf.posterior_.delta.numpy(), delta.numpy(), atol=1e-8)
+    # 70 test points: the groups' cross kernels go in several chunks (each group's engine may split them further)
+    many = torch.randn(70, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    _, mean70, blocks70, _ = _weight_space_laplace(net, X, y, many, SCALES)
+    for budget in (None, "2MiB"):
+        clf.set_params(memory_budget=budget)._fit(X, y, {"0": 2.0, "2": 0.05, "4": 0.7})
+        m70, cov70 = clf.predict_logits(many)
+        np.testing.assert_allclose(m70, mean70.numpy(), atol=1e-8)
+        np.testing.assert_allclose(cov70, blocks70.numpy(), atol=1e-8)
     full = clf.posterior_.latent_cov(Xs)  # the joint covariance through the dense grouped kernels
     diag_blocks = full.reshape(5, 3, 5, 3).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     np.testing.assert_allclose(diag_blocks.numpy(), blocks.numpy(), atol=1e-8)

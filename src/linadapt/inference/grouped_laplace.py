@@ -157,13 +157,28 @@ class GroupedLaplacePosterior(LaplacePosterior):
     def _scaled_sum(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return sum(float(s) * part for s, part in zip(self.prior_vars, parts))  # type: ignore[return-value]
 
+    def _group_chunk(self, m: int, size: int) -> int:
+        """Test points per chunk: at most ``size``, about 16 chunks for a long prediction (at least 32 points)."""
+        return max(1, min(size, max(32, math.ceil(m / 16))))
+
     def _cross_kernel_chunks(
         self, X: torch.Tensor, Xs: torch.Tensor, size: int
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Chunks (sl, Σ_g s²_g K_g(X, Xs[sl]), Σ_g s²_g blocks_g): the groups' chunk streams side by side."""
-        streams = [lin.cross_kernel_chunks(X, Xs, size) for lin in self.problem.kernels.lins]  # type: ignore[attr-defined]
-        for parts in zip(*streams):
-            yield parts[0][0], self._scaled_sum([p[1] for p in parts]), self._scaled_sum([p[2] for p in parts])
+        """Chunks (sl, Σ_g s²_g K_g(X, Xs[sl]), Σ_g s²_g blocks_g) of fixed slices of Xs: each group's engine
+        may split a slice further (its own memory plan), and its pieces are joined before the groups are summed."""
+        lins = self.problem.kernels.lins  # type: ignore[attr-defined]
+        step = self._group_chunk(Xs.shape[0], size)
+        for start in range(0, Xs.shape[0], step):
+            sl = slice(start, min(start + step, Xs.shape[0]))
+            cross, blocks = [], []
+            for lin in lins:
+                pieces = list(lin.cross_kernel_chunks(X, Xs[sl], step))
+                cross.append(torch.cat([Kx for _, Kx, _ in pieces], 1))
+                blocks.append(torch.cat([Kss for _, _, Kss in pieces], 0))
+            yield sl, self._scaled_sum(cross), self._scaled_sum(blocks)
+
+    def _cross_kernel_steps(self, X: torch.Tensor, m: int, size: int) -> int:
+        return math.ceil(m / self._group_chunk(m, size)) if m else 0
 
     def _dense_kernels(self, X: torch.Tensor, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lins = self.problem.kernels.lins  # type: ignore[attr-defined]

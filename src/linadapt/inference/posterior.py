@@ -209,7 +209,7 @@ class LinearizedPosterior:
                 return self._training_blocks()
             size = self._test_chunk(Xs.shape[0])
             chunks = self._cross_kernel_chunks(X, Xs, size)
-            steps = self.lin.cross_kernel_steps(X, Xs, size)
+            steps = self._cross_kernel_steps(X, Xs.shape[0], size)
             out = [
                 self._blocks_from_kernels(Kx, Kss)
                 for _, Kx, Kss in with_progress(chunks, steps, self._progress_label(Xs), self.progress)
@@ -228,6 +228,10 @@ class LinearizedPosterior:
         """Chunks of ``size`` test points: (sl, K(X, Xs[sl]) (N, b·c), prior blocks (b, c, c)) of the kernel whose
         s² multiple is the prior covariance of the outputs (here J Jᵀ; a grouped prior sums scaled kernels)."""
         return self.lin.cross_kernel_chunks(X, Xs, size)
+
+    def _cross_kernel_steps(self, X: torch.Tensor, m: int, size: int) -> int:
+        """How many chunks :meth:`_cross_kernel_chunks` yields for m test points."""
+        return self.lin.cross_kernel_steps(X, m, size)
 
     def _dense_kernels(self, X: torch.Tensor, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K(X, X*) (N, m·c), K(X*, X*) (m·c, m·c)) of that kernel, dense."""

@@ -570,14 +570,10 @@ class Linearization:
             sl = slice(start, min(start + max(1, int(size)), Xs.shape[0]))
             yield sl, self._ntk_jacobian(X, Xs[sl]), self.ntk_blocks(Xs[sl], method="jacobian")
 
-    def cross_kernel_steps(self, X: Any, Xs: Any, size: int, method: str = "auto") -> int:
-        """How many chunks :meth:`cross_kernel_chunks` yields for these arguments (a progress bar's total)."""
-        X = self.prepare_inputs(X, "X")
-        m = self.prepare_inputs(Xs, "Xs").shape[0]
-        engine = self.structured(X) if _check_method(method) == "auto" else None
-        if engine is not None:
-            return engine.cross_kernel_steps(X, m, max(1, int(size)))
-        return math.ceil(m / max(1, int(size)))
+    def cross_kernel_steps(self, X: Any, m: int, size: int) -> int:
+        """How many chunks :meth:`cross_kernel_chunks` yields for m test points (a progress bar's total)."""
+        engine = self.structured(X := self.prepare_inputs(X, "X"))
+        return engine.cross_kernel_steps(X, m, max(1, size)) if engine else math.ceil(m / max(1, size))
 
     def _ntk_jacobian(self, X1: torch.Tensor, X2: torch.Tensor | None) -> torch.Tensor:
         """J(X1) J(X2)ᵀ, (n1·c, n2·c), by contracting Jacobian chunks."""
