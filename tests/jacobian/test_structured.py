@@ -1062,3 +1062,31 @@ def test_attention_options_are_exact(case: str) -> None:
         assert lin.structured(Xp).fallback == []
         J = reference_jacobian(model, X, lin.param_names)
         assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(10, 10)) < 1e-12
+
+
+def test_a_network_that_cannot_run_on_an_expanded_embedding_output_falls_back() -> None:
+    """Position embeddings of a (1, T) id buffer are expanded to the batch so that their output gradients are per
+    example; a network that reshapes that output by ``view`` (impossible on the expanded view) hands that table to
+    the Jacobian contraction at the first check, and keeps the rules of the other layers; exact."""
+
+    class Viewed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(9, 4)
+            self.positions = nn.Embedding(6, 4)
+            self.register_buffer("ids", torch.arange(6).unsqueeze(0), persistent=False)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            T = x.shape[1]
+            h = torch.tanh(self.tokens(x) + self.positions(self.ids[:, :T]).view(T, 4))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Viewed().double()
+    X = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(0))
+    lin = Linearization(model)
+    engine = lin.structured(lin.prepare_inputs(X))
+    assert engine.fallback == ["positions.weight"] and {layer.name for layer in engine.layers} == {"tokens", "head"}
+    J = reference_jacobian(model, X, lin.param_names)
+    assert _rel(lin.ntk(X), torch.einsum("iap,jbp->iajb", J, J).reshape(10, 10)) < 1e-12

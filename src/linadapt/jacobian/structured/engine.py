@@ -50,6 +50,7 @@ class StructuredNTK:
         self._product_forms: dict[str, bool] = {}  # per layer: unexpanded form for products (decided once)
         self._conv_forms: dict[str, tuple[bool, bool, int]] = {}  # per conv: (by convolution, materialised, stored)
         self._memo: dict[str, dict] = {}  # per layer: what its rule's capture decided on the first call
+        self._replaced: set[str] = set()
         selected = set(lin.param_names)
         owners: dict[int, int] = {}
         for mod in lin.model.modules():
@@ -108,6 +109,7 @@ class StructuredNTK:
         lin = self.lin
         b = xb.shape[0]
         captured: dict[str, list[Capture | None]] = {layer.name: [] for layer in self.layers}
+        self._replaced: set[str] = set()  # layers whose output the network ran on in place of the module's
 
         def hook_for(layer: Layer):
             capture = capture_for(rule_for(layer.module))
@@ -117,7 +119,10 @@ class StructuredNTK:
             def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
                 got = capture(mod, args, kwargs, out, b, memo)
                 captured[layer.name].append(got)
-                return None if got is None else got.replacement
+                if got is None or got.replacement is None:
+                    return None
+                self._replaced.add(layer.name)
+                return got.replacement
 
             return hook
 
@@ -249,6 +254,12 @@ class StructuredNTK:
                 break
             except RuleError as exc:  # layers run twice, or not batch-first: their parameters fall back
                 self._demote(exc.args[0])
+            except (
+                Exception
+            ):  # the network failed on an output a rule replaced (e.g. an expanded view): those fall back
+                if not self._replaced:
+                    raise
+                self._demote(list(self._replaced))
         if not self.verify:
             return True
         mine = assembly.block(f, f, trace=False)
