@@ -285,7 +285,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         groups = resolve_groups(list(lin.param_names), self.prior_groups)
         names = [label for label, _ in groups]
         problem = GroupedLaplaceProblem(
-            lin, Xt, labels, self.prior_mean, options, groups, self.model, f0=f0, likelihood=self._likelihood
+            lin, Xt, labels, self.prior_mean, options, groups, f0=f0, likelihood=self._likelihood
         )
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:

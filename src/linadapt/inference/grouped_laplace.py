@@ -48,8 +48,8 @@ class GroupedLaplaceProblem(LaplaceProblem):
         lin: the linearization over all adapted weights (its parameter order is the weights' order).
         X, labels, prior_mean, options, f0, likelihood: as for LaplaceProblem (one process).
         groups: (label, parameter names) pairs covering ``lin.param_names`` (from
-            :func:`~linadapt.inference.prior_groups.resolve_groups`).
-        model: the network (one :class:`~linadapt.jacobian.linearization.Linearization` per group).
+            :func:`~linadapt.inference.prior_groups.resolve_groups`); one
+            :class:`~linadapt.jacobian.linearization.Linearization` of ``lin.model`` per group.
 
     Attributes: Ks (G, N, N) the per-group training kernels, scales (G,) the s²_g the kernel now holds.
 
@@ -65,7 +65,6 @@ class GroupedLaplaceProblem(LaplaceProblem):
         prior_mean: str,
         options: SolverOptions,
         groups: list[tuple[str, list[str]]],
-        model: torch.nn.Module,
         f0: torch.Tensor | None = None,
         likelihood: Likelihood | None = None,
     ) -> None:
