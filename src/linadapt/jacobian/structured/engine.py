@@ -419,7 +419,7 @@ class StructuredNTK:
     def _size(self, X: torch.Tensor, c: int, compact: bool = False) -> int:
         """Examples per chunk so that a chunk's materialised per-layer gradients stay within budget. ``compact``:
         for kernel blocks from the held (compact) factors, whose convolutions held as input and output gradients
-        are expanded one layer at a time (:func:`assembly.block`), so that only the largest of them counts."""
+        are expanded a slab at a time (:func:`assembly.block`): those count by their input and output gradients."""
         if not hasattr(self, "_dense_q"):
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
@@ -429,8 +429,8 @@ class StructuredNTK:
             self._compact_bytes = feature_bytes(held)
             self._compact_q = sum(f.shape[-1] for f in held.dense)
             self._compact_q += sum(G.shape[2] * G.shape[3] for _, G, _ in held.spatial)
-            self._compact_q += max((g.d_out * (g.k_in + bias) for _, _, g, bias in held.raw), default=0)
-        per_example = max(1, c * (self._compact_q if compact else self._dense_q))
+            self._raw_entries = sum(A[0].numel() + G[:, 0].numel() for A, G, *_ in held.raw)
+        per_example = max(1, c * self._compact_q + self._raw_entries if compact else c * self._dense_q)
         return max(1, min(self.lin.chunk_size or 256, self.feature_entries // per_example))
 
     @property
