@@ -9,7 +9,9 @@ and ECE. Methods:
 * ``linadapt-all``: ``LinearizedClassifier(net, params="all", link=--link)`` — every weight — fit and
   ``predict_proba`` (``link="auto"``, the default here as in the experiments' ``-auto`` rows: the readout with
   the best leave-one-out likelihood on the labels — probit, bridge or the MAP logits);
-* ``linadapt-head``: the same on the head block only (the experiment's other variant).
+* ``linadapt-head``: the same on the head block only (the experiment's other variant);
+* ``linadapt-last`` (not run by default): the same on the last layer only (Bayesian logistic regression on the
+  network's features).
 
 Network: ``efficientnet`` — the ImageNet-pretrained EfficientNet-Lite0 of the pretrained-backbone experiment (3.4M
 weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
@@ -18,7 +20,7 @@ test images (the experiment's draw for ``--seed``).
 Network: ``resnet18`` — a ResNet-18 for small images (11.2M weights, BatchNorm, residual blocks; defined in
 ``_real_tasks.py``) trained here on the 5,000 MNIST digits at ``--size`` × ``--size`` and cached under
 ``~/.cache/linadapt/`` (trained once, before the methods run, outside their measured processes), with a new
-10-way head on Animal-MNIST (the ``mnist-to-animals`` draw); its head block is the linear head only.
+10-way head on Animal-MNIST (the ``mnist-to-animals`` draw); its head block is the last residual stage and the head.
 
     python benchmarks/real_networks.py --network efficientnet --shots 10 --size 64 --test 500 --seed 0
     python benchmarks/real_networks.py --network resnet18 --shots 10 --size 32 --test 500 --seed 0 --threads 1
@@ -59,7 +61,7 @@ if method == "finetune-all":
     proba = tuned.predict_proba(xt)
     extra = {"best_epoch": tuned.best_epoch}
 else:
-    params = "all" if method == "linadapt-all" else task["head"]
+    params = {"linadapt-all": "all", "linadapt-last": "last"}.get(method, task["head"])
     clf = LinearizedClassifier(net, params=params, link="LINK").fit(xa, ya)
     fit = time.perf_counter() - t
     proba = clf.predict_proba(xt)
