@@ -11,7 +11,9 @@ and ECE. Methods:
   the best leave-one-out likelihood on the labels — probit, bridge or the MAP logits);
 * ``linadapt-all-groups``: every weight with two prior variances, one for the head block and one for the rest
   (``prior_groups=[head block]``), both learned by the Laplace evidence;
-* ``linadapt-head``: the same on the head block only (the experiment's other variant).
+* ``linadapt-head``: the same on the head block only (the experiment's other variant);
+* ``linadapt-last`` (not run by default): the same on the last layer only (Bayesian logistic regression on the
+  network's features).
 
 Networks (``_real_tasks.py``):
 
@@ -19,12 +21,11 @@ Networks (``_real_tasks.py``):
   weights, new 10-way head) on Animal-MNIST at ``--size`` × ``--size``, ``--shots`` labels per class, ``--test``
   test images (the experiment's draw for ``--seed``);
 * ``minilm`` — the pretrained sentence encoder all-MiniLM-L6-v2 (a 6-layer BERT, 22.6M weights, new 3-way head;
-  the ``text`` extra) on Tate artwork titles → medium, ``--size`` tokens per title.
-
-Network: ``resnet18`` — a ResNet-18 for small images (11.2M weights, BatchNorm, residual blocks; defined in
+  the ``text`` extra) on Tate artwork titles → medium, ``--size`` tokens per title;
+* ``resnet18`` — a ResNet-18 for small images (11.2M weights, BatchNorm, residual blocks; defined in
 ``_real_tasks.py``) trained here on the 5,000 MNIST digits at ``--size`` × ``--size`` and cached under
 ``~/.cache/linadapt/`` (trained once, before the methods run, outside their measured processes), with a new
-10-way head on Animal-MNIST (the ``mnist-to-animals`` draw); its head block is the linear head only.
+10-way head on Animal-MNIST (the ``mnist-to-animals`` draw); its head block is the last residual stage and the head.
 
     python benchmarks/real_networks.py --network efficientnet --shots 10 --size 64 --test 500 --seed 0
     python benchmarks/real_networks.py --network resnet18 --shots 10 --size 32 --test 500 --seed 0 --threads 1
@@ -66,7 +67,7 @@ if method == "finetune-all":
     proba = tuned.predict_proba(xt)
     extra = {"best_epoch": tuned.best_epoch}
 else:
-    params = task["head"] if method == "linadapt-head" else "all"
+    params = {"linadapt-all": "all", "linadapt-all-groups": "all", "linadapt-last": "last"}.get(method, task["head"])
     groups = [task["head"]] if method == "linadapt-all-groups" else None
     clf = LinearizedClassifier(net, params=params, link="LINK", prior_groups=groups).fit(xa, ya)
     fit = time.perf_counter() - t

@@ -746,14 +746,12 @@ def test_layer_forms_list_every_selected_weight_and_the_form_the_cost_model_chos
     assert forms["g"] == ("materialised", "materialised")  # grouped: one form
 
 
-def test_held_convolutions_expand_one_layer_at_a_time_and_once_per_chunk_pair(monkeypatch) -> None:
-    """Kernels from convolutions held as input and output gradients: a block expands them one layer at a time
-    (when one is made, only the same layer's other side is alive), a diagonal block once (k² expansions per
-    layer for k chunks, not k(k+1)), so kernel chunks are sized by the largest such layer; a float32 network's
+def test_held_convolutions_expand_a_slab_at_a_time_and_once_per_chunk_pair(monkeypatch) -> None:
+    """Kernels from convolutions held as input and output gradients: a block expands them a slab of output
+    channels at a time (never a layer's whole gradients), a diagonal block once (k² expansions per layer for k
+    chunks, not k(k+1)), and kernel chunks count them by their input and output gradients; a float32 network's
     are expanded in float32, as materialised layers are formed: its kernel is the all-materialised one to
     float64 rounding."""
-    import weakref
-
     from linadapt.jacobian.structured import assembly, costs
 
     torch.manual_seed(0)
@@ -774,26 +772,32 @@ def test_held_convolutions_expand_one_layer_at_a_time_and_once_per_chunk_pair(mo
     lin = Linearization(net, chunk_size=3)
     Xp = lin.prepare_inputs(X)
     engine = lin.structured(Xp)
-    expansions, alive = [], []
-    expand = assembly.expand_raw
+    expansions, columns = [], []
+    slabs = assembly.raw_slabs
 
     def counted(*raw):
-        D = expand(*raw)
-        alive.append(sum(ref() is not None for ref in expansions))
-        expansions.append(weakref.ref(D))
-        return D
+        expansions.append(raw[2])
+        for d in slabs(*raw):
+            columns.append(d.shape[-1])
+            yield d
 
-    monkeypatch.setattr(assembly, "expand_raw", counted)
+    monkeypatch.setattr(assembly, "raw_slabs", counted)
+    monkeypatch.setattr(assembly, "_RAW_SLAB_ENTRIES", 1)  # one output channel per slab
     K = engine.kernel(Xp)
-    assert len(expansions) == 3 * 4**2 and max(alive) == 1  # 3 convolutions, 4 chunks (3, 3, 3, 1)
+    assert len(expansions) == 3 * 4**2  # 3 convolutions, 4 chunks (3, 3, 3, 1)
+    assert max(columns) == 4 * 9  # the widest slab: one channel of the last convolution (4 inputs, 3 × 3)
     J = reference_jacobian(net, X, lin.param_names)
     assert _rel(K, torch.einsum("iap,jbp->iajb", J, J).reshape(30, 30)) < 1e-12
-    # the chunk: the largest held convolution's gradients (4·(3·9) + 4 columns per output), not all three's
-    c, entries = 3, 3 * 112 * 3
+    for sl, Kx, Kss in engine.cross_kernel_chunks(Xp, Xp[:4], 2):  # cross kernels and their diagonal blocks
+        assert _rel(Kx, torch.einsum("iap,jbp->iajb", J, J[sl]).reshape(30, 6)) < 1e-12
+        assert _rel(Kss, torch.einsum("iap,ibp->iab", J[sl], J[sl])) < 1e-12
+    # a chunk: the convolutions' inputs and output gradients per example (1·36 + 3·3·36, 3·36 + 3·4·36, 4·36 +
+    # 3·2·4), not their materialised gradients (3 outputs × (30 + 112 + 74) columns)
+    entries = 3 * 1068
     small = Linearization(net, memory_budget=32 * entries).structured(Xp)
     assert small.feature_entries == entries
-    assert small._size(Xp, c, True) == entries // (c * 112) == 3
-    assert small._size(Xp, c) == entries // (c * (30 + 112 + 74)) == 1
+    assert small._size(Xp, 3, True) == 3
+    assert small._size(Xp, 3) == entries // (3 * (30 + 112 + 74)) == 4
 
 
 @pytest.mark.parametrize("batch_first, padded", [(True, False), (False, True)])

@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from linadapt.jacobian._common import ALGEBRA_DTYPE
-from linadapt.jacobian.structured.features import Features, expand_raw
+from linadapt.jacobian.structured.features import Features, raw_slabs
 
 
 def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
@@ -35,16 +35,27 @@ def block(f1: Features, f2: Features, trace: bool) -> torch.Tensor:
         out = term if out is None else out.add_(term)
     for D1, D2 in zip(f1.dense, f2.dense):
         out = _gram_add(out, D1, D2, trace)
-    # held input and output gradients: expanded one layer at a time (the peak holds one layer's gradients, which
-    # is what the chunk size allows for) in their own dtype, as materialised layers are formed, then promoted;
-    # a chunk paired with itself is expanded once
+    # convolutions held as input and output gradients: their gradients expanded a slab of output channels at a
+    # time (never all of a layer's), in the factors' dtype as materialised layers are formed, each slab promoted
+    # for its Gram; a chunk paired with itself is expanded once
     for r1, r2 in zip(f1.raw, f2.raw):
-        D1 = expand_raw(*r1).to(ALGEBRA_DTYPE)
-        D2 = D1 if r2 is r1 else expand_raw(*r2).to(ALGEBRA_DTYPE)
-        out = _gram_add(out, D1, D2, trace)
-        del D1, D2
+        step = _raw_step(max(b1, b2) * r1[1].shape[0] * r1[2].k_in)
+        slabs2 = None if r2 is r1 else raw_slabs(*r2, step)
+        for d1 in raw_slabs(*r1, step):
+            d1 = d1.to(ALGEBRA_DTYPE)
+            d2 = d1 if slabs2 is None else next(slabs2).to(ALGEBRA_DTYPE)
+            out = _gram_add(out, d1, d2, trace)
     assert out is not None
     return out
+
+
+_RAW_SLAB_ENTRIES = 2**20  # entries of one chunk's slab of expanded gradients (8 MiB in float64)
+
+
+def _raw_step(per_channel: int) -> int:
+    """Output channels per slab of a held convolution's expanded gradients, ``per_channel`` entries each (examples
+    × outputs × inputs per patch)."""
+    return max(1, _RAW_SLAB_ENTRIES // max(1, per_channel))
 
 
 def _gram_add(out: torch.Tensor | None, D1: torch.Tensor, D2: torch.Tensor, trace: bool) -> torch.Tensor:
@@ -79,7 +90,8 @@ def diagonal_blocks(f: Features) -> torch.Tensor:
     for ids, G in f.index:
         term = index_diagonal_blocks(ids, G)
         out = term if out is None else out.add_(term)
-    for D in itertools.chain(f.dense, (expand_raw(*r).to(ALGEBRA_DTYPE) for r in f.raw)):  # one layer at a time
+    slabs = (d.to(ALGEBRA_DTYPE) for r in f.raw for d in raw_slabs(*r, _raw_step(f.b * r[1].shape[0] * r[2].k_in)))
+    for D in itertools.chain(f.dense, slabs):
         term = D @ D.transpose(1, 2)
         out = term if out is None else out.add_(term)
     assert out is not None

@@ -518,8 +518,8 @@ class StructuredNTK:
     def _size(self, X: torch.Tensor, c: int, mode: bool | str = False) -> int:
         """Examples per chunk so that a chunk's per-layer gradients stay within budget: materialised ones
         (``mode`` False); for kernel blocks from the held compact factors (``mode`` True), whose convolutions held
-        as input and output gradients are expanded one layer at a time (:func:`assembly.block`), so that only the
-        largest of them counts; or the per-position factors (``mode`` "positions")."""
+        as input and output gradients are expanded a slab at a time (:func:`assembly.block`), so that those count
+        by their input and output gradients; or the per-position factors (``mode`` "positions")."""
         if not hasattr(self, "_dense_q"):
             probe = self._features(X[:1])
             self._dense_q = sum(f.shape[-1] for f in probe.dense)
@@ -530,7 +530,7 @@ class StructuredNTK:
             self._compact_bytes = feature_bytes(held)
             self._compact_q = sum(f.shape[-1] for f in held.dense)
             self._compact_q += sum(G.shape[2] * G.shape[3] for _, G, _ in held.spatial)
-            self._compact_q += max((g.d_out * (g.k_in + bias) for _, _, g, bias in held.raw), default=0)
+            self._raw_entries = sum(A[0].numel() + G[:, 0].numel() for A, G, *_ in held.raw)
             self.trim_positions = False  # sizes and costs for every position (the probe may be a short sequence)
             try:
                 positions = self._features(X[:1], compact="positions")
@@ -540,8 +540,10 @@ class StructuredNTK:
             self._position_costs = _position_costs(positions)
         if mode == "positions":
             per_example = max(1, self._positions_bytes // 8)
+        elif mode:
+            per_example = max(1, c * self._compact_q + self._raw_entries)
         else:
-            per_example = max(1, c * (self._compact_q if mode else self._dense_q))
+            per_example = max(1, c * self._dense_q)
         return max(1, min(self.lin.chunk_size or 256, self.feature_entries // per_example))
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +58,7 @@ class Features:
     conv_names: list[tuple[str, str | None, bool]] = field(default_factory=list)
     # convolutions held for kernels as their input and output gradients, smaller than their materialised
     # per-example gradients (few positions, many weights) and expanded to those when a block is formed (see
-    # :func:`expand_raw`): (layer input (b, C_in, H, W), output gradients (c, b, d_out, P), geometry, whether
+    # :func:`raw_slabs`): (layer input (b, C_in, H, W), output gradients (c, b, d_out, P), geometry, whether
     # the bias is selected); the names per entry as for ``spatial``
     raw: list[tuple[torch.Tensor, torch.Tensor, ConvGeometry, bool]] = field(default_factory=list)
     raw_names: list[tuple[str, str | None]] = field(default_factory=list)
@@ -148,15 +148,18 @@ def promoted(f: Features, dtype: torch.dtype) -> Features:
     )
 
 
-def expand_raw(A: torch.Tensor, G: torch.Tensor, geo: ConvGeometry, bias: bool) -> torch.Tensor:
-    """A convolution's per-example gradients (b, c, d_out·k_in [+ d_out]) from its input A (b, C_in, H, W) and
-    output gradients G (c, b, d_out, P): Σ_p G[a, i, o, p] · patches[i, k, p] (and Σ_p G for the bias)."""
+def raw_slabs(A: torch.Tensor, G: torch.Tensor, geo: ConvGeometry, bias: bool, step: int) -> Iterator[torch.Tensor]:
+    """A convolution's per-example gradients from its input A (b, C_in, H, W) and output gradients G (c, b, d_out,
+    P), a slab of columns at a time: (b, c, s·k_in) for each ``step`` output channels s (Σ_p G[a, i, o, p] ·
+    patches[i, k, p]), then (b, c, d_out) for the bias (Σ_p G) if selected; in the factors' dtype. The slabs of
+    two chunks with the same ``step`` are the same columns, so a kernel block is the sum of their Grams and the
+    gradients of all columns are never held at once."""
     patches = torch.nn.functional.unfold(A, geo.kernel, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
     c, b = G.shape[:2]
-    D = torch.einsum("cbop,bkp->bcok", G, patches).reshape(b, c, -1)
+    for o in range(0, G.shape[2], step):
+        yield torch.einsum("cbop,bkp->bcok", G[:, :, o : o + step], patches).reshape(b, c, -1)
     if bias:
-        D = torch.cat([D, G.sum(-1).permute(1, 0, 2)], -1)
-    return D
+        yield G.sum(-1).permute(1, 0, 2)
 
 
 def join(parts: Iterable[Features], n: int) -> Features:
