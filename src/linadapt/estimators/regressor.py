@@ -18,7 +18,7 @@ from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
-from linadapt.inference.evidence import evidence_bounds, maximize_evidence
+from linadapt.inference.evidence import NoisePrior, evidence_bounds, maximize_evidence, noise_prior_from
 from linadapt.inference.hyper_averaging import HyperparameterMixture
 from linadapt.inference.prior_groups import (
     GroupedKernels,
@@ -62,7 +62,13 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         noise_var: σ², the observation-noise variance; ``None`` starts from 0.1 × the variance of the
             residuals y − m(X) (and, without optimisation, uses that guess).
         optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
-            likelihood (type-II maximum likelihood).
+            likelihood times ``hyperprior`` (type-II MAP; type-II maximum likelihood with ``hyperprior=None``).
+        hyperprior: ``"default"`` — a weakly informative log-normal prior on the noise variance relative to the
+            mean squared residual v̄ of the prior mean, log(σ²/v̄) ~ N(−4, 2²), and a flat one on prior_var
+            (:class:`~linadapt.inference.evidence.NoisePrior`): with a handful of points the evidence alone is
+            often largest where σ² → 0 and the points are interpolated, and the predictive is then far too
+            confident; ``None`` — the evidence alone; a pair (loc, scale) — log(σ²/v̄) ~ N(loc, scale²). Applies to
+            the point estimate (also with ``prior_groups``); ``marginalize=True`` keeps its log-uniform prior.
         marginalize: average the predictive over (prior_var, noise_var) instead of fixing them: a
             log-uniform hyperprior over the evidence search's box, the posterior on a grid, the predictive a
             mixture of Gaussians (see :mod:`linadapt.inference.hyper_averaging`). Guards against the over-confident
@@ -114,6 +120,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         prior_groups: GroupSpec = None,
         noise_var: float | None = None,
         optimize_hyperparameters: bool = True,
+        hyperprior: str | tuple[float, float] | None = "default",
         marginalize: bool = False,
         mean: str = "network",
         prior_mean: str = "network",
@@ -134,6 +141,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.prior_groups = prior_groups
         self.noise_var = noise_var
         self.optimize_hyperparameters = optimize_hyperparameters
+        self.hyperprior = hyperprior
         self.marginalize = marginalize
         self.mean = mean
         self.prior_mean = prior_mean
@@ -201,6 +209,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         check_choice(self.space, "space", ("auto", "function", "parameter"))
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
         prior0 = check_positive(self.prior_var, "prior_var")
+        noise_prior = None if self.marginalize else noise_prior_from(self.hyperprior)
         noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
         distributed = bool(self.distributed)
         if self.prior_groups is not None:
@@ -250,7 +259,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
         self.prior_vars_ = self.groups_ = None
         if self.prior_groups is not None:
-            return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed)
+            return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed, noise_prior)
         space, solver = choose_space_and_solver(
             lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
         )
@@ -258,7 +267,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             prior, noise = fixed
         elif self.optimize_hyperparameters:
             spectrum = problem.spectrum(space, solver)
-            prior, noise, _ = maximize_evidence(spectrum, prior0, noise0)
+            prior, noise, _ = maximize_evidence(spectrum, prior0, noise0, noise_prior)
         else:
             prior, noise = prior0, noise0
         posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
@@ -274,7 +283,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 stacklevel=3,
             )
             solver = "cholesky"
-            prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0)
+            prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0, noise_prior)
             posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
         self.mixture_ = None
         if self.marginalize:
@@ -353,6 +362,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         prior0: float,
         noise0: float,
         fixed: tuple[Any, float] | None,
+        noise_prior: NoisePrior | None = None,
     ) -> LinearizedRegressor:
         """The fit with one prior variance per group (dense function space, :mod:`linadapt.inference.prior_groups`)."""
         groups = resolve_groups(list(lin.param_names), self.prior_groups)
@@ -373,7 +383,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
                 raise ValueError(f"saved prior groups {sorted(given)} differ from this model's {sorted(labels)}")
             s2 = np.array([float(given[label]) for label in labels])
         elif self.optimize_hyperparameters:
-            s2, noise, _ = maximize_group_evidence(Ks, r, prior0, noise0)
+            s2, noise, _ = maximize_group_evidence(Ks, r, prior0, noise0, noise_prior)
         else:
             s2, noise = np.full(len(groups), prior0), noise0
         posterior = GroupedPosterior(kernels, lin, Xt, r, Ks, s2, noise)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from linadapt._blocks import budget_blocks
-from linadapt.inference.evidence import Spectrum, evidence_bounds, maximize_evidence, minimize_from
+from linadapt.inference.evidence import NoisePrior, Spectrum, evidence_bounds, maximize_evidence, minimize_from
 from linadapt.jacobian.linearization import Linearization
 
 __all__ = ["GroupSpec", "resolve_groups"]
@@ -145,12 +145,13 @@ class GroupEvidence:
 
 
 def maximize_group_evidence(
-    Ks: torch.Tensor, r: torch.Tensor, prior_var: float, noise_var: float
+    Ks: torch.Tensor, r: torch.Tensor, prior_var: float, noise_var: float, noise_prior: NoisePrior | None = None
 ) -> tuple[np.ndarray, float, float]:
-    """argmax over (s²_1..G, σ²) of log p(y | s², σ²), by L-BFGS-B in log space from the isotropic optimum
-    (found first on the summed kernel, exactly, by :func:`~linadapt.inference.evidence.maximize_evidence`) and from
-    the isotropic starting values. Bounds as in the isotropic search. Returns (s² (G,), σ², log p(y))."""
-    iso_s2, iso_sig2, _ = maximize_evidence(Spectrum.from_kernel(Ks.sum(0), r), prior_var, noise_var)
+    """argmax over (s²_1..G, σ²) of log p(y | s², σ²) (times ``noise_prior``, when given), by L-BFGS-B in log space
+    from the isotropic optimum (found first on the summed kernel, exactly, by
+    :func:`~linadapt.inference.evidence.maximize_evidence`) and from the isotropic starting values. Bounds as in the
+    isotropic search. Returns (s² (G,), σ², log p(y))."""
+    iso_s2, iso_sig2, _ = maximize_evidence(Spectrum.from_kernel(Ks.sum(0), r), prior_var, noise_var, noise_prior)
     evidence = GroupEvidence(Ks, r)
     G = evidence.G
     log_s2_bounds, log_sig2_bounds = evidence_bounds(float(r @ r), r.numel())
@@ -158,8 +159,11 @@ def maximize_group_evidence(
         np.append(np.full(G, math.log(iso_s2)), math.log(iso_sig2)),
         np.append(np.full(G, math.log(prior_var)), math.log(noise_var)),
     ]
-    x, value = minimize_from(evidence.negative_log_ml_and_grad, starts, [log_s2_bounds] * G + [log_sig2_bounds])
-    return np.exp(x[:G]), float(math.exp(x[G])), -value
+    objective = evidence.negative_log_ml_and_grad
+    if noise_prior is not None:
+        objective = noise_prior.penalize(objective, float(r @ r), r.numel())
+    x, _ = minimize_from(objective, starts, [log_s2_bounds] * G + [log_sig2_bounds])
+    return np.exp(x[:G]), float(math.exp(x[G])), -evidence.negative_log_ml_and_grad(x)[0]
 
 
 class GroupedPosterior:
