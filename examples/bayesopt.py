@@ -22,9 +22,9 @@ noiseless (``train_Yvar`` = 1e-6).
 
 Measured here (2 contended cores, seeds 0-3, 3 + 10 evaluations), the gap to the maximum after the last
 evaluation: NTK 0.019, 0.034, 0.002, 0.012; Matérn 0.004, 0.328, 0.002, 0.344. The NTK GP spends its first few
-evaluations at the edges of the square (its prior variance, non-stationary, is largest there), then finds the
-new member's top bump within 1-2 % on every seed; the Matérn GP finds it on two seeds of four and stays on the
-second bump on the others. Each NTK iteration takes 1-2 s (the acquisition's gradients differentiate the
+evaluations at the edges of the square (its prior variance, non-stationary, is largest there), then ends on the
+new member's top bump on every seed; the Matérn GP does on two seeds of four and stays on the lower bump on
+the others. Each NTK iteration takes 1-2 s (the acquisition's gradients differentiate the
 network's Jacobians), a Matérn iteration about 0.1 s.
 """
 
