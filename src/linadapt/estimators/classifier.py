@@ -21,6 +21,7 @@ from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimiz
 from linadapt.inference.loo import loo_nll
 from linadapt.inference.prior_groups import GroupSpec, resolve_groups
 from linadapt.inference.regression import SolverOptions, choose_space_and_solver
+from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
 from linadapt.likelihoods import Categorical
@@ -351,6 +352,32 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         if cov is None:
             return mean.cpu().numpy()
         return mean.cpu().numpy(), cov.cpu().numpy()
+
+    def sample(self, X: Any, n_samples: int = 1, generator: torch.Generator | None = None) -> np.ndarray:
+        """Joint samples of the logits at X from their Gaussian (Laplace) posterior, for all m inputs and c
+        classes together (e.g. for Thompson sampling): the mean of ``predict_logits`` and the joint covariance
+        J* S J*ᵀ over the m·c logits (``predict_logits`` gives its per-example c × c blocks).
+
+        Args:
+            X: (m, ...) inputs.
+            n_samples: how many draws.
+            generator: a ``torch.Generator`` for the standard normal draws (torch's global one when None); the
+                same generator state gives the same samples.
+
+        Returns:
+            (n_samples, m, c) logits, float64 (softmax over the last axis gives sampled class probabilities).
+
+        Memory: the (m·c) × (m·c) joint covariance and its Cholesky factor, 16·(m·c)² bytes, on top of what the
+        covariance's computation takes; a ``MemoryBudgetError`` when that passes ``memory_budget``.
+        """
+        self._check_fitted()
+        n_samples = sample_count(n_samples)
+        lin, post = self.linearization_, self.posterior_
+        mean, _ = self._logits(X, with_cov=False)
+        Xs = lin.prepare_inputs(X, "X")
+        check_sample_memory(Xs.shape[0], mean.shape[1], n_samples, resolve_memory_budget(self.memory_budget))
+        draws = gaussian_samples(mean, post.latent_cov(Xs), n_samples, generator)
+        return draws.cpu().numpy()
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (m, c) from the Gaussian over logits by the ``link`` chosen."""

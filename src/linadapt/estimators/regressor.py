@@ -33,6 +33,7 @@ from linadapt.inference.regression import (
     SolverOptions,
     choose_space_and_solver,
 )
+from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
 from linadapt.inference.solvers import ConvergenceWarning
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
@@ -525,6 +526,39 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         if not return_std:
             return mean.reshape(shape)
         return mean.reshape(shape), var.sqrt().cpu().numpy().reshape(shape)
+
+    def sample(
+        self, X: Any, n_samples: int = 1, generator: torch.Generator | None = None, include_noise: bool = False
+    ) -> np.ndarray:
+        """Joint samples of the posterior function at X (e.g. for Thompson sampling): draws of f(X) for all m
+        inputs and c outputs together, from the mean and joint covariance of ``predict(X, return_cov=True)``.
+
+        Args:
+            X: (m, ...) inputs.
+            n_samples: how many functions to draw.
+            generator: a ``torch.Generator`` for the standard normal draws (torch's global one when None); the
+                same generator state gives the same samples.
+            include_noise: samples of y (adding independent noise of variance ``noise_var_``) rather than of f.
+
+        Returns:
+            (n_samples, m) for a 1-D y in ``fit``, else (n_samples, m, c); float64.
+
+        Memory: the (m·c) × (m·c) joint covariance and its Cholesky factor, 16·(m·c)² bytes, on top of what the
+        covariance's computation takes; a ``MemoryBudgetError`` when that passes ``memory_budget``.
+        """
+        self._check_fitted()
+        n_samples = sample_count(n_samples)
+        if getattr(self, "mixture_", None) is not None:
+            raise ValueError("sample is not available with marginalize=True (the predictive is a mixture)")
+        post, c = self.posterior_, self.n_outputs_
+        post.progress = check_progress(self.progress)
+        Xs, mean = self._latent_mean(X)
+        check_sample_memory(Xs.shape[0], c, n_samples, self._options().memory_budget)
+        cov = post.latent_cov(Xs)
+        if include_noise:
+            cov.diagonal().add_(self.noise_var_)
+        draws = gaussian_samples(mean, cov, n_samples, generator)
+        return (draws[..., 0] if self._y_ndim == 1 else draws).cpu().numpy()
 
     def predict_blocks(self, X: Any, include_noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Predictive mean (m, c) and per-example c × c covariance blocks (m, c, c)."""

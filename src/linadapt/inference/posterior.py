@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from linadapt._memory import MemoryBudgetError
 from linadapt._progress import with_progress
 from linadapt.jacobian.held import inputs_key
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
@@ -270,7 +271,7 @@ class LinearizedPosterior:
             need = mc * self.lin.num_params * 8
             what = "a Jacobian of the test points"
         if need > self.memory_budget:
-            raise ValueError(
+            raise MemoryBudgetError(
                 f"the full predictive covariance for {Xs.shape[0]} points needs {need / 2**30:.1f} GiB for {what}, "
                 f"above memory_budget ({self.memory_budget / 2**30:.1f} GiB); predict fewer points at once, ask for "
                 "per-example blocks instead, or raise memory_budget"
