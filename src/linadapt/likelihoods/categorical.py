@@ -95,7 +95,8 @@ class Categorical(Likelihood):
         if c < 2:
             raise ValueError(
                 f"the categorical likelihood needs logits of shape (n, c) with c ≥ 2; the model returns {c} per "
-                "example — for a binary model with one logit use likelihood='bernoulli' (what 'auto' picks)"
+                "example — for a binary model with one logit z use likelihood='bernoulli' (what 'auto' picks), or "
+                "return two softmax logits torch.cat([torch.zeros_like(z), z], 1)"
             )
 
     def log_prob(self, F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
