@@ -29,8 +29,8 @@ def _shape(y: Any) -> tuple[int, ...]:
     if isinstance(y, (torch.Tensor, np.ndarray)):
         return tuple(y.shape)
     try:
-        return tuple(np.shape(y))
-    except ValueError:  # ragged nested lists: let the encoding say what is wrong
+        return np.asarray(y).shape  # array-likes through __array__ (not every one implements numpy's functions)
+    except (TypeError, ValueError):  # ragged nested lists: let the encoding say what is wrong
         return ()
 
 
