@@ -341,8 +341,9 @@ def test_bad_input_errors():
     assert set(named.predict(X)) <= {"cat", "dog", "emu"} and 0 <= named.score(X, names) <= 1
     with pytest.raises(ValueError, match="not among the fitted classes"):
         named.score(X, np.array(["cat"] * 9 + ["yak"]))
-    with pytest.raises(ValueError, match="c ≥ 2"):
-        la.LinearizedClassifier(single_out()).fit(inputs_for("single", 5), np.zeros(5, dtype=int))
+    with pytest.raises(ValueError, match="c ≥ 2"):  # a one-output model: 'auto' takes it as Bernoulli
+        one = la.LinearizedClassifier(single_out(), likelihood="categorical")
+        one.fit(inputs_for("single", 5), np.zeros(5, dtype=int))
     with pytest.raises(ValueError, match="link must be one of"):
         la.LinearizedClassifier(model, link="logit").fit(X, y)
     with pytest.raises(ValueError, match="n_samples"):

@@ -1,8 +1,8 @@
 """The contract every registered likelihood must meet, checked against autograd (parametrized over the registry).
 
-A new likelihood in :data:`linadapt.likelihoods.LIKELIHOODS` runs these tests with no change here; its class must
-be constructible with default arguments. Targets are drawn as integer labels for classification likelihoods
-and as real numbers otherwise.
+A new likelihood in :data:`linadapt.likelihoods.LIKELIHOODS` runs these tests once it has an entry in ``TARGETS``
+(its number of outputs and how to draw its raw targets; a registered likelihood without one fails
+``test_every_registered_likelihood_has_targets``); its class must be constructible with default arguments.
 """
 
 import pytest
@@ -15,17 +15,26 @@ N, C, K = 5, 4, 3
 INSTANCES = {name: cls() for name, cls in LIKELIHOODS.items()}
 INSTANCES["gaussian-noise-0.3"] = Gaussian(0.3)
 
+# name -> (outputs c, raw targets for n examples from a generator g)
+TARGETS = {
+    "categorical": (C, lambda n, c, g: torch.randint(0, c, (n,), generator=g)),
+    "bernoulli": (1, lambda n, c, g: torch.randint(0, 2, (n,), generator=g)),
+    "multilabel": (C, lambda n, c, g: torch.randint(0, 2, (n, c), generator=g)),
+    "gaussian": (C, lambda n, c, g: torch.randn(n, c, generator=g, dtype=torch.float64)),
+}
+
 
 @pytest.fixture(params=sorted(INSTANCES))
 def lik(request) -> Likelihood:
     return INSTANCES[request.param]
 
 
+def outputs(lik):
+    return TARGETS[lik.name][0]
+
+
 def raw_targets(lik, n, c, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if lik.classification:
-        return torch.randint(0, c, (n,), generator=g)
-    return torch.randn(n, c, generator=g, dtype=torch.float64)
+    return TARGETS[lik.name][1](n, c, torch.Generator().manual_seed(seed))
 
 
 def logits(n=N, c=C, seed=1, scale=2.0):
@@ -33,8 +42,12 @@ def logits(n=N, c=C, seed=1, scale=2.0):
     return scale * torch.randn(n, c, generator=g, dtype=torch.float64)
 
 
+def test_every_registered_likelihood_has_targets():
+    assert set(LIKELIHOODS) <= set(TARGETS)
+
+
 def test_registry_holds_likelihoods():
-    assert {"categorical", "gaussian"} <= set(LIKELIHOODS)
+    assert {"bernoulli", "categorical", "gaussian", "multilabel"} <= set(LIKELIHOODS)
     for name, cls in LIKELIHOODS.items():
         lik = cls()
         assert isinstance(lik, Likelihood) and lik.name == name
@@ -42,15 +55,20 @@ def test_registry_holds_likelihoods():
 
 
 def test_encode_targets_shape_and_dtype(lik):
+    C = outputs(lik)
+    lik.check_outputs(C)
     Y = lik.encode_targets(raw_targets(lik, N, C), C)
     assert Y.shape == (N, C) and Y.dtype == torch.float64
-    if lik.classification:
+    if lik.classification and not lik.multilabel and C > 1:  # one-hot rows
         torch.testing.assert_close(Y.sum(1), torch.ones(N, dtype=torch.float64), rtol=0, atol=0)
+    if lik.classification:
+        assert set(Y.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_gradient_is_the_autograd_gradient_of_the_log_likelihood(lik):
+    C = outputs(lik)
     Y = lik.encode_targets(raw_targets(lik, N, C), C)
-    F = logits().requires_grad_(True)
+    F = logits(c=C).requires_grad_(True)
     terms = lik.log_prob(F, Y)
     assert terms.shape == (N,)
     assert lik.log_likelihood(F.detach(), Y) == pytest.approx(float(terms.detach().sum()), rel=1e-14, abs=1e-14)
@@ -61,8 +79,9 @@ def test_gradient_is_the_autograd_gradient_of_the_log_likelihood(lik):
 
 
 def test_curvature_blocks_are_the_negative_autograd_hessian(lik):
+    C = outputs(lik)
     Y = lik.encode_targets(raw_targets(lik, N, C), C)
-    F = logits()
+    F = logits(c=C)
     H = torch.autograd.functional.hessian(lambda f: lik.log_prob(f, Y).sum(), F)  # (n, c, n, c)
     curv = lik.curvature(F)
     assert isinstance(curv, Curvature) and (curv.n, curv.c) == (N, C)
@@ -77,7 +96,8 @@ def test_curvature_blocks_are_the_negative_autograd_hessian(lik):
 
 
 def test_root_products_and_factorization(lik):
-    curv = lik.curvature(logits(seed=4))
+    C = outputs(lik)
+    curv = lik.curvature(logits(c=C, seed=4))
     blocks = curv.blocks()
     g = torch.Generator().manual_seed(5)
     V = torch.randn(N, C, K, generator=g, dtype=torch.float64)
@@ -95,7 +115,8 @@ def test_root_products_and_factorization(lik):
 
 
 def test_mean_and_predictive(lik):
-    F = logits(seed=6)
+    C = outputs(lik)
+    F = logits(c=C, seed=6)
     mean = lik.mean(F)
     assert mean.shape == (N, C)
     g = torch.Generator().manual_seed(7)
@@ -104,14 +125,16 @@ def test_mean_and_predictive(lik):
     Y = lik.encode_targets(raw_targets(lik, N, C, seed=8), C)
     for link in lik.links:
         pred = lik.predictive(F, cov, link, n_samples=64, seed=0)
-        if lik.classification:
-            assert pred.shape == (N, C) and bool((pred >= 0).all())
-            torch.testing.assert_close(pred.sum(1), torch.ones(N, dtype=torch.float64))
+        if lik.classification:  # class probabilities (bernoulli: both classes), or multilabel marginals
+            assert pred.shape == (N, C + 1 if lik.name == "bernoulli" else C)
+            assert bool((pred >= 0).all()) and bool((pred <= 1).all())
+            if not lik.multilabel:
+                torch.testing.assert_close(pred.sum(1), torch.ones(N, dtype=torch.float64))
         logp = lik.log_predictive(F, cov, Y, link, n_samples=64, seed=0)
         assert logp.shape == (N,) and bool(torch.isfinite(logp).all())
     if lik.classification:  # the mean-only readout is E[y | f] at the mean
         zero = torch.zeros(N, C, C, dtype=torch.float64)
-        torch.testing.assert_close(lik.predictive(F, zero, lik.links[0]), mean)
+        torch.testing.assert_close(lik.predictive(F, zero, lik.links[0])[:, -C:], mean)  # bernoulli: P(y = 1)
     with pytest.raises(ValueError, match="link"):
         lik.predictive(F, cov, "no-such-link")
 

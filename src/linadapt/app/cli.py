@@ -229,7 +229,8 @@ def adapt(
     chosen = _choose_task(task, data.y, n_outputs)
     est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
     y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
-    extra: dict = {}
+    # the comparison, the fine-tuning baselines and predictions.csv read softmax classes: the categorical likelihood
+    extra: dict = {"likelihood": "categorical"} if chosen == "classification" else {}
     if groups_spec is not None:
         extra["prior_groups"] = groups_spec
     est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)

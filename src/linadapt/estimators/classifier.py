@@ -8,13 +8,15 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.metrics import accuracy_score
 from torch import nn
 
 from linadapt._memory import resolve_memory_budget
 from linadapt._progress import check_progress
-from linadapt._validation import check_choice, check_positive, encode_labels
+from linadapt._validation import check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
+from linadapt.estimators._targets import CLASSIFIER_LIKELIHOODS, CLASSIFIER_LINKS, choose_likelihood, encode_targets
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
@@ -24,23 +26,25 @@ from linadapt.inference.regression import SolverOptions, choose_space_and_solver
 from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
-from linadapt.likelihoods import Categorical
+from linadapt.likelihoods import LIKELIHOODS
 
 __all__ = ["LinearizedClassifier"]
 
 
 @register_estimator
 class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
-    """Softmax classification with the linearized network and a Laplace posterior over its weights.
+    """Classification with the linearized network and a Laplace posterior over its weights.
 
     Logits f(x) = f(x; θ̂) + J(x) δ, prior δ = θ − θ̂ ~ N(0, prior_var · I) (or θ ~ N(0, prior_var · I) with
-    ``prior_mean="zero"``), categorical likelihood. ``fit`` finds the MAP δ* by Newton's method on the
-    linearized model (whose Hessian is exactly the generalized Gauss–Newton matrix JᵀΛJ + I/prior_var) and
-    takes the Gaussian posterior N(δ*, (JᵀΛJ + I/prior_var)⁻¹) at it; predictions integrate the softmax
-    over the resulting Gaussian on the logits.
+    ``prior_mean="zero"``), a categorical (softmax), Bernoulli (one sigmoid logit) or multilabel (a sigmoid per
+    output) likelihood. ``fit`` finds the MAP δ* by Newton's method on the linearized model (whose Hessian is
+    exactly the generalized Gauss–Newton matrix JᵀΛJ + I/prior_var) and takes the Gaussian posterior
+    N(δ*, (JᵀΛJ + I/prior_var)⁻¹) at it; predictions integrate the softmax or sigmoid over the resulting
+    Gaussian on the logits.
 
     Args:
-        model: a trained ``torch.nn.Module`` returning logits of shape (n, c), c ≥ 2. It is never modified.
+        model: a trained ``torch.nn.Module`` returning logits of shape (n, c) (or (n,): one logit). It is never
+            modified.
         params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
         prior_var: s² (starting value when optimising, fixed otherwise).
         optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
@@ -52,11 +56,18 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             best single s², so suited to a handful of groups; ``prior_var`` is each group's value without
             optimisation). Dense function space in one process; see
             :mod:`linadapt.inference.grouped_laplace`.
+        likelihood: ``"categorical"`` (softmax over c ≥ 2 logits; integer labels), ``"bernoulli"`` (one logit,
+            P(y = 1) = σ(f); labels 0/1 or two distinct labels), ``"multilabel"`` (c independent binary outcomes,
+            P(y_k = 1) = σ(f_k); a 0/1 target matrix (n, c)), or ``"auto"``: multilabel for a 2-D target with
+            several columns, bernoulli for a one-output model, categorical otherwise (chosen at ``fit``, in
+            ``likelihood_``).
         link: how probabilities are computed from the Gaussian over logits: ``"probit"``, ``"mc"``
-            (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge) or
-            ``"map"`` (softmax of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of
-            probit, bridge and map has the best approximate leave-one-out log-likelihood on the training data
-            (:mod:`linadapt.inference.loo`; chosen at ``fit``, in ``link_``).
+            (Monte Carlo with ``n_samples`` draws, seeded by ``seed``), ``"bridge"`` (Laplace bridge; categorical
+            only — for a sigmoid its mean is σ(μ), the map readout, so it is refused there) or ``"map"`` (softmax
+            or sigmoid of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of the
+            likelihood's candidates (probit, bridge, map; probit, map for the sigmoid likelihoods) has the best
+            approximate leave-one-out log-likelihood on the training data (:mod:`linadapt.inference.loo`; chosen
+            at ``fit``, in ``link_``).
         n_samples: Monte Carlo draws per example for ``link="mc"``.
         prior_mean: ``"network"`` — the prior is centred at the trained weights (adaptation);
             ``"zero"`` — centred at 0, the weight-decay prior of post-hoc Laplace on the training data.
@@ -81,8 +92,12 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
 
     Attributes (after ``fit``):
+        likelihood_: the :class:`~linadapt.likelihoods.base.Likelihood` fitted (``likelihood``, or the choice of
+            ``"auto"``).
         classes_: the label of each output: array([0, …, c − 1]) for integer labels that are output indices, else
-            the c distinct labels of y in sorted order (any labels scikit-learn accepts). n_classes_: c.
+            the c distinct labels of y in sorted order (any labels scikit-learn accepts); bernoulli: the two
+            labels (array([0, 1]) for 0/1 labels); multilabel: array([0, …, c − 1]), the outputs.
+            n_classes_: the number of classes (2 for bernoulli; c, the outputs, for multilabel).
         n_features_in_: the number of input features (2-D floating inputs; predictions on another width are
             refused).
         prior_var_: s² used (None with ``prior_groups``). space_, solver_: the choices made.
@@ -94,8 +109,6 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         loo_nll_: with ``link="auto"``, the mean LOO negative log-likelihood of each candidate link.
     """
 
-    _likelihood = Categorical()  # the likelihood of the Laplace fit, its LOO cavity and its predictive
-
     def __init__(
         self,
         model: nn.Module,
@@ -103,6 +116,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         prior_var: float = 1.0,
         optimize_hyperparameters: bool = True,
         prior_groups: GroupSpec = None,
+        likelihood: str = "auto",
         link: str = "probit",
         n_samples: int = 1000,
         prior_mean: str = "network",
@@ -124,6 +138,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.prior_var = prior_var
         self.optimize_hyperparameters = optimize_hyperparameters
         self.prior_groups = prior_groups
+        self.likelihood = likelihood
         self.link = link
         self.n_samples = n_samples
         self.prior_mean = prior_mean
@@ -144,7 +159,10 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def _check_settings(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
-        check_choice(self.link, "link", (*self._likelihood.links, "auto"))
+        check_choice(self.likelihood, "likelihood", ("auto", *CLASSIFIER_LIKELIHOODS))
+        check_choice(self.link, "link", (*CLASSIFIER_LINKS, "auto"))
+        if self.likelihood != "auto" and self.link != "auto":
+            LIKELIHOODS[self.likelihood]().check_link(self.link)
         if self.link == "auto" and self.distributed:
             raise ValueError("link='auto' (leave-one-out choice) is not available with distributed=True")
         check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
@@ -162,14 +180,18 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
         Args:
             X: (n, ...) inputs the model accepts.
-            y: (n,) integer labels in [0, c) where c is the number of logits of the model. Classes absent
-                from y are allowed: they keep their (adapted) prior probabilities.
+            y: categorical: (n,) integer labels in [0, c) where c is the number of logits of the model (or c
+                distinct labels of any kind); classes absent from y are allowed: they keep their (adapted) prior
+                probabilities. bernoulli: (n,) labels 0/1 or two distinct labels. multilabel: a 0/1 matrix (n, c).
         """
         return self._fit(X, y, None)
 
     def _fitted_state(self) -> dict[str, Any]:
         """The fitted hyperparameters a ``.linadapt`` file stores (JSON)."""
-        state: dict[str, Any] = {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
+        state: dict[str, Any] = {
+            "prior_var_": None if self.prior_var_ is None else float(self.prior_var_),
+            "likelihood_": self.likelihood_.name,
+        }
         if self.prior_vars_ is not None:
             state["prior_vars_"] = dict(self.prior_vars_)
         if not np.array_equal(self.classes_, np.arange(self.n_classes_)):
@@ -179,11 +201,19 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
     def _refit_from_state(self, X: Any, y: Any, fitted: dict[str, Any]) -> LinearizedClassifier:
         """The Laplace posterior on (X, y) at the stored prior variance (no search): what ``load`` rebuilds."""
         classes = np.asarray(fitted["classes_"]) if "classes_" in fitted else None
-        return self._fit(X, y, fitted.get("prior_vars_") or fitted["prior_var_"], classes)
+        likelihood = fitted.get("likelihood_", "categorical")  # files before the likelihood option: categorical
+        return self._fit(X, y, fitted.get("prior_vars_") or fitted["prior_var_"], classes, likelihood)
 
-    def _fit(self, X: Any, y: Any, fixed: Any, restored_classes: np.ndarray | None = None) -> LinearizedClassifier:
+    def _fit(
+        self,
+        X: Any,
+        y: Any,
+        fixed: Any,
+        restored_classes: np.ndarray | None = None,
+        restored_likelihood: str | None = None,
+    ) -> LinearizedClassifier:
         """``fit``, or with ``fixed`` = prior_var_ (or prior_vars_ with groups) the Laplace posterior at that
-        value and the saved ``restored_classes`` (used by load, whose y are output indices)."""
+        value, the saved ``restored_classes`` and ``restored_likelihood`` (used by load, whose y are encoded)."""
         self._check_settings()
         prior0 = check_positive(self.prior_var, "prior_var")
         distributed = bool(self.distributed)
@@ -214,13 +244,11 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                 self.memory_budget,
             )
             c = f0.shape[1]
-            if c < 2:
-                raise ValueError(
-                    f"the model returns {c} logit per example; a classifier needs logits of shape (n, c) with c ≥ 2 "
-                    "(for a binary model with one logit z, return torch.cat([torch.zeros_like(z), z], 1))"
-                )
-            labels, classes = encode_labels(y, Xt.shape[0], c, "y")
-            self._classes_seen = classes
+            lik = choose_likelihood(restored_likelihood or self.likelihood, y, c)
+            if self.link != "auto":
+                lik.check_link(self.link)
+            labels, classes = encode_targets(lik, y, Xt.shape[0], c)
+            self._classes_seen, self.likelihood_ = classes, lik
             return lin, Xt, labels.to(lin.device), f0
 
         lin, Xt, labels, f0 = prepare_fit(local, distributed, "LinearizedClassifier.fit (checking the data shard)")
@@ -247,7 +275,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                 lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
             )
             problem = LaplaceProblem(
-                lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding, likelihood=self._likelihood
+                lin, Xt, labels, self.prior_mean, options, f0=f0, sharding=sharding, likelihood=self.likelihood_
             )
             if fixed is not None:
                 posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
@@ -260,7 +288,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.posterior_ = posterior
         self.prior_var_ = None if self.prior_groups is not None else posterior.s2
         self.space_, self.solver_ = space, posterior.system.method
-        self.n_classes_ = c
+        self.n_classes_ = len(self._classes_seen)
         self.classes_ = self._classes_seen if restored_classes is None else restored_classes
         self.n_iter_ = posterior.newton.iterations
         self.log_marginal_likelihood_value_ = posterior.log_evidence
@@ -286,7 +314,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         groups = resolve_groups(list(lin.param_names), self.prior_groups)
         names = [label for label, _ in groups]
         problem = GroupedLaplaceProblem(
-            lin, Xt, labels, self.prior_mean, options, groups, f0=f0, likelihood=self._likelihood
+            lin, Xt, labels, self.prior_mean, options, groups, f0=f0, likelihood=self.likelihood_
         )
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if fixed is not None:
@@ -309,7 +337,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         if self.loo_nll_ is None:
             Xt, labels = self._train_data
             mean, cov = self._logits(Xt, True)
-            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device), likelihood=self._likelihood)
+            self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device), likelihood=self.likelihood_)
             self.link_ = min(self.loo_nll_, key=self.loo_nll_.__getitem__)
         return self.link_
 
@@ -346,7 +374,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
     def predict_logits(self, X: Any, return_cov: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """The Gaussian posterior over logits at X: mean (m, c) and, with ``return_cov``, the per-example
-        covariance blocks (m, c, c) — J(x) S J(x)ᵀ with S the Laplace posterior covariance."""
+        covariance blocks (m, c, c) — J(x) S J(x)ᵀ with S the Laplace posterior covariance (bernoulli: c = 1, the
+        one logit's mean (m, 1) and variance (m, 1, 1))."""
         self._check_fitted()
         mean, cov = self._logits(X, return_cov)
         if cov is None:
@@ -380,23 +409,32 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         return draws.cpu().numpy()
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities (m, c) from the Gaussian over logits by the ``link`` chosen."""
+        """Probabilities from the Gaussian over logits by the ``link`` chosen: of each class (m, c) (bernoulli:
+        (m, 2), the columns classes_[0] and classes_[1]); multilabel: P(y_k = 1) of each output (m, c)."""
         self._check_fitted()
         link = self._choose_link()
         mean, cov = self._logits(X, link != "map")
-        proba = self._likelihood.predictive(mean, cov, link, self.n_samples, self.seed)
+        proba = self.likelihood_.predictive(mean, cov, link, self.n_samples, self.seed)
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        """The most probable class (m,) under ``predict_proba``, as a label of ``classes_``."""
+        """The most probable class (m,) under ``predict_proba``, as a label of ``classes_``; multilabel: the 0/1
+        matrix (m, c) of outcomes with P(y_k = 1) > ½."""
         self._check_fitted()
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        if self.likelihood_.multilabel:
+            return (proba > 0.5).astype(np.int64)
+        return self.classes_[proba.argmax(axis=1)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict`` on (X, y); every label of y must be one of ``classes_``, so a label the model
-        cannot predict is an error rather than a silent miss."""
+        cannot predict is an error rather than a silent miss. Multilabel: subset accuracy, the (weighted)
+        fraction of examples whose every outcome is predicted right."""
         self._check_fitted()
         Xs = self.linearization_.prepare_inputs(X, "X")
         check_n_features(self, Xs)
-        labels, _ = encode_labels(y, Xs.shape[0], len(self.classes_), "y", classes=self.classes_)
+        n = Xs.shape[0]
+        labels, _ = encode_targets(self.likelihood_, y, n, self.posterior_.c, classes=self.classes_)
+        if self.likelihood_.multilabel:
+            return float(accuracy_score(labels.numpy(), self.predict(Xs), sample_weight=sample_weight))
         return super().score(Xs, self.classes_[labels.numpy()], sample_weight)

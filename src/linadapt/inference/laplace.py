@@ -3,8 +3,9 @@
 Model: logits f(x) = f(x; θ̂) + J(x) δ with prior δ ~ N(μ, s² I_p) (μ = 0: centred at the trained weights;
 μ = −θ̂: the weight-decay prior θ ~ N(0, s² I)) and y | f ~ p(y | f), a
 :class:`~linadapt.likelihoods.base.Likelihood` (log-concave in f: :class:`~linadapt.likelihoods.Categorical`,
-y | f ~ Categorical(softmax f), or :class:`~linadapt.likelihoods.Gaussian`, for which everything below is
-exact). The negative log posterior of δ,
+y | f ~ Categorical(softmax f); :class:`~linadapt.likelihoods.Bernoulli` and
+:class:`~linadapt.likelihoods.Multilabel`, independent sigmoids with diagonal Λ; or
+:class:`~linadapt.likelihoods.Gaussian`, for which everything below is exact). The negative log posterior of δ,
 
     L(δ) = −Σᵢ log p(yᵢ | fᵢ) + ½ ‖δ − μ‖² / s²,
 

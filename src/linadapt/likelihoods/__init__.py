@@ -6,12 +6,16 @@
 """
 
 from linadapt.likelihoods.base import Curvature, Likelihood
+from linadapt.likelihoods.bernoulli import Bernoulli
 from linadapt.likelihoods.categorical import Categorical
 from linadapt.likelihoods.gaussian import Gaussian
+from linadapt.likelihoods.multilabel import Multilabel
 
-__all__ = ["LIKELIHOODS", "Categorical", "Curvature", "Gaussian", "Likelihood"]
+__all__ = ["LIKELIHOODS", "Bernoulli", "Categorical", "Curvature", "Gaussian", "Likelihood", "Multilabel"]
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
     "categorical": Categorical,
     "gaussian": Gaussian,
+    "multilabel": Multilabel,
 }

@@ -13,7 +13,8 @@ Laplace approximation (:mod:`linadapt.inference.laplace`) and its leave-one-out 
 * ``mean(F)``: E[y | f] (the softmax for the categorical likelihood, f itself for the Gaussian one);
 * ``encode_targets(y, c)``: checked targets as a float64 tensor (n, c) (one-hot labels for categorical);
 * ``predictive(mu, cov, link, n_samples, seed)``: the predictive of y from a Gaussian N(mu, cov) over the
-  logits, read out by one of ``links``; and ``log_predictive`` (the log predictive density of targets).
+  logits, read out by one of ``links``; and ``log_predictive`` (the log predictive density of targets);
+* ``check_outputs(c)``: whether a network with c outputs suits the likelihood (default: any c).
 
 A new likelihood is one subclass of :class:`Likelihood` (and of :class:`Curvature`) in its own module plus one
 line in :data:`linadapt.likelihoods.LIKELIHOODS`; ``tests/likelihoods/test_likelihood_contract.py`` checks
@@ -68,13 +69,21 @@ class Likelihood(ABC):
 
     Class attributes: ``name`` (registry key), ``links`` (the readouts ``predictive`` accepts, the first
     the default), ``auto_links`` (the readouts a leave-one-out choice compares), ``classification`` (whether
-    ``predictive`` returns class probabilities, rows summing to 1).
+    ``predictive`` returns probabilities: of the classes, rows summing to 1, or with ``multilabel`` the marginal
+    P(y_k = 1) of each of c independent binary outcomes), ``multilabel`` (targets are a 0/1 matrix (n, c)).
     """
 
     name: str = ""
     links: tuple[str, ...] = ()
     auto_links: tuple[str, ...] = ()
     classification: bool = False
+    multilabel: bool = False
+
+    def check_outputs(self, c: int) -> None:
+        """Raise ValueError when a network with c outputs per example does not suit this likelihood (default:
+        any c ≥ 1 does)."""
+        if c < 1:
+            raise ValueError(f"the model returns {c} outputs per example; at least one is needed")
 
     @abstractmethod
     def log_prob(self, F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,15 @@ class Categorical(Likelihood):
     auto_links = ("probit", "bridge", "map")
     classification = True
 
+    def check_outputs(self, c: int) -> None:
+        """c ≥ 2 logits per example; a one-output model is a ValueError pointing to the Bernoulli likelihood."""
+        if c < 2:
+            raise ValueError(
+                f"the categorical likelihood needs logits of shape (n, c) with c ≥ 2; the model returns {c} per "
+                "example — for a binary model with one logit z use likelihood='bernoulli' (what 'auto' picks), or "
+                "return two softmax logits torch.cat([torch.zeros_like(z), z], 1)"
+            )
+
     def log_prob(self, F: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """Σ_a Y_ia log softmax(Fᵢ)_a, (n,) (terms with Y_ia = 0 skipped, so a −inf log-probability there is
         harmless); for one-hot Y exactly log softmax(Fᵢ)_{yᵢ}."""
