@@ -6,7 +6,8 @@ trained network and learn the prior and the noise variance by marginal likelihoo
 
 * linadapt: ``LinearizedRegressor(net)`` (prior centred at the trained weights) and
   ``LinearizedRegressor(net, prior_mean="zero")`` (θ ~ N(0, s² I), the prior laplace-torch uses); evidence
-  maximised by L-BFGS; dense function space at this size;
+  maximised by L-BFGS (``hyperprior=None``: type-II maximum likelihood, as laplace-torch's; the estimator's
+  default adds a prior on the noise); dense function space at this size;
 * laplace-torch: ``FunctionalLaplace`` (the NTK-kernel GP of the linearized network, all 200 points as
   its subset), then 100 Adam steps (lr 0.1) on log prior precision and log noise std of its marginal
   likelihood — the recipe of its documentation.
@@ -56,7 +57,8 @@ def gaussian_nll(mean: np.ndarray, var: np.ndarray, y: np.ndarray) -> float:
 
 def run_linadapt(net, X, y, Xt, yt, prior_mean: str = "network", prior_groups: str | None = None):
     t0 = time.perf_counter()
-    reg = la.LinearizedRegressor(net, prior_mean=prior_mean, prior_groups=prior_groups).fit(X, y[:, 0])
+    reg = la.LinearizedRegressor(net, prior_mean=prior_mean, prior_groups=prior_groups, hyperprior=None)
+    reg.fit(X, y[:, 0])
     seconds = time.perf_counter() - t0
     mean, std = reg.predict(Xt, return_std=True)  # std of y: includes the learned noise
     var = std**2

@@ -6,7 +6,8 @@ a different amplitude and phase from 10 noisy points of the target task in three
 * the source network as it is (no adaptation);
 * fine-tuning every weight with Adam on the 10 points (early-stopped on 3 held-out points);
 * ``linadapt.LinearizedRegressor``: exact GP posterior with the network's tangent kernel, prior and
-  noise variances learned by marginal likelihood — with a predictive standard deviation.
+  noise variances learned by marginal likelihood times a weak prior on the noise (type-II MAP) — with a
+  predictive standard deviation.
 
 It prints RMSE and Gaussian NLL on 500 test points of the target task for 5 seeds.
 
