@@ -64,6 +64,7 @@ def estimator(kind: str, space: str, solver: str, distributed: bool, optimize: b
     from linadapt import LinearizedClassifier, LinearizedRegressor
 
     cls = LinearizedRegressor if kind == "regression" else LinearizedClassifier
+    # the classifier's default link="auto": the leave-one-out choice over all ranks' training points
     return cls(make_model(kind), space=space, solver=solver, distributed=distributed, optimize_hyperparameters=optimize)
 
 
@@ -80,6 +81,7 @@ def predictions(est, Xs: torch.Tensor) -> dict[str, torch.Tensor]:
             "proba": torch.as_tensor(est.predict_proba(Xs)),
             "prior_var": torch.tensor(est.prior_var_),
             "evidence": torch.tensor(est.log_marginal_likelihood()),
+            "loo_nll": torch.tensor([v for _, v in sorted(est.loo_nll_.items())]),
         }
     mean, std = est.predict(Xs, return_std=True)
     return {

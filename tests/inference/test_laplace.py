@@ -487,8 +487,9 @@ def test_auto_link_takes_the_best_leave_one_out_likelihood(tmp_path):
     again = la.LinearizedClassifier.load(tmp_path / "a.linadapt", model)
     assert again.link_ == clf.link_
     np.testing.assert_allclose(again.predict_proba(Xt), clf.predict_proba(Xt), rtol=1e-10)
-    with pytest.raises(ValueError, match="distributed"):
-        la.LinearizedClassifier(model, link="auto", distributed=True).fit(X, y)
+    # the default is "auto" (with distributed=True: tests/test_distributed.py)
+    default = la.LinearizedClassifier(model, prior_var=2.0, optimize_hyperparameters=False).fit(X, y)
+    assert default.link == "auto" and default.link_ == clf.link_
 
 
 def test_cg_with_a_float32_network_needs_no_dense_fallback():

@@ -67,7 +67,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             or sigmoid of the posterior mean logits, the covariance ignored), or ``"auto"``: whichever of the
             likelihood's candidates (probit, bridge, map; probit, map for the sigmoid likelihoods) has the best
             approximate leave-one-out log-likelihood on the training data (:mod:`linadapt.inference.loo`; chosen
-            at ``fit``, in ``link_``).
+            at ``fit``, in ``link_``) — the default (with ``distributed=True`` every rank scores all training
+            points, so all make the same choice). ``"probit"`` is the plain Laplace predictive.
         n_samples: Monte Carlo draws per example for ``link="mc"``.
         prior_mean: ``"network"`` — the prior is centred at the trained weights (adaptation);
             ``"zero"`` — centred at 0, the weight-decay prior of post-hoc Laplace on the training data.
@@ -117,7 +118,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         optimize_hyperparameters: bool = True,
         prior_groups: GroupSpec = None,
         likelihood: str = "auto",
-        link: str = "probit",
+        link: str = "auto",
         n_samples: int = 1000,
         prior_mean: str = "network",
         space: str = "auto",
@@ -163,8 +164,6 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         check_choice(self.link, "link", (*CLASSIFIER_LINKS, "auto"))
         if self.likelihood != "auto" and self.link != "auto":
             LIKELIHOODS[self.likelihood]().check_link(self.link)
-        if self.link == "auto" and self.distributed:
-            raise ValueError("link='auto' (leave-one-out choice) is not available with distributed=True")
         check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
         check_choice(self.space, "space", ("auto", "function", "parameter"))
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
@@ -336,6 +335,8 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
             return self.link
         if self.loo_nll_ is None:
             Xt, labels = self._train_data
+            if self._sharding is not None:  # every rank scores every training point: the same choice on all
+                Xt, labels = self._sharding.gather(Xt), self._sharding.gather(labels)
             mean, cov = self._logits(Xt, True)
             self.loo_nll_ = loo_nll(mean, cov, labels.to(mean.device), likelihood=self.likelihood_)
             self.link_ = min(self.loo_nll_, key=self.loo_nll_.__getitem__)

@@ -255,7 +255,7 @@ def compare_classification(
             continue
         step(f"linadapt ({params})")
         t = time.perf_counter()
-        clf = LinearizedClassifier(net, params=params).fit(xa, ya)
+        clf = LinearizedClassifier(net, params=params, link="probit").fit(xa, ya)  # the readouts: below
         seconds = time.perf_counter() - t
         info = {"prior_var": clf.prior_var_, "space": clf.space_}
         mean, cov = (torch.from_numpy(a) for a in clf.predict_logits(xt))
