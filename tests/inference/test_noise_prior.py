@@ -64,7 +64,7 @@ def test_a_custom_prior_and_none() -> None:
     for f in (0.9, 1.1):  # None: the evidence's own stationary point
         assert ml2.log_marginal_likelihood(noise_var=ml2.noise_var_ * f) < ml2.log_marginal_likelihood_value_
     for bad in ("weak", (1.0,), (0.0, -1.0), (float("nan"), 1.0)):
-        with pytest.raises(ValueError, match="hyperprior|noise prior"):
+        with pytest.raises(ValueError, match=r"hyperprior|noise prior"):
             LinearizedRegressor(net, hyperprior=bad).fit(x, y)
 
 
