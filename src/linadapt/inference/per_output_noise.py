@@ -32,7 +32,7 @@ import scipy.linalg
 import torch
 
 from linadapt.inference.evidence import NoisePrior, evidence_bounds, maximize_evidence, minimize_from
-from linadapt.inference.regression import RegressionPosterior, RegressionProblem, choose_space, dense_bytes
+from linadapt.inference.regression import RegressionPosterior, RegressionProblem, choose_space
 
 __all__ = [
     "NOISE_CHOICES",
@@ -215,9 +215,9 @@ class PerOutputEvidence:
     def _function(self, s2: float, sig2: np.ndarray) -> tuple[float, np.ndarray]:
         A = s2 * self.K
         A[np.diag_indices(self.N)] += np.tile(sig2, self.n)
-        L = scipy.linalg.cholesky(A, lower=True, check_finite=False)
+        L = scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
         alpha = scipy.linalg.cho_solve((L, True), self.r, check_finite=False)
-        L_inv = scipy.linalg.solve_triangular(L, np.eye(self.N), lower=True, check_finite=False)
+        L_inv = scipy.linalg.solve_triangular(L, np.eye(self.N), lower=True, overwrite_b=True, check_finite=False)
         d = (L_inv**2).sum(0).reshape(self.n, self.c).sum(0)  # Σ_i (A⁻¹)_(i,a),(i,a)
         a2 = (alpha.reshape(self.n, self.c) ** 2).sum(0)
         quad = float(self.r @ alpha)
@@ -408,7 +408,9 @@ def fit_per_output(
     """
     n_obs, p, c = problem.n_obs, problem.p, problem.c
     space = choose_space(n_obs, p) if space == "auto" else space
-    need = dense_bytes(space, n_obs, p) + (8 * c * p * p if space == "parameter" else 0)
+    # the dense matrices of the space, and the evidence's: K, A (then its factor) and A⁻¹'s factor (function
+    # space); J, the c Grams J_aᵀJ_a, P (then its factor) and P⁻¹ (parameter space)
+    need = 8 * (4 * n_obs * n_obs if space == "function" else n_obs * p + (c + 3) * p * p)
     budget = int(problem.options.memory_budget)
     if need > budget:
         raise ValueError(
