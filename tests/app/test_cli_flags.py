@@ -196,6 +196,25 @@ def test_prior_groups_tensors(project):
     assert res.exit_code == 2 and "--prior-groups must be layers, tensors or comma-separated" in res.output
 
 
+def test_noise_per_output(project):
+    """--noise per_output: one learned noise variance per output, as the estimator with noise='per_output'."""
+    tmp, nets, X, t, _ = project
+    Y = np.column_stack([t, np.cos(X[:, 1]), 0.5 * X[:, 0]]) + 0.05 * np.random.default_rng(1).normal(size=(30, 3))
+    np.savez(tmp / "multi.npz", X=X, y=Y)
+    base = ["--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "multi.npz", "--no-baselines"]
+    res = adapt(*base, "--task", "regression", "--noise", "per_output", "--out", "po")
+    assert "noise variances (per output)" in res.output
+    ref = la.LinearizedRegressor(nets.classifier(), noise="per_output").fit(X, Y)
+    header = read_header(tmp / "po" / "adapted.linadapt")
+    assert header["settings"]["noise"] == "per_output"
+    np.testing.assert_allclose(header["fitted"]["noise_var_"], ref.noise_var_, rtol=1e-8)
+    res = runner.invoke(app, ["adapt", *base, "--task", "regression", "--noise", "diagonal"])
+    assert res.exit_code == 2 and "--noise must be shared or per_output" in res.output
+    clf = ["--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv", "--no-baselines"]
+    res = runner.invoke(app, ["adapt", *clf, "--noise", "per_output"])
+    assert res.exit_code == 2 and "--noise applies to regression" in res.output
+
+
 # ---------------------------------------------------------------- experiment --plot
 def _fake_records(name):
     """Records shaped like the registry's (two methods, two seeds, two shot counts)."""

@@ -45,6 +45,20 @@ def test_regressor_samples_match_the_joint_predictive(regressors):
     _check_moments(draws, mean, cov)
 
 
+def test_samples_of_y_with_per_output_noise_add_each_outputs_variance():
+    X = inputs_for("mlp", 12)
+    net = mlp(d_out=2)
+    with torch.no_grad():
+        Y = net(X) + 0.3 * torch.sin(X[:, :2])
+    reg = la.LinearizedRegressor(net, noise_var=[0.01, 0.5], optimize_hyperparameters=False).fit(X, Y)
+    Xs = inputs_for("mlp", 3, seed=7)
+    draws = reg.sample(Xs, N, generator=torch.Generator().manual_seed(2), include_noise=True)
+    mean, cov = reg.predict(Xs, return_cov=True, include_noise=True)
+    _check_moments(draws.reshape(N, 6), mean.reshape(6), cov.reshape(6, 6))
+    latent = reg.predict(Xs, return_cov=True, include_noise=False)[1].reshape(6, 6)
+    np.testing.assert_allclose(np.diag(cov.reshape(6, 6)) - np.diag(latent), [0.01, 0.5] * 3, rtol=1e-10)
+
+
 def test_regressor_samples_are_deterministic_with_a_generator_and_bounded_in_memory(regressors):
     multi, _ = regressors
     Xs = inputs_for("mlp", 4, seed=8)

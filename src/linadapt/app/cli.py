@@ -178,6 +178,7 @@ def adapt(
             "comma-separated name patterns, one group each (the rest forming a group), e.g. 'fc.*'."
         ),
     ] = None,
+    noise: Annotated[str, typer.Option(help="Regression: one noise variance (shared) or one per output.")] = "shared",
     memory_budget: Annotated[
         str,
         typer.Option(help="Memory linadapt's arrays may take, e.g. 4GiB or 512MiB; auto: min(2 GiB, 1/4 available)."),
@@ -193,6 +194,8 @@ def adapt(
     """
     if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
         _fail(f"--task must be regression, classification or auto, got {task!r}")
+    if noise not in ("shared", "per_output"):
+        _fail(f"--noise must be shared or per_output, got {noise!r}")
     groups_spec: str | list[str] | None = prior_groups
     if prior_groups is not None and prior_groups not in ("layers", "tensors"):
         groups_spec = [p.strip() for p in prior_groups.split(",") if p.strip()]
@@ -229,8 +232,12 @@ def adapt(
     chosen = _choose_task(task, data.y, n_outputs)
     est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
     y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
+    if noise != "shared" and chosen == "classification":
+        _fail("--noise applies to regression; this is a classification task")
     # the comparison, the fine-tuning baselines and predictions.csv read softmax classes: the categorical likelihood
     extra: dict = {"likelihood": "categorical"} if chosen == "classification" else {}
+    if noise != "shared":
+        extra["noise"] = noise
     if groups_spec is not None:
         extra["prior_groups"] = groups_spec
     est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)
@@ -288,7 +295,8 @@ def adapt(
     if world > 1:
         summary.insert(1, ("processes", f"{world} (torch.distributed, examples per process {est._sharding.counts})"))
     if chosen == "regression":
-        summary.append(("noise variance", f"{est.noise_var_:.4g}"))
+        sig2 = np.atleast_1d(est.noise_var_)
+        summary.append((f"noise variance{'s (per output)' * (sig2.size > 1)}", ", ".join(f"{v:.4g}" for v in sig2)))
     summary.append(("log evidence", f"{log_evidence:.4f}"))
     for row in summary:
         table.add_row(*row)

@@ -9,7 +9,7 @@ import torch
 from linadapt.distributed import check_shard_size
 from linadapt.jacobian.linearization import Linearization
 
-__all__ = ["linearize_shard"]
+__all__ = ["check_dense_only", "linearize_shard"]
 
 
 def linearize_shard(
@@ -48,4 +48,23 @@ def check_n_features(estimator: Any, Xs: torch.Tensor) -> None:
     if Xs.shape[1] != expected:
         raise ValueError(
             f"X has {Xs.shape[1]} features, but {type(estimator).__name__} is expecting {expected} features as input"
+        )
+
+
+def check_dense_only(est: Any, option: str, *more: tuple[str, bool]) -> None:
+    """For the regressor ``est``: ``option`` works on the dense function-space path with the prior at θ̂, in one
+    process: a ValueError naming the settings that conflict with it (those below and ``more``: (setting,
+    conflicts))."""
+    conflicts = (
+        ("distributed=True", bool(est.distributed)),
+        ("prior_mean='zero'", est.prior_mean != "network"),
+        ("space='parameter'", est.space == "parameter"),
+        ("solver='cg'", est.solver == "cg"),
+        *more,
+    )
+    bad = [setting for setting, conflict in conflicts if conflict]
+    if bad:
+        raise ValueError(
+            f"{option} uses the dense function-space path (space='function', solver='cholesky', "
+            f"prior_mean='network', one process); not with {', '.join(bad)}"
         )

@@ -98,6 +98,9 @@ def _settings(estimator: Any) -> dict[str, Any]:
     settings = {k: v for k, v in estimator.get_params(deep=False).items() if k != "model"}
     if settings.get("device") is not None:
         settings["device"] = str(settings["device"])
+    for key, value in settings.items():  # numpy / torch arrays (e.g. one noise_var per output) as JSON lists
+        if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+            settings[key] = value.tolist()
     try:
         json.dumps(settings)
     except TypeError as exc:

@@ -16,10 +16,20 @@ from linadapt._memory import resolve_memory_budget
 from linadapt._progress import check_progress
 from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
-from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
+from linadapt.estimators._fit import check_dense_only, check_n_features, linearize_shard, record_n_features
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.evidence import NoisePrior, evidence_bounds, maximize_evidence, noise_prior_from
 from linadapt.inference.hyper_averaging import HyperparameterMixture
+from linadapt.inference.per_output_noise import (
+    PerOutputEvidence,
+    PerOutputPosterior,
+    fit_per_output,
+    noise_diagonal,
+    noise_values,
+    parse_noise_var,
+    refuse_per_output,
+    resolve_noise,
+)
 from linadapt.inference.prior_groups import (
     GroupedKernels,
     GroupedPosterior,
@@ -46,8 +56,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
     The network f(x; θ̂) is replaced by its linearization f(x; θ̂) + J(x)(θ − θ̂) with prior
-    θ − θ̂ ~ N(0, prior_var · I) and Gaussian noise of variance noise_var on every output, i.e. a GP with
-    mean m(x) and kernel prior_var · J(x) J(x')ᵀ whose c × c output blocks couple the outputs.
+    θ − θ̂ ~ N(0, prior_var · I) and Gaussian noise of variance noise_var on every output (or σ²_a on output a,
+    ``noise="per_output"``), i.e. a GP with mean m(x) and kernel prior_var · J(x) J(x')ᵀ whose c × c output blocks
+    couple the outputs.
 
     Args:
         model: a trained ``torch.nn.Module`` returning (n, c) or (n,) outputs. It is never modified.
@@ -60,8 +71,15 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             from the best single s²; ``prior_var`` is each group's value without optimisation). Uses the dense
             function-space path (space ``"function"``, solver ``"cholesky"``); see
             :mod:`linadapt.inference.prior_groups`.
-        noise_var: σ², the observation-noise variance; ``None`` starts from 0.1 × the variance of the
-            residuals y − m(X) (and, without optimisation, uses that guess).
+        noise_var: σ², the observation-noise variance, or c values σ²_1..c, one per output; ``None`` starts from
+            0.1 × the variance of the residuals y − m(X) (per output with per-output noise; without optimisation,
+            that guess is used).
+        noise: ``"shared"`` — one σ² for every output; ``"per_output"`` — σ²_a for output a, each learned by the
+            evidence (with ``hyperprior``, each relative to its own output's mean squared residual v̄_a);
+            ``"auto"`` — per output exactly when ``noise_var`` gives c values. ``"shared"`` with c different values
+            is an error (c equal values are that one σ²). Per-output noise uses the dense (Cholesky) solves in
+            either space, in one process, without ``marginalize`` or ``prior_groups``; on a one-output model it
+            is the shared model. See :mod:`linadapt.inference.per_output_noise`.
         optimize_hyperparameters: learn prior_var and noise_var by maximising the log marginal
             likelihood times ``hyperprior`` (type-II MAP; type-II maximum likelihood with ``hyperprior=None``).
         hyperprior: ``"default"`` — a weakly informative log-normal prior on the noise variance relative to the
@@ -105,7 +123,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     Attributes (after ``fit``):
         n_features_in_: the number of input features (2-D floating inputs; predictions on another width are
             refused).
-        prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``).
+        prior_var_, noise_var_: the hyperparameters used (``prior_var_`` is None with ``prior_groups``;
+            ``noise_var_`` a (c,) numpy array with per-output noise, else a float).
         prior_vars_: with ``prior_groups``, {group label: s²_g}; the groups' parameter names in ``groups_``.
         space_, solver_: the choices made (``solver_`` becomes ``"cholesky"`` after a CG fallback).
         n_outputs_: c. linearization_: the :class:`~linadapt.jacobian.linearization.Linearization`.
@@ -119,7 +138,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         params: ParamSpec = "all",
         prior_var: float = 1.0,
         prior_groups: GroupSpec = None,
-        noise_var: float | None = None,
+        noise_var: float | Any = None,
+        noise: str = "auto",
         optimize_hyperparameters: bool = True,
         hyperprior: str | tuple[float, float] | None = "default",
         marginalize: bool = False,
@@ -141,6 +161,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         self.prior_var = prior_var
         self.prior_groups = prior_groups
         self.noise_var = noise_var
+        self.noise = noise
         self.optimize_hyperparameters = optimize_hyperparameters
         self.hyperprior = hyperprior
         self.marginalize = marginalize
@@ -185,7 +206,8 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
     def _fitted_state(self) -> dict[str, Any]:
         """The fitted hyperparameters a ``.linadapt`` file stores (JSON)."""
         fitted: dict[str, Any] = {"prior_var_": None if self.prior_var_ is None else float(self.prior_var_)}
-        fitted["noise_var_"] = float(self.noise_var_)
+        noise = self.noise_var_
+        fitted["noise_var_"] = noise.tolist() if isinstance(noise, np.ndarray) else float(noise)
         if self.prior_vars_ is not None:
             fitted["prior_vars_"] = dict(self.prior_vars_)
         return fitted
@@ -211,12 +233,13 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
         prior0 = check_positive(self.prior_var, "prior_var")
         noise_prior = None if self.marginalize else noise_prior_from(self.hyperprior)
-        noise0 = check_positive(self.noise_var, "noise_var", allow_none=True)
+        noise_given = parse_noise_var(self.noise_var)
+        resolve_noise(self.noise, None, 1)  # checks the choice before the linearization
         distributed = bool(self.distributed)
         if self.prior_groups is not None:
-            self._check_dense_only("prior_groups")
+            check_dense_only(self, "prior_groups")
         if self.marginalize:
-            self._check_dense_only("marginalize=True", ("prior_groups", self.prior_groups is not None))
+            check_dense_only(self, "marginalize=True", ("prior_groups", self.prior_groups is not None))
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
             lin, Xt, f0 = linearize_shard(
@@ -244,6 +267,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         else:
             yt_all = yt
         c = f0.shape[1]
+        per_output, noise0 = resolve_noise(self.noise, noise_given, c)
+        if per_output:
+            refuse_per_output(bool(self.marginalize), self.prior_groups is not None, distributed, self.solver == "cg")
         self._y_ndim = yt.dim()
         Y = yt_all.reshape(-1, c)
         m = f0 if self.mean == "network" else torch.zeros_like(f0)
@@ -255,37 +281,44 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             problem.r = problem.r - problem.jvp(offset.unsqueeze(0))[0].reshape(-1)
         r = problem.r
         n_obs = r.numel()
-        if noise0 is None:
+        if noise0 is None and not per_output:
             resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
             noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
         self.prior_vars_ = self.groups_ = None
         if self.prior_groups is not None:
             return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed, noise_prior)
-        space, solver = choose_space_and_solver(
-            lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
-        )
-        if fixed is not None:
-            prior, noise = fixed
-        elif self.optimize_hyperparameters:
-            spectrum = problem.spectrum(space, solver)
-            prior, noise, _ = maximize_evidence(spectrum, prior0, noise0, noise_prior)
-        else:
-            prior, noise = prior0, noise0
-        posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
-        redo = fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky"
-        if redo and not problem.spectrum(space, solver).exact:  # (an exact search has nothing to redo)
-            # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
-            # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
-            # ill-conditioned), so the hyperparameters are searched again with the exact evidence
-            warnings.warn(
-                f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
-                "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
-                ConvergenceWarning,
-                stacklevel=3,
+        if per_output:
+            optimize = self.optimize_hyperparameters and fixed is None
+            posterior, prior, noise = fit_per_output(
+                problem, self.space, prior0, noise0, fixed, optimize, noise_prior, offset
             )
-            solver = "cholesky"
-            prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0, noise_prior)
+            space = posterior.space
+        else:
+            space, solver = choose_space_and_solver(
+                lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
+            )
+            if fixed is not None:
+                prior, noise = fixed
+            elif self.optimize_hyperparameters:
+                spectrum = problem.spectrum(space, solver)
+                prior, noise, _ = maximize_evidence(spectrum, prior0, noise0, noise_prior)
+            else:
+                prior, noise = prior0, noise0
             posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+            redo = fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky"
+            if redo and not problem.spectrum(space, solver).exact:  # (an exact search has nothing to redo)
+                # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
+                # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
+                # ill-conditioned), so the hyperparameters are searched again with the exact evidence
+                warnings.warn(
+                    f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
+                    "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+                solver = "cholesky"
+                prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0, noise_prior)
+                posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
         self.mixture_ = None
         if self.marginalize:
             self.mixture_ = self._mixture(lin, Xt, r, prior, noise, c)
@@ -336,23 +369,6 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             out = -0.5 * (math.log(2 * math.pi) + torch.log(var)) - 0.5 * (yt.cpu() - mean_t) ** 2 / var
         out = out.cpu().numpy()
         return out.reshape(-1) if self._y_ndim == 1 else out.reshape(Xs.shape[0], -1)
-
-    def _check_dense_only(self, option: str, *more: tuple[str, bool]) -> None:
-        """``option`` works on the dense function-space path with the prior at θ̂, in one process: a ValueError
-        naming the settings that conflict with it (those below and ``more``: (setting, conflicts))."""
-        conflicts = (
-            ("distributed=True", bool(self.distributed)),
-            ("prior_mean='zero'", self.prior_mean != "network"),
-            ("space='parameter'", self.space == "parameter"),
-            ("solver='cg'", self.solver == "cg"),
-            *more,
-        )
-        bad = [setting for setting, conflict in conflicts if conflict]
-        if bad:
-            raise ValueError(
-                f"{option} uses the dense function-space path (space='function', solver='cholesky', "
-                f"prior_mean='network', one process); not with {', '.join(bad)}"
-            )
 
     def _fit_groups(
         self,
@@ -409,7 +425,7 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         """
         self._check_fitted()
         post = self.posterior_
-        if isinstance(post, GroupedPosterior):
+        if isinstance(post, (GroupedPosterior, PerOutputPosterior)):
             return post.log_ml
         if "lml" not in self.problem_.cache:
             spec = self.problem_.spectrum(post.space, post.solver)
@@ -421,8 +437,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             self.problem_.cache["lml"] = value
         return self.problem_.cache["lml"]  # type: ignore[return-value]
 
-    def log_marginal_likelihood(self, prior_var: float | None = None, noise_var: float | None = None) -> float:
-        """log p(y | prior_var, noise_var) on the training data (defaults: the fitted values).
+    def log_marginal_likelihood(self, prior_var: float | None = None, noise_var: Any = None) -> float:
+        """log p(y | prior_var, noise_var) on the training data (defaults: the fitted values; with per-output
+        noise, ``noise_var`` is one value for every output or c values).
 
         Exact on the Cholesky path; on the CG path the log-determinant is a stochastic Lanczos estimate.
         """
@@ -440,6 +457,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
             sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
             return post.evidence(s2, sig2)
         s2 = check_positive(prior_var if prior_var is not None else self.prior_var_, "prior_var")
+        if isinstance(post, PerOutputPosterior):
+            sig2s = noise_values(noise_var if noise_var is not None else self.noise_var_, self.n_outputs_)
+            return PerOutputEvidence.from_problem(self.problem_, post.space)(s2, sig2s)
         sig2 = check_positive(noise_var if noise_var is not None else self.noise_var_, "noise_var")
         return self.problem_.spectrum(self.posterior_.space, self.posterior_.solver)(s2, sig2)
 
@@ -499,15 +519,15 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         out_mean = (mean[:, 0] if vector else mean).cpu().numpy()
         if not (return_std or return_cov):
             return out_mean
-        noise = self.noise_var_ if include_noise else 0.0
+        noise = noise_diagonal(self.noise_var_ if include_noise else 0.0, c, mean.device)
         if return_std:
             blocks = post.latent_blocks(Xs)
             var = torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(0.0) + noise
             std = var.sqrt()
             return out_mean, (std[:, 0] if vector else std).cpu().numpy()
         cov = post.latent_cov(Xs)
-        cov.diagonal().add_(noise)
         m = Xs.shape[0]
+        cov.diagonal().add_(noise.repeat(m))
         cov = cov.reshape(m, c, m, c)
         return out_mean, (cov[:, 0, :, 0] if vector else cov).cpu().numpy()
 
@@ -555,8 +575,9 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         Xs, mean = self._latent_mean(X)
         check_sample_memory(Xs.shape[0], c, n_samples, self._options().memory_budget)
         cov = post.latent_cov(Xs)
-        if include_noise:
-            cov.diagonal().add_(self.noise_var_)
+        if include_noise:  # the diagonal is example-major: each output's own variance, repeated over the inputs
+            noise = torch.as_tensor(self.noise_var_, dtype=cov.dtype, device=cov.device).reshape(-1)
+            cov.diagonal().add_(noise.repeat(Xs.shape[0] * c // noise.numel()))
         draws = gaussian_samples(mean, cov, n_samples, generator)
         return (draws[..., 0] if self._y_ndim == 1 else draws).cpu().numpy()
 
@@ -570,5 +591,5 @@ class LinearizedRegressor(SaveLoadMixin, RegressorMixin, BaseEstimator):
         Xs, mean = self._latent_mean(X)
         blocks = post.latent_blocks(Xs)
         if include_noise:
-            blocks = blocks + self.noise_var_ * torch.eye(c, dtype=blocks.dtype, device=blocks.device)
+            blocks = blocks + torch.diag(noise_diagonal(self.noise_var_, c, blocks.device))
         return mean.cpu().numpy(), blocks.cpu().numpy()
