@@ -277,3 +277,38 @@ def test_custom_functions_without_forward_mode_fall_back_too(monkeypatch):
     torch.manual_seed(0)
     model = Net().double()
     _fallback_checks(monkeypatch, model, torch.randn(10, 3, dtype=torch.float64), 2)
+
+
+def test_jvp_through_scaled_dot_product_attention_stays_in_forward_mode(monkeypatch):
+    """torch's fused (float32) attention kernels have no forward-mode derivative; Linearization.jvp runs the network
+    with scaled_dot_product_attention in its math form, so J v of a model calling it (as HuggingFace encoders do)
+    is one forward-mode pass, not the reverse-mode fallback; against the reference Jacobian."""
+    import contextlib
+
+    from linadapt.jacobian import linearization
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(6, 18)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 6)
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 3).permute(2, 0, 3, 1, 4)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.head(a.transpose(1, 2).reshape(x.shape[0], x.shape[1], 6).mean(1))
+
+    torch.manual_seed(0)
+    model = Attend()  # float32: the fused CPU kernel
+    X = torch.randn(5, 4, 6)
+    J = reference_jacobian(model.double(), X.double(), [n for n, _ in model.named_parameters()])
+    model.float()
+    V = torch.randn(3, J.shape[-1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.einsum("icp,kp->kic", J, V)
+    lin = la.Linearization(model)
+    torch.testing.assert_close(lin.jvp(X, V), want, rtol=1e-4, atol=1e-5)
+    assert lin._forward_ad  # no fallback was needed
+    monkeypatch.setattr(linearization, "math_attention", contextlib.nullcontext)  # the fused kernel
+    lin = la.Linearization(model)
+    torch.testing.assert_close(lin.jvp(X, V), want, rtol=1e-4, atol=1e-5)
+    assert not lin._forward_ad  # ... has no forward mode: the fallback

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["ALGEBRA_DTYPE", "RHS_GROUP", "LinearizationError", "eval_mode"]
+__all__ = ["ALGEBRA_DTYPE", "RHS_GROUP", "LinearizationError", "eval_mode", "math_attention"]
 
 ALGEBRA_DTYPE = torch.float64  # every product result, kernel and solve, whatever dtype the network runs in
 RHS_GROUP = 64  # right-hand sides pushed through one vmapped product
@@ -42,3 +42,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = was_training
         for m in sparse:
             m.sparse = True
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context in which ``scaled_dot_product_attention`` takes its math form (matrix products and a softmax),
+    which has forward-mode derivatives; torch's fused CPU / CUDA attention kernels have none."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)

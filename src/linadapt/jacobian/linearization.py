@@ -28,7 +28,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from linadapt._blocks import blocks
 from linadapt._memory import MemoryBudgetError, format_bytes, resolve_memory_budget
 from linadapt._validation import as_input_tensor
-from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode
+from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode, math_attention
 from linadapt.jacobian.held import HeldJacobian
 from linadapt.jacobian.selection import ParamSpec, select_parameters
 from linadapt.jacobian.structured import StructuredNTK, factored_jvp
@@ -354,7 +354,8 @@ class Linearization:
                 xb = X[sl]
 
                 def push(t: dict[str, torch.Tensor], xb: torch.Tensor = xb) -> torch.Tensor:
-                    return jvp(lambda th: self._f(th, xb), (self.theta,), (t,))[1]
+                    with math_attention():  # attention by scaled_dot_product_attention has forward mode in it
+                        return jvp(lambda th: self._f(th, xb), (self.theta,), (t,))[1]
 
                 try:
                     if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
@@ -376,10 +377,9 @@ class Linearization:
         return out[0] if single else out
 
     def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """J(X) V for V (k, p) without forward-mode AD (a module torch has none for: ``nn.EmbeddingBag``, attention
-        by ``scaled_dot_product_attention``): from the layer factors of chunks of X when layer rules apply
-        (:func:`~linadapt.jacobian.structured.factored_jvp`), else through reverse-mode Jacobian chunks
-        (memory-bounded). (k, n, c), float64."""
+        """J(X) V for V (k, p) without forward-mode AD (a module torch has none for: ``nn.EmbeddingBag``): from the
+        layer factors of chunks of X when layer rules apply (:func:`~linadapt.jacobian.structured.factored_jvp`),
+        else through reverse-mode Jacobian chunks (memory-bounded). (k, n, c), float64."""
         engine = self.structured(X) if X.shape[0] > 0 else None
         if engine is not None and self.output_dim(X) <= FACTOR_MAX_OUTPUTS:
             out = factored_jvp(engine, X, V)
