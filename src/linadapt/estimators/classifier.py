@@ -16,8 +16,8 @@ from linadapt._progress import check_progress
 from linadapt._validation import check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
-from linadapt.estimators._targets import CLASSIFIER_LIKELIHOODS, CLASSIFIER_LINKS, choose_likelihood, encode_targets
 from linadapt.estimators._query import QueryMixin
+from linadapt.estimators._targets import CLASSIFIER_LIKELIHOODS, CLASSIFIER_LINKS, choose_likelihood, encode_targets
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var

@@ -177,7 +177,7 @@ class PoolCovariance:
             per = 8 * 3 * c * c * (2 * k + 1)
         size = self.budget // 4 // max(1, per)
         if self.route == "joint":
-            size = int(math.isqrt(max(0, self.budget // 4 // (24 * c * c)))) - k
+            size = math.isqrt(max(0, self.budget // 4 // (24 * c * c))) - k
         fixed = 8 * 4 * self.m * c * c + 8 * 3 * (kc * kc + kc * max(self.n_obs, self.p))
         if size < 1 or fixed > self.budget:
             raise MemoryBudgetError(
@@ -290,7 +290,8 @@ def greedy_select(
     conditioned on the earlier picks as if they were labelled.
 
     Args:
-        pool: the pool's covariances. k: how many to choose (1 ≤ k ≤ the distinct inputs).
+        pool: the pool's covariances.
+        k: how many to choose (1 ≤ k ≤ the distinct inputs).
         score: conditioned blocks (m, c, c) → scores (m,); the point with the highest is picked.
         roots: Rⱼ (m, c, c) with Rⱼ Rⱼᵀ = Λⱼ, the curvature a label at point j would add.
         groups: an id per point (:func:`duplicate_groups`): a point equal to a picked one is not picked.
@@ -325,7 +326,7 @@ def greedy_select(
         S = pool.dense()
         S = 0.5 * (S + S.T)
         eye = eye.to(S.device)
-        for t in range(k):
+        for _ in range(k):
             blocks = torch.diagonal(S.reshape(m, c, m, c), dim1=0, dim2=2).permute(2, 0, 1)
             choose(blocks)
             j = picks[-1]
