@@ -149,6 +149,7 @@ class PoolCovariance:
         problem = getattr(post, "problem", None)
         self.n_obs = int(getattr(problem, "n_obs", 0) or 0)
         self.p = int(post.lin.num_params) if hasattr(post, "lin") else 0
+        self._kx: dict[tuple[int, int], torch.Tensor] = {}  # cached cross kernels with the training inputs
 
     def _activate(self) -> None:
         activate = getattr(self.post, "_activate", None)  # grouped Laplace: its scales into the shared kernels
@@ -187,6 +188,18 @@ class PoolCovariance:
             )
         return max(1, min(self.m, size))
 
+    def _training_cross(self, X: torch.Tensor, sl: slice, size: int) -> torch.Tensor:
+        """K(X_train, pool[sl]) (N, b·c): kept from the first pass when the whole pool's (N × m·c) fits an eighth
+        of the budget, so later passes compute only the picks' kernels."""
+        key = (sl.start, sl.stop)
+        if key in self._kx:
+            return self._kx[key]
+        self._activate()
+        KXa = torch.cat([Kx for _, Kx, _ in self.post._cross_kernel_chunks(X, self.Xs[sl], size)], 1)
+        if 8 * self.n_obs * self.m * self.c <= self.budget // 8:
+            self._kx[key] = KXa
+        return KXa
+
     # -- covariances ---------------------------------------------------------------------------------
     def blocks(self) -> torch.Tensor:
         """The per-point c × c posterior blocks (m, c, c), symmetrised."""
@@ -212,8 +225,7 @@ class PoolCovariance:
                 for start in range(0, self.m, size):
                     sl = slice(start, min(self.m, start + size))
                     Xa = self.Xs[sl]
-                    self._activate()
-                    KXa = torch.cat([Kx for _, Kx, _ in post._cross_kernel_chunks(X, Xa, size)], 1)
+                    KXa = self._training_cross(X, sl, size)
                     Kpa = torch.cat([Kx for _, Kx, _ in post._cross_kernel_chunks(Xp, Xa, size)], 1)
                     C = post.s2 * Kpa.T + sum(
                         coef * (La @ Rp) for (coef, La, _), (_, _, Rp) in zip(post._data_terms(KXa), terms_p)
@@ -334,8 +346,8 @@ def greedy_select(
             cols = S[:, j * c : (j + 1) * c] @ R  # Σ_{·j} Rⱼ (m·c, c)
             A = eye + R.T @ S[j * c : (j + 1) * c, j * c : (j + 1) * c] @ R
             W = torch.linalg.solve_triangular(torch.linalg.cholesky(0.5 * (A + A.T)), cols.T, upper=False)
-            S = S - W.T @ W
-            S = 0.5 * (S + S.T)
+            S.addmm_(W.T, W, alpha=-1.0)  # in place: Σ is the largest array here
+        S = 0.5 * (S + S.T)
         final = torch.diagonal(S.reshape(m, c, m, c), dim1=0, dim2=2).permute(2, 0, 1)
         return Selection(np.asarray(picks, dtype=np.int64), np.asarray(scores), True, final, S)
 
