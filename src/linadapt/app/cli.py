@@ -34,6 +34,8 @@ from linadapt.app.bench import (
     run_memory_bench,
     run_neural_tangents,
 )
+from linadapt.app.cli_suggest import TRUST_HELP as _TRUST_HELP
+from linadapt.app.cli_suggest import suggest
 from linadapt.app.demo import run_demo
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
@@ -51,11 +53,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-
-_TRUST_HELP = (
-    "Allow full unpickling of model/weights files. A pickle can run arbitrary code when loaded: use only for "
-    "files you made or fully trust. Without it, weights are read as safetensors or with weights_only=True."
-)
 
 
 def _fail(message: str) -> None:
@@ -588,6 +585,9 @@ def bench(
             mrows = run_memory_bench(n, threads)
         print()
         print(format_memory_table(mrows, n))
+
+
+app.command()(suggest)  # linadapt suggest (app/cli_suggest.py)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from linadapt._progress import check_progress
 from linadapt._validation import check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
+from linadapt.estimators._query import QueryMixin
 from linadapt.estimators._targets import CLASSIFIER_LIKELIHOODS, CLASSIFIER_LINKS, choose_likelihood, encode_targets
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
@@ -32,7 +33,7 @@ __all__ = ["LinearizedClassifier"]
 
 
 @register_estimator
-class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
+class LinearizedClassifier(QueryMixin, SaveLoadMixin, ClassifierMixin, BaseEstimator):
     """Classification with the linearized network and a Laplace posterior over its weights.
 
     Logits f(x) = f(x; θ̂) + J(x) δ, prior δ = θ − θ̂ ~ N(0, prior_var · I) (or θ ~ N(0, prior_var · I) with

@@ -11,6 +11,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from linadapt.experiments import (
+    active,
     bikeshare,
     mnist_to_animals,
     pretrained_backbone,
@@ -25,6 +26,7 @@ from linadapt.experiments.source import Step
 __all__ = ["EXPERIMENTS", "run_experiment", "summarize"]
 
 EXPERIMENTS: dict[str, Callable[[int, int | None, bool, Step | None], list[dict]]] = {
+    "active": active.active,
     "bikeshare": bikeshare.bikeshare,
     "mnist-to-animals": mnist_to_animals.mnist_to_animals,
     "pretrained-backbone": pretrained_backbone.pretrained_backbone,

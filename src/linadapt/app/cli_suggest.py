@@ -1,0 +1,86 @@
+"""``linadapt suggest``: which pool points to label next, by an adapted model's ``query`` (registered on the
+command in :mod:`linadapt.app.cli`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from linadapt._files import atomic_write_text
+from linadapt.estimators.persistence import load, read_header
+from linadapt.io.datasets import read_dataset
+from linadapt.io.models import load_model
+
+__all__ = ["TRUST_HELP", "load_adapted", "suggest"]
+
+TRUST_HELP = (
+    "Allow full unpickling of model/weights files. A pickle can run arbitrary code when loaded: use only for "
+    "files you made or fully trust. Without it, weights are read as safetensors or with weights_only=True."
+)
+
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def load_adapted(adapted: str, model: str | None, weights: str | None, trust_pickle: bool) -> tuple[Any, dict]:
+    """The estimator of a ``.linadapt`` file written by ``linadapt adapt`` with its source network (the one it
+    records, or ``model`` / ``weights``), and what the file records of the command (model, weights, target,
+    classes)."""
+    header = read_header(adapted)
+    try:
+        recorded = json.loads(header["model"].get("reference") or "{}")
+    except json.JSONDecodeError:
+        recorded = {}  # saved from Python with a free-text reference
+    if not isinstance(recorded, dict):
+        recorded = {}
+    if not (model or recorded.get("model")):
+        raise ValueError(
+            f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)"
+        )
+    net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
+    return load(adapted, net), recorded
+
+
+def suggest(
+    adapted: Annotated[str, typer.Option(help="An adapted model written by `linadapt adapt`.")],
+    pool: Annotated[str, typer.Option(help="Unlabelled candidate inputs (a data file as `adapt` reads).")],
+    k: Annotated[int, typer.Option("--k", help="How many points to choose (1 ≤ k ≤ pool size).")] = 10,
+    out: Annotated[str, typer.Option(help="Where to write the picks CSV (rank, index, score).")] = "picks.csv",
+    target: Annotated[str | None, typer.Option(help="CSV target column of the pool, if it has one.")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the source model recorded in the file.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Override the recorded weights file.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+) -> None:
+    """Choose the K pool points worth labelling next (greedy joint choice: regression by posterior variance,
+    classification by BALD, each pick conditioning on the earlier ones); write rank, index (the pool's row, from
+    0) and score per pick.
+
+    Example: linadapt suggest --adapted run/adapted.linadapt --pool unlabelled.csv --k 20 --out picks.csv
+    """
+    try:
+        est, recorded = load_adapted(adapted, model, weights, trust_pickle)
+        ds = read_dataset(pool, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
+        indices, scores = est.query(ds.X, k, return_scores=True)
+    except FileNotFoundError:
+        _fail(f"{adapted} does not exist")
+    except (ValueError, json.JSONDecodeError) as exc:
+        _fail(str(exc))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rank", "index", "score"])
+    for rank, (index, score) in enumerate(zip(indices, scores), start=1):
+        writer.writerow([rank, int(index), f"{score:.10g}"])
+    atomic_write_text(out, buf.getvalue())
+    what = "posterior variance" if getattr(est, "likelihood_", None) is None else "BALD"
+    console.print(f"chose {len(indices)} of {ds.X.shape[0]} pool points by {what}", markup=False, soft_wrap=True)
+    console.print(f"wrote {out}", markup=False, soft_wrap=True)

@@ -1,0 +1,13 @@
+"""The ``active`` experiment at a small size: records of both strategies per labelling round."""
+
+from linadapt.experiments import active
+
+
+def test_active_records_both_strategies_per_round(monkeypatch):
+    monkeypatch.setattr(active, "POOL", 60)
+    records = active.active(0, shots=5, quick=True)  # quick: 2 rounds
+    by = {(r["method"], r["shots"]): r for r in records}
+    assert set(by) == {(m, n) for m in ("query", "random") for n in (10, 15, 20)}
+    assert all(r["experiment"] == "active" and r["seed"] == 0 for r in records)
+    assert by["query", 10]["metrics"] == by["random", 10]["metrics"]  # the same start
+    assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["nll"] > 0 for r in records)
