@@ -37,7 +37,10 @@ from linadapt.inference.regression import RegressionPosterior, RegressionProblem
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE
 
 __all__ = [
+    "ExtendedRegressionProblem",
     "LaplaceStart",
+    "NewRows",
+    "StackedJacobian",
     "UpdatedPerOutputPosterior",
     "UpdatedRegressionPosterior",
     "extend_cholesky",
@@ -50,10 +53,14 @@ __all__ = [
 
 
 def extend_kernel(K: torch.Tensor, K_on: torch.Tensor, K_nn: torch.Tensor) -> torch.Tensor:
-    """[[K, K_on], [K_onᵀ, K_nn]] for K (N × N), K_on (N × M), K_nn (M × M)."""
-    top = torch.cat([K, K_on], dim=1)
-    bottom = torch.cat([K_on.T, K_nn], dim=1)
-    return torch.cat([top, bottom])
+    """[[K, K_on], [K_onᵀ, K_nn]] for K (N × N), K_on (N × M), K_nn (M × M), written once."""
+    N, M = K.shape[0], K_nn.shape[0]
+    out = torch.empty(N + M, N + M, dtype=K.dtype, device=K.device)
+    out[:N, :N] = K
+    out[:N, N:] = K_on
+    out[N:, :N] = K_on.T
+    out[N:, N:] = K_nn
+    return out
 
 
 def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> torch.Tensor:
@@ -66,16 +73,92 @@ def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> to
     S = 0.5 * (S + S.T)
     L22 = psd_safe_cholesky(S, jitter=1e-10 * float(A22.diagonal().mean()))
     N, M = L.shape[0], A22.shape[0]
-    out = torch.zeros(N + M, N + M, dtype=L.dtype, device=L.device)
+    # column-major, as torch.linalg.cholesky returns its factors (cholesky_solve would copy a row-major one)
+    out = torch.empty(N + M, N + M, dtype=L.dtype, device=L.device).T
     out[:N, :N] = L
+    out[:N, N:] = 0.0
     out[N:, :N] = B.T
     out[N:, N:] = L22
     return out
 
 
-def _new_jacobian(problem: RegressionProblem | LaplaceProblem, X_new: torch.Tensor) -> torch.Tensor:
-    """J(X_new) as (M, p), M = k·c rows, example-major."""
-    return problem.lin.jacobian(X_new).reshape(-1, problem.p)
+class NewRows:
+    """J of a few appended examples with the products of a held Jacobian: by torch.func on their inputs (a
+    forward pass over k examples per product), or from their dense rows (n, c, p) when those are at hand."""
+
+    def __init__(self, lin: Any, X: torch.Tensor, J: torch.Tensor | None = None) -> None:
+        self.lin, self.X, self.J = lin, X, J
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V for rows V (k, p): (k, n, c)."""
+        if self.J is not None:
+            return torch.einsum("ncp,kp->knc", self.J, V.to(self.J))
+        return self.lin.jvp(self.X, V)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U for U (k, n, c): (k, p)."""
+        if self.J is not None:
+            return torch.einsum("knc,ncp->kp", U.to(self.J), self.J)
+        return self.lin.vjp(self.X, U)
+
+
+class StackedJacobian:
+    """J of consecutive groups of examples, each held in its own form — the old examples' cached factors or
+    retained graph, then the appended ones (:class:`NewRows`) — as
+    :meth:`~linadapt.inference.posterior.TrainingData.factored` returns it: products over all the examples need
+    no pass through the network for the old ones."""
+
+    def __init__(self, parts: list[tuple[Any, int]]) -> None:
+        self.parts = parts  # (held J of a group, its number of examples)
+
+    @classmethod
+    def stacked(cls, first: Any, n_first: int, rows: NewRows) -> StackedJacobian:
+        """``first`` (a held J of ``n_first`` examples, possibly stacked itself) followed by ``rows``."""
+        parts = list(first.parts) if isinstance(first, StackedJacobian) else [(first, n_first)]
+        last, n_last = parts[-1]
+        if isinstance(last, NewRows) and (last.J is None) == (rows.J is None):  # one group of appended rows
+            J = None if rows.J is None else torch.cat([last.J, rows.J])
+            parts[-1] = (NewRows(rows.lin, torch.cat([last.X, rows.X]), J), n_last + rows.X.shape[0])
+            return cls(parts)
+        return cls([*parts, (rows, rows.X.shape[0])])
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V for rows V (k, p): (k, n, c), the groups' rows in order."""
+        return torch.cat([part.jvp(V) for part, _ in self.parts], dim=1)
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """Jᵀ U for U (k, n, c): the sum of every group's Jᵀ U on its rows, (k, p)."""
+        out, start = None, 0
+        for part, n in self.parts:
+            term = part.vjp(U[:, start : start + n])
+            out, start = term if out is None else out + term, start + n
+        return out
+
+    def promote(self) -> bool:
+        """Make every group's products exact to float64 rounding where it can (see ``FactoredJacobian.promote``)."""
+        return any([bool(part.promote()) for part, _ in self.parts if hasattr(part, "promote")])
+
+
+def _extend_products(old: Any, new: Any, X_new: torch.Tensor, needs_rows: bool, lazy: bool) -> torch.Tensor | None:
+    """Give the new problem the old one's held J followed by the new rows for its products, and extend the dense
+    kernel K (held, or pending, by the old problem) by K(X_old, X_new) and K(X_new, X_new) — at once, or
+    (``lazy``) as blocks assembled on the first use of the whole kernel. Returns the new rows (k·c, p) when
+    ``needs_rows``, else None."""
+    lin, p = old.lin, old.p
+    J3 = lin.jacobian(X_new) if needs_rows else None
+    held = old.cache.get("factored") or None
+    if held is not None:
+        new.cache["factored"] = StackedJacobian.stacked(held, old.n, NewRows(lin, X_new, J3))
+    if "K" in old.cache or "K_base" in old.cache:
+        # the cross kernel by the layer rules where they apply (one pass over the old examples: far cheaper than
+        # products with their held J, O(N p k)), else by Jacobian contraction
+        K_on, K_nn = lin.ntk(old.X, X_new), lin.ntk(X_new)
+        base = old.cache["K"] if "K" in old.cache else old  # (an old problem whose kernel is pending itself)
+        if lazy:
+            new.cache["K_base"], new.cache["K_new"] = base, (K_on, K_nn)
+        else:
+            new.cache["K"] = extend_kernel(base if torch.is_tensor(base) else base.kernel(), K_on, K_nn)
+    return None if J3 is None else J3.reshape(-1, p)
 
 
 def _check_local(problem: Any) -> None:
@@ -83,10 +166,24 @@ def _check_local(problem: Any) -> None:
         raise ValueError("updating a posterior needs the training data of one process (not a sharded fit)")
 
 
+class ExtendedRegressionProblem(RegressionProblem):
+    """A :class:`~linadapt.inference.regression.RegressionProblem` whose dense kernel, when the problem it extends
+    held one, is assembled from that and the new blocks on first use (the Cholesky update needs only the new
+    blocks; the exact evidence and the training-point covariances need the whole kernel)."""
+
+    def kernel(self) -> torch.Tensor:
+        """Dense K over all the examples (see :meth:`~linadapt.inference.posterior.TrainingData.kernel`)."""
+        if "K" not in self.cache and "K_base" in self.cache:
+            base = self.cache.pop("K_base")
+            K_on, K_nn = self.cache["K_new"]
+            self.cache["K"] = extend_kernel(base if torch.is_tensor(base) else base.kernel(), K_on, K_nn)
+        return super().kernel()
+
+
 def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new: torch.Tensor) -> RegressionProblem:
     """The :class:`~linadapt.inference.regression.RegressionProblem` of the old and the new examples, with the dense
     pieces the old one holds extended rather than recomputed: K (by the cross kernel), J (by the new rows), JᵀJ,
-    the per-output Grams and Jᵀr (by the new rows' contributions).
+    the per-output Grams and Jᵀr (by the new rows' contributions); products with J reuse the old examples' held J.
 
     Args:
         old: the fitted problem (one process).
@@ -95,26 +192,21 @@ def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new
     """
     _check_local(old)
     lin, c = old.lin, old.c
-    X_all = torch.cat([old.X, X_new])
     r_new = r_new.reshape(-1).to(old.r)
-    problem = RegressionProblem(lin, X_all, torch.cat([old.r, r_new]), old.options)
+    X_all, r_all = torch.cat([old.X, X_new]), torch.cat([old.r, r_new])
+    problem = ExtendedRegressionProblem(lin, X_all, r_all, old.options)
     cache = old.cache
-    if "K" in cache:
-        problem.cache["K"] = extend_kernel(cache["K"], lin.ntk(old.X, X_new), lin.ntk(X_new))
-    held = {key for key in ("J", "G", "g", "G_outputs") if key in cache}
-    if held & {"J", "G", "G_outputs"}:
-        J_new = _new_jacobian(old, X_new)
-        if "J" in cache:
-            problem.cache["J"] = torch.cat([cache["J"], J_new])
-        if "G" in cache:
-            problem.cache["G"] = cache["G"] + J_new.T @ J_new
-        if "G_outputs" in cache:
-            Jc = J_new.reshape(-1, c, old.p)
-            problem.cache["G_outputs"] = cache["G_outputs"] + torch.einsum("iap,iaq->apq", Jc, Jc)
-        if "g" in cache:
-            problem.cache["g"] = cache["g"] + J_new.T @ r_new
-    elif "g" in cache:
-        problem.cache["g"] = cache["g"] + lin.vjp(X_new, r_new.reshape(1, -1, c))[0]
+    J_new = _extend_products(old, problem, X_new, bool({"J", "G", "G_outputs"} & set(cache)), lazy=True)
+    if "J" in cache:
+        problem.cache["J"] = torch.cat([cache["J"], J_new])
+    if "G" in cache:
+        problem.cache["G"] = cache["G"] + J_new.T @ J_new
+    if "G_outputs" in cache:
+        Jc = J_new.reshape(-1, c, old.p)
+        problem.cache["G_outputs"] = cache["G_outputs"] + torch.einsum("iap,iaq->apq", Jc, Jc)
+    if "g" in cache:
+        g_new = J_new.T @ r_new if J_new is not None else lin.vjp(X_new, r_new.reshape(1, -1, c))[0]
+        problem.cache["g"] = cache["g"] + g_new
     return problem
 
 
@@ -135,6 +227,9 @@ class _Seeded:
         x0, self._x0 = self._x0, None
         if chol is not None and self.system.method == "cholesky":
             self.system._chol = chol
+            # two triangular solves: several times faster than cholesky_solve (which copies) at one right-hand side
+            y = torch.linalg.solve_triangular(chol, B, upper=False)
+            return torch.linalg.solve_triangular(chol.T, y, upper=True)
         if x0 is None or self.system.method != "cg":
             return super().solve(B)  # type: ignore[misc]
         x0 = x0.reshape(B.shape)
@@ -167,8 +262,11 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
     if post.solver == "cholesky" and post.space == "function":
         X_new = problem.X[old.n :]
         K = problem.cache.get("K")
-        K_on = K[:n_old, n_old:] if K is not None else problem.lin.ntk(old.X, X_new)
-        A22 = post.s2 * (K[n_old:, n_old:] if K is not None else problem.lin.ntk(X_new))
+        if K is not None:
+            K_on, K_nn = K[:n_old, n_old:], K[n_old:, n_old:]
+        else:
+            K_on, K_nn = problem.cache.get("K_new") or (problem.lin.ntk(old.X, X_new), problem.lin.ntk(X_new))
+        A22 = post.s2 * K_nn
         if per_output:
             A22.diagonal().add_(post.noise_vars.repeat(M // post.c).to(A22))
         else:
@@ -194,7 +292,8 @@ def extend_laplace_problem(
     old: LaplaceProblem, X_new: torch.Tensor, labels_new: torch.Tensor, f0_new: torch.Tensor
 ) -> LaplaceProblem:
     """The :class:`~linadapt.inference.laplace.LaplaceProblem` of the old and the new examples (same likelihood and
-    prior mean), with the dense kernel or Jacobian the old one holds extended by the new examples' rows.
+    prior mean), with the dense kernel or Jacobian the old one holds extended by the new examples' rows; products
+    with J reuse the old examples' held J.
 
     Args:
         old: the fitted problem (one process).
@@ -210,10 +309,9 @@ def extend_laplace_problem(
         lin, torch.cat([old.X, X_new]), labels, "network", old.options, f0=f0, likelihood=old.likelihood
     )
     problem.mu = old.mu
-    if "K" in old.cache:
-        problem.cache["K"] = extend_kernel(old.cache["K"], lin.ntk(old.X, X_new), lin.ntk(X_new))
+    J_new = _extend_products(old, problem, X_new, "J" in old.cache, lazy=False)
     if "J" in old.cache:
-        problem.cache["J"] = torch.cat([old.cache["J"], _new_jacobian(old, X_new)])
+        problem.cache["J"] = torch.cat([old.cache["J"], J_new])
     return problem
 
 
