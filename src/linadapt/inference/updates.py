@@ -34,6 +34,7 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem
 from linadapt.inference.per_output_noise import PerOutputPosterior
 from linadapt.inference.regression import RegressionPosterior, RegressionProblem
+from linadapt.jacobian.held import cached_jacobian
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE
 
 __all__ = [
@@ -83,23 +84,29 @@ def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> to
 
 
 class NewRows:
-    """J of a few appended examples with the products of a held Jacobian: by torch.func on their inputs (a
-    forward pass over k examples per product), or from their dense rows (n, c, p) when those are at hand."""
+    """J of the appended examples with the products of a held Jacobian: from their dense rows (n, c, p) when given,
+    else from their own held J (cached factors or retained graph, built here in a pass over them, within
+    ``budget`` bytes), else by torch.func."""
 
-    def __init__(self, lin: Any, X: torch.Tensor, J: torch.Tensor | None = None) -> None:
-        self.lin, self.X, self.J = lin, X, J
+    def __init__(self, lin: Any, X: torch.Tensor, J: torch.Tensor | None = None, budget: int = 0) -> None:
+        self.lin, self.X, self.J, self.budget = lin, X, J, budget
+        self.held = cached_jacobian(lin, X, budget) if J is None else None
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """J V for rows V (k, p): (k, n, c)."""
         if self.J is not None:
             return torch.einsum("ncp,kp->knc", self.J, V.to(self.J))
-        return self.lin.jvp(self.X, V)
+        return self.held.jvp(V) if self.held is not None else self.lin.jvp(self.X, V)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for U (k, n, c): (k, p)."""
         if self.J is not None:
             return torch.einsum("knc,ncp->kp", U.to(self.J), self.J)
-        return self.lin.vjp(self.X, U)
+        return self.held.vjp(U) if self.held is not None else self.lin.vjp(self.X, U)
+
+    def promote(self) -> bool:
+        """As ``FactoredJacobian.promote`` for the held J (dense rows are float64 already)."""
+        return hasattr(self.held, "promote") and bool(self.held.promote())
 
 
 class StackedJacobian:
@@ -112,15 +119,19 @@ class StackedJacobian:
         self.parts = parts  # (held J of a group, its number of examples)
 
     @classmethod
-    def stacked(cls, first: Any, n_first: int, rows: NewRows) -> StackedJacobian:
-        """``first`` (a held J of ``n_first`` examples, possibly stacked itself) followed by ``rows``."""
+    def stacked(
+        cls, first: Any, n_first: int, lin: Any, X_new: torch.Tensor, J_new: torch.Tensor | None, budget: int
+    ) -> StackedJacobian:
+        """``first`` (a held J of ``n_first`` examples, possibly stacked itself) followed by the appended examples
+        X_new (with their dense rows J_new (k, c, p), or None) as one :class:`NewRows` group with those appended
+        before."""
         parts = list(first.parts) if isinstance(first, StackedJacobian) else [(first, n_first)]
-        last, n_last = parts[-1]
-        if isinstance(last, NewRows) and (last.J is None) == (rows.J is None):  # one group of appended rows
-            J = None if rows.J is None else torch.cat([last.J, rows.J])
-            parts[-1] = (NewRows(rows.lin, torch.cat([last.X, rows.X]), J), n_last + rows.X.shape[0])
-            return cls(parts)
-        return cls([*parts, (rows, rows.X.shape[0])])
+        last = parts[-1][0]
+        if isinstance(last, NewRows) and (last.J is None) == (J_new is None):  # one group of appended rows
+            parts.pop()
+            X_new = torch.cat([last.X, X_new])
+            J_new = None if J_new is None else torch.cat([last.J, J_new])
+        return cls([*parts, (NewRows(lin, X_new, J_new, budget), X_new.shape[0])])
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """J V for rows V (k, p): (k, n, c), the groups' rows in order."""
@@ -148,7 +159,8 @@ def _extend_products(old: Any, new: Any, X_new: torch.Tensor, needs_rows: bool, 
     J3 = lin.jacobian(X_new) if needs_rows else None
     held = old.cache.get("factored") or None
     if held is not None:
-        new.cache["factored"] = StackedJacobian.stacked(held, old.n, NewRows(lin, X_new, J3))
+        budget = int(old.options.memory_budget) // 8  # (the old examples' held J takes up to half the budget)
+        new.cache["factored"] = StackedJacobian.stacked(held, old.n, lin, X_new, J3, budget)
     if "K" in old.cache or "K_base" in old.cache:
         # the cross kernel by the layer rules where they apply (one pass over the old examples: far cheaper than
         # products with their held J, O(N p k)), else by Jacobian contraction
