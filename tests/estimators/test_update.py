@@ -137,7 +137,7 @@ def test_cholesky_update_does_not_refactorise_the_old_kernel(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", counting_chol)
     reg.update(X[35:], y[35:])
-    assert sorted(sizes) == [(5, 5), (35, 5)]
+    assert sizes and all(n2 == 5 for _, n2 in sizes)  # only the new columns K(·, X_new)
     assert max(factorised, default=0) <= 5 * 3  # only the Schur complement of the new rows
 
 
@@ -254,3 +254,14 @@ def test_update_refuses_options_it_does_not_support(kw):
     )
     with pytest.raises(ValueError, match="update is not available with"):
         reg.update(inputs_for("single", 3, seed=5), y[:3, 0])
+
+
+def test_update_refuses_grouped_classification_and_sharded_fits():
+    X, y = classification_data(16)
+    clf = la.LinearizedClassifier(mlp(), optimize_hyperparameters=False, prior_groups="layers").fit(X[:10], y[:10])
+    with pytest.raises(ValueError, match="update is not available with prior_groups"):
+        clf.update(X[10:], y[10:])
+    reg = la.LinearizedRegressor(mlp(), optimize_hyperparameters=False).fit(*regression_data(10))
+    reg._sharding = object()  # what a distributed=True fit holds
+    with pytest.raises(ValueError, match="distributed=True"):
+        reg.update(*regression_data(3, seed=4))

@@ -85,28 +85,38 @@ def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> to
 
 class NewRows:
     """J of the appended examples with the products of a held Jacobian: from their dense rows (n, c, p) when given,
-    else from their own held J (cached factors or retained graph, built here in a pass over them, within
-    ``budget`` bytes), else by torch.func."""
+    else from their own held J (cached factors or retained graph, built in a pass over them on the second product,
+    within ``budget`` bytes), else by torch.func."""
 
     def __init__(self, lin: Any, X: torch.Tensor, J: torch.Tensor | None = None, budget: int = 0) -> None:
         self.lin, self.X, self.J, self.budget = lin, X, J, budget
-        self.held = cached_jacobian(lin, X, budget) if J is None else None
+        self.held: Any = None
+        self.uses = 0
+
+    def _held(self) -> Any:
+        """The held J, built on the second product (a single product is cheaper by torch.func)."""
+        self.uses += 1
+        if self.held is None and self.uses == 2:
+            self.held = cached_jacobian(self.lin, self.X, self.budget) or False
+        return self.held or None
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """J V for rows V (k, p): (k, n, c)."""
         if self.J is not None:
             return torch.einsum("ncp,kp->knc", self.J, V.to(self.J))
-        return self.held.jvp(V) if self.held is not None else self.lin.jvp(self.X, V)
+        held = self._held()
+        return held.jvp(V) if held is not None else self.lin.jvp(self.X, V)
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Jᵀ U for U (k, n, c): (k, p)."""
         if self.J is not None:
             return torch.einsum("knc,ncp->kp", U.to(self.J), self.J)
-        return self.held.vjp(U) if self.held is not None else self.lin.vjp(self.X, U)
+        held = self._held()
+        return held.vjp(U) if held is not None else self.lin.vjp(self.X, U)
 
     def promote(self) -> bool:
         """As ``FactoredJacobian.promote`` for the held J (dense rows are float64 already)."""
-        return hasattr(self.held, "promote") and bool(self.held.promote())
+        return bool(self.held) and hasattr(self.held, "promote") and bool(self.held.promote())
 
 
 class StackedJacobian:
@@ -150,6 +160,13 @@ class StackedJacobian:
         return any([bool(part.promote()) for part, _ in self.parts if hasattr(part, "promote")])
 
 
+def _new_columns(lin: Any, X_old: torch.Tensor, X_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K(X_old, X_new) (N × M) and K(X_new, X_new) (M × M) from one kernel evaluation."""
+    cols = lin.ntk(torch.cat([X_old, X_new]), X_new)
+    N = cols.shape[0] - cols.shape[1]
+    return cols[:N], cols[N:]
+
+
 def _extend_products(old: Any, new: Any, X_new: torch.Tensor, needs_rows: bool, lazy: bool) -> torch.Tensor | None:
     """Give the new problem the old one's held J followed by the new rows for its products, and extend the dense
     kernel K (held, or pending, by the old problem) by K(X_old, X_new) and K(X_new, X_new) — at once, or
@@ -164,7 +181,7 @@ def _extend_products(old: Any, new: Any, X_new: torch.Tensor, needs_rows: bool, 
     if "K" in old.cache or "K_base" in old.cache:
         # the cross kernel by the layer rules where they apply (one pass over the old examples: far cheaper than
         # products with their held J, O(N p k)), else by Jacobian contraction
-        K_on, K_nn = lin.ntk(old.X, X_new), lin.ntk(X_new)
+        K_on, K_nn = _new_columns(lin, old.X, X_new)
         base = old.cache["K"] if "K" in old.cache else old  # (an old problem whose kernel is pending itself)
         if lazy:
             new.cache["K_base"], new.cache["K_new"] = base, (K_on, K_nn)
@@ -277,7 +294,7 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
         if K is not None:
             K_on, K_nn = K[:n_old, n_old:], K[n_old:, n_old:]
         else:
-            K_on, K_nn = problem.cache.get("K_new") or (problem.lin.ntk(old.X, X_new), problem.lin.ntk(X_new))
+            K_on, K_nn = problem.cache.get("K_new") or _new_columns(problem.lin, old.X, X_new)
         A22 = post.s2 * K_nn
         if per_output:
             A22.diagonal().add_(post.noise_vars.repeat(M // post.c).to(A22))
