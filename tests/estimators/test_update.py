@@ -8,6 +8,7 @@ import torch
 from models import inputs_for, mlp, resnet, single_out
 
 import linadapt as la
+from linadapt.inference import updates
 from linadapt.inference.updates import extend_cholesky
 
 PATHS = [(s, v) for s in ("function", "parameter") for v in ("cholesky", "cg")]
@@ -111,6 +112,21 @@ def test_extended_cholesky_factor_is_the_factor():
     A = M @ M.T + 12 * torch.eye(12, dtype=torch.float64)
     L = extend_cholesky(torch.linalg.cholesky(A[:8, :8]), A[:8, 8:], A[8:, 8:])
     torch.testing.assert_close(L, torch.linalg.cholesky(A), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_depth", [16, 2])
+def test_block_factor_chain_solves_and_writes_out(monkeypatch, max_depth):
+    monkeypatch.setattr(updates, "_MAX_DEPTH", max_depth)
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    A = M @ M.T + 20 * torch.eye(20, dtype=torch.float64)
+    F = torch.linalg.cholesky(A[:8, :8])
+    for lo, hi in [(8, 11), (11, 12), (12, 17), (17, 20)]:
+        F = updates.extend_factor(F, A[:lo, lo:hi], A[lo:hi, lo:hi])
+    assert F.depth <= max_depth
+    B = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(updates.factor_solve(F, B), torch.linalg.solve(A, B), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.dense(), torch.linalg.cholesky(A), rtol=1e-12, atol=1e-12)
 
 
 def test_cholesky_update_does_not_refactorise_the_old_kernel(monkeypatch):

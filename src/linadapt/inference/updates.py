@@ -7,7 +7,8 @@ The old examples keep their rows, the new ones are appended (N = n·c old rows, 
 
       [[L, 0], [Bᵀ, L₂₂]],   B = L⁻¹ A₁₂ (a triangular solve, O(N²k)),   L₂₂ Lᵀ₂₂ = A₂₂ − BᵀB (O(Nk² + k³)),
 
-  so nothing of size N³ (or N²p) is recomputed; α = A⁻¹r then costs two triangular solves, O(N²).
+  so nothing of size N³ (or N²p) is recomputed; α = A⁻¹r then costs two triangular solves, O(N²). The factor is
+  kept in these blocks (:class:`BlockFactor`, solves walk them), so the old factor is not even copied.
 * parameter space, Cholesky: the dense J gains the new rows, JᵀJ (per output with per-output noise) and Jᵀr
   gain J_newᵀJ_new and J_newᵀr_new (O(kp²)); P = JᵀJ/σ² + I/s² is factorised again (p³/3, independent of N) —
   the old Jacobian is never formed again.
@@ -38,6 +39,7 @@ from linadapt.jacobian.held import cached_jacobian
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE
 
 __all__ = [
+    "BlockFactor",
     "ExtendedRegressionProblem",
     "LaplaceStart",
     "NewRows",
@@ -45,9 +47,11 @@ __all__ = [
     "UpdatedPerOutputPosterior",
     "UpdatedRegressionPosterior",
     "extend_cholesky",
+    "extend_factor",
     "extend_kernel",
     "extend_laplace_problem",
     "extend_regression_problem",
+    "factor_solve",
     "laplace_start",
     "updated_regression_posterior",
 ]
@@ -64,23 +68,78 @@ def extend_kernel(K: torch.Tensor, K_on: torch.Tensor, K_nn: torch.Tensor) -> to
     return out
 
 
-def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factor of [[A₁₁, A₁₂], [A₁₂ᵀ, A₂₂]] from that of A₁₁ (L, N × N): the block factor
-    [[L, 0], [Bᵀ, L₂₂]] with B = L⁻¹A₁₂ and L₂₂ the factor of the Schur complement A₂₂ − BᵀB. O(N²M) for M new
-    rows; the Schur complement is factorised as :class:`~linadapt.inference.solvers.SPDSystem` factorises (jitter
-    only if round-off breaks it)."""
-    B = torch.linalg.solve_triangular(L, A12, upper=False)
+_MAX_DEPTH = 16  # a factor extended more often than this is written out as one matrix again
+
+
+class BlockFactor:
+    """A lower-triangular factor [[F, 0], [Bᵀ, L₂₂]] kept in its blocks — F the previous factor (a matrix or a
+    BlockFactor), Bᵀ (M × N), L₂₂ (M × M) — so that extending a factor never copies the old one: triangular solves
+    walk the blocks (the same work as with the whole matrix)."""
+
+    def __init__(self, first: Any, Bt: torch.Tensor, L22: torch.Tensor) -> None:
+        self.first, self.Bt, self.L22 = first, Bt, L22
+        self.n_first = _dim(first)
+        self.depth = 1 + (first.depth if isinstance(first, BlockFactor) else 0)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        """F⁻¹ b for b (N + M, k): forward substitution."""
+        y1 = _forward(self.first, b[: self.n_first])
+        y2 = torch.linalg.solve_triangular(self.L22, b[self.n_first :] - self.Bt @ y1, upper=False)
+        return torch.cat([y1, y2])
+
+    def backward(self, y: torch.Tensor) -> torch.Tensor:
+        """F⁻ᵀ y for y (N + M, k): back substitution."""
+        x2 = torch.linalg.solve_triangular(self.L22.T, y[self.n_first :], upper=True)
+        x1 = _backward(self.first, y[: self.n_first] - self.Bt.T @ x2)
+        return torch.cat([x1, x2])
+
+    def dense(self) -> torch.Tensor:
+        """The whole factor as one (column-major) matrix."""
+        first = self.first.dense() if isinstance(self.first, BlockFactor) else self.first
+        N, M = self.n_first, self.L22.shape[0]
+        out = torch.empty(N + M, N + M, dtype=first.dtype, device=first.device).T
+        out[:N, :N] = first
+        out[:N, N:] = 0.0
+        out[N:, :N] = self.Bt
+        out[N:, N:] = self.L22
+        return out
+
+
+def _dim(F: Any) -> int:
+    return F.n_first + F.L22.shape[0] if isinstance(F, BlockFactor) else F.shape[0]
+
+
+def _forward(F: Any, b: torch.Tensor) -> torch.Tensor:
+    return F.forward(b) if isinstance(F, BlockFactor) else torch.linalg.solve_triangular(F, b, upper=False)
+
+
+def _backward(F: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.backward(y) if isinstance(F, BlockFactor) else torch.linalg.solve_triangular(F.T, y, upper=True)
+
+
+def factor_solve(F: Any, B: torch.Tensor) -> torch.Tensor:
+    """A⁻¹ B for A = F Fᵀ (F a lower-triangular matrix or a :class:`BlockFactor`): two triangular solves (faster
+    than ``cholesky_solve``, which copies the factor, at few right-hand sides)."""
+    return _backward(F, _forward(F, B))
+
+
+def extend_factor(F: Any, A12: torch.Tensor, A22: torch.Tensor) -> BlockFactor:
+    """The lower Cholesky factor of [[A₁₁, A₁₂], [A₁₂ᵀ, A₂₂]] from that of A₁₁ (F, N × N, a matrix or a
+    :class:`BlockFactor`): the block factor [[F, 0], [Bᵀ, L₂₂]] with B = F⁻¹A₁₂ and L₂₂ the factor of the Schur
+    complement A₂₂ − BᵀB. O(N²M) for M new rows, nothing of the old factor copied; the Schur complement is factorised
+    as :class:`~linadapt.inference.solvers.SPDSystem` factorises (jitter only if round-off breaks it)."""
+    if isinstance(F, BlockFactor) and F.depth >= _MAX_DEPTH:
+        F = F.dense()
+    B = _forward(F, A12)
     S = A22 - B.T @ B
     S = 0.5 * (S + S.T)
     L22 = psd_safe_cholesky(S, jitter=1e-10 * float(A22.diagonal().mean()))
-    N, M = L.shape[0], A22.shape[0]
-    # column-major, as torch.linalg.cholesky returns its factors (cholesky_solve would copy a row-major one)
-    out = torch.empty(N + M, N + M, dtype=L.dtype, device=L.device).T
-    out[:N, :N] = L
-    out[:N, N:] = 0.0
-    out[N:, :N] = B.T
-    out[N:, N:] = L22
-    return out
+    return BlockFactor(F, B.T.contiguous(), L22)
+
+
+def extend_cholesky(L: torch.Tensor, A12: torch.Tensor, A22: torch.Tensor) -> torch.Tensor:
+    """:func:`extend_factor` written out as one lower-triangular matrix."""
+    return extend_factor(L, A12, A22).dense()
 
 
 class NewRows:
@@ -240,25 +299,22 @@ def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new
 
 
 class _Seeded:
-    """A regression posterior whose first solve (the fit's) starts from what the previous posterior held: the
-    extended Cholesky factor (``chol``) or, for CG, a starting guess ``x0`` of the fit's right-hand side."""
+    """A regression posterior that starts from what the previous posterior held: the extended Cholesky factor
+    (``factor``, a :class:`BlockFactor`, used for every solve) or, for CG, a starting guess ``x0`` of the fit's
+    right-hand side (used by the first solve)."""
 
     system: Any
     options: Any
 
-    def __init__(self, *args: Any, chol: torch.Tensor | None = None, x0: torch.Tensor | None = None, **kw: Any):
-        self._chol0, self._x0 = chol, x0
+    def __init__(self, *args: Any, factor: Any = None, x0: torch.Tensor | None = None, **kw: Any) -> None:
+        self.factor, self._x0 = factor, x0
         super().__init__(*args, **kw)  # type: ignore[call-arg]
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """As the posterior's ``solve``; the first call uses the seed (the factor, or ``x0`` as CG's start)."""
-        chol, self._chol0 = self._chol0, None
+        """As the posterior's ``solve``, by the extended factor, or (the first CG solve) from ``x0``."""
+        if self.factor is not None and self.system.method == "cholesky":
+            return factor_solve(self.factor, B)
         x0, self._x0 = self._x0, None
-        if chol is not None and self.system.method == "cholesky":
-            self.system._chol = chol
-            # two triangular solves: several times faster than cholesky_solve (which copies) at one right-hand side
-            y = torch.linalg.solve_triangular(chol, B, upper=False)
-            return torch.linalg.solve_triangular(chol.T, y, upper=True)
         if x0 is None or self.system.method != "cg":
             return super().solve(B)  # type: ignore[misc]
         x0 = x0.reshape(B.shape)
@@ -273,7 +329,7 @@ class _Seeded:
 
 class UpdatedRegressionPosterior(_Seeded, RegressionPosterior):
     """:class:`~linadapt.inference.regression.RegressionPosterior` started from a previous one's factor or solution
-    (keyword arguments ``chol`` and ``x0``); otherwise the same."""
+    (keyword arguments ``factor`` and ``x0``); otherwise the same."""
 
 
 class UpdatedPerOutputPosterior(_Seeded, PerOutputPosterior):
@@ -287,7 +343,7 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
     old = post.problem
     n_old, M = old.n_obs, problem.n_obs - old.n_obs
     per_output = isinstance(post, PerOutputPosterior)
-    chol = x0 = None
+    factor = x0 = None
     if post.solver == "cholesky" and post.space == "function":
         X_new = problem.X[old.n :]
         K = problem.cache.get("K")
@@ -300,7 +356,8 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
             A22.diagonal().add_(post.noise_vars.repeat(M // post.c).to(A22))
         else:
             A22.diagonal().add_(post.sig2)
-        chol = extend_cholesky(post.system.chol(), post.s2 * K_on, A22)
+        factor = getattr(post, "factor", None)
+        factor = extend_factor(factor if factor is not None else post.system.chol(), post.s2 * K_on, A22)
     elif post.solver == "cg":
         if post.space == "function":
             x0 = torch.cat([post.alpha, torch.zeros(M, dtype=post.alpha.dtype, device=post.alpha.device)])
@@ -309,10 +366,10 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
         x0 = x0.unsqueeze(-1)
     if per_output:
         return UpdatedPerOutputPosterior(
-            problem, post.s2, post.noise_vars.cpu().numpy(), post.space, post.prior_offset, chol=chol
+            problem, post.s2, post.noise_vars.cpu().numpy(), post.space, post.prior_offset, factor=factor
         )
     return UpdatedRegressionPosterior(
-        problem, post.s2, post.sig2, post.space, post.solver, prior_offset=post.prior_offset, chol=chol, x0=x0
+        problem, post.s2, post.sig2, post.space, post.solver, prior_offset=post.prior_offset, factor=factor, x0=x0
     )
 
 
