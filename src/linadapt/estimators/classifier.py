@@ -18,6 +18,7 @@ from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_n_features, linearize_shard, record_n_features
 from linadapt.estimators._query import QueryMixin
 from linadapt.estimators._targets import CLASSIFIER_LIKELIHOODS, CLASSIFIER_LINKS, choose_likelihood, encode_targets
+from linadapt.estimators._update import UpdateMixin
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.grouped_laplace import GroupedLaplacePosterior, GroupedLaplaceProblem, optimize_group_prior_vars
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
@@ -33,7 +34,7 @@ __all__ = ["LinearizedClassifier"]
 
 
 @register_estimator
-class LinearizedClassifier(QueryMixin, SaveLoadMixin, ClassifierMixin, BaseEstimator):
+class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMixin, BaseEstimator):
     """Classification with the linearized network and a Laplace posterior over its weights.
 
     Logits f(x) = f(x; θ̂) + J(x) δ, prior δ = θ − θ̂ ~ N(0, prior_var · I) (or θ ~ N(0, prior_var · I) with

@@ -18,6 +18,7 @@ from linadapt._validation import as_target_tensor, check_choice, check_positive
 from linadapt.distributed import make_sharding, prepare_fit, shard_signature
 from linadapt.estimators._fit import check_dense_only, check_n_features, linearize_shard, record_n_features
 from linadapt.estimators._query import QueryMixin
+from linadapt.estimators._update import UpdateMixin
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
 from linadapt.inference.evidence import NoisePrior, evidence_bounds, maximize_evidence, noise_prior_from
 from linadapt.inference.hyper_averaging import HyperparameterMixture
@@ -53,7 +54,7 @@ __all__ = ["LinearizedRegressor"]
 
 
 @register_estimator
-class LinearizedRegressor(QueryMixin, SaveLoadMixin, RegressorMixin, BaseEstimator):
+class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin, BaseEstimator):
     """Gaussian-process regression with the finite-width NTK of a trained network.
 
     The network f(x; θ̂) is replaced by its linearization f(x; θ̂) + J(x)(θ − θ̂) with prior
