@@ -284,3 +284,24 @@ def test_update_refuses_grouped_classification_and_sharded_fits():
     reg._sharding = object()  # what a distributed=True fit holds
     with pytest.raises(ValueError, match="distributed=True"):
         reg.update(*regression_data(3, seed=4))
+
+
+def test_query_and_sample_after_update_equal_those_after_a_fit_on_all_data():
+    """The workflow methods read the updated posterior: query's picks and scores, and samples with a fixed
+    generator, equal those of a fit on the concatenated data at the same hyperparameters."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, 0]) + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    pool = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    kw = {"prior_var": 0.5, "noise_var": 0.05, "optimize_hyperparameters": False}
+    upd = la.LinearizedRegressor(net, **kw).fit(X[:25], y[:25]).update(X[25:], y[25:])
+    full = la.LinearizedRegressor(net, **kw).fit(X, y)
+    picks_u, scores_u = upd.query(pool, 5, return_scores=True)
+    picks_f, scores_f = full.query(pool, 5, return_scores=True)
+    np.testing.assert_array_equal(picks_u, picks_f)
+    np.testing.assert_allclose(scores_u, scores_f, rtol=1e-8)
+    a = upd.sample(pool[:6], 4, generator=torch.Generator().manual_seed(0))
+    b = full.sample(pool[:6], 4, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
