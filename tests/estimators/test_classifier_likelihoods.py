@@ -52,7 +52,7 @@ def test_auto_picks_the_likelihood_from_outputs_and_targets(model, y, expected, 
 
 def test_bernoulli_predictions_follow_scikit_learns_binary_convention():
     y = np.where(Y01.numpy() == 1, "yes", "no")
-    clf = la.LinearizedClassifier(Squeezed(), **FAST).fit(X, y)
+    clf = la.LinearizedClassifier(Squeezed(), link="probit", **FAST).fit(X, y)
     assert list(clf.classes_) == ["no", "yes"]
     mean, cov = clf.predict_logits(Xs)
     assert mean.shape == (5, 1) and cov.shape == (5, 1, 1) and bool((cov > 0).all())
@@ -69,7 +69,7 @@ def test_bernoulli_predictions_follow_scikit_learns_binary_convention():
 
 
 def test_multilabel_predicts_each_outcome_and_scores_subset_accuracy():
-    clf = la.LinearizedClassifier(mlp(), **FAST).fit(X, YML)
+    clf = la.LinearizedClassifier(mlp(), link="probit", **FAST).fit(X, YML)
     proba = clf.predict_proba(Xs)
     assert proba.shape == (5, 3) and not np.allclose(proba.sum(1), 1.0)
     mean, cov = clf.predict_logits(Xs)
