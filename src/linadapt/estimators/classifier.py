@@ -91,6 +91,9 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
 
         progress: a progress bar on stderr while the predictive covariance of many test points is computed:
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
+        output_fn: maps the network's return value to the (n, c) or (n,) outputs that are linearized (e.g.
+            ``lambda out: out["logits"][:, 0]``); default: a tensor, a dict's ``"logits"``, an object's ``.logits``
+            (HuggingFace). X may be a mapping of tensors (``model(**X)``). Not saved: pass it to ``load`` again.
 
     Attributes (after ``fit``):
         likelihood_: the :class:`~linadapt.likelihoods.base.Likelihood` fitted (``likelihood``, or the choice of
@@ -133,6 +136,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         distributed: bool = False,
         memory_budget: int | str | None = None,
         progress: bool | str = "auto",
+        output_fn: Any = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -155,6 +159,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
         self.distributed = distributed
         self.memory_budget = memory_budget
         self.progress = progress
+        self.output_fn = output_fn
 
     # ------------------------------------------------------------------ fitting
     def _check_settings(self) -> None:
@@ -233,15 +238,7 @@ class LinearizedClassifier(SaveLoadMixin, ClassifierMixin, BaseEstimator):
                 )
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin, Xt, f0 = linearize_shard(
-                self.model,
-                self.params,
-                self.chunk_size,
-                self.device,
-                X,
-                distributed,
-                self.memory_budget,
-            )
+            lin, Xt, f0 = linearize_shard(self, X, distributed)
             c = f0.shape[1]
             lik = choose_likelihood(restored_likelihood or self.likelihood, y, c)
             if self.link != "auto":
