@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from keyword_models import Positional, TinyEncoder, tokens
 from sklearn.base import clone
 
 from linadapt import LinearizedClassifier, LinearizedRegressor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jacobian"))
-from test_mapping_inputs import Positional, TinyEncoder, tokens  # noqa: E402
 
 
 @pytest.fixture
@@ -53,6 +50,11 @@ def test_classifier_equals_positional_wrapper(net: TinyEncoder) -> None:
     assert est.link_ == ref.link_
     np.testing.assert_allclose(est.predict_proba(Xs), ref.predict_proba(Xps), rtol=0, atol=1e-10)
     np.testing.assert_array_equal(est.predict(Xs), ref.predict(Xps))
+    gen = torch.Generator().manual_seed(0)
+    draws = est.sample(Xs, n_samples=2, generator=gen)
+    torch.testing.assert_close(
+        torch.as_tensor(draws), torch.as_tensor(ref.sample(Xps, 2, generator=torch.Generator().manual_seed(0)))
+    )
     # numpy values, as a tokenizer with return_tensors="np" gives
     numpy_inputs = {k: v.numpy() for k, v in Xs.items()}
     np.testing.assert_allclose(est.predict_proba(numpy_inputs), ref.predict_proba(Xps), rtol=0, atol=1e-10)
@@ -78,6 +80,9 @@ def test_inputs_other_than_those_fitted_are_refused(net: TinyEncoder) -> None:
         est.predict(Xp)
     with pytest.raises(ValueError, match="fitted on keyword inputs"):
         est.predict({"input_ids": X["input_ids"]})
+    positional = LinearizedRegressor(Positional(net)).fit(Xp, _targets())
+    with pytest.raises(ValueError, match=r"fitted on one tensor of inputs of shape \(2, 5\)"):
+        positional.predict(X)
     with pytest.raises(ValueError, match="disagree on the number of examples"):
         est.predict({"input_ids": X["input_ids"], "attention_mask": X["attention_mask"][:3]})
 

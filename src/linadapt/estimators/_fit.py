@@ -40,11 +40,17 @@ def record_n_features(estimator: Any, Xt: Any) -> None:
 def check_n_features(estimator: Any, Xs: torch.Tensor) -> None:
     """Refuse feature vectors of another width than those fitted on (a model that would run on them anyway
     would compute something unrelated): a ValueError in scikit-learn's words."""
-    keys = getattr(getattr(estimator, "linearization_", None), "fitted_input_keys", None)
+    lin = getattr(estimator, "linearization_", None)
+    keys = getattr(lin, "fitted_input_keys", None)
     given = sorted(Xs.keys()) if isinstance(Xs, KeywordInputs) else None
     if keys is not None and given != keys:
         what = f"keyword inputs {given}" if given is not None else f"one tensor of shape {tuple(Xs.shape)}"
         raise ValueError(f"X is {what}, but {type(estimator).__name__} was fitted on keyword inputs {keys}")
+    if keys is None and given is not None and getattr(lin, "fitted_input_shape", None) is not None:
+        raise ValueError(
+            f"X is keyword inputs {given}, but {type(estimator).__name__} was fitted on one tensor of inputs of "
+            f"shape {lin.fitted_input_shape} per example"
+        )
     expected = getattr(estimator, "n_features_in_", None)
     if expected is None:
         return
