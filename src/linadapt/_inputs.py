@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from linadapt._validation import as_input_tensor
+from linadapt._validation import _check_not_sparse, as_input_tensor
 
 __all__ = ["KeywordInputs", "as_inputs", "input_tensors"]
 
@@ -115,6 +115,7 @@ def as_inputs(X: Any, name: str = "X") -> torch.Tensor | KeywordInputs:
     """
     if isinstance(X, KeywordInputs):
         X = X.as_dict()
+    _check_not_sparse(X, name)  # (a scipy dok matrix is a dict)
     if not isinstance(X, Mapping):
         return as_input_tensor(X, name)
     if len(X) == 0:

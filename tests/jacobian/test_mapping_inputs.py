@@ -145,3 +145,26 @@ def test_mixing_examples_is_refused_for_keyword_inputs() -> None:
     X = {"x": torch.randn(5, 3), "scale": torch.rand(5, 1) + 0.5}
     with pytest.raises(LinearizationError, match="mixes the examples"):
         Linearization(Mixer()).prepare_inputs(X)
+
+
+def test_gpytorch_kernel_with_output_fn() -> None:
+    pytest.importorskip("gpytorch")
+    from linadapt import NTKKernel
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = torch.tanh(self.body(x))
+            return {"first": self.a(h), "second": self.b(h)}
+
+    torch.manual_seed(0)
+    net = TwoHeads().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    kernel = NTKKernel(net, output_fn=lambda out: out["first"], output="sum")
+    ref = ntk_gram(net, x, output="sum", output_fn=lambda out: out["first"])
+    torch.testing.assert_close(kernel(x, x).to_dense(), ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(LinearizationError, match="Pass output_fn="):
+        NTKKernel(net)(x, x).to_dense()
