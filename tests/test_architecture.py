@@ -18,7 +18,17 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "linadapt"
 # bottom to top; a module may import its own layer and the layers below it. Top-level modules not listed
 # (the private helpers, metrics, distributed) are the foundation every layer may use.
 LAYERS = ["jacobian", "kernels", "likelihoods", "inference", "estimators", "io", "experiments", "app"]
-FOUNDATION = {"_blocks", "_files", "_memory", "_progress", "_validation", "_version", "metrics", "distributed"}
+FOUNDATION = {
+    "_blocks",
+    "_files",
+    "_inputs",
+    "_memory",
+    "_progress",
+    "_validation",
+    "_version",
+    "metrics",
+    "distributed",
+}
 MAX_LINES = 600
 MAX_LAZY = 10
 

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from linadapt._inputs import KeywordInputs
+
 __all__ = [
     "CommStats",
     "DistributedError",
@@ -129,12 +131,17 @@ class Sharding:
         self.stats.all_reduce_elements += out.numel()
         return out
 
-    def gather(self, local: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """The rows of all ranks in global order along ``dim``: ``local`` has this rank's count there.
+    def gather(self, local: Any, dim: int = 0) -> Any:
+        """The rows of all ranks in global order along ``dim``: ``local`` has this rank's count there (keyword
+        inputs: each of their tensors, along dimension 0).
 
         Implemented as an all-reduce of a zero tensor holding this rank's rows at their offset (exact: the
         other ranks add zeros), which handles uneven shard sizes without padding.
         """
+        if isinstance(local, KeywordInputs):
+            return KeywordInputs({k: self.gather(v, dim) for k, v in local.items()})
+        if local.dtype == torch.bool:  # (summed as bytes: not every backend reduces booleans)
+            return self.gather(local.to(torch.uint8), dim).bool()
         if local.shape[dim] != self.counts[self.rank]:
             raise ValueError(f"expected {self.counts[self.rank]} rows along dim {dim}, got {local.shape[dim]}")
         shape = list(local.shape)
@@ -148,9 +155,15 @@ class Sharding:
         return full.narrow(dim, self.local.start, self.counts[self.rank])
 
 
-def shard_signature(X: torch.Tensor, y: torch.Tensor) -> tuple:
-    """What must agree between ranks' shards: trailing input shape and dtype, trailing target shape and dtype."""
-    return (tuple(X.shape[1:]), str(X.dtype), tuple(y.shape[1:]), str(y.dtype))
+def shard_signature(X: Any, y: torch.Tensor) -> tuple:
+    """What must agree between ranks' shards: trailing input shape and dtype (of each keyword input, by name),
+    trailing target shape and dtype."""
+    if isinstance(X, KeywordInputs):
+        inputs: Any = {k: tuple(v.shape[1:]) for k, v in X.items()}
+        dtypes = str({k: str(v.dtype) for k, v in X.items()})
+    else:
+        inputs, dtypes = tuple(X.shape[1:]), str(X.dtype)
+    return (inputs, dtypes, tuple(y.shape[1:]), str(y.dtype))
 
 
 def make_sharding(n_local: int, signature: tuple, group: Any = None) -> Sharding:

@@ -93,6 +93,9 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
 
         progress: a progress bar on stderr while the predictive covariance of many test points is computed:
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
+        output_fn: maps the network's return value to the (n, c) or (n,) outputs that are linearized (e.g.
+            ``lambda out: out["logits"][:, 0]``); default: a tensor, a dict's ``"logits"``, an object's ``.logits``
+            (HuggingFace). X may be a mapping of tensors (``model(**X)``). Not saved: pass it to ``load`` again.
 
     Attributes (after ``fit``):
         likelihood_: the :class:`~linadapt.likelihoods.base.Likelihood` fitted (``likelihood``, or the choice of
@@ -135,6 +138,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         distributed: bool = False,
         memory_budget: int | str | None = None,
         progress: bool | str = "auto",
+        output_fn: Any = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -157,6 +161,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         self.distributed = distributed
         self.memory_budget = memory_budget
         self.progress = progress
+        self.output_fn = output_fn
 
     # ------------------------------------------------------------------ fitting
     def _check_settings(self) -> None:
@@ -235,15 +240,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
                 )
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin, Xt, f0 = linearize_shard(
-                self.model,
-                self.params,
-                self.chunk_size,
-                self.device,
-                X,
-                distributed,
-                self.memory_budget,
-            )
+            lin, Xt, f0 = linearize_shard(self, X, distributed)
             c = f0.shape[1]
             lik = choose_likelihood(restored_likelihood or self.likelihood, y, c)
             if self.link != "auto":

@@ -3,7 +3,8 @@
 A ``.linadapt`` file is one safetensors file. Its tensors are what prediction needs besides the source
 network:
 
-* ``X`` — the training inputs (as the network consumes them), ``y`` — the targets or labels;
+* ``X`` — the training inputs (as the network consumes them; keyword inputs as one tensor ``X.<name>`` per
+  name), ``y`` — the targets or labels;
 * ``delta`` — the posterior mean δ̄ (regression) or MAP δ* (classification) over the selected parameters,
   kept to verify the reconstruction.
 
@@ -18,6 +19,11 @@ Its metadata entry ``linadapt`` is a JSON document::
      "payload_sha256": checksum of the tensors above,
      "linadapt_version": "…",
      "header_sha256": checksum of this document without this entry (version 2 on)}
+
+An ``output_fn`` (any Python callable) is not stored: the settings record only its name
+(``"output_fn": "given: module.function"``), and ``load`` must be given the function again (it refuses to load
+without one, or with one the file was made without); the check of the rebuilt posterior against ``delta``
+then also checks that it computes what the saved one did.
 
 Loading rebuilds the posterior from the training data at the stored hyperparameters (no hyperparameter
 search) with the network the caller supplies, after checking the format version, the two checksums (the
@@ -38,6 +44,7 @@ import torch
 from torch import nn
 
 from linadapt._files import atomic_write
+from linadapt._inputs import KeywordInputs
 from linadapt._version import __version__
 
 __all__ = [
@@ -96,6 +103,10 @@ def _header_checksum(header: dict[str, Any]) -> str:
 
 def _settings(estimator: Any) -> dict[str, Any]:
     settings = {k: v for k, v in estimator.get_params(deep=False).items() if k != "model"}
+    fn = settings.get("output_fn")
+    if fn is not None:  # code is not stored: its name, so that load can ask for it again
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        settings["output_fn"] = f"given: {getattr(fn, '__module__', None) or '?'}.{name}"
     if settings.get("device") is not None:
         settings["device"] = str(settings["device"])
     for key, value in settings.items():  # numpy / torch arrays (e.g. one noise_var per output) as JSON lists
@@ -137,7 +148,7 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
         if sharding.rank != 0:
             return
     tensors = {
-        "X": X.detach().cpu().contiguous(),
+        **_input_entries(X),
         "y": y.detach().cpu().contiguous(),
         "delta": estimator.posterior_.delta.detach().cpu().contiguous(),
     }
@@ -160,6 +171,25 @@ def save(estimator: Any, path: str | os.PathLike, model_reference: str | None = 
     }
     header["header_sha256"] = _header_checksum(header)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)}))
+
+
+def _input_entries(X: Any) -> dict[str, torch.Tensor]:
+    """The training inputs as file entries: ``X``, or ``X.<name>`` per keyword input."""
+    if isinstance(X, KeywordInputs):
+        return {f"X.{k}": v.detach().cpu().contiguous() for k, v in X.items()}
+    return {"X": X.detach().cpu().contiguous()}
+
+
+def _output_fn_setting(path: Any, stored: Any, output_fn: Any) -> Any:
+    """The ``output_fn`` to rebuild with: the one given, which the file must have been made with (and only then)."""
+    if stored is not None and output_fn is None:
+        raise ValueError(
+            f"{path} was fitted with output_fn ({stored.removeprefix('given: ')}), which a .linadapt file does not "
+            "store: pass the same function again, load(path, model, output_fn=...)"
+        )
+    if stored is None and output_fn is not None:
+        raise ValueError(f"{path} was fitted without output_fn: load it without one")
+    return output_fn
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -190,12 +220,13 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> Any:
+def load(path: str | os.PathLike, model: nn.Module, output_fn: Any = None) -> Any:
     """Read a ``.linadapt`` file and rebuild the fitted estimator around ``model``.
 
     Args:
         path: the file written by :func:`save`.
         model: the source network, with the weights the adaptation was made from (verified by checksum).
+        output_fn: the ``output_fn`` the estimator was fitted with, if any (it is not stored in the file).
 
     Returns:
         A fitted LinearizedRegressor or LinearizedClassifier, equal in its predictions to the one saved.
@@ -206,10 +237,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tensors = load_file(os.fspath(path))
-    missing = {"X", "y", "delta"} - set(tensors)
+    inputs = ["X"] if "X" in tensors else sorted(k for k in tensors if k.startswith("X."))
+    missing = {"y", "delta"} - set(tensors) | (set() if inputs else {"X"})
     if missing:
         raise ValueError(f"{path}: the file lacks tensors {sorted(missing)}")
-    payload = {k: tensors[k] for k in ("X", "y", "delta")}
+    payload = {k: tensors[k] for k in (*inputs, "y", "delta")}
     if _payload_checksum(payload) != header.get("payload_sha256"):
         raise ValueError(f"{path}: checksum mismatch — the stored data are corrupted or were modified")
     if (header["version"] >= 2 or "header_sha256" in header) and header.get("header_sha256") != _header_checksum(
@@ -230,8 +262,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> Any:
     cls = ESTIMATORS.get(header["estimator"])
     if cls is None:
         raise ValueError(f"{path}: unknown estimator {header['estimator']!r}")
-    estimator = cls(model, **header["settings"])
-    estimator._refit_from_state(payload["X"], payload["y"], header["fitted"])
+    settings = dict(header["settings"])
+    settings["output_fn"] = _output_fn_setting(path, settings.get("output_fn"), output_fn)
+    X = payload["X"] if "X" in payload else {k.removeprefix("X."): payload[k] for k in inputs}
+    estimator = cls(model, **settings)
+    estimator._refit_from_state(X, payload["y"], header["fitted"])
     if list(estimator.linearization_.param_names) != header["model"]["selected"]:
         spec = header["settings"].get("params")
         raise ValueError(f"{path}: the parameters selected by {spec!r} differ from the saved ones")
@@ -255,9 +290,10 @@ class SaveLoadMixin:
         save(self, path, model_reference)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module) -> Any:
-        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum)."""
-        est = load(path, model)
+    def load(cls, path: str | os.PathLike, model: nn.Module, output_fn: Any = None) -> Any:
+        """Read a ``.linadapt`` file written by ``save``, with the same source ``model`` (checked by checksum) and
+        the same ``output_fn``, if it was fitted with one (functions are not stored)."""
+        est = load(path, model, output_fn)
         if not isinstance(est, cls):
             raise ValueError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
         return est

@@ -121,6 +121,9 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
 
         progress: a progress bar on stderr while the predictive covariance of many test points is computed:
             ``"auto"`` (on an interactive terminal, when the prediction runs in several chunks), True, False.
+        output_fn: maps the network's return value to the (n, c) or (n,) outputs that are linearized (e.g.
+            ``lambda out: out["logits"][:, 0]``); default: a tensor, a dict's ``"logits"``, an object's ``.logits``
+            (HuggingFace). X may be a mapping of tensors (``model(**X)``). Not saved: pass it to ``load`` again.
 
     Attributes (after ``fit``):
         n_features_in_: the number of input features (2-D floating inputs; predictions on another width are
@@ -157,6 +160,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
         distributed: bool = False,
         memory_budget: int | str | None = None,
         progress: bool | str = "auto",
+        output_fn: Any = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -179,6 +183,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
         self.distributed = distributed
         self.memory_budget = memory_budget
         self.progress = progress
+        self.output_fn = output_fn
 
     def __sklearn_tags__(self) -> Any:
         """scikit-learn's tags: y may have several outputs (one column per network output)."""
@@ -244,15 +249,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
             check_dense_only(self, "marginalize=True", ("prior_groups", self.prior_groups is not None))
 
         def local() -> tuple[Linearization, torch.Tensor, torch.Tensor, torch.Tensor]:
-            lin, Xt, f0 = linearize_shard(
-                self.model,
-                self.params,
-                self.chunk_size,
-                self.device,
-                X,
-                distributed,
-                self.memory_budget,
-            )
+            lin, Xt, f0 = linearize_shard(self, X, distributed)
             yt = as_target_tensor(y, Xt.shape[0], "y").to(lin.device)
             c = f0.shape[1]
             if yt.dim() == 1 and c != 1:
@@ -393,7 +390,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
                 f"prior_groups needs {len(groups)} dense {n_obs} × {n_obs} kernels ({need / 2**30:.1f} GiB), more "
                 f"than the memory budget ({budget / 2**30:.1f} GiB): use fewer groups or fewer training points"
             )
-        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device, lin.memory_budget)
+        kernels = GroupedKernels(self.model, groups, self.chunk_size, self.device, lin.memory_budget, lin.output_fn)
         Ks = kernels.gram(Xt)
         labels = [label for label, _ in groups]
         if fixed is not None:

@@ -77,7 +77,7 @@ class GroupedLaplaceProblem(LaplaceProblem):
                 "groups or fewer training points, or raise memory_budget"
             )
         self.groups = groups
-        self.kernels = GroupedKernels(lin.model, groups, lin.chunk_size, lin.device, lin.memory_budget)
+        self.kernels = GroupedKernels(lin.model, groups, lin.chunk_size, lin.device, lin.memory_budget, lin.output_fn)
         self.Ks = self.kernels.gram(X)
         index = {name: g for g, (_, names) in enumerate(groups) for name in names}
         self._weight_group = torch.cat(

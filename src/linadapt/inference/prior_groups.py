@@ -94,9 +94,10 @@ class GroupedKernels:
         chunk_size: int | None,
         device: Any,
         memory_budget: int | str | None = None,
+        output_fn: Any = None,
     ) -> None:
         self.groups = groups
-        self.lins = [Linearization(model, names, chunk_size, device, memory_budget) for _, names in groups]
+        self.lins = [Linearization(model, names, chunk_size, device, memory_budget, output_fn) for _, names in groups]
 
     def gram(self, X1: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
         """(G, n1·c, n2·c): J_g(X1) J_g(X2)ᵀ per group, float64."""

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from linadapt._blocks import blocks
+from linadapt._inputs import input_tensors
 from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, eval_mode
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class GraphJacobian:
         self.lin, self.n, self.dtype = lin, X.shape[0], lin.net_dtype
         self.c = lin.output_dim(X)
         self._leaves = [lin.theta[name].detach().requires_grad_(True) for name in lin.param_names]
-        existing = [X, *lin.theta.values(), *lin.frozen.values()]
+        existing = [*input_tensors(X), *lin.theta.values(), *lin.frozen.values()]
         self._skip = {t.untyped_storage().data_ptr() for t in existing if isinstance(t, torch.Tensor)}
         self._saved_bytes = 0
         self._batched = True  # autograd's batched backward works for this model (until it fails once)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from linadapt._inputs import KeywordInputs
 from linadapt.jacobian import graph as graph_products
 from linadapt.jacobian import structured
 
@@ -39,9 +40,11 @@ def cached_jacobian(
     return held
 
 
-def inputs_key(X: torch.Tensor) -> tuple:
+def inputs_key(X: Any) -> tuple:
     """Identifies a prepared input tensor across views and operator rebuilds (same memory, shape, strides,
-    dtype and version)."""
+    dtype and version); keyword inputs by their names and the keys of their tensors."""
+    if isinstance(X, KeywordInputs):
+        return tuple((name, inputs_key(t)) for name, t in X.items())
     return (X.data_ptr(), tuple(X.shape), tuple(X.stride()), X.dtype, str(X.device), X._version)
 
 

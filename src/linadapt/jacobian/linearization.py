@@ -23,13 +23,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from linadapt._blocks import blocks
+from linadapt._inputs import KeywordInputs, as_inputs
 from linadapt._memory import MemoryBudgetError, format_bytes, resolve_memory_budget
-from linadapt._validation import as_input_tensor
 from linadapt.jacobian._common import ALGEBRA_DTYPE, RHS_GROUP, LinearizationError, eval_mode, math_attention
 from linadapt.jacobian.held import HeldJacobian
+from linadapt.jacobian.inputs import (
+    OutputFn,
+    as_batch_of_one,
+    check_examples_independent,
+    network_outputs,
+    vmappable,
+)
 from linadapt.jacobian.selection import ParamSpec, select_parameters
 from linadapt.jacobian.structured import StructuredNTK, factored_jvp
 from linadapt.jacobian.structured.costs import FACTOR_MAX_OUTPUTS
@@ -44,13 +51,19 @@ class Linearization:
 
     Args:
         model: any ``torch.nn.Module`` mapping a batch of n inputs to outputs of shape (n, c) or (n,)
-            (the latter is treated as c = 1).
+            (the latter is treated as c = 1). Inputs are one tensor, ``model(X)``, or a mapping of tensors
+            sharing the example dimension (a tokenizer's output), ``model(**X)``.
         params: which parameters θ are linearized (``"all"``, ``"last"``, ``"bias"`` or names / glob
             patterns); see :func:`linadapt.jacobian.selection.select_parameters`. The others stay at θ̂.
         chunk_size: examples per chunk in every product, bounding peak memory (default 1024; dense
             Jacobians use smaller chunks so a chunk stays under 1 GiB).
         device: where to compute (default: the device of the model's first parameter). The model is
             not moved: a snapshot of its weights and buffers is placed there.
+        memory_budget: bytes (or a size such as ``"2GiB"``) linadapt's own arrays may take at once.
+        output_fn: maps the network's return value to the (n, c) or (n,) outputs that are linearized (it is
+            differentiated through: ``lambda out: out["logits"][:, 0]``, a pooled hidden state). Default: a
+            tensor as returned, a dict's ``"logits"`` or an object's ``.logits`` (HuggingFace); see
+            :mod:`linadapt.jacobian.inputs`.
 
     Attributes:
         param_names: the selected parameter names, in flat-vector order.
@@ -65,7 +78,11 @@ class Linearization:
         chunk_size: int | None = None,
         device: str | torch.device | None = None,
         memory_budget: int | float | str | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError(f"output_fn must be a callable (or None), got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         self.memory_budget = resolve_memory_budget(memory_budget)
         self.param_names = select_parameters(model, params)
         named = dict(model.named_parameters(remove_duplicate=True))
@@ -99,6 +116,7 @@ class Linearization:
         # the per-example shape of the inputs an estimator was fitted on (set by its fit): named in the error
         # when the network fails on inputs of another shape (not checked up front: some networks take several)
         self.fitted_input_shape: tuple[int, ...] | None = None
+        self.fitted_input_keys: list[str] | None = None  # the names of keyword inputs an estimator was fitted on
         self._examples_checked = False  # the network was seen to treat the examples of a batch independently
         self._fixed_entries = self._padding_rows(model)
 
@@ -127,81 +145,21 @@ class Linearization:
             f"dtype={self.net_dtype}, device={self.device})"
         )
 
-    def prepare_inputs(self, X: Any, name: str = "X") -> torch.Tensor:
-        """Validate inputs and put them on the compute device; floating inputs take the network's dtype."""
-        X = as_input_tensor(X, name)
-        if X.is_floating_point():
-            X = X.to(dtype=self.net_dtype)
-        X = X.to(self.device)
+    def prepare_inputs(self, X: Any, name: str = "X") -> Any:
+        """Validate inputs (a tensor or array, or a mapping of them: keyword inputs, see :mod:`linadapt._inputs`)
+        and put them on the compute device; floating inputs take the network's dtype."""
+        X = as_inputs(X, name)
+        if isinstance(X, KeywordInputs):
+            X = X.to(self.device, dtype=self.net_dtype)
+        else:
+            X = X.to(self.device, dtype=self.net_dtype if X.is_floating_point() else None)
         if not self._examples_checked and X.shape[0] >= 2:
-            self._check_examples_independent(X)
+            check_examples_independent(self, X)
         return X
 
-    def _check_examples_independent(self, X: torch.Tensor) -> None:
-        """Refuse a network whose output for one example depends on the other examples of its batch (batch
-        statistics, attention across the batch): the linearized model's kernel J(x) J(x')ᵀ is defined per
-        example, and the batched products (jvp / vjp), the per-example Jacobians and f(X; θ̂) would each
-        mean something else. Checked once, on the first (up to) four examples, in float64 (so the network's
-        own rounding — float16, TF32 — is not mistaken for mixing): f of them as one batch against f of each
-        alone, or, when the network refuses a single example, of each with one other example; a relative
-        difference above 1e-9 is mixing. A forward that is not deterministic (two runs of the same batch
-        differ) is refused as such; non-finite outputs are left to :meth:`outputs` to report."""
-        self._examples_checked = True
-        xb = X[:4]
-        k = xb.shape[0]
-
-        def as64(t: torch.Tensor) -> torch.Tensor:
-            return t.to(torch.float64) if t.is_floating_point() else t
-
-        state = {n: as64(v) for n, v in {**self.frozen, **self.theta}.items()}
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, state, (as64(x),), tie_weights=True, strict=False)
-            return out.reshape(x.shape[0], -1) if isinstance(out, torch.Tensor) else out
-
-        try:
-            with torch.no_grad(), eval_mode(self.model):
-                together, again = f(xb), f(xb)
-                try:
-                    alone = torch.cat([f(xb[i : i + 1]) for i in range(k)])
-                except Exception:  # e.g. batch statistics that need two examples: compare within pairs
-                    if k < 3:
-                        return
-                    alone = torch.cat([f(xb[[i, (i + 1) % k]])[:1] for i in range(k)])
-        except Exception:  # the network fails on these inputs: its own error is reported where it is used
-            return
-        if not (isinstance(together, torch.Tensor) and together.shape == alone.shape == again.shape):
-            return
-        if not bool(torch.isfinite(together).all() and torch.isfinite(alone).all()):
-            return
-        scale = max(float(together.abs().max()), 1e-300)
-        if float((together - again).abs().max()) > 1e-9 * scale:
-            raise LinearizationError(
-                f"{type(self.model).__name__} is not deterministic in eval mode (two forward passes of the same "
-                "inputs differ): the linearization needs f(x; θ̂) to be a function (is dropout forced on with "
-                "F.dropout(..., training=True)?)"
-            )
-        err = float((together - alone).abs().max())
-        if err > 1e-9 * scale:
-            raise LinearizationError(
-                f"{type(self.model).__name__} mixes the examples of a batch: its output for an example changes "
-                f"with the other examples given with it (max difference {err:.3g} at output scale {scale:.3g}, "
-                "in eval mode, float64). The linearization needs f(x) per example; compute batch statistics "
-                "outside the model (or use BatchNorm with running statistics, which eval mode uses)."
-            )
-
-    def _f(self, theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Raw network output on one chunk, reshaped to (b, c)."""
-        out = functional_call(self.model, {**self.frozen, **theta}, (x,), tie_weights=True, strict=False)
-        if not isinstance(out, torch.Tensor):
-            raise LinearizationError(f"model output must be a tensor of shape (n, c) or (n,), got {type(out).__name__}")
-        if out.dim() == 1:
-            out = out.unsqueeze(-1)
-        if out.dim() != 2 or out.shape[0] != x.shape[0]:
-            raise LinearizationError(
-                f"model output must have shape (n, c) or (n,) for n = {x.shape[0]} inputs, got {tuple(out.shape)}"
-            )
-        return out
+    def _f(self, theta: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        """Network output on one chunk (a tensor, or keyword inputs), through ``output_fn``, as (b, c)."""
+        return network_outputs(self.model, {**self.frozen, **theta}, x, self.output_fn)
 
     def _chunk_slices(self, n: int, size: int | None = None, X: torch.Tensor | None = None, k: int = 1) -> list[slice]:
         """Example slices of n: ``size``, else ``chunk_size``, else (with X) :meth:`product_chunk` for k vectors,
@@ -432,11 +390,11 @@ class Linearization:
         if self._per_example_jacobian:
             try:
 
-                def f_single(th: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-                    return self._f(th, x.unsqueeze(0))[0]
+                def f_single(th: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+                    return self._f(th, as_batch_of_one(x))[0]
 
                 with eval_mode(self.model):
-                    jac = self.flatten(vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, xb), 2)
+                    jac = self.flatten(vmap(jacrev(f_single), in_dims=(None, 0))(self.theta, vmappable(xb)), 2)
                 if not self._per_example_checked and xb.shape[0] >= 2:
                     # vmap's batching rules are not all right (PReLU's weight gradient comes out wrong, or
                     # fails, for some input shapes): check the per-example route once against reverse mode

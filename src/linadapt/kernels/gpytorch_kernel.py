@@ -11,6 +11,7 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import nn
 
+from linadapt.jacobian.inputs import OutputFn
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
 from linadapt.kernels.jacobian_features import jacobian_features
@@ -48,6 +49,10 @@ class NTKKernel(Kernel):
         output: ``"sum"`` (default) — the trace kernel over all c outputs (for c = 1, the kernel of the only
             output); an integer a — the kernel of output a alone.
         chunk_size: examples per chunk in the Jacobian products.
+        output_fn: maps the network's return value to its (n, c) or (n,) outputs (e.g. ``lambda out:
+            out["logits"]``; the default reads a tensor, a dict's ``"logits"`` or an object's ``.logits``). The
+            kernel's inputs are GPyTorch's (..., n, d) tensors: a network taking keyword inputs needs a wrapper
+            module that builds them from such a tensor.
         **kwargs: GPyTorch's kernel options: ``batch_shape``, ``active_dims`` (``ard_num_dims`` does not apply:
             the kernel has no lengthscales).
 
@@ -68,12 +73,13 @@ class NTKKernel(Kernel):
         input_shape: Sequence[int] | None = None,
         output: int | str = "sum",
         chunk_size: int | None = None,
+        output_fn: OutputFn | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("ard_num_dims") is not None:
             raise ValueError("NTKKernel has no lengthscales: ard_num_dims does not apply")
         super().__init__(**kwargs)
-        self.linearization = Linearization(model, params, chunk_size)
+        self.linearization = Linearization(model, params, chunk_size, output_fn=output_fn)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if not (output == "sum" or (isinstance(output, int) and not isinstance(output, bool) and output >= 0)):
             raise ValueError(f"output must be 'sum' or a non-negative output index, got {output!r}")
@@ -109,7 +115,7 @@ class NTKKernel(Kernel):
                 self._kernel_dtype = probe.dtype
             if probe.device != lin.device:
                 self.linearization = Linearization(
-                    lin.model, list(lin.param_names), lin.chunk_size, probe.device, lin.memory_budget
+                    lin.model, list(lin.param_names), lin.chunk_size, probe.device, lin.memory_budget, lin.output_fn
                 )
         return module
 

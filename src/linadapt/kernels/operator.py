@@ -20,6 +20,7 @@ from torch import nn
 
 from linadapt.jacobian.graph import kernel_product
 from linadapt.jacobian.held import inputs_key
+from linadapt.jacobian.inputs import OutputFn
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.jacobian.selection import ParamSpec
 
@@ -45,7 +46,7 @@ class NTKOperator(LinearOperator):
     Args:
         model: a ``torch.nn.Module`` (linearized at its current weights, in eval mode) or an existing
             :class:`~linadapt.jacobian.linearization.Linearization` (then ``params`` and ``chunk_size`` are ignored).
-        X1: (n1, ...) inputs indexing the rows.
+        X1: (n1, ...) inputs indexing the rows, or a mapping of such tensors (keyword inputs: ``model(**X1)``).
         X2: (n2, ...) inputs indexing the columns; ``None`` means X1 (a square, symmetric PSD operator).
         params: parameter selection, see :func:`linadapt.jacobian.selection.select_parameters`.
         chunk_size: examples per chunk in the products.
@@ -62,6 +63,8 @@ class NTKOperator(LinearOperator):
         dtype: the dtype of the operator's results through the linear_operator interface (``matmul``, entries,
             ``diagonal()``, ``to_dense()``, hence ``solve`` and the rest): float64 (default) or float32, for a
             float32 GPyTorch model (:class:`~linadapt.kernels.gpytorch_kernel.NTKKernel` passes its inputs' dtype).
+        output_fn: maps the network's return value to its (n, c) or (n,) outputs (default: a tensor, a dict's
+            ``"logits"``, an object's ``.logits``); ignored when ``model`` is a Linearization (it has its own).
             The results
             are the float64 operator's, rounded; :meth:`apply_rows` stays float64. ``float()`` / ``double()`` /
             ``to(dtype)`` change this dtype, not the inputs'.
@@ -82,13 +85,14 @@ class NTKOperator(LinearOperator):
         hold: bool = True,
         dtype: torch.dtype = ALGEBRA_DTYPE,
         memory_budget: int | str | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
         if isinstance(model, Linearization):
             lin = model
         else:
-            lin = Linearization(model, params, chunk_size, memory_budget=memory_budget)
+            lin = Linearization(model, params, chunk_size, memory_budget=memory_budget, output_fn=output_fn)
         X1t = lin.prepare_inputs(X1, "X1")
         if X2 is None:
             X2t = X1t
@@ -260,6 +264,7 @@ def ntk_gram(
     output: OutputSpec = None,
     method: str = "auto",
     memory_budget: int | str | None = None,
+    output_fn: OutputFn | None = None,
 ) -> torch.Tensor:
     """Dense NTK J(X1) J(X2)ᵀ, float64.
 
@@ -273,10 +278,11 @@ def ntk_gram(
     ``"jacobian"`` contracts per-example Jacobian chunks of all selected parameters. Memory is bounded by a
     chunk either way; the full J is never stored. ``memory_budget`` (bytes or a size such as ``"2GiB"``; default
     :func:`~linadapt._memory.default_memory_budget`) sizes the chunks; a kernel larger than it is a
-    ``MemoryBudgetError`` naming the size.
+    ``MemoryBudgetError`` naming the size. X1 and X2 may be mappings of tensors (keyword inputs); ``output_fn``
+    maps the network's return value to its outputs (see :class:`NTKOperator`).
     """
     if isinstance(model, Linearization):
         lin = model
     else:
-        lin = Linearization(model, params, chunk_size, memory_budget=memory_budget)
+        lin = Linearization(model, params, chunk_size, memory_budget=memory_budget, output_fn=output_fn)
     return lin.ntk(X1, X2, output=output, method=method)
