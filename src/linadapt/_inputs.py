@@ -17,7 +17,7 @@ import torch
 
 from linadapt._validation import _check_not_sparse, as_input_tensor
 
-__all__ = ["KeywordInputs", "as_inputs", "input_tensors"]
+__all__ = ["KeywordInputs", "as_inputs", "cat_examples", "input_tensors", "layout"]
 
 
 class KeywordInputs:
@@ -143,3 +143,22 @@ def as_inputs(X: Any, name: str = "X") -> torch.Tensor | KeywordInputs:
 def input_tensors(X: Any) -> list[torch.Tensor]:
     """The tensors of inputs: [X] for a tensor, the values of a :class:`KeywordInputs`."""
     return list(X.values()) if isinstance(X, KeywordInputs) else [X]
+
+
+def cat_examples(parts: list[Any]) -> Any:
+    """Inputs joined along the example dimension: ``torch.cat`` of tensors, or key by key of
+    :class:`KeywordInputs` with the same keys (a ValueError when the keys differ)."""
+    if not any(isinstance(p, KeywordInputs) for p in parts):
+        return torch.cat(parts)
+    keys = [sorted(p.keys()) if isinstance(p, KeywordInputs) else None for p in parts]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"cannot join keyword inputs with different keys: {keys}")
+    return KeywordInputs({k: torch.cat([p[k] for p in parts]) for k in parts[0].keys()})
+
+
+def layout(X: Any) -> str:
+    """What examples look like, for messages and comparisons: a tensor's example shape and dtype, or those of each
+    keyword input."""
+    if isinstance(X, KeywordInputs):
+        return ", ".join(f"{k}: {tuple(v.shape[1:])} {v.dtype}" for k, v in sorted(X.items()))
+    return f"{tuple(X.shape[1:])} {X.dtype}"

@@ -173,3 +173,23 @@ def test_tiny_bert_from_a_tokenizer_style_dict() -> None:
     lin = clf.linearization_
     Xt = lin.prepare_inputs(X)
     torch.testing.assert_close(lin.ntk(Xt[:6]), lin.ntk(Xt[:6], method="jacobian"), rtol=1e-5, atol=1e-6)
+
+
+def test_update_and_query_on_keyword_inputs(net: TinyEncoder) -> None:
+    """update joins keyword inputs key by key; query takes a keyword pool: both equal the positional wrapper."""
+    X, Xp = tokens(12)
+    pool, pool_p = tokens(9, seed=4)
+    y = _targets()
+    kw = {"prior_var": 0.5, "noise_var": 0.1, "optimize_hyperparameters": False, "chunk_size": 5}
+    first = {k: v[:8] for k, v in X.items()}
+    est = LinearizedRegressor(net, **kw).fit(first, y[:8]).update({k: v[8:] for k, v in X.items()}, y[8:])
+    ref = LinearizedRegressor(Positional(net), **kw).fit(Xp, y)
+    for a, b in zip(est.predict(pool, return_std=True), ref.predict(pool_p, return_std=True)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(est.query(pool, 3), ref.query(pool_p, 3))
+    labels = torch.arange(12) % 3
+    clf = LinearizedClassifier(net, prior_var=1.0, optimize_hyperparameters=False, chunk_size=5)
+    clf.fit(first, labels[:8]).update({k: v[8:] for k, v in X.items()}, labels[8:])
+    cref = LinearizedClassifier(Positional(net), prior_var=1.0, optimize_hyperparameters=False, chunk_size=5)
+    cref.fit(Xp, labels)
+    np.testing.assert_allclose(clf.predict_proba(pool), cref.predict_proba(pool_p), rtol=0, atol=1e-6)

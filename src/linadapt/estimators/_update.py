@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from sklearn.base import ClassifierMixin
 
+from linadapt._inputs import cat_examples, layout
 from linadapt._validation import as_target_tensor, check_positive
 from linadapt.estimators._fit import check_n_features
 from linadapt.estimators._targets import encode_targets
@@ -77,11 +78,8 @@ class UpdateMixin:
         X_old = self._train_data[0]
         Xn = lin.prepare_inputs(X_new, "X_new")
         check_n_features(self, Xn)
-        if tuple(Xn.shape[1:]) != tuple(X_old.shape[1:]) or Xn.dtype != X_old.dtype:
-            raise ValueError(
-                f"X_new has examples of shape {tuple(Xn.shape[1:])} ({Xn.dtype}), but the estimator was fitted on "
-                f"examples of shape {tuple(X_old.shape[1:])} ({X_old.dtype})"
-            )
+        if layout(Xn) != layout(X_old):
+            raise ValueError(f"X_new has examples of {layout(Xn)}, but the estimator was fitted on {layout(X_old)}")
         post = self.posterior_
         n_obs = (X_old.shape[0] + Xn.shape[0]) * post.c
         if post.solver == "cholesky" and not dense_fits(post.space, n_obs, lin.num_params, post.memory_budget):
@@ -118,7 +116,7 @@ class UpdateMixin:
         else:
             self.prior_var_, self.noise_var_ = post.s2, post.sig2
         self.solver_, self.solve_info_ = post.solver, post.solve_info
-        self._train_data = (torch.cat([X_old, Xn]), y_all)
+        self._train_data = (cat_examples([X_old, Xn]), y_all)
         return self
 
     def _search_regression(self, problem: Any, post: RegressionPosterior, Y: torch.Tensor) -> RegressionPosterior:
@@ -158,7 +156,7 @@ class UpdateMixin:
         self.solver_ = new.system.method
         self.n_iter_ = new.newton.iterations
         self.log_marginal_likelihood_value_ = new.log_evidence
-        self._train_data = (torch.cat([X_old, Xn]), torch.cat([labels_old, labels.to(labels_old)]))
+        self._train_data = (cat_examples([X_old, Xn]), torch.cat([labels_old, labels.to(labels_old)]))
         self.link_, self.loo_nll_ = self.link, None
         if self.link == "auto":
             self._choose_link()  # the leave-one-out choice again, on all the data

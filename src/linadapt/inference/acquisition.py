@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from linadapt._inputs import input_tensors
 from linadapt._memory import MemoryBudgetError, format_bytes
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE
 
@@ -118,9 +119,10 @@ def noise_roots(noise_var: Any, m: int, c: int, device: Any = None) -> torch.Ten
     return torch.diag_embed(diag).expand(m, c, c)
 
 
-def duplicate_groups(Xs: torch.Tensor) -> torch.Tensor:
-    """An id per pool point, equal for exactly equal inputs: (m,) int64."""
-    flat = Xs.reshape(Xs.shape[0], -1)
+def duplicate_groups(Xs: Any) -> torch.Tensor:
+    """An id per pool point, equal for exactly equal inputs (all keyword inputs equal, for a mapping): (m,) int64."""
+    m = Xs.shape[0]
+    flat = torch.cat([t.reshape(m, -1).to(torch.float64) for t in input_tensors(Xs)], 1)
     if flat.shape[1] == 0:
         return torch.zeros(Xs.shape[0], dtype=torch.int64)
     _, inverse = torch.unique(flat.cpu(), dim=0, return_inverse=True)

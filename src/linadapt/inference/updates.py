@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from linear_operator.utils.cholesky import psd_safe_cholesky
 
+from linadapt._inputs import cat_examples
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem
 from linadapt.inference.per_output_noise import PerOutputPosterior
 from linadapt.inference.regression import RegressionPosterior, RegressionProblem
@@ -198,7 +199,7 @@ class StackedJacobian:
         last = parts[-1][0]
         if isinstance(last, NewRows) and (last.J is None) == (J_new is None):  # one group of appended rows
             parts.pop()
-            X_new = torch.cat([last.X, X_new])
+            X_new = cat_examples([last.X, X_new])
             J_new = None if J_new is None else torch.cat([last.J, J_new])
         return cls([*parts, (NewRows(lin, X_new, J_new, budget), X_new.shape[0])])
 
@@ -221,7 +222,7 @@ class StackedJacobian:
 
 def _new_columns(lin: Any, X_old: torch.Tensor, X_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K(X_old, X_new) (N × M) and K(X_new, X_new) (M × M) from one kernel evaluation."""
-    cols = lin.ntk(torch.cat([X_old, X_new]), X_new)
+    cols = lin.ntk(cat_examples([X_old, X_new]), X_new)
     N = cols.shape[0] - cols.shape[1]
     return cols[:N], cols[N:]
 
@@ -281,7 +282,7 @@ def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new
     _check_local(old)
     lin, c = old.lin, old.c
     r_new = r_new.reshape(-1).to(old.r)
-    X_all, r_all = torch.cat([old.X, X_new]), torch.cat([old.r, r_new])
+    X_all, r_all = cat_examples([old.X, X_new]), torch.cat([old.r, r_new])
     problem = ExtendedRegressionProblem(lin, X_all, r_all, old.options)
     cache = old.cache
     J_new = _extend_products(old, problem, X_new, bool({"J", "G", "G_outputs"} & set(cache)), lazy=True)
@@ -392,7 +393,7 @@ def extend_laplace_problem(
     labels = torch.cat([old.labels, labels_new.to(old.labels)])
     f0 = torch.cat([old.f0, f0_new.to(old.f0)])
     problem = LaplaceProblem(
-        lin, torch.cat([old.X, X_new]), labels, "network", old.options, f0=f0, likelihood=old.likelihood
+        lin, cat_examples([old.X, X_new]), labels, "network", old.options, f0=f0, likelihood=old.likelihood
     )
     problem.mu = old.mu
     J_new = _extend_products(old, problem, X_new, "J" in old.cache, lazy=False)
