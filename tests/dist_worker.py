@@ -6,11 +6,14 @@ Joins a gloo process group on 127.0.0.1:PORT, fits every case of :data:`CASES` o
 ``distributed=True`` and writes predictions and communication counts to OUT_DIR/rank{RANK}.pt.
 MODE ``fit`` (default): every case; ``fit-cg``: the matrix-free cases only;
 ``bad-shard``: the last rank passes a shard containing NaN (every rank must fail with the same error);
-MODE ``empty-shard``: the last rank passes no examples.
+MODE ``empty-shard``: the last rank passes no examples;
+``exit``: the regressor and the classifier in both spaces with fixed and learned hyperparameters (Cholesky),
+then ``destroy_process_group``, after which no thread of the process group may be left (exit 5 otherwise).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import timedelta
@@ -93,16 +96,42 @@ def predictions(est, Xs: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+EXIT_CASES = [
+    (kind, space, optimize)
+    for kind in ("regression", "classification")
+    for space in ("function", "parameter")
+    for optimize in (True, False)
+]
+
+
+def threads() -> int:
+    """This process's threads (Linux; 0 elsewhere)."""
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
+
+
+def fit_then_exit(rank: int, world: int) -> None:
+    """Mode ``exit``: every fit of :data:`EXIT_CASES` on this rank's shard, one prediction each."""
+    for kind, space, optimize in EXIT_CASES:
+        X, y, Xs = make_data(kind)
+        lo, hi = shard_bounds(X.shape[0], world)[rank]
+        est = estimator(kind, space, "cholesky", distributed=True, optimize=optimize).fit(X[lo:hi], y[lo:hi])
+        predictions(est, Xs)
+
+
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     mode = sys.argv[5] if len(sys.argv) > 5 else "fit"
     import torch.distributed as dist
 
+    threads_before = threads()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     results: dict[str, dict[str, torch.Tensor]] = {}
     try:
+        if mode == "exit":
+            fit_then_exit(rank, world)
+            return
         cases = {"fit": CASES, "fit-cg": [c for c in CASES if c[2] == "cg"]}.get(mode, CASES[:1])
         for kind, space, solver in cases:
             X, y, Xs = make_data(kind)
@@ -146,6 +175,12 @@ def main() -> None:
         sys.exit(3)
     finally:
         dist.destroy_process_group()
+        # the backend (gloo's worker and I/O threads, the store's) must be gone now, not at interpreter exit
+        if mode == "exit" and threads() > threads_before:
+            print(
+                f"rank {rank}: {threads() - threads_before} threads left after destroy_process_group", file=sys.stderr
+            )
+            sys.exit(5)
 
 
 if __name__ == "__main__":

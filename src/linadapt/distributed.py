@@ -18,12 +18,17 @@ matrices), both only chosen when those fit in memory.
 Failure on one rank (bad shard, wrong shapes, NaN) is agreed on before any product: :func:`agree` makes
 every rank raise :class:`DistributedError` naming the rank and its message, instead of leaving the others
 blocked in a collective.
+
+Shutting down: :func:`shutdown` (a barrier, then ``destroy_process_group``). A distributed fit first makes
+sure that ``destroy_process_group`` really frees the process group — see :func:`release_captured_group`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +41,9 @@ __all__ = [
     "DistributedError",
     "Sharding",
     "agree",
+    "release_captured_group",
     "require_process_group",
+    "shutdown",
 ]
 
 T = TypeVar("T")
@@ -53,6 +60,44 @@ def require_process_group() -> None:
             "distributed=True needs an initialised torch.distributed process group: launch with torchrun (or "
             "another launcher) and call torch.distributed.init_process_group('gloo' or 'nccl') before fit"
         )
+    release_captured_group()
+
+
+def release_captured_group() -> int:
+    """Drop the references to the live default process group that torch's own modules took at import.
+
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as a default argument of ten
+    functions; imported *after* ``init_process_group`` those defaults hold the default process group
+    itself. torch.func imports it on first use (a vjp enters ``torch._dynamo.compiled_autograd``, whose
+    import chain reaches that module), i.e. during the first fit. ``destroy_process_group`` cannot drop
+    those references, so the gloo backend — its worker threads, TCP pairs and store — stayed alive until
+    interpreter teardown, where freeing it raced the peers' exit (an occasional abort at exit,
+    "terminate called without an active exception"). This imports that chain now and puts back the
+    defaults ``None`` (the default group, looked up at call time) that an import before
+    ``init_process_group`` would have given. Returns how many defaults were replaced.
+    """
+    import torch._dynamo.compiled_autograd  # noqa: F401  (what torch.func imports on its first vjp)
+
+    module = sys.modules.get("torch.distributed.nn.functional")
+    world = dist.GroupMember.WORLD
+    if module is None or world is None:
+        return 0
+    replaced = 0
+    for fn in vars(module).values():
+        if isinstance(fn, FunctionType) and fn.__defaults__ and any(d is world for d in fn.__defaults__):
+            fn.__defaults__ = tuple(None if d is world else d for d in fn.__defaults__)
+            replaced += 1
+    return replaced
+
+
+def shutdown() -> None:
+    """End a distributed run: a barrier (no rank leaves while another is still in a collective), then
+    ``torch.distributed.destroy_process_group()``. Every rank calls it, once, after its last collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    release_captured_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def agree(fn: Callable[[], T], what: str) -> T:

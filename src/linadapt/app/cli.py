@@ -267,9 +267,9 @@ def adapt(
         except ValueError as exc:
             _fail(f"predicting on {test}: {exc}")
     if world > 1:
-        import torch.distributed as dist
+        from linadapt.distributed import shutdown
 
-        dist.destroy_process_group()
+        shutdown()  # a barrier, then destroy_process_group
         if rank != 0:
             return
     table = Table(title=f"linadapt {chosen}")
