@@ -312,3 +312,21 @@ def test_jvp_through_scaled_dot_product_attention_stays_in_forward_mode(monkeypa
     lin = la.Linearization(model)
     torch.testing.assert_close(lin.jvp(X, V), want, rtol=1e-4, atol=1e-5)
     assert not lin._forward_ad  # ... has no forward mode: the fallback
+
+
+def test_jvp_with_outputs_takes_the_outputs_from_the_same_forward_mode_pass(monkeypatch):
+    """The classifier's MAP logits f(X*) + J(X*) δ: in forward mode f(X*) is the primal of the Jacobian-vector
+    product (no separate forward pass); on the reverse-mode fallback it is a forward pass. Equal either way."""
+    model, X = mlp(), inputs_for("mlp", 9)
+    lin = la.Linearization(model, chunk_size=4)
+    v = torch.randn(lin.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want_f, want_jv = lin.outputs(X), lin.jvp(X, v)
+    monkeypatch.setattr(la.Linearization, "outputs", lambda *a: pytest.fail("a separate forward pass"))
+    f, jv = lin.jvp(X, v, with_outputs=True)
+    torch.testing.assert_close(f, want_f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jv, want_jv, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    lin._forward_ad = False  # the fallback: outputs by their own pass
+    f, jv = lin.jvp(X, v, with_outputs=True)
+    torch.testing.assert_close(f, want_f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jv, want_jv, rtol=1e-10, atol=1e-12)

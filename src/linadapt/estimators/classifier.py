@@ -369,7 +369,8 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         post.progress = check_progress(self.progress)
         Xs = lin.prepare_inputs(X, "X")
         check_n_features(self, Xs)
-        mean = lin.outputs(Xs) + post.mean_shift(Xs)
+        outputs, shift = post.outputs_and_shift(Xs)
+        mean = outputs + shift
         return mean, (post.latent_blocks(Xs) if with_cov else None)
 
     def predict_logits(self, X: Any, return_cov: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:

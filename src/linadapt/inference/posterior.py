@@ -201,6 +201,11 @@ class LinearizedPosterior:
         """J(X*) δ̄, shape (m, c): one Jacobian-vector product per chunk of test points."""
         return self.lin.jvp(Xs, self.delta)
 
+    def outputs_and_shift(self, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(X*; θ̂), J(X*) δ̄), (m, c) each: in forward mode the network's outputs are the primal of the same
+        Jacobian-vector product, so the MAP logits cost one pass."""
+        return self.lin.jvp(Xs, self.delta, with_outputs=True)
+
     def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
         """Per-example c × c posterior covariance blocks J(x) S J(x)ᵀ, shape (m, c, c)."""
         out = []

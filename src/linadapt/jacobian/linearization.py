@@ -286,12 +286,14 @@ class Linearization:
             raise LinearizationError("model output contains NaN or inf on these inputs")
         return result
 
-    def jvp(self, X: Any, V: torch.Tensor) -> torch.Tensor:
+    def jvp(self, X: Any, V: torch.Tensor, with_outputs: bool = False) -> Any:
         """J(X) v for one or many parameter-space vectors.
 
         Args:
             X: (n, ...) inputs.
             V: (p,) or (k, p).
+            with_outputs: also return f(X; θ̂), (n, c) float64, first: for one vector in forward mode it is the
+                primal of the same pass (no separate forward pass).
 
         Returns:
             (n, c) or (k, n, c), float64: entry [j, i, a] = Σ_q ∂f_a(x_i)/∂θ_q · V[j, q].
@@ -301,24 +303,25 @@ class Linearization:
         V = V.reshape(-1, self.num_params).to(self.device)
         if self._fixed_entries.numel():  # (see _padding_rows)
             V = V.index_fill(1, self._fixed_entries, 0)
-        if not self._forward_ad:
-            out = self._jvp_by_jacobian(X, V)
-            return out[0] if single else out
-        groups = []
-        for g in range(0, V.shape[0], RHS_GROUP):
+        fused = with_outputs and V.shape[0] == 1 and self._forward_ad
+        groups, primals = [], []
+        for g in range(0, V.shape[0], RHS_GROUP) if self._forward_ad else ():
             tangents = self.unflatten(V[g : g + RHS_GROUP])
             chunks = []
             for sl in self._chunk_slices(X.shape[0], X=X, k=min(RHS_GROUP, V.shape[0] - g)):
                 xb = X[sl]
 
-                def push(t: dict[str, torch.Tensor], xb: torch.Tensor = xb) -> torch.Tensor:
+                def push(t: dict[str, torch.Tensor], xb: Any = xb, both: bool = False) -> Any:
                     with math_attention():  # attention by scaled_dot_product_attention has forward mode in it
-                        return jvp(lambda th: self._f(th, xb), (self.theta,), (t,))[1]
+                        out = jvp(lambda th: self._f(th, xb), (self.theta,), (t,))
+                    return out if both else out[1]
 
                 try:
                     if V.shape[0] - g == 1:  # one vector: no vmap (its overhead is ~30 % of a product here)
                         one = {name: t[0] for name, t in tangents.items()}
-                        result = self._guard("Jacobian-vector product (jvp)", push, one, inputs=xb).unsqueeze(0)
+                        f, result = self._guard("Jacobian-vector product (jvp)", push, one, xb, True, inputs=xb)
+                        result = result.unsqueeze(0)
+                        primals.append(f.to(ALGEBRA_DTYPE).reshape(result.shape[1:]))
                     else:
                         result = self._guard("Jacobian-vector product (jvp)", vmap(push), tangents, inputs=xb)
                 except LinearizationError as exc:
@@ -326,13 +329,15 @@ class Linearization:
                     if not any(m in cause for m in ("forward AD", "forward mode AD", "forward-mode")):
                         raise
                     self._forward_ad = False  # a module torch has no forward mode for: reverse mode from now on
-                    out = self._jvp_by_jacobian(X, V)
-                    return out[0] if single else out
+                    return self.jvp(X, V[0] if single else V, with_outputs)
                 chunks.append(result.to(ALGEBRA_DTYPE))
             groups.append(torch.cat(chunks, dim=1))
-        out = torch.cat(groups, dim=0)
+        out = torch.cat(groups, dim=0) if groups else self._jvp_by_jacobian(X, V)
         self._num_outputs = int(out.shape[-1])
-        return out[0] if single else out
+        out = out[0] if single else out
+        if not with_outputs:
+            return out
+        return (torch.cat(primals) if fused and primals else self.outputs(X)), out
 
     def _jvp_by_jacobian(self, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """J(X) V for V (k, p) without forward-mode AD (a module torch has none for: ``nn.EmbeddingBag``): from the
