@@ -478,6 +478,10 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
         """Prepared inputs and the posterior mean of f there, m(X*) + J(X*) δ̄, shape (m, c)."""
         Xs = self.linearization_.prepare_inputs(X, "X")
         check_n_features(self, Xs)
+        fused = getattr(self.posterior_, "outputs_and_shift", None)  # f(X*) and J(X*) δ̄ from one forward-mode pass
+        if self.mean == "network" and fused is not None:
+            outputs, shift = fused(Xs)
+            return Xs, outputs + shift
         return Xs, self._prior_mean(Xs) + self.posterior_.mean_shift(Xs)
 
     def _mixture_inputs(self, Xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
