@@ -18,13 +18,15 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from linadapt import metrics
 from linadapt._files import atomic_write, atomic_write_text
 from linadapt._memory import resolve_memory_budget
 from linadapt.app import report
+from linadapt.app._cli_common import TRUST_HELP as _TRUST_HELP
+from linadapt.app._cli_common import console, load_adapted
+from linadapt.app._cli_common import fail as _fail
 from linadapt.app.bench import (
     format_dense_table,
     format_memory_table,
@@ -34,12 +36,10 @@ from linadapt.app.bench import (
     run_memory_bench,
     run_neural_tangents,
 )
-from linadapt.app.cli_suggest import TRUST_HELP as _TRUST_HELP
 from linadapt.app.cli_suggest import suggest
 from linadapt.app.demo import run_demo
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
-from linadapt.estimators.persistence import load, read_header
 from linadapt.estimators.regressor import LinearizedRegressor
 from linadapt.experiments.baselines import finetune
 from linadapt.experiments.compare import METHODS
@@ -52,14 +52,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    # the message is text, not markup (a hint like `torch.cat([a, b], 1)` must survive), and is not wrapped
-    # mid-word at the console width
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def _choose_task(task: str, y: np.ndarray, n_outputs: int) -> str:
@@ -377,17 +369,7 @@ def predict(
     Example: linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
     """
     try:
-        header = read_header(adapted)
-        try:
-            recorded = json.loads(header["model"].get("reference") or "{}")
-        except json.JSONDecodeError:
-            recorded = {}  # saved from Python with a free-text reference
-        if not isinstance(recorded, dict):
-            recorded = {}
-        if not (model or recorded.get("model")):
-            _fail(f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)")
-        net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
-        est = load(adapted, net)
+        est, recorded = load_adapted(adapted, model, weights, trust_pickle)
         ds = read_dataset(data, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
         if ds.y is not None and ds.classes and not recorded.get("classes"):
             console.print(

@@ -6,49 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from linadapt._files import atomic_write_text
-from linadapt.estimators.persistence import load, read_header
+from linadapt.app._cli_common import TRUST_HELP, console, load_adapted
+from linadapt.app._cli_common import fail as _fail
 from linadapt.io.datasets import read_dataset
-from linadapt.io.models import load_model
 
-__all__ = ["TRUST_HELP", "load_adapted", "suggest"]
-
-TRUST_HELP = (
-    "Allow full unpickling of model/weights files. A pickle can run arbitrary code when loaded: use only for "
-    "files you made or fully trust. Without it, weights are read as safetensors or with weights_only=True."
-)
-
-console = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def load_adapted(adapted: str, model: str | None, weights: str | None, trust_pickle: bool) -> tuple[Any, dict]:
-    """The estimator of a ``.linadapt`` file written by ``linadapt adapt`` with its source network (the one it
-    records, or ``model`` / ``weights``), and what the file records of the command (model, weights, target,
-    classes)."""
-    header = read_header(adapted)
-    try:
-        recorded = json.loads(header["model"].get("reference") or "{}")
-    except json.JSONDecodeError:
-        recorded = {}  # saved from Python with a free-text reference
-    if not isinstance(recorded, dict):
-        recorded = {}
-    if not (model or recorded.get("model")):
-        raise ValueError(
-            f"{adapted} does not record its source model (saved from Python?): pass --model (and --weights)"
-        )
-    net = load_model(model or recorded["model"], weights or recorded.get("weights"), trust_pickle)
-    return load(adapted, net), recorded
+__all__ = ["suggest"]
 
 
 def suggest(
