@@ -4,13 +4,11 @@ the flag should produce, or against the exact files and tables the command claim
 import csv
 import importlib.util
 import json
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from cli_project import two_network_project
 from typer.testing import CliRunner
 
 import linadapt as la
@@ -22,43 +20,16 @@ runner = CliRunner()
 # [data] extra (through mlxtend), not with linadapt itself
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 
-NETS = textwrap.dedent(
-    """
-    import torch
-
-    def regressor():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def classifier():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    """
-)
-
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    (tmp_path / "nets.py").write_text(NETS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("nets", None)  # another test's tmp folder may have a different nets.py
-    import nets
-
-    save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
-    save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
-    rng = np.random.default_rng(0)
-    X = rng.uniform(-2, 2, (30, 2))
+    nets, X, rng = two_network_project(tmp_path, monkeypatch, "nets")
     t = np.sin(X[:, 0]) + 0.1 * X[:, 1]
     # the target t in the middle; the last column (the default target) is an input, unrelated to t
     z = rng.uniform(-1, 1, 30)
     with open(tmp_path / "mid.csv", "w") as fh:
         fh.write("x1,t,z\n" + "".join(f"{a},{np.sin(a)},{c}\n" for a, c in zip(X[:, 0], z)))
     labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)
-    with open(tmp_path / "clf.csv", "w") as fh:
-        fh.write("x1,x2,label\n" + "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels)))
-    with open(tmp_path / "reg.csv", "w") as fh:
-        fh.write("x1,x2,y\n" + "".join(f"{a},{b},{y}\n" for (a, b), y in zip(X, t)))
     with open(tmp_path / "new.csv", "w") as fh:
         fh.write("x1,x2\n0.5,0.5\n-1,1.5\n")
     return tmp_path, nets, X.astype(np.float32), t, labels

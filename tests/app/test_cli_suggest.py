@@ -1,13 +1,11 @@
 """``linadapt suggest``: the picks of an adapted model's ``query`` as a CSV."""
 
 import csv
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from cli_project import two_network_project
 from typer.testing import CliRunner
 
 import linadapt as la
@@ -15,38 +13,10 @@ from linadapt.app.cli import app
 
 runner = CliRunner()
 
-NETS = textwrap.dedent(
-    """
-    import torch
-
-    def regressor():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def classifier():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    """
-)
-
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    (tmp_path / "qnets.py").write_text(NETS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("qnets", None)
-    import qnets
-
-    save_file(qnets.regressor().state_dict(), tmp_path / "reg.safetensors")
-    save_file(qnets.classifier().state_dict(), tmp_path / "clf.safetensors")
-    rng = np.random.default_rng(0)
-    X = rng.uniform(-2, 2, (30, 2))
-    with open(tmp_path / "reg.csv", "w") as fh:
-        fh.write("x1,x2,y\n" + "".join(f"{a},{b},{np.sin(a) + 0.1 * b}\n" for a, b in X))
-    labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)
-    with open(tmp_path / "clf.csv", "w") as fh:
-        fh.write("x1,x2,label\n" + "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels)))
+    qnets, _, rng = two_network_project(tmp_path, monkeypatch, "qnets")
     pool = np.vstack([rng.uniform(-4, 4, (25, 2)), np.repeat([[3.0, 3.0]], 5, 0)])  # five copies of one input
     with open(tmp_path / "pool.csv", "w") as fh:
         fh.write("x1,x2\n" + "".join(f"{a},{b}\n" for a, b in pool))
