@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from cli_project import NETS as TWO_NETS
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -15,18 +16,8 @@ from linadapt.app.cli import app
 
 runner = CliRunner()
 
-NETS = textwrap.dedent(
+NETS = TWO_NETS + textwrap.dedent(
     """
-    import torch
-
-    def regressor():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def classifier():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
     def image_classifier():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
