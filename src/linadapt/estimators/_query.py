@@ -78,7 +78,10 @@ class QueryMixin:
             roots = noise_roots(self.noise_var_, m, c, lin.device)  # type: ignore[attr-defined]
             score = variance_score
         else:
-            mean = (lin.outputs(Xs) + post.mean_shift(Xs)).to(torch.float64) if m else torch.zeros(0, c)
+            mean = torch.zeros(0, c)
+            if m:  # the MAP logits, f(X*) from the same forward-mode pass as J(X*) δ
+                outputs, shift = post.outputs_and_shift(Xs)
+                mean = (outputs + shift).to(torch.float64)
             eye = torch.eye(c, dtype=mean.dtype, device=mean.device).expand(m, c, c)
             roots = likelihood.curvature(mean).root(eye.contiguous())
             categorical = likelihood.name == "categorical"
