@@ -222,14 +222,22 @@ class NoisePrior:
     ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
         """``objective`` (a negative log evidence and its gradient in x, whose last entry is log σ²) plus the
         negative log hyperprior ½ z², z = (log σ² − log v̄ − loc) / scale (constants dropped)."""
-        log_scale = math.log(max(r_sq / max(n_obs, 1), 1e-12))
+        return self.penalize_each(objective, np.array([math.log(max(r_sq / max(n_obs, 1), 1e-12))]))
+
+    def penalize_each(
+        self, objective: Callable[[np.ndarray], tuple[float, np.ndarray]], log_scales: np.ndarray
+    ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+        """``objective`` plus the negative log hyperprior of several noise variances, each relative to its own
+        scale: x's last k entries are log σ²_1..k, ``log_scales`` (k,) their log v̄_a; ½ Σ_a z_a²,
+        z_a = (log σ²_a − log v̄_a − loc) / scale (constants dropped)."""
+        k = len(log_scales)
 
         def penalized(x: np.ndarray) -> tuple[float, np.ndarray]:
             value, grad = objective(x)
-            z = (x[-1] - log_scale - self.loc) / self.scale
+            z = (x[-k:] - log_scales - self.loc) / self.scale
             grad = np.array(grad, dtype=np.float64)
-            grad[-1] += z / self.scale
-            return value + 0.5 * z * z, grad
+            grad[-k:] += z / self.scale
+            return value + 0.5 * float(z @ z), grad
 
         return penalized
 

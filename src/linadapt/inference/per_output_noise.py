@@ -250,21 +250,6 @@ class PerOutputEvidence:
         return -self.negative_log_ml_and_grad(x)[0]
 
 
-def _penalized(evidence: PerOutputEvidence, prior: NoisePrior) -> Any:
-    """−log p(y | s², σ²) − Σ_a log p(σ²_a), each σ²_a with the log-normal prior relative to its own output's
-    mean squared residual v̄_a (constants dropped)."""
-    log_scales = np.log(np.maximum(evidence.residual_scales(), 1e-12))
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        value, grad = evidence.negative_log_ml_and_grad(x)
-        z = (x[1:] - log_scales - prior.loc) / prior.scale
-        grad = np.array(grad, dtype=np.float64)
-        grad[1:] += z / prior.scale
-        return value + 0.5 * float(z @ z), grad
-
-    return objective
-
-
 def maximize_per_output_evidence(
     problem: RegressionProblem,
     space: str,
@@ -294,7 +279,10 @@ def maximize_per_output_evidence(
         np.concatenate([[math.log(prior_var)], np.log(noise_vars)]),
     ]
     bounds = [evidence_bounds(1.0, 1)[0]] + [evidence_bounds(float(v), 1)[1] for v in scales]
-    objective = evidence.negative_log_ml_and_grad if noise_prior is None else _penalized(evidence, noise_prior)
+    objective = evidence.negative_log_ml_and_grad
+    if noise_prior is not None:  # each σ²_a relative to its own output's mean squared residual v̄_a
+        log_scales = np.log(np.maximum(evidence.residual_scales(), 1e-12))
+        objective = noise_prior.penalize_each(objective, log_scales)
     x, _ = minimize_from(objective, starts, bounds)
     return float(math.exp(x[0])), np.exp(x[1:]), -evidence.negative_log_ml_and_grad(x)[0]
 
