@@ -8,7 +8,10 @@ MODE ``fit`` (default): every case; ``fit-cg``: the matrix-free cases only;
 ``bad-shard``: the last rank passes a shard containing NaN (every rank must fail with the same error);
 MODE ``empty-shard``: the last rank passes no examples;
 ``exit``: the regressor and the classifier in both spaces with fixed and learned hyperparameters (Cholesky),
-then ``destroy_process_group``, after which no thread of the process group may be left (exit 5 otherwise).
+then ``destroy_process_group``, after which no thread of the process group may be left (exit 5 otherwise);
+``update``: every case of :data:`CASES` at fixed hyperparameters fitted on this rank's shard of the training data
+and then updated twice with its shares of :func:`new_data` (plus one search of the hyperparameters again, one
+save, and an empty update on the last rank, which every rank must refuse).
 """
 
 from __future__ import annotations
@@ -49,6 +52,23 @@ def make_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return X, y, Xs
 
 
+def new_data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples for ``update`` (n = 13), from the same distribution as :func:`make_data`'s."""
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(13, 3, generator=gen, dtype=torch.float64)
+    if kind == "regression":
+        y = torch.stack([torch.sin(X[:, 0]) + 0.5 * X[:, 1], torch.cos(X[:, 2])], 1)
+        y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    else:
+        y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
+    return X, y
+
+
+# the update batches: new examples 0–6 then 7–12, each split across the ranks by shard_bounds
+UPDATE_BATCHES = [(0, 7), (7, 13)]
+FIXED = {"regression": {"prior_var": 0.7, "noise_var": 0.09}, "classification": {"prior_var": 0.8}}
+
+
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
     """Uneven contiguous shards; the last rank gets only 2 examples."""
     if world == 1:
@@ -63,12 +83,51 @@ def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
     return [(s, s + k) for s, k in zip(starts, sizes)]
 
 
-def estimator(kind: str, space: str, solver: str, distributed: bool, optimize: bool = True):
+def estimator(kind: str, space: str, solver: str, distributed: bool, optimize: bool = True, **kw):
     from linadapt import LinearizedClassifier, LinearizedRegressor
 
     cls = LinearizedRegressor if kind == "regression" else LinearizedClassifier
     # the classifier's default link="auto": the leave-one-out choice over all ranks' training points
-    return cls(make_model(kind), space=space, solver=solver, distributed=distributed, optimize_hyperparameters=optimize)
+    return cls(
+        make_model(kind), space=space, solver=solver, distributed=distributed, optimize_hyperparameters=optimize, **kw
+    )
+
+
+def update_key(kind: str, space: str, solver: str) -> str:
+    return f"update-{kind}-{space}-{solver}"
+
+
+def fit_then_update(rank: int, world: int, out: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Mode ``update`` (see the module docstring); the results by :func:`update_key`, plus ``"search"`` (one update
+    with ``optimize_hyperparameters=True``) and ``"empty"`` (the error message of the empty update, as a tensor of
+    its bytes)."""
+    from linadapt import DistributedError
+
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for kind, space, solver in CASES:
+        X, y, Xs = make_data(kind)
+        Xn, yn = new_data(kind)
+        lo, hi = shard_bounds(X.shape[0], world)[rank]
+        est = estimator(kind, space, solver, distributed=True, optimize=False, **FIXED[kind]).fit(X[lo:hi], y[lo:hi])
+        for a, b in UPDATE_BATCHES:
+            lo, hi = shard_bounds(b - a, world)[rank]
+            est.update(Xn[a + lo : a + hi], yn[a + lo : a + hi])
+        results[update_key(kind, space, solver)] = predictions(est, Xs)
+        if (kind, space, solver) == ("regression", "function", "cholesky"):
+            est.save(f"{out}/updated.linadapt")  # every rank calls save; rank 0 writes
+        if (kind, space, solver) == ("classification", "function", "cholesky"):
+            try:
+                est.update(Xn[:0] if rank == world - 1 else Xn[:1], yn[:0] if rank == world - 1 else yn[:1])
+            except DistributedError as exc:
+                results["empty"] = {"message": torch.tensor(list(str(exc).encode()))}
+    X, y, Xs = make_data("regression")
+    Xn, yn = new_data("regression")
+    lo, hi = shard_bounds(X.shape[0], world)[rank]
+    est = estimator("regression", "function", "cholesky", distributed=True).fit(X[lo:hi], y[lo:hi])
+    lo, hi = shard_bounds(Xn.shape[0], world)[rank]
+    est.update(Xn[lo:hi], yn[lo:hi], optimize_hyperparameters=True)
+    results["search"] = predictions(est, Xs)
+    return results
 
 
 def case_key(kind: str, space: str, solver: str, optimize: bool) -> str:
@@ -131,6 +190,9 @@ def main() -> None:
     try:
         if mode == "exit":
             fit_then_exit(rank, world)
+            return
+        if mode == "update":
+            torch.save(fit_then_update(rank, world, out), f"{out}/rank{rank}.pt")
             return
         cases = {"fit": CASES, "fit-cg": [c for c in CASES if c[2] == "cg"]}.get(mode, CASES[:1])
         for kind, space, solver in cases:

@@ -92,6 +92,53 @@ def test_distributed_fit_equals_single_process(world, tmp_path, single_process):
         assert int(ranks[0][key]["product_elements"]) == p + n_obs
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    scale = max(float(want.abs().max()), 1.0)
+    err = float((got - want).abs().max())
+    assert err <= rel * scale, f"{what} differs by {err:.3e}"
+
+
+def test_distributed_updates_equal_single_process_fit_on_all_data(tmp_path):
+    """Every case fitted on 2 processes, then updated twice with each rank's share of new examples: the same
+    predictions as one process fitting all the data at the same hyperparameters (1e-8 regression, 1e-6
+    classification), bit-identical on both ranks; an update searching the hyperparameters again equals a fit with
+    the search; the saved updated model loads as the single-process fit; an empty update on one rank is refused
+    on every rank."""
+    runs = _launch(2, tmp_path, mode="update")
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, f"rank {r} failed:\n{run.stderr[-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    refs = {}
+    for kind, space, solver in dist_worker.CASES:
+        X, y, Xs = dist_worker.make_data(kind)
+        Xn, yn = dist_worker.new_data(kind)
+        est = dist_worker.estimator(kind, space, solver, False, False, **dist_worker.FIXED[kind])
+        est.fit(torch.cat([X, Xn]), torch.cat([y, yn]))
+        key = dist_worker.update_key(kind, space, solver)
+        refs[key] = est
+        ref = dist_worker.predictions(est, Xs)
+        for r, res in enumerate(ranks):
+            for name, value in ref.items():
+                _close(res[key][name], value, 1e-8 if kind == "regression" else 1e-6, f"{key} rank {r}: {name}")
+                assert torch.equal(res[key][name], ranks[0][key][name]), f"{key}: {name} differs between ranks"
+    X, y, Xs = dist_worker.make_data("regression")
+    Xn, yn = dist_worker.new_data("regression")
+    full = dist_worker.estimator("regression", "function", "cholesky", False).fit(
+        torch.cat([X, Xn]), torch.cat([y, yn])
+    )
+    for name, value in dist_worker.predictions(full, Xs).items():
+        _close(ranks[0]["search"][name], value, 1e-6, f"update with the search: {name}")
+    from linadapt import LinearizedRegressor
+
+    loaded = LinearizedRegressor.load(tmp_path / "updated.linadapt", dist_worker.make_model("regression"))
+    ref = dist_worker.predictions(refs[dist_worker.update_key("regression", "function", "cholesky")], Xs)
+    for name, value in dist_worker.predictions(loaded, Xs).items():
+        _close(value, ref[name], 1e-8, f"the saved updated model: {name}")
+    for res in ranks:
+        message = bytes(res["empty"]["message"].tolist()).decode()
+        assert "rank 1" in message and "empty" in message, message
+
+
 @pytest.mark.parametrize("mode", ["bad-shard", "empty-shard"])
 def test_one_bad_rank_fails_every_rank_fast(mode, tmp_path):
     runs = _launch(3, tmp_path, mode=mode, timeout=120.0)

@@ -25,6 +25,7 @@ sure that ``destroy_process_group`` really frees the process group — see :func
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,14 +143,20 @@ class CommStats:
 
 
 class Sharding:
-    """Where this rank's examples sit among all ranks' examples (contiguous blocks in rank order).
+    """Where this rank's examples sit among all ranks' examples.
+
+    A fit's shards are contiguous blocks in rank order. An ``update`` appends every rank's new examples after all
+    the old ones (again in rank order, :meth:`extended`), so a rank's examples then sit in several *segments* of
+    the global order: its old block, then its block of the new examples. Locally they are stored in the same
+    order (old rows, then new rows).
 
     Args:
         n_local: the number of examples on this rank (may differ between ranks; may be 0 on none of them).
         group: the process group (default: the world).
 
-    Attributes: rank, world, counts (examples per rank), offsets, n (all examples), local (this rank's slice
-    of the global example order), stats (a :class:`CommStats`).
+    Attributes: rank, world, counts (examples per rank, all segments), offsets (where each rank's first block
+    starts), n (all examples), segments (this rank's (global start, count) pairs, in local order), stats (a
+    :class:`CommStats`).
     """
 
     def __init__(self, n_local: int, group: Any = None) -> None:
@@ -162,11 +169,31 @@ class Sharding:
         self.counts = [int(c) for c in counts]  # type: ignore[arg-type]
         self.offsets = [sum(self.counts[:r]) for r in range(self.world)]
         self.n = sum(self.counts)
-        self.local = slice(self.offsets[self.rank], self.offsets[self.rank] + self.counts[self.rank])
+        self.segments = [(self.offsets[self.rank], self.counts[self.rank])]
         self.stats = CommStats()
 
     def __repr__(self) -> str:
         return f"Sharding(rank {self.rank} of {self.world}, examples per rank {self.counts})"
+
+    def extended(self, n_new_local: int) -> tuple[Sharding, Sharding]:
+        """The sharding after every rank appends ``n_new_local`` examples (a collective: every rank calls it),
+        and the sharding of the new examples alone. The new examples follow all the old ones in the global order,
+        in rank order; each rank stores its new rows after its old ones."""
+        new = Sharding(n_new_local, self.group)
+        out = copy.copy(self)
+        out.counts = [a + b for a, b in zip(self.counts, new.counts)]
+        out.n = self.n + new.n
+        out.segments = [*self.segments, (self.n + new.offsets[self.rank], new.counts[self.rank])]
+        out.stats = self.stats
+        return out, new
+
+    def local_segments(self) -> list[tuple[int, int, int]]:
+        """(local start, global start, count) of each of this rank's segments."""
+        out, start = [], 0
+        for first, count in self.segments:
+            out.append((start, first, count))
+            start += count
+        return out
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of ``t`` (a new tensor; every rank gets the same values)."""
@@ -192,12 +219,14 @@ class Sharding:
         shape = list(local.shape)
         shape[dim] = self.n
         full = torch.zeros(shape, dtype=local.dtype, device=local.device)
-        full.narrow(dim, self.local.start, self.counts[self.rank]).copy_(local)
+        for start, first, count in self.local_segments():
+            full.narrow(dim, first, count).copy_(local.narrow(dim, start, count))
         return self.all_reduce(full)
 
     def scatter_view(self, full: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """This rank's rows of a replicated tensor (a view along ``dim``)."""
-        return full.narrow(dim, self.local.start, self.counts[self.rank])
+        """This rank's rows of a replicated tensor along ``dim`` (a view when they form one segment)."""
+        parts = [full.narrow(dim, first, count) for first, count in self.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def shard_signature(X: Any, y: torch.Tensor) -> tuple:

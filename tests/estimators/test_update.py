@@ -275,15 +275,12 @@ def test_update_refuses_options_it_does_not_support(kw):
         reg.update(inputs_for("single", 3, seed=5), y[:3, 0])
 
 
-def test_update_refuses_grouped_classification_and_sharded_fits():
+def test_update_refuses_grouped_classification():
     X, y = classification_data(16)
     clf = la.LinearizedClassifier(mlp(), optimize_hyperparameters=False, prior_groups="layers").fit(X[:10], y[:10])
     with pytest.raises(ValueError, match="update is not available with prior_groups"):
         clf.update(X[10:], y[10:])
-    reg = la.LinearizedRegressor(mlp(), optimize_hyperparameters=False).fit(*regression_data(10))
-    reg._sharding = object()  # what a distributed=True fit holds
-    with pytest.raises(ValueError, match="distributed=True"):
-        reg.update(*regression_data(3, seed=4))
+    # (updates after distributed=True fits: tests/test_distributed.py)
 
 
 def test_query_and_sample_after_update_equal_those_after_a_fit_on_all_data():

@@ -4,6 +4,9 @@ The maths is in :mod:`linadapt.inference.updates`; this module validates the new
 extended problem, and, with ``optimize_hyperparameters=True``, re-runs the fit's hyperparameter search on all the
 data (from the fit's starting values). The stored training data grow by the new examples, so a saved estimator
 holds them all and ``load`` rebuilds the updated posterior.
+
+After a ``distributed=True`` fit every rank calls ``update`` with its own new examples (at least one each, as in
+``fit``); the checks of the new data are agreed on by all ranks before any collective, as in ``fit``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from sklearn.base import ClassifierMixin
 
 from linadapt._inputs import cat_examples, layout
 from linadapt._validation import as_target_tensor, check_positive
+from linadapt.distributed import prepare_fit
 from linadapt.estimators._fit import check_n_features
 from linadapt.estimators._targets import encode_targets
 from linadapt.inference.evidence import maximize_evidence, noise_prior_from
@@ -22,6 +26,7 @@ from linadapt.inference.laplace import LaplacePosterior, optimize_prior_var
 from linadapt.inference.per_output_noise import PerOutputPosterior, fit_per_output, parse_noise_var, resolve_noise
 from linadapt.inference.regression import RegressionPosterior, dense_fits
 from linadapt.inference.updates import (
+    NewShard,
     extend_laplace_problem,
     extend_regression_problem,
     laplace_start,
@@ -57,8 +62,10 @@ class UpdateMixin:
 
         Raises:
             ValueError: invalid new data (shape, NaN / inf, a label outside ``classes_``), or a setting ``update``
-                does not support: ``prior_groups``, ``marginalize=True``, ``distributed=True`` (refit instead), or
-                a dense path whose matrices would no longer fit ``memory_budget``.
+                does not support: ``prior_groups``, ``marginalize=True`` (refit instead), or a dense path whose
+                matrices would no longer fit ``memory_budget``.
+            DistributedError: after a ``distributed=True`` fit, the new data were invalid on some rank (every rank
+                raises it, naming the ranks and their messages; an empty shard is invalid too).
         """
         self._check_fitted()  # type: ignore[attr-defined]
         unsupported = [
@@ -66,7 +73,6 @@ class UpdateMixin:
             for name, bad in (
                 ("prior_groups", getattr(self, "prior_groups", None) is not None),
                 ("marginalize=True", bool(getattr(self, "marginalize", False))),
-                ("distributed=True", getattr(self, "_sharding", None) is not None),
             )
             if bad
         ]
@@ -76,38 +82,57 @@ class UpdateMixin:
             )
         lin = self.linearization_
         X_old = self._train_data[0]
-        Xn = lin.prepare_inputs(X_new, "X_new")
-        check_n_features(self, Xn)
-        if layout(Xn) != layout(X_old):
-            raise ValueError(f"X_new has examples of {layout(Xn)}, but the estimator was fitted on {layout(X_old)}")
+        sharding = getattr(self, "_sharding", None)
         post = self.posterior_
-        n_obs = (X_old.shape[0] + Xn.shape[0]) * post.c
+
+        def check() -> Any:
+            Xn = lin.prepare_inputs(X_new, "X_new")
+            check_n_features(self, Xn)
+            if layout(Xn) != layout(X_old):
+                raise ValueError(f"X_new has examples of {layout(Xn)}, but the estimator was fitted on {layout(X_old)}")
+            if sharding is not None and Xn.shape[0] < 1:
+                raise ValueError(
+                    "this rank's X_new is empty: after a distributed fit every rank updates with at least one example"
+                )
+            return Xn
+
+        Xn = prepare_fit(check, sharding is not None, f"{type(self).__name__}.update (checking the new data)")
+        shard = None
+        if sharding is not None:
+            shard = NewShard(*sharding.extended(Xn.shape[0]))
+        n_obs = (post.problem.n + (Xn.shape[0] if shard is None else shard.new.n)) * post.c
         if post.solver == "cholesky" and not dense_fits(post.space, n_obs, lin.num_params, post.memory_budget):
             raise ValueError(
                 f"after the update the dense {post.space}-space matrices of N = {n_obs:,} outputs would exceed the "
                 "memory budget: fit again on all the data (fit chooses a matrix-free solver) or raise memory_budget"
             )
         if isinstance(self, ClassifierMixin):
-            return self._update_classifier(Xn, y_new, bool(optimize_hyperparameters))
-        return self._update_regressor(Xn, y_new, bool(optimize_hyperparameters))
+            return self._update_classifier(Xn, y_new, bool(optimize_hyperparameters), shard)
+        return self._update_regressor(Xn, y_new, bool(optimize_hyperparameters), shard)
 
     # ------------------------------------------------------------------ regression
-    def _update_regressor(self, Xn: torch.Tensor, y_new: Any, optimize: bool) -> Any:
+    def _update_regressor(self, Xn: Any, y_new: Any, optimize: bool, shard: NewShard | None) -> Any:
         lin, post, c = self.linearization_, self.posterior_, self.n_outputs_
-        yt = as_target_tensor(y_new, Xn.shape[0], "y_new").to(lin.device)
-        if yt.dim() == 1 and c != 1:
-            raise ValueError(f"y_new has shape (k,) but the model has {c} outputs: pass y_new of shape (k, {c})")
-        if yt.dim() == 2 and yt.shape[1] != c:
-            raise ValueError(f"y_new has {yt.shape[1]} columns but the model has {c} outputs: it must be (k, {c})")
+
+        def targets() -> torch.Tensor:
+            yt = as_target_tensor(y_new, Xn.shape[0], "y_new").to(lin.device)
+            if yt.dim() == 1 and c != 1:
+                raise ValueError(f"y_new has shape (k,) but the model has {c} outputs: pass y_new of shape (k, {c})")
+            if yt.dim() == 2 and yt.shape[1] != c:
+                raise ValueError(f"y_new has {yt.shape[1]} columns but the model has {c} outputs: it must be (k, {c})")
+            return yt
+
+        yt = prepare_fit(targets, shard is not None, "LinearizedRegressor.update (checking the new targets)")
         Y = yt.reshape(-1, c)
         r = Y - lin.outputs(Xn) if self.mean == "network" else Y.clone()
         if post.prior_offset is not None:
             r = r - lin.jvp(Xn, post.prior_offset).reshape(r.shape)
-        problem = extend_regression_problem(post.problem, Xn, r)
+        problem = extend_regression_problem(post.problem, Xn, r, shard)
         X_old, y_old = self._train_data
         y_all = torch.cat([y_old, yt.reshape((-1,) if y_old.dim() == 1 else (-1, c)).to(y_old)])
         if optimize:
-            post = self._search_regression(problem, post, y_all.reshape(-1, c))
+            Y_all = y_all if shard is None else shard.sharding.gather(y_all)  # every rank's, as in fit
+            post = self._search_regression(problem, post, Y_all.reshape(-1, c))
         else:
             post = updated_regression_posterior(post, problem)
         self.problem_, self.posterior_ = problem, post
@@ -117,6 +142,8 @@ class UpdateMixin:
             self.prior_var_, self.noise_var_ = post.s2, post.sig2
         self.solver_, self.solve_info_ = post.solver, post.solve_info
         self._train_data = (cat_examples([X_old, Xn]), y_all)
+        if shard is not None:
+            self._sharding = shard.sharding
         return self
 
     def _search_regression(self, problem: Any, post: RegressionPosterior, Y: torch.Tensor) -> RegressionPosterior:
@@ -137,18 +164,27 @@ class UpdateMixin:
         return RegressionPosterior(problem, prior, noise, post.space, post.solver, prior_offset=post.prior_offset)
 
     # ------------------------------------------------------------------ classification
-    def _update_classifier(self, Xn: torch.Tensor, y_new: Any, optimize: bool) -> Any:
+    def _update_classifier(self, Xn: Any, y_new: Any, optimize: bool, shard: NewShard | None) -> Any:
         lin, post = self.linearization_, self.posterior_
         lik = self.likelihood_
-        labels, _ = encode_targets(lik, y_new, Xn.shape[0], post.c, classes=self.classes_, name="y_new")
+
+        def targets() -> torch.Tensor:
+            return encode_targets(lik, y_new, Xn.shape[0], post.c, classes=self.classes_, name="y_new")[0]
+
+        labels = prepare_fit(targets, shard is not None, "LinearizedClassifier.update (checking the new labels)")
+        labels = labels.to(lin.device)
         f0 = lin.outputs(Xn)
-        problem = extend_laplace_problem(post.problem, Xn, labels.to(lin.device), f0)
+        if shard is not None:  # every rank's new labels and outputs, in their global order
+            f0_all, labels_all = shard.gather(f0), shard.gather(labels)
+        else:
+            f0_all, labels_all = f0, labels
+        problem = extend_laplace_problem(post.problem, Xn, labels_all, f0_all, shard)
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if optimize:
             prior0 = check_positive(self.prior_var, "prior_var")
             new = optimize_prior_var(problem, prior0, post.space, post.solver, tol, iters)
         else:
-            start = laplace_start(post, Xn, f0)
+            start = laplace_start(post, Xn, f0_all, shard)
             new = LaplacePosterior(problem, post.s2, post.space, post.solver, tol, iters, start=start)  # type: ignore[arg-type]
         X_old, labels_old = self._train_data
         self.problem_, self.posterior_ = problem, new
@@ -157,6 +193,8 @@ class UpdateMixin:
         self.n_iter_ = new.newton.iterations
         self.log_marginal_likelihood_value_ = new.log_evidence
         self._train_data = (cat_examples([X_old, Xn]), torch.cat([labels_old, labels.to(labels_old)]))
+        if shard is not None:
+            self._sharding = shard.sharding
         self.link_, self.loo_nll_ = self.link, None
         if self.link == "auto":
             self._choose_link()  # the leave-one-out choice again, on all the data

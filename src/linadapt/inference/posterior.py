@@ -102,11 +102,15 @@ class TrainingData:
     def chunk_sum(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Σ over Jacobian chunks of ``fn(rows, J_chunk)`` (rows: the chunk's slice of all examples,
         J_chunk (b, c, p)); all-reduced when sharded."""
-        offset = 0 if self.sharding is None else self.sharding.local.start
+        # (local start, global start, count) of each run of consecutive examples: one without sharding, one per
+        # segment when sharded (a rank's old and updated examples sit in different places of the global order)
+        segments = [(0, 0, self.X.shape[0])] if self.sharding is None else self.sharding.local_segments()
         total: torch.Tensor | None = None
-        for sl, jac in self.lin.jacobian_chunks(self.X):
-            part = fn(slice(sl.start + offset, sl.stop + offset), jac)
-            total = part if total is None else total + part
+        for start, first, count in segments:
+            X = self.X if count == self.X.shape[0] else self.X[start : start + count]
+            for sl, jac in self.lin.jacobian_chunks(X):
+                part = fn(slice(sl.start + first, sl.stop + first), jac)
+                total = part if total is None else total + part
         if total is None:  # a rank without examples contributes zeros of the right shape
             total = fn(slice(0, 0), torch.zeros(0, self.c, self.p, dtype=ALGEBRA_DTYPE, device=self.lin.device))
         return self._all_reduce(total)

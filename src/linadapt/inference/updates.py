@@ -21,7 +21,12 @@ values and, for the new points, f(x; θ̂) + J(x) δ* (in function space with a 
 f − m = s² K a) — with the dense kernel or Jacobian extended as above. Newton's objective is convex, so the
 result is the MAP of a fit on all data; the start only saves iterations.
 
-Not here: prior groups, hyperparameter averaging and sharded (distributed) training data.
+Sharded (distributed) training data: every rank appends its own new examples. The new examples of all ranks
+follow all the old ones in the global order (:meth:`~linadapt.distributed.Sharding.extended`), so every replicated
+piece — residuals, labels, the dense kernel and its factor, CG's start, Newton's start — is extended exactly as for
+one process; each rank's held J gains its own new rows.
+
+Not here: prior groups and hyperparameter averaging.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "ExtendedRegressionProblem",
     "LaplaceStart",
     "NewRows",
+    "NewShard",
     "StackedJacobian",
     "UpdatedPerOutputPosterior",
     "UpdatedRegressionPosterior",
@@ -220,39 +226,65 @@ class StackedJacobian:
         return any([bool(part.promote()) for part, _ in self.parts if hasattr(part, "promote")])
 
 
-def _new_columns(lin: Any, X_old: torch.Tensor, X_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _new_columns(lin: Any, X_old: Any, X_new: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """K(X_old, X_new) (N × M) and K(X_new, X_new) (M × M) from one kernel evaluation."""
     cols = lin.ntk(cat_examples([X_old, X_new]), X_new)
     N = cols.shape[0] - cols.shape[1]
     return cols[:N], cols[N:]
 
 
-def _extend_products(old: Any, new: Any, X_new: torch.Tensor, needs_rows: bool, lazy: bool) -> torch.Tensor | None:
+class NewShard:
+    """What a sharded update needs to place every rank's new examples: ``sharding`` (all examples after the
+    update) and ``new`` (the new examples alone), as :meth:`~linadapt.distributed.Sharding.extended` returns them."""
+
+    def __init__(self, sharding: Any, new: Any) -> None:
+        self.sharding, self.new = sharding, new
+
+    def gather(self, local: Any) -> Any:
+        """The new rows of every rank (along dimension 0), in their global order."""
+        return self.new.gather(local)
+
+
+def _gather_new(shard: NewShard | None, local: Any) -> Any:
+    return local if shard is None else shard.gather(local)
+
+
+def _extend_products(
+    old: Any, new: Any, X_new: Any, needs_rows: bool, lazy: bool, shard: NewShard | None = None
+) -> torch.Tensor | None:
     """Give the new problem the old one's held J followed by the new rows for its products, and extend the dense
     kernel K (held, or pending, by the old problem) by K(X_old, X_new) and K(X_new, X_new) — at once, or
-    (``lazy``) as blocks assembled on the first use of the whole kernel. Returns the new rows (k·c, p) when
-    ``needs_rows``, else None."""
+    (``lazy``) as blocks assembled on the first use of the whole kernel. Returns the new rows of all ranks (k·c, p)
+    when ``needs_rows``, else None. ``X_new``: this rank's new inputs; ``shard``: see :class:`NewShard`."""
     lin, p = old.lin, old.p
     J3 = lin.jacobian(X_new) if needs_rows else None
     held = old.cache.get("factored") or None
     if held is not None:
         budget = int(old.options.memory_budget) // 8  # (the old examples' held J takes up to half the budget)
-        new.cache["factored"] = StackedJacobian.stacked(held, old.n, lin, X_new, J3, budget)
+        new.cache["factored"] = StackedJacobian.stacked(held, _n_local(old), lin, X_new, J3, budget)
+    if shard is not None:
+        new.cache["X_all"] = cat_examples([old.all_inputs(), shard.gather(X_new)])
     if "K" in old.cache or "K_base" in old.cache:
         # the cross kernel by the layer rules where they apply (one pass over the old examples: far cheaper than
         # products with their held J, O(N p k)), else by Jacobian contraction
-        K_on, K_nn = _new_columns(lin, old.X, X_new)
+        X_all = new.all_inputs()
+        K_on, K_nn = _new_columns(lin, X_all[: old.n], X_all[old.n :])
         base = old.cache["K"] if "K" in old.cache else old  # (an old problem whose kernel is pending itself)
         if lazy:
             new.cache["K_base"], new.cache["K_new"] = base, (K_on, K_nn)
         else:
             new.cache["K"] = extend_kernel(base if torch.is_tensor(base) else base.kernel(), K_on, K_nn)
-    return None if J3 is None else J3.reshape(-1, p)
+    return None if J3 is None else _gather_new(shard, J3).reshape(-1, p)
 
 
-def _check_local(problem: Any) -> None:
-    if problem.sharding is not None:
-        raise ValueError("updating a posterior needs the training data of one process (not a sharded fit)")
+def _n_local(problem: Any) -> int:
+    """The number of examples this rank holds in ``problem`` (all of them without sharding)."""
+    return problem.X.shape[0]
+
+
+def _check_shard(problem: Any, shard: NewShard | None) -> None:
+    if (problem.sharding is None) != (shard is None):
+        raise ValueError("a sharded posterior is updated with the placement of the new examples (and only then)")
 
 
 class ExtendedRegressionProblem(RegressionProblem):
@@ -269,23 +301,27 @@ class ExtendedRegressionProblem(RegressionProblem):
         return super().kernel()
 
 
-def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new: torch.Tensor) -> RegressionProblem:
+def extend_regression_problem(
+    old: RegressionProblem, X_new: Any, r_new: torch.Tensor, shard: NewShard | None = None
+) -> RegressionProblem:
     """The :class:`~linadapt.inference.regression.RegressionProblem` of the old and the new examples, with the dense
     pieces the old one holds extended rather than recomputed: K (by the cross kernel), J (by the new rows), JᵀJ,
     the per-output Grams and Jᵀr (by the new rows' contributions); products with J reuse the old examples' held J.
 
     Args:
-        old: the fitted problem (one process).
-        X_new: (k, ...) prepared inputs.
+        old: the fitted problem.
+        X_new: (k, ...) prepared inputs (this rank's, when sharded).
         r_new: their residuals, (k·c,) or (k, c), float64.
+        shard: for a sharded problem, where every rank's new examples go (:class:`NewShard`); else None.
     """
-    _check_local(old)
+    _check_shard(old, shard)
     lin, c = old.lin, old.c
-    r_new = r_new.reshape(-1).to(old.r)
+    r_new_local = r_new.reshape(-1, c).to(old.r)
+    r_new = _gather_new(shard, r_new_local).reshape(-1)
     X_all, r_all = cat_examples([old.X, X_new]), torch.cat([old.r, r_new])
-    problem = ExtendedRegressionProblem(lin, X_all, r_all, old.options)
+    problem = ExtendedRegressionProblem(lin, X_all, r_all, old.options, None if shard is None else shard.sharding)
     cache = old.cache
-    J_new = _extend_products(old, problem, X_new, bool({"J", "G", "G_outputs"} & set(cache)), lazy=True)
+    J_new = _extend_products(old, problem, X_new, bool({"J", "G", "G_outputs"} & set(cache)), lazy=True, shard=shard)
     if "J" in cache:
         problem.cache["J"] = torch.cat([cache["J"], J_new])
     if "G" in cache:
@@ -294,7 +330,10 @@ def extend_regression_problem(old: RegressionProblem, X_new: torch.Tensor, r_new
         Jc = J_new.reshape(-1, c, old.p)
         problem.cache["G_outputs"] = cache["G_outputs"] + torch.einsum("iap,iaq->apq", Jc, Jc)
     if "g" in cache:
-        g_new = J_new.T @ r_new if J_new is not None else lin.vjp(X_new, r_new.reshape(1, -1, c))[0]
+        if J_new is not None:
+            g_new = J_new.T @ r_new
+        else:  # this rank's new rows, summed over the ranks
+            g_new = problem._all_reduce(lin.vjp(X_new, r_new_local.reshape(1, -1, c))[0])
         problem.cache["g"] = cache["g"] + g_new
     return problem
 
@@ -346,12 +385,12 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
     per_output = isinstance(post, PerOutputPosterior)
     factor = x0 = None
     if post.solver == "cholesky" and post.space == "function":
-        X_new = problem.X[old.n :]
         K = problem.cache.get("K")
         if K is not None:
             K_on, K_nn = K[:n_old, n_old:], K[n_old:, n_old:]
         else:
-            K_on, K_nn = problem.cache.get("K_new") or _new_columns(problem.lin, old.X, X_new)
+            X_all = problem.all_inputs()  # (gathered when sharded: the old examples of all ranks, then the new)
+            K_on, K_nn = problem.cache.get("K_new") or _new_columns(problem.lin, X_all[: old.n], X_all[old.n :])
         A22 = post.s2 * K_nn
         if per_output:
             A22.diagonal().add_(post.noise_vars.repeat(M // post.c).to(A22))
@@ -376,27 +415,36 @@ def updated_regression_posterior(post: RegressionPosterior, problem: RegressionP
 
 # ---------------------------------------------------------------------------------------------- classification
 def extend_laplace_problem(
-    old: LaplaceProblem, X_new: torch.Tensor, labels_new: torch.Tensor, f0_new: torch.Tensor
+    old: LaplaceProblem, X_new: Any, labels_new: torch.Tensor, f0_new: torch.Tensor, shard: NewShard | None = None
 ) -> LaplaceProblem:
     """The :class:`~linadapt.inference.laplace.LaplaceProblem` of the old and the new examples (same likelihood and
     prior mean), with the dense kernel or Jacobian the old one holds extended by the new examples' rows; products
     with J reuse the old examples' held J.
 
     Args:
-        old: the fitted problem (one process).
-        X_new: (k, ...) prepared inputs.
-        labels_new: their labels, encoded as the old ones.
-        f0_new: f(X_new; θ̂), (k, c).
+        old: the fitted problem.
+        X_new: (k, ...) prepared inputs (this rank's, when sharded).
+        labels_new: the labels of the new examples, encoded as the old ones (of every rank, in their global order,
+            when sharded).
+        f0_new: f(X_new; θ̂), (k, c) (of every rank, as ``labels_new``).
+        shard: for a sharded problem, where every rank's new examples go (:class:`NewShard`); else None.
     """
-    _check_local(old)
+    _check_shard(old, shard)
     lin = old.lin
     labels = torch.cat([old.labels, labels_new.to(old.labels)])
     f0 = torch.cat([old.f0, f0_new.to(old.f0)])
     problem = LaplaceProblem(
-        lin, cat_examples([old.X, X_new]), labels, "network", old.options, f0=f0, likelihood=old.likelihood
+        lin,
+        cat_examples([old.X, X_new]),
+        labels,
+        "network",
+        old.options,
+        f0=f0,
+        sharding=None if shard is None else shard.sharding,
+        likelihood=old.likelihood,
     )
     problem.mu = old.mu
-    J_new = _extend_products(old, problem, X_new, "J" in old.cache, lazy=False)
+    J_new = _extend_products(old, problem, X_new, "J" in old.cache, lazy=False, shard=shard)
     if "J" in old.cache:
         problem.cache["J"] = torch.cat([old.cache["J"], J_new])
     return problem
@@ -415,12 +463,15 @@ class LaplaceStart:
     delta: torch.Tensor | None = None
 
 
-def laplace_start(post: LaplacePosterior, X_new: torch.Tensor, f0_new: torch.Tensor) -> LaplaceStart:
+def laplace_start(
+    post: LaplacePosterior, X_new: Any, f0_new: torch.Tensor, shard: NewShard | None = None
+) -> LaplaceStart:
     """The current MAP as a start on the data with X_new appended: the old logits, f(x; θ̂) + J(x) δ* at the new
     inputs, and a = 0 on the new rows (function space) — consistent, since s² K [a; 0] = [f_old − m_old;
-    J_new (δ* − μ)]."""
+    J_new (δ* − μ)]. Sharded: ``X_new`` is this rank's, ``f0_new`` every rank's (see :func:`extend_laplace_problem`)."""
     delta = post.delta
-    f_new = f0_new.to(ALGEBRA_DTYPE) + post.lin.jvp(X_new, delta).reshape(f0_new.shape)
+    shift = _gather_new(shard, post.lin.jvp(X_new, delta).reshape(-1, f0_new.shape[1]))
+    f_new = f0_new.to(ALGEBRA_DTYPE) + shift.reshape(f0_new.shape)
     logits = torch.cat([post.logits, f_new])
     if post.space == "function":
         a = torch.cat([post.a, torch.zeros(f_new.numel(), dtype=post.a.dtype, device=post.a.device)])
