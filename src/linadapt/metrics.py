@@ -7,7 +7,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy", "expected_calibration_error", "gaussian_nll", "nll", "reliability_bins", "rmse"]
+__all__ = [
+    "accuracy",
+    "expected_calibration_error",
+    "gaussian_nll",
+    "multilabel_nll",
+    "nll",
+    "reliability_bins",
+    "rmse",
+    "subset_accuracy",
+]
 
 _EPS = 1e-12
 
@@ -73,3 +82,27 @@ def gaussian_nll(mean: Any, std: Any, y: Any) -> float:
         raise ValueError(f"mean {m.shape}, std {s.shape} and targets {t.shape} must have one shape")
     var = np.maximum(s, 1e-300) ** 2
     return float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * (t - m) ** 2 / var))
+
+
+def _multilabel(proba: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    P, Y = np.asarray(proba, dtype=np.float64), np.asarray(y)
+    if P.ndim != 2 or Y.shape != P.shape:
+        raise ValueError(f"proba (n, c) and the 0/1 targets must have one shape, got {P.shape} and {Y.shape}")
+    if Y.size and not np.isin(Y, (0, 1)).all():
+        raise ValueError(f"multilabel targets must be 0 or 1, got {', '.join(str(v) for v in np.unique(Y)[:5])}")
+    return P, Y.astype(np.float64)
+
+
+def subset_accuracy(proba: Any, y: Any) -> float:
+    """Multilabel: the fraction of examples whose every outcome is predicted right (P(y_k = 1) > ½ ⇔ y_k = 1);
+    proba and y are (n, c), y 0/1."""
+    P, Y = _multilabel(proba, y)
+    return float(((P > 0.5) == (Y == 1)).all(axis=1).mean())
+
+
+def multilabel_nll(proba: Any, y: Any) -> float:
+    """Multilabel: the mean over examples of the summed Bernoulli negative log-likelihoods of the c outcomes,
+    −(1/n) Σᵢ Σ_k [y_ik log p_ik + (1 − y_ik) log(1 − p_ik)] (probabilities floored at 1e-12)."""
+    P, Y = _multilabel(proba, y)
+    logp, log1mp = np.log(np.clip(P, _EPS, None)), np.log(np.clip(1 - P, _EPS, None))
+    return float(-(Y * logp + (1 - Y) * log1mp).sum(axis=1).mean())

@@ -342,9 +342,9 @@ def test_image_folders_are_labelled_by_class_name(project):
 def test_prediction_csv_with_more_outputs_than_class_folders():
     import tempfile
 
-    from linadapt.app.cli import _write_csv
+    from linadapt.app._cli_results import write_csv
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "p.csv")
-        _write_csv(path, ["proba_0", "proba_1", "proba_2", "label"], np.array([[0.1, 0.2, 0.7, 2]]), ["a", "b"])
+        write_csv(path, ["proba_0", "proba_1", "proba_2", "label"], np.array([[0.1, 0.2, 0.7, 2]]), ["a", "b"])
         assert list(csv.reader(open(path)))[1][-2:] == ["2", ""]

@@ -180,7 +180,7 @@ def test_noise_per_output(project):
     assert header["settings"]["noise"] == "per_output"
     np.testing.assert_allclose(header["fitted"]["noise_var_"], ref.noise_var_, rtol=1e-8)
     res = runner.invoke(app, ["adapt", *base, "--task", "regression", "--noise", "diagonal"])
-    assert res.exit_code == 2 and "--noise must be shared or per_output" in res.output
+    assert res.exit_code == 2 and "--noise must be shared or per-output" in res.output
     clf = ["--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv", "--no-baselines"]
     res = runner.invoke(app, ["adapt", *clf, "--noise", "per_output"])
     assert res.exit_code == 2 and "--noise applies to regression" in res.output

@@ -83,6 +83,44 @@ def test_finetune_regression_and_errors():
         finetune(model, x, y, task="ranking")
 
 
+def test_multilabel_metrics_by_hand():
+    proba = np.array([[0.9, 0.2], [0.4, 0.7], [0.6, 0.4]])
+    Y = np.array([[1, 0], [0, 1], [0, 0]])
+    assert M.subset_accuracy(proba, Y) == pytest.approx(2 / 3)  # the third example misses its first outcome
+    by_hand = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.7) + math.log(0.4) + math.log(0.6)) / 3
+    assert M.multilabel_nll(proba, Y) == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="one shape"):
+        M.subset_accuracy(proba, Y[:, 0])
+    with pytest.raises(ValueError, match="must be 0 or 1, got 0, 2"):
+        M.multilabel_nll(proba, Y + (Y == 1))
+
+
+def test_finetune_binary_multilabel_and_keyword_inputs():
+    """Binary cross-entropy with logits for one-output (binary) and several-output (multilabel) networks; keyword
+    inputs are passed as model(**X) and a dict's "logits" is read."""
+    from keyword_models import TinyEncoder, tokens
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, generator=g)
+    torch.manual_seed(0)
+    one = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    y = (X[:, 0] > 0).float()
+    tuned = finetune(one, X, y, task="binary", epochs=50, lr=1e-2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        assert float(bce(tuned.model(X)[:, 0], y)) < float(bce(one(X)[:, 0], y))
+    Y = torch.stack([X[:, 0] > 0, X[:, 1] > 0], 1).float()
+    two = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    tuned = finetune(two, X, Y, task="multilabel", epochs=50, lr=1e-2)
+    with torch.no_grad():
+        assert float(bce(tuned.model(X), Y)) < float(bce(two(X), Y))
+    mapping, _ = tokens(12, 5)
+    net = TinyEncoder()
+    labels = mapping["input_ids"][:, 0] % 3
+    tuned = finetune(net, la._inputs.as_inputs(mapping), labels, params="head.*", epochs=5)
+    assert tuned.logits(la._inputs.as_inputs(mapping)).shape == (12, 3)
+
+
 def test_rotation():
     g = torch.Generator().manual_seed(0)
     X = torch.rand(3, 1, 28, 28, generator=g)

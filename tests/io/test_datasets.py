@@ -44,6 +44,43 @@ def test_csv_missing_target_column(tmp_path):
         read_dataset(write(tmp_path / "d.csv", "a,b\n1,2\n"), target="label")
 
 
+def test_csv_several_target_columns(tmp_path):
+    path = write(tmp_path / "d.csv", "a,t1,b,t2,t3\n1,0,2,1,1\n3,1,4,0,1\n")
+    for target in (["t1", "t2", "t3"], "t1,t2,t3", ["t1", "t2,t3"]):
+        ds = read_dataset(path, target)
+        assert ds.columns == ["a", "b"] and ds.target == ["t1", "t2", "t3"]
+        np.testing.assert_array_equal(ds.y, [[0, 1, 1], [1, 0, 1]])
+    assert read_dataset(path, ["t2"]).target == "t2"  # one name: y (n,) as with a string
+    with pytest.raises(DataError, match="no column 'nope'"):
+        read_dataset(path, "t1,nope")
+    with pytest.raises(DataError, match="named more than once"):
+        read_dataset(path, ["t1", "t1"])
+    # prediction data: all the target columns, or none of them, may be present
+    assert read_dataset(write(tmp_path / "x.csv", "a,b\n1,2\n"), "t1,t2", require_target=False).y is None
+    with pytest.raises(DataError, match="no column 't2'"):
+        read_dataset(write(tmp_path / "p.csv", "a,b,t1\n1,2,0\n"), "t1,t2", require_target=False)
+    # a column whose name holds a comma is taken whole
+    assert read_dataset(write(tmp_path / "c.csv", 'a,"t,1"\n1,2\n'), "t,1").target == "t,1"
+
+
+def test_npz_named_input_arrays(tmp_path):
+    ids, mask = np.arange(12).reshape(4, 3), np.ones((4, 3), np.int64)
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask, scale=np.ones((4, 1)), y=np.arange(4))
+    ds = read_dataset(str(tmp_path / "d.npz"), inputs=["input_ids", "attention_mask", "scale"])
+    assert list(ds.X) == ["input_ids", "attention_mask", "scale"]
+    assert ds.X["input_ids"].dtype.kind == "i" and ds.X["scale"].dtype == np.float32
+    with pytest.raises(DataError, match="has no array 'mask'"):
+        read_dataset(str(tmp_path / "d.npz"), inputs=["input_ids", "mask"])
+    np.savez(tmp_path / "bad.npz", a=ids, b=mask[:3], y=np.arange(4))
+    with pytest.raises(DataError, match=r"differ in their number of rows \(a 4, b 3\)"):
+        read_dataset(str(tmp_path / "bad.npz"), inputs=["a", "b"])
+    np.savez(tmp_path / "short.npz", a=ids, y=np.arange(3))
+    with pytest.raises(DataError, match="a has 4 rows but y has 3"):
+        read_dataset(str(tmp_path / "short.npz"), inputs=["a"])
+    with pytest.raises(DataError, match=r"from an \.npz file only"):
+        read_dataset(write(tmp_path / "d.csv", "a,y\n1,2\n"), inputs=["a"])
+
+
 def test_npz_and_npy_folder(tmp_path):
     X = np.random.default_rng(0).normal(size=(5, 1, 4, 4))
     y = np.arange(5)

@@ -6,8 +6,6 @@ linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
@@ -20,10 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from linadapt import metrics
 from linadapt._files import atomic_write, atomic_write_text
 from linadapt._memory import resolve_memory_budget
-from linadapt.app import report
+from linadapt.app import _cli_data, _cli_results, report
 from linadapt.app._cli_common import TRUST_HELP as _TRUST_HELP
 from linadapt.app._cli_common import console, load_adapted
 from linadapt.app._cli_common import fail as _fail
@@ -41,10 +38,9 @@ from linadapt.app.demo import run_demo
 from linadapt.distributed import DistributedError
 from linadapt.estimators.classifier import LinearizedClassifier
 from linadapt.estimators.regressor import LinearizedRegressor
-from linadapt.experiments.baselines import finetune
 from linadapt.experiments.compare import METHODS
 from linadapt.experiments.registry import EXPERIMENTS, run_experiment, summarize
-from linadapt.io.datasets import DataError, Dataset, read_dataset
+from linadapt.io.datasets import DataError, read_dataset
 from linadapt.io.models import ModelLoadError, load_model
 
 app = typer.Typer(
@@ -52,15 +48,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _choose_task(task: str, y: np.ndarray, n_outputs: int) -> str:
-    if task != "auto":
-        return task
-    integral = y.ndim == 1 and np.all(np.mod(y, 1) == 0)
-    if integral and n_outputs >= 2 and y.min() >= 0 and y.max() < n_outputs:
-        return "classification"
-    return "regression"
 
 
 def _launch_context() -> tuple[int, int, str | None]:
@@ -86,56 +73,6 @@ def _shard(n: int, rank: int, world: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-def _predict(est, X: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Predictions at X, computed once: (proba,) for a classifier, (mean, std) for a regressor."""
-    if isinstance(est, LinearizedClassifier):
-        return (est.predict_proba(X),)
-    return est.predict(X, return_std=True)
-
-
-def _columns(pred: tuple[np.ndarray, ...]) -> tuple[list[str], np.ndarray]:
-    """Column names and values for predictions.csv."""
-    if len(pred) == 1:
-        proba = pred[0]
-        return [f"proba_{k}" for k in range(proba.shape[1])] + ["label"], np.column_stack([proba, proba.argmax(1)])
-    mean, std = pred
-    if mean.ndim == 1:
-        return ["mean", "std"], np.column_stack([mean, std])
-    c = mean.shape[1]
-    return [f"mean_{k}" for k in range(c)] + [f"std_{k}" for k in range(c)], np.hstack([mean, std])
-
-
-def _write_csv(path: str, columns: list[str], values: np.ndarray, classes: list[str] | None = None) -> None:
-    """predictions.csv; with the training classes' names (image folders), a ``class`` column after ``label``."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    named = bool(classes) and "label" in columns
-    writer.writerow(columns + (["class"] if named else []))
-    for row in values:
-        cells = [int(v) if col == "label" else f"{v:.10g}" for col, v in zip(columns, row)]
-        if named:  # a model with more outputs than training class folders can predict a class without one
-            label = int(row[columns.index("label")])
-            cells.append(classes[label] if label < len(classes) else "")
-        writer.writerow(cells)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _scores(pred: tuple[np.ndarray, ...], y: np.ndarray | None) -> dict[str, float]:
-    """Test metrics of predictions (as from ``_predict``): accuracy / nll / ece, or rmse / nll."""
-    if y is None:
-        return {}
-    if len(pred) == 1:
-        proba = pred[0]
-        return {
-            "accuracy": metrics.accuracy(proba, y),
-            "nll": metrics.nll(proba, y),
-            "ece": metrics.expected_calibration_error(proba, y),
-        }
-    mean, std = pred
-    target = y.reshape(mean.shape)
-    return {"rmse": metrics.rmse(mean, target), "nll": metrics.gaussian_nll(mean, std, target)}
-
-
 def _prior_row(est: LinearizedRegressor | LinearizedClassifier) -> tuple[str, str]:
     groups = getattr(est, "prior_vars_", None)
     if groups:
@@ -148,12 +85,32 @@ def adapt(
     model: Annotated[str, typer.Option(help="A torch.export program (.pt2) or 'package.module:factory'.")],
     train: Annotated[str, typer.Option(help="Target data: .csv, .npz, a folder with X.npy/y.npy, or image folders.")],
     weights: Annotated[str | None, typer.Option(help="Weights for a factory: .safetensors or a state dict.")] = None,
-    task: Annotated[str, typer.Option(help="regression, classification, or auto (integer labels → classes)")] = "auto",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="regression, classification (softmax classes), binary (one output, labels 0/1), multilabel (one "
+            "output per 0/1 label column), or auto (chosen from the targets and the network's outputs)."
+        ),
+    ] = "auto",
     params: Annotated[
         list[str] | None,
         typer.Option(help="Parameters to adapt: all, last, bias, or name globs; repeat the option for several globs."),
     ] = None,
-    target: Annotated[str | None, typer.Option(help="CSV target column (default: the last).")] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="CSV target column (default: the last); several (multilabel, multi-output regression): repeat "
+            "the option or separate the names by commas."
+        ),
+    ] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An .npz file's arrays that are the network's keyword inputs, comma-separated or the option "
+            "repeated (e.g. input_ids,attention_mask: the network is called as model(input_ids=…, "
+            "attention_mask=…)); default: the array X."
+        ),
+    ] = None,
     test: Annotated[str | None, typer.Option(help="Data to predict; with targets, metrics are reported.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "linadapt-out",
     baselines: Annotated[
@@ -167,7 +124,9 @@ def adapt(
             "comma-separated name patterns, one group each (the rest forming a group), e.g. 'fc.*'."
         ),
     ] = None,
-    noise: Annotated[str, typer.Option(help="Regression: one noise variance (shared) or one per output.")] = "shared",
+    noise: Annotated[
+        str, typer.Option(help="Regression: one noise variance (shared) or one per output (per-output).")
+    ] = "shared",
     memory_budget: Annotated[
         str,
         typer.Option(help="Memory linadapt's arrays may take, e.g. 4GiB or 512MiB; auto: min(2 GiB, 1/4 available)."),
@@ -181,10 +140,12 @@ def adapt(
     Data-parallel: torchrun --nproc-per-node N -m linadapt adapt ... — every process reads the data file and
     fits on its block of rows (see docs/distributed.md); process 0 writes the outputs.
     """
-    if task not in ("auto", "regression", "classification"):  # checked first: a typo should not cost a fit
-        _fail(f"--task must be regression, classification or auto, got {task!r}")
-    if noise not in ("shared", "per_output"):
-        _fail(f"--noise must be shared or per_output, got {noise!r}")
+    if task not in _cli_data.TASKS:  # checked first: a typo should not cost a fit
+        _fail(f"--task must be auto, regression, classification, binary or multilabel, got {task!r}")
+    if noise not in ("shared", "per-output", "per_output"):
+        _fail(f"--noise must be shared or per-output, got {noise!r}")
+    noise = noise.replace("-", "_")
+    target_names, input_names = target or None, _cli_data.split_names(inputs)
     groups_spec: str | list[str] | None = prior_groups
     if prior_groups is not None and prior_groups not in ("layers", "tensors"):
         groups_spec = [p.strip() for p in prior_groups.split(",") if p.strip()]
@@ -202,42 +163,48 @@ def adapt(
         console.quiet = True
     try:
         net = load_model(model, weights, trust_pickle)
-        data = read_dataset(train, target)
-        # the test file's target column, if present, is the training file's (by name); image class folders are
+        data = read_dataset(train, target_names, inputs=input_names)
+        # the test file's target column(s), if present, are the training file's (by name); image class folders are
         # labelled by the training classes' names
         classes = data.classes or None
-        test_data = read_dataset(test, target or data.target, require_target=False, classes=classes) if test else None
+        test_data = read_dataset(test, target_names or data.target, False, classes, input_names) if test else None
     except (ModelLoadError, DataError) as exc:
         _fail(str(exc))
     assert data.y is not None
     spec: str | list[str] = (
         params[0] if params and len(params) == 1 and params[0] in ("all", "last", "bias") else (params or "all")
     )
+    n = _cli_data.n_examples(data.X)
+    shape = _cli_data.describe_inputs(data.X)
     try:
-        with torch.no_grad():
-            n_outputs = int(np.prod(net(torch.as_tensor(data.X[:1])).shape[1:]) or 1)
+        first = _cli_data.network_outputs(net, _cli_data.torch_inputs(_cli_data.take(data.X, slice(0, 1))))
+        n_outputs = int(np.prod(first.shape[1:]) or 1)
     except Exception as exc:
-        _fail(f"the model cannot run on the training inputs of shape {data.X.shape[1:]}: {type(exc).__name__}: {exc}")
-    chosen = _choose_task(task, data.y, n_outputs)
-    est_cls = LinearizedClassifier if chosen == "classification" else LinearizedRegressor
-    y = data.y.astype(np.int64) if chosen == "classification" else data.y.astype(np.float64)
-    if noise != "shared" and chosen == "classification":
-        _fail("--noise applies to regression; this is a classification task")
-    # the comparison, the fine-tuning baselines and predictions.csv read softmax classes: the categorical likelihood
-    extra: dict = {"likelihood": "categorical"} if chosen == "classification" else {}
+        _fail(f"the model cannot run on the training inputs of shape {shape}: {type(exc).__name__}: {exc}")
+    chosen = _cli_data.choose_task(task, data.y, n_outputs)
+    if noise != "shared" and chosen != "regression":
+        _fail(f"--noise applies to regression; this is a {chosen} task")
+    try:
+        y = _cli_data.task_targets(chosen, data.y, n_outputs, train)
+    except ValueError as exc:
+        _fail(str(exc))
+    est_cls = LinearizedRegressor if chosen == "regression" else LinearizedClassifier
+    # the likelihood the task names (not the estimator's own choice): the report and predictions.csv follow it
+    likelihoods = {"classification": "categorical", "binary": "bernoulli", "multilabel": "multilabel"}
+    extra: dict = {"likelihood": likelihoods[chosen]} if chosen != "regression" else {}
     if noise != "shared":
         extra["noise"] = noise
     if groups_spec is not None:
         extra["prior_groups"] = groups_spec
     est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)
-    rows = _shard(data.X.shape[0], rank, world)
-    if world > 1 and data.X.shape[0] < world:
-        _fail(f"{train} has {data.X.shape[0]} examples: fewer than the {world} processes")
+    rows = _shard(n, rank, world)
+    if world > 1 and n < world:
+        _fail(f"{train} has {n} examples: fewer than the {world} processes")
     where = f" on {world} processes" if world > 1 else ""
     try:
-        with console.status(f"fitting the linearized {chosen} model on {data.X.shape[0]} examples{where} …"):
+        with console.status(f"fitting the linearized {chosen} model on {n} examples{where} …"):
             t = time.perf_counter()
-            est.fit(data.X[rows], y[rows])
+            est.fit(_cli_data.take(data.X, rows), y[rows])
             est.fit_seconds_ = time.perf_counter() - t
         log_evidence = est.log_marginal_likelihood_value_  # may need the (sharded) training data
     except (ValueError, DistributedError) as exc:
@@ -248,6 +215,7 @@ def adapt(
             "model": model,
             "weights": os.path.abspath(weights) if weights else None,
             "target": data.target,
+            "inputs": input_names,  # named .npz arrays (keyword inputs), read again by predict and suggest
             "classes": data.classes or None,  # image class folders: test folders are matched by these names
         }
     )
@@ -255,7 +223,7 @@ def adapt(
     pred = None
     if test_data is not None:
         try:
-            pred = _predict(est, test_data.X)  # every process takes part (products over the sharded data)
+            pred = _cli_results.predict(est, test_data.X)  # every process takes part (products over the sharded data)
         except ValueError as exc:
             _fail(f"predicting on {test}: {exc}")
     if world > 1:
@@ -267,16 +235,14 @@ def adapt(
     table = Table(title=f"linadapt {chosen}")
     table.add_column("quantity")
     table.add_column("value")
-    if chosen == "classification":
-        counts = np.bincount(y, minlength=n_outputs)
-        target_summary = ("labels per class", " ".join(str(int(k)) for k in counts))
-    else:
-        target_summary = ("targets (mean ± std)", f"{float(np.mean(y)):.4g} ± {float(np.std(y)):.4g}")
     summary = [
-        ("training data", f"{train} ({data.X.shape[0]} examples)"),
-        ("input shape", str(tuple(data.X.shape[1:]))),
-        target_summary,
-        ("test data", f"{test} ({test_data.X.shape[0]} examples)" if test_data is not None else "none"),
+        ("training data", f"{train} ({n} examples)"),
+        ("input shape" if input_names is None else "inputs (shape per example)", shape),
+        _cli_data.target_summary(chosen, y, n_outputs),
+        (
+            "test data",
+            f"{test} ({_cli_data.n_examples(test_data.X)} examples)" if test_data is not None else "none",
+        ),
         ("model", model + (f" + {weights}" if weights else "")),
         ("adapted parameters", str(est.linearization_.num_params)),
         _prior_row(est),
@@ -294,9 +260,11 @@ def adapt(
         assert pred is not None
         try:
             if test_data.y is not None:
-                comparison, figure = _comparison(pred, est.fit_seconds_, net, data, test_data, baselines)
+                comparison, figure = _cli_results.comparison(
+                    pred, est.fit_seconds_, net, data, y, test_data, baselines, chosen
+                )
                 sections.append(("Comparison on the test data", comparison))
-            elif len(pred) == 2:
+            elif len(pred) == 2 and input_names is None:
                 figure = report.prediction_figure(test_data.X, None, *pred)
             else:
                 figure = None
@@ -304,8 +272,8 @@ def adapt(
                 sections.append(("Predictions", report.figure_html(figure, "predictions")))
         except ValueError as exc:
             _fail(f"comparing on {test}: {exc}")
-        _write_csv(os.path.join(out, "predictions.csv"), *_columns(pred), classes=data.classes)
-        for name, value in _scores(pred, test_data.y).items():
+        _cli_results.write_csv(os.path.join(out, "predictions.csv"), *_cli_results.columns(pred, chosen), data.classes)
+        for name, value in _cli_results.scores(pred, test_data.y, chosen).items():
             table.add_row(f"test {name}", f"{value:.4f}")
     report.write_report(os.path.join(out, "report.html"), f"linadapt: {chosen} adaptation of {model}", sections)
     Console().print(table)
@@ -313,64 +281,33 @@ def adapt(
     console.print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", markup=False, soft_wrap=True)
 
 
-def _comparison(pred, fit_seconds: float, net, data: Dataset, test_data: Dataset, baselines: bool):
-    """Metrics of the source network, linadapt (predictions ``pred``) and, optionally, fine-tuning on the test
-    data, as an HTML table, and a figure (reliability diagram, or linadapt's predictive band)."""
-    classification = len(pred) == 1
-    Xtr, Xte, yte = torch.as_tensor(data.X), torch.as_tensor(test_data.X), test_data.y
-    rows, probas = [], {}
-
-    def add(name: str, p: tuple[np.ndarray, ...], seconds: float) -> None:
-        if classification:
-            probas[name] = p[0]
-        rows.append([name, *_scores(p, yte).values(), seconds])
-
-    def outputs(module) -> tuple[np.ndarray, ...]:
-        """A point network's predictions: softmax, or the outputs with the training RMS residual as std."""
-        with torch.no_grad():
-            if classification:
-                return (torch.softmax(module(Xte).double(), 1).numpy(),)
-            fit = module(Xtr).double().numpy().reshape(data.y.shape)
-            mean = module(Xte).double().numpy().reshape(yte.shape)
-        resid = max(float(np.sqrt(np.mean((fit - data.y) ** 2))), 1e-6)
-        return mean, np.full_like(mean, resid)
-
-    suffix = "" if classification else " (std: training RMS residual)"
-    add(f"source network{suffix}", outputs(net), 0.0)
-    add("linadapt", pred, fit_seconds)
-    if baselines:
-        task = "classification" if classification else "regression"
-        ytr = torch.as_tensor(data.y).long() if classification else torch.as_tensor(data.y, dtype=torch.float32)
-        for params in ("last", "all"):
-            t = time.perf_counter()
-            tuned = finetune(net, Xtr, ytr, task=task, params=params, epochs=300, lr=1e-3)
-            seconds = time.perf_counter() - t
-            add(f"fine-tune {params}{suffix}", outputs(tuned.model), seconds)
-    if classification:
-        header, figure = ["method", "accuracy", "NLL", "ECE"], report.reliability_figure(probas, yte)
-    else:
-        header = ["method", "RMSE", "NLL"]
-        figure = report.prediction_figure(test_data.X, yte, *pred, "linadapt on the test data")
-    return report.table_html([*header, "fit seconds"], rows), figure
-
-
 @app.command()
 def predict(
     adapted: Annotated[str, typer.Option(help="An adapted model written by `linadapt adapt`.")],
     data: Annotated[str, typer.Option(help="Inputs to predict (targets optional).")],
     out: Annotated[str, typer.Option(help="Where to write the predictions CSV.")] = "predictions.csv",
-    target: Annotated[str | None, typer.Option(help="CSV target column, if present.")] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="CSV target column(s), if present (default: those recorded by adapt)."),
+    ] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(help="An .npz file's input arrays, comma-separated (default: those recorded by adapt)."),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Override the source model recorded in the file.")] = None,
     weights: Annotated[str | None, typer.Option(help="Override the recorded weights file.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=_TRUST_HELP)] = False,
 ) -> None:
-    """Predict with an adapted model: mean/std (regression) or proba_k/label (classification) per row.
+    """Predict with an adapted model, one row per example: mean/std (regression), proba_k/label
+    (classification, binary), proba_k/label_k (multilabel); see docs/usage.md for the columns.
 
     Example: linadapt predict --adapted run/adapted.linadapt --data new.csv --out preds.csv
     """
     try:
         est, recorded = load_adapted(adapted, model, weights, trust_pickle)
-        ds = read_dataset(data, target or recorded.get("target"), require_target=False, classes=recorded.get("classes"))
+        names = _cli_data.split_names(inputs) or recorded.get("inputs")
+        targets = target or recorded.get("target")
+        ds = read_dataset(data, targets, False, recorded.get("classes"), names)
         if ds.y is not None and ds.classes and not recorded.get("classes"):
             console.print(
                 f"warning: {adapted} records no class names (written by an older linadapt or from Python): the "
@@ -378,14 +315,15 @@ def predict(
                 markup=False,
                 soft_wrap=True,
             )
-        pred = _predict(est, ds.X)
-        cols, values = _columns(pred)
-        scores = _scores(pred, ds.y)
+        task = _cli_data.task_of(est)
+        pred = _cli_results.predict(est, ds.X)
+        cols, values = _cli_results.columns(pred, task)
+        scores = _cli_results.scores(pred, ds.y, task)
     except FileNotFoundError:
         _fail(f"{adapted} does not exist")
     except (ValueError, json.JSONDecodeError) as exc:
         _fail(str(exc))
-    _write_csv(out, cols, values, classes=recorded.get("classes"))
+    _cli_results.write_csv(out, cols, values, classes=recorded.get("classes"))
     for name, value in scores.items():
         console.print(f"{name}: {value:.4f}", markup=False, soft_wrap=True)
     console.print(f"wrote {out} ({values.shape[0]} rows)", markup=False, soft_wrap=True)

@@ -1,7 +1,10 @@
 """Fine-tuning baselines: the standard way to adapt a trained network, to compare linadapt against.
 
 ``finetune`` copies the network and trains the chosen parameters (all, the last layer, or biases — the same
-``params`` choices as linadapt) with Adam on the target data, early-stopping on a held-out part of it.
+``params`` choices as linadapt) with Adam on the target data, early-stopping on a held-out part of it. Inputs
+are a tensor or keyword inputs (a :class:`~linadapt._inputs.KeywordInputs`: the network is called as
+``model(**X)``); the network's return value is read as linadapt reads it (a tensor, a dict's ``"logits"``, an
+object's ``.logits``).
 """
 
 from __future__ import annotations
@@ -9,13 +12,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from linadapt._inputs import KeywordInputs
 from linadapt.estimators.regressor import LinearizedRegressor
 from linadapt.inference.evidence import single_threaded_blas
+from linadapt.jacobian.inputs import default_output
 from linadapt.jacobian.selection import ParamSpec, select_parameters
 from linadapt.kernels.gpytorch_kernel import NTKKernel
 
@@ -32,6 +38,12 @@ __all__ = [
 ]
 
 
+def _forward(net: nn.Module, X: Any) -> torch.Tensor:
+    """The network's outputs at X (a tensor, or keyword inputs called as ``net(**X)``), read by
+    :func:`~linadapt.jacobian.inputs.default_output`."""
+    return default_output(net(**X.as_dict()) if isinstance(X, KeywordInputs) else net(X))
+
+
 @dataclass
 class FineTuned:
     """A fine-tuned copy of a network: ``model`` (eval mode), the epoch kept, and the epochs run."""
@@ -41,9 +53,9 @@ class FineTuned:
     epochs_run: int
 
     @torch.no_grad()
-    def logits(self, X: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    def logits(self, X: Any, batch: int = 1024) -> torch.Tensor:
         """The fine-tuned network's outputs at X, (m, c), in batches."""
-        return torch.cat([self.model(X[i : i + batch]) for i in range(0, X.shape[0], batch)])
+        return torch.cat([_forward(self.model, X[i : i + batch]) for i in range(0, X.shape[0], batch)])
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
         """Softmax of the logits, (m, c), float64."""
@@ -56,7 +68,7 @@ class FineTuned:
 
 def finetune(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Any,
     y: torch.Tensor,
     task: str = "classification",
     params: ParamSpec = "all",
@@ -72,9 +84,11 @@ def finetune(
 
     Args:
         model: the trained network (not modified).
-        X: target inputs.
-        y: class labels (classification) or targets shaped like the output (regression).
-        task: ``"classification"`` (cross-entropy) or ``"regression"`` (mean squared error).
+        X: target inputs: a tensor, or keyword inputs (:class:`~linadapt._inputs.KeywordInputs`).
+        y: class labels (classification), 0/1 labels (n,) (binary: a one-output network), a 0/1 matrix (n, c)
+            (multilabel), or targets shaped like the output (regression).
+        task: ``"classification"`` (cross-entropy), ``"binary"`` or ``"multilabel"`` (binary cross-entropy
+            with logits, a sigmoid per output) or ``"regression"`` (mean squared error).
         params: which parameters are trained (as in linadapt); the others stay frozen.
         epochs: the budget.
         lr: Adam's learning rate.
@@ -88,8 +102,8 @@ def finetune(
     BatchNorm layers stay in eval mode (running statistics are not updated from a few target examples);
     dropout is active during training.
     """
-    if task not in ("classification", "regression"):
-        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if task not in ("classification", "regression", "binary", "multilabel"):
+        raise ValueError(f"task must be 'classification', 'regression', 'binary' or 'multilabel', got {task!r}")
     net = copy.deepcopy(model)
     names = set(select_parameters(net, params))
     trainable = []
@@ -106,6 +120,8 @@ def finetune(
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if task == "classification":
             return nn.functional.cross_entropy(out, target)
+        if task in ("binary", "multilabel"):
+            return nn.functional.binary_cross_entropy_with_logits(out.reshape(target.shape), target.to(out.dtype))
         return nn.functional.mse_loss(out.reshape(target.shape), target.to(out.dtype))
 
     def set_mode() -> None:
@@ -123,12 +139,12 @@ def finetune(
         for i in range(0, order.numel(), batch_size):
             idx = order[i : i + batch_size]
             opt.zero_grad()
-            loss_fn(net(X[idx]), y[idx]).backward()
+            loss_fn(_forward(net, X[idx]), y[idx]).backward()
             opt.step()
         if n_val:
             net.eval()
             with torch.no_grad():
-                score = float(loss_fn(net(X[val]), y[val]))
+                score = float(loss_fn(_forward(net, X[val]), y[val]))
             if score < best:
                 best, best_state, best_epoch, since = score, copy.deepcopy(net.state_dict()), epoch, 0
             else:
@@ -420,7 +436,7 @@ class LaplaceTorchBaseline:
 
 def laplace_torch(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Any,
     y: torch.Tensor,
     task: str = "classification",
     subset: str = "all",

@@ -5,9 +5,11 @@ raises :class:`DataError` (a ``ValueError``) naming the file and the problem: mi
 missing target column, non-numeric value (with row and column), NaN or inf, mismatched lengths, images of
 different sizes.
 
-* CSV: a header row; the target column is ``target`` (default: the last column). With ``require_target=False``
-  a file without that column is read as inputs only (prediction data).
-* ``.npz``: arrays ``X`` and (optionally) ``y``.
+* CSV: a header row; the target column is ``target`` (default: the last column), or several target columns
+  (a list of names, or one string of comma-separated names) read as y (n, k). With ``require_target=False``
+  a file without those columns is read as inputs only (prediction data).
+* ``.npz``: arrays ``X`` and (optionally) ``y``; with ``inputs`` (names of arrays), those arrays instead of
+  ``X``, as keyword inputs: X is then a dict {name: array} whose arrays share the leading example dimension.
 * a folder holding ``X.npy`` (and optionally ``y.npy``).
 * a folder of images with one sub-folder per class (sorted names → labels 0, 1, …; for test or prediction
   data, the training class names → their labels, by name); for prediction data also a flat folder of
@@ -36,13 +38,14 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """X: (n, ...) inputs; y: (n,) or (n, k) targets, or None; columns: the CSV input column names;
-    target: the target column name; classes: the class folder names of an image folder."""
+    """X: (n, ...) inputs, or a dict of named input arrays (n, ...) each; y: (n,) or (n, k) targets, or None;
+    columns: the CSV input column names; target: the target column name (a list of names for several target
+    columns); classes: the class folder names of an image folder."""
 
-    X: np.ndarray
+    X: np.ndarray | dict[str, np.ndarray]
     y: np.ndarray | None
     columns: list[str] = field(default_factory=list)
-    target: str | None = None
+    target: str | list[str] | None = None
     classes: list[str] = field(default_factory=list)
 
 
@@ -114,10 +117,27 @@ def _parse_csv_cells(path: str, header: list[str], body: list[list[str]]) -> np.
     return values
 
 
-def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
+def _target_columns(path: str, header: list[str], target: str | list[str], require_target: bool) -> list[int]:
+    """The header indices of the target columns named by ``target`` (a name, names, or comma-separated names
+    where a name with commas is not itself a column); [] when none is in the file and targets are optional."""
+    names: list[str] = []
+    for name in [target] if isinstance(target, str) else list(target):
+        parts = [p.strip() for p in name.split(",")]
+        names.extend([name] if name in header or len(parts) < 2 else parts)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: target column(s) {', '.join(repr(n) for n in twice)} named more than once")
+    missing = [n for n in names if n not in header]
+    if missing and (require_target or len(missing) < len(names)):
+        listed = ", ".join(repr(n) for n in missing)
+        raise DataError(f"{path} has no column{'s' * (len(missing) > 1)} {listed} (columns: {', '.join(header)})")
+    return [header.index(n) for n in names if n in header]
+
+
+def _read_csv(path: str, target: str | list[str] | None, require_target: bool) -> Dataset:
     """A CSV file: numpy parses it; only when numpy does not read all of it cleanly is it read cell by cell
     (to find and name the bad cell). The checks run in one order either way: empty file, no data rows, the
-    target column, the cells, no input columns."""
+    target column(s), the cells, no input columns."""
     found = _csv_header(path)
     if found is None:
         raise DataError(f"{path} is empty")
@@ -127,37 +147,50 @@ def _read_csv(path: str, target: str | None, require_target: bool) -> Dataset:
     if values is None and not body:
         raise DataError(f"{path} has a header but no data rows")
     if target is None:
-        target_idx = len(header) - 1 if require_target else None
-    elif target in header:
-        target_idx = header.index(target)
-    elif require_target:
-        raise DataError(f"{path} has no column {target!r} (columns: {', '.join(header)})")
+        targets = [len(header) - 1] if require_target else []
     else:
-        target_idx = None
+        targets = _target_columns(path, header, target, require_target)
     if values is None:
         values = _parse_csv_cells(path, header, body)
-    inputs = [j for j in range(len(header)) if j != target_idx]
+    inputs = [j for j in range(len(header)) if j not in targets]
     if not inputs:
-        raise DataError(f"{path} has no input columns besides the target {header[target_idx]!r}")
+        named = ", ".join(repr(header[j]) for j in targets)
+        raise DataError(f"{path} has no input columns besides the target{'s' * (len(targets) > 1)} {named}")
     X = values[:, inputs].astype(np.float32)
-    y = values[:, target_idx] if target_idx is not None else None
-    return Dataset(X, y, [header[j] for j in inputs], header[target_idx] if target_idx is not None else None)
+    if not targets:
+        return Dataset(X, None, [header[j] for j in inputs], None)
+    if len(targets) == 1:
+        return Dataset(X, values[:, targets[0]], [header[j] for j in inputs], header[targets[0]])
+    return Dataset(X, values[:, targets], [header[j] for j in inputs], [header[j] for j in targets])
 
 
-def _from_arrays(X: np.ndarray, y: np.ndarray | None, where: str) -> Dataset:
+def _checked_input(X: np.ndarray, where: str) -> np.ndarray:
     if X.dtype == object or X.dtype.kind not in "biuf":
-        raise DataError(f"{where}: X must be numeric, got dtype {X.dtype}")
+        raise DataError(f"{where} must be numeric, got dtype {X.dtype}")
     if X.ndim == 0 or X.shape[0] == 0:
-        raise DataError(f"{where}: X is empty")
-    _check_finite(X, f"{where}: X")
+        raise DataError(f"{where} is empty")
+    _check_finite(X, where)
+    return X.astype(np.float32) if X.dtype.kind == "f" else X
+
+
+def _from_arrays(X: np.ndarray | dict[str, np.ndarray], y: np.ndarray | None, where: str) -> Dataset:
+    """A Dataset of checked arrays: X one array, or named arrays (keyword inputs) with one row per example."""
+    if isinstance(X, dict):
+        X = {k: _checked_input(v, f"{where}: {k}") for k, v in X.items()}
+        rows = {k: v.shape[0] for k, v in X.items()}
+        if len(set(rows.values())) > 1:
+            listed = ", ".join(f"{k} {n}" for k, n in rows.items())
+            raise DataError(f"{where}: the input arrays differ in their number of rows ({listed})")
+        n, what = next(iter(rows.values())), ", ".join(X) + (" have" if len(X) > 1 else " has")
+    else:
+        X = _checked_input(X, f"{where}: X")
+        n, what = X.shape[0], "X has"
     if y is not None:
         if y.dtype == object or y.dtype.kind not in "biuf":
             raise DataError(f"{where}: y must be numeric, got dtype {y.dtype}")
-        if y.shape[0] != X.shape[0]:
-            raise DataError(f"{where}: X has {X.shape[0]} rows but y has {y.shape[0]}")
+        if y.shape[0] != n:
+            raise DataError(f"{where}: {what} {n} rows but y has {y.shape[0]}")
         _check_finite(y, f"{where}: y")
-    if X.dtype.kind == "f":
-        X = X.astype(np.float32)
     return Dataset(X, y)
 
 
@@ -231,20 +264,29 @@ def _read_images(path: str, classes: list[str] | None = None, require_target: bo
 
 
 def read_dataset(
-    path: str, target: str | None = None, require_target: bool = True, classes: list[str] | None = None
+    path: str,
+    target: str | list[str] | None = None,
+    require_target: bool = True,
+    classes: list[str] | None = None,
+    inputs: list[str] | None = None,
 ) -> Dataset:
     """Read a data file or folder (see the module docstring for the formats).
 
     Args:
         path: a ``.csv`` or ``.npz`` file, or a folder (``X.npy``/``y.npy``, or image sub-folders per class).
-        target: the CSV target column (default: the last column).
+        target: the CSV target column (default: the last column), or several (a list of names, or names
+            separated by commas): y is then (n, k), the columns in the order named.
         require_target: whether targets must be present (training data) or may be absent (prediction data;
             an image folder may then hold the images directly, unlabelled).
         classes: for an image folder, the training class names: sub-folders are labelled by their index in
             this list (an unknown name is an error); None: the sorted sub-folder names are the classes.
+        inputs: for an ``.npz`` file, the names of the arrays that are the inputs (keyword inputs: X is the dict
+            {name: array}); None: the array ``X``. Other formats refuse it.
     """
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist")
+    if inputs is not None and not path.lower().endswith(".npz"):
+        raise DataError(f"{path}: named input arrays ({', '.join(inputs)}) are read from an .npz file only")
     if os.path.isdir(path):
         x_file = os.path.join(path, "X.npy")
         if os.path.isfile(x_file):
@@ -265,9 +307,12 @@ def read_dataset(
                 arrays = {k: data[k] for k in data.files}
         except ValueError as exc:
             raise DataError(f"{path}: cannot read without unpickling object arrays ({exc})") from exc
-        if "X" not in arrays:
-            raise DataError(f"{path} has no array 'X' (arrays: {', '.join(arrays) or 'none'})")
+        missing = [k for k in inputs or ["X"] if k not in arrays]
+        if missing:
+            listed = ", ".join(repr(k) for k in missing)
+            raise DataError(f"{path} has no array {listed} (arrays: {', '.join(arrays) or 'none'})")
         if "y" not in arrays and require_target:
             raise DataError(f"{path} has no array 'y' (targets are required here)")
-        return _from_arrays(arrays["X"], arrays.get("y"), path)
+        X = {k: arrays[k] for k in inputs} if inputs is not None else arrays["X"]
+        return _from_arrays(X, arrays.get("y"), path)
     raise DataError(f"{path}: unknown data format (expected .csv, .npz, a folder with X.npy, or image sub-folders)")
