@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -91,9 +90,6 @@ def main(
     drawn for ``seed``). Returns, for ``"untrained head"``, ``"linadapt, head"`` and (with ``all_weights``)
     ``"linadapt, all weights"``: accuracy, NLL, the test probabilities (n_test, 3), fit and predict seconds;
     and ``"labels"``: the test labels."""
-    # torch's note that vmap has no batching rule for the fused CPU attention's backward (it loops instead): raised
-    # by a one-off batched vector-Jacobian product when linadapt checks its per-layer engine on all weights
-    warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product")
     tokenizer, net, titles, labels = load(seed)
     order = torch.randperm(len(titles), generator=torch.Generator().manual_seed(7000 + seed))
     test, pool = order[:n_test], order[n_test:]

@@ -279,6 +279,45 @@ def test_custom_functions_without_forward_mode_fall_back_too(monkeypatch):
     _fallback_checks(monkeypatch, model, torch.randn(10, 3, dtype=torch.float64), 2)
 
 
+class _Attend(nn.Module):
+    """Self-attention by scaled_dot_product_attention (as HuggingFace encoders call it), two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 6)
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 3).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(a.transpose(1, 2).reshape(x.shape[0], x.shape[1], 6).mean(1))
+
+
+def test_vjp_of_several_vectors_through_attention_is_batched(monkeypatch):
+    """Several vectors are pulled back by vmap, which has no batching rule for the fused attention kernels'
+    backward (it loops, warning "no batching rule"); vjp records attention in its math form instead."""
+    import contextlib
+    import warnings
+
+    from linadapt.jacobian import linearization
+
+    torch.manual_seed(0)
+    model = _Attend()
+    X = torch.randn(5, 4, 6)
+    J = reference_jacobian(model.double(), X.double(), [n for n, _ in model.named_parameters()])
+    model.float()
+    U = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.einsum("kic,icp->kp", U, J)
+    for context, batched in ((linearization.math_attention, True), (contextlib.nullcontext, False)):
+        monkeypatch.setattr(linearization, "math_attention", context)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = la.Linearization(model).vjp(X, U)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        looped = any("batching rule" in str(w.message) for w in caught)
+        assert looped != batched
+
+
 def test_jvp_through_scaled_dot_product_attention_stays_in_forward_mode(monkeypatch):
     """torch's fused (float32) attention kernels have no forward-mode derivative; Linearization.jvp runs the network
     with scaled_dot_product_attention in its math form, so J v of a model calling it (as HuggingFace encoders do)
@@ -287,19 +326,8 @@ def test_jvp_through_scaled_dot_product_attention_stays_in_forward_mode(monkeypa
 
     from linadapt.jacobian import linearization
 
-    class Attend(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv = nn.Linear(6, 18)
-            self.head = nn.Linear(6, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, 6)
-            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 3).permute(2, 0, 3, 1, 4)
-            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.head(a.transpose(1, 2).reshape(x.shape[0], x.shape[1], 6).mean(1))
-
     torch.manual_seed(0)
-    model = Attend()  # float32: the fused CPU kernel
+    model = _Attend()  # float32: the fused CPU kernel
     X = torch.randn(5, 4, 6)
     J = reference_jacobian(model.double(), X.double(), [n for n, _ in model.named_parameters()])
     model.float()

@@ -16,6 +16,8 @@ float64 whatever dtype the network runs in.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import math
 from collections.abc import Iterator
@@ -376,7 +378,10 @@ class Linearization:
             xb = X[sl]
 
             def pull(xb: torch.Tensor = xb, ub: torch.Tensor = U[:, sl]) -> torch.Tensor:
-                out, fn = vjp(lambda th: self._f(th, xb), self.theta)
+                # several vectors are pulled back by vmap, which has no batching rule for the backward of torch's
+                # fused attention kernels (it would loop over them, warning): record attention in its math form
+                with math_attention() if ub.shape[0] > 1 else contextlib.nullcontext():
+                    out, fn = vjp(lambda th: self._f(th, xb), self.theta)
                 if out.shape[1] != ub.shape[2]:
                     raise ValueError(f"U has {ub.shape[2]} outputs per example but the model has {out.shape[1]}")
                 parts = []
