@@ -17,7 +17,6 @@ float64 whatever dtype the network runs in.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import math
 from collections.abc import Iterator
