@@ -33,6 +33,7 @@ def main() -> None:
     X = torch.randn(args.n, 8)
     y = torch.sin(X.sum(1)) + 0.1 * torch.randn(args.n)
     Xs = torch.randn(args.m, 8)
+    ys = torch.sin(Xs.sum(1)) + 0.1 * torch.randn(args.m)
     t = time.perf_counter()
     reg = la.LinearizedRegressor(net).fit(X, y)
     print(
@@ -41,12 +42,17 @@ def main() -> None:
         flush=True,
     )
     t = time.perf_counter()
-    reg.predict(Xs)
-    print(f"predictive mean of {args.m} points: {time.perf_counter() - t:.2f} s", flush=True)
+    mean = torch.as_tensor(reg.predict(Xs))
+    rmse = float((mean - ys).pow(2).mean().sqrt())
+    print(f"predictive mean of {args.m} points: {time.perf_counter() - t:.2f} s, test RMSE {rmse:.3f}", flush=True)
     if args.std:
         t = time.perf_counter()
-        reg.predict(Xs, return_std=True)
-        print(f"with std: {time.perf_counter() - t:.1f} s, peak {peak_rss() / 2**30:.2f} GiB", flush=True)
+        mean, std = (torch.as_tensor(a) for a in reg.predict(Xs, return_std=True))
+        seconds = time.perf_counter() - t
+        basis = getattr(reg.posterior_, "_basis", None)
+        how = f"Lanczos basis of {basis.size} vectors" if basis is not None else "no basis"
+        nll = float(torch.distributions.Normal(mean, std).log_prob(ys).neg().mean())
+        print(f"with std: {seconds:.1f} s ({how}), test NLL {nll:.3f}, peak {peak_rss() / 2**30:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

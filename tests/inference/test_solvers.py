@@ -58,3 +58,49 @@ def test_low_rank_plus_diagonal_preconditioner_is_the_exact_inverse():
     noise_diag = DiagLinearOperator(torch.full((300,), noise, dtype=torch.float64))
     op = LowRankRootAddedDiagLinearOperator(LowRankRootLinearOperator(L * scale**0.5), noise_diag)
     torch.testing.assert_close(got, op.solve(V), rtol=1e-9, atol=1e-12)
+
+
+def test_lanczos_shift_residual_is_the_residual_of_the_shifted_cg_iterate():
+    """The m-point quadrature of vᵀ(A + τI)⁻¹v is vᵀx_m for x_m the m-th CG iterate of (A + τI)x = v (the Galerkin
+    solution in the Krylov space): lanczos_shift_residual gives its relative residual for every τ without
+    another product."""
+    from linadapt.inference.solvers import lanczos_quadrature, lanczos_shift_residual
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))
+    A = (U * 0.8 ** torch.arange(80, dtype=torch.float64)) @ U.T
+    A = 0.5 * (A + A.T)
+    v = torch.randn(80, 1, generator=g, dtype=torch.float64)
+    m = 12
+    nodes, weights, beta, tail = lanczos_quadrature(lambda V: A @ V, v, m, tails=True)
+    # the Krylov basis of v, for the Galerkin iterate
+    K = torch.cat([torch.linalg.matrix_power(A, j) @ v for j in range(m)], 1)
+    Q, _ = torch.linalg.qr(K)
+    for tau in (1e-6, 1e-3, 1e-1, 10.0):
+        As = A + tau * torch.eye(80, dtype=torch.float64)
+        x = Q @ torch.linalg.solve(Q.T @ As @ Q, Q.T @ v)
+        want = float((As @ x - v).norm() / v.norm())
+        got = lanczos_shift_residual(beta, tail, nodes, tau)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-12)
+        # and the quadrature is vᵀx
+        assert float((weights[0] / (nodes[0] + tau)).sum()) == pytest.approx(float(v[:, 0] @ x[:, 0]), rel=1e-8)
+
+
+def test_matrix_free_evidence_search_stays_where_its_quadrature_converged():
+    """Nearly noiseless targets: the Lanczos evidence (few iterations) keeps growing as σ² → 0 where it has not
+    converged; the search holds σ²/s² at Spectrum.min_shift and warns."""
+    from linadapt.inference.evidence import Spectrum, maximize_evidence
+    from linadapt.inference.solvers import ConvergenceWarning
+
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    K = (U * 0.93 ** torch.arange(300, dtype=torch.float64)) @ U.T
+    K = 0.5 * (K + K.T)
+    r = K @ torch.randn(300, generator=g, dtype=torch.float64)  # in K's range: noiseless
+    spec = Spectrum.from_lanczos("function", lambda V: K @ V, r, 300, 300, float(r @ r), num_probes=4, max_iter=20)
+    assert spec.min_shift > 0.0
+    with pytest.warns(ConvergenceWarning, match="Lanczos quadrature has not converged"):
+        s2, sig2, _ = maximize_evidence(spec, 1.0, 0.1)
+    assert sig2 / s2 >= spec.min_shift * (1 - 1e-9)
+    s2_exact, sig2_exact, _ = maximize_evidence(Spectrum.from_kernel(K, r), 1.0, 0.1)
+    assert sig2_exact / s2_exact < 1e-6 * spec.min_shift  # where the exact evidence would take it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from linadapt.estimators._fit import check_dense_only, check_n_features, lineari
 from linadapt.estimators._query import QueryMixin
 from linadapt.estimators._update import UpdateMixin
 from linadapt.estimators.persistence import SaveLoadMixin, register_estimator
-from linadapt.inference.evidence import NoisePrior, evidence_bounds, maximize_evidence, noise_prior_from
+from linadapt.inference.evidence import NoisePrior, evidence_bounds, noise_prior_from
 from linadapt.inference.hyper_averaging import HyperparameterMixture
 from linadapt.inference.per_output_noise import (
     PerOutputEvidence,
@@ -40,13 +39,12 @@ from linadapt.inference.prior_groups import (
     resolve_groups,
 )
 from linadapt.inference.regression import (
-    RegressionPosterior,
     RegressionProblem,
     SolverOptions,
     choose_space_and_solver,
+    fit_shared_noise,
 )
 from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
-from linadapt.inference.solvers import ConvergenceWarning
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
 
@@ -296,28 +294,10 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
             space, solver = choose_space_and_solver(
                 lin, Xt, n_obs, self.space, self.solver, options.memory_budget, sharded=sharding is not None
             )
-            if fixed is not None:
-                prior, noise = fixed
-            elif self.optimize_hyperparameters:
-                spectrum = problem.spectrum(space, solver)
-                prior, noise, _ = maximize_evidence(spectrum, prior0, noise0, noise_prior)
-            else:
-                prior, noise = prior0, noise0
-            posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
-            redo = fixed is None and self.optimize_hyperparameters and solver == "cg" and posterior.solver == "cholesky"
-            if redo and not problem.spectrum(space, solver).exact:  # (an exact search has nothing to redo)
-                # CG missed at the chosen hyperparameters and the dense solve took over: the search's Lanczos
-                # evidence is unreliable there too (nearly noiseless targets drive σ² towards 0 where the system is
-                # ill-conditioned), so the hyperparameters are searched again with the exact evidence
-                warnings.warn(
-                    f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where CG does not "
-                    "converge: its estimates are unreliable there; searching again with the exact (dense) evidence",
-                    ConvergenceWarning,
-                    stacklevel=3,
-                )
-                solver = "cholesky"
-                prior, noise, _ = maximize_evidence(problem.spectrum(space, solver), prior0, noise0, noise_prior)
-                posterior = RegressionPosterior(problem, prior, noise, space, solver, prior_offset=offset)
+            optimize = fixed is None and bool(self.optimize_hyperparameters)
+            posterior, prior, noise = fit_shared_noise(
+                problem, space, solver, fixed or (prior0, noise0), optimize, noise_prior, offset
+            )
         self.mixture_ = None
         if self.marginalize:
             self.mixture_ = self._mixture(lin, Xt, r, prior, noise, c)

@@ -22,6 +22,7 @@ where σ² → 0 and the data are interpolated, and the predictive is then far t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,11 +31,13 @@ import torch
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from linadapt.inference.solvers import Matmul, lanczos_quadrature
+from linadapt.inference.solvers import ConvergenceWarning, Matmul, lanczos_quadrature, lanczos_shift_residual
 
 __all__ = ["NoisePrior", "Spectrum", "maximize_evidence"]
 
 _LOG_2PI = math.log(2 * math.pi)
+SHIFT_TOL = 1e-3  # Lanczos quadrature trusted at shifts τ = σ²/s² where its implied CG residual is below this
+_SHIFT_PENALTY = 1e6  # weight of the squared violation of log τ ≥ log τ_min in the evidence search
 
 
 def _split_range(nodes: torch.Tensor, weights: torch.Tensor, r_sq: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -64,6 +67,10 @@ class Spectrum:
         ld_nodes, ld_weights: quadrature for tr log(s² M + σ² I) over the ``dim`` eigenvalues of M.
         dim: the size of the decomposed matrix. n_obs: N = n·c.
         exact: True for an eigendecomposition, False for (stochastic) Lanczos estimates.
+        min_shift: for Lanczos estimates, the smallest ratio τ = σ²/s² from which on (every larger τ) all the
+            quadratures have converged (:func:`lanczos_shift_residual` ≤ ``SHIFT_TOL``); below it the estimates
+            are unreliable (with too few iterations they miss the small eigenvalues, and the evidence can
+            seem to grow as σ² → 0), so :func:`maximize_evidence` searches τ ≥ min_shift only. 0: no limit.
     """
 
     kind: str
@@ -75,6 +82,7 @@ class Spectrum:
     dim: int
     n_obs: int
     exact: bool
+    min_shift: float = 0.0
 
     def terms(self, log_s2: torch.Tensor, log_sig2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rᵀ A⁻¹ r, log det A) at s² = exp(log_s2), σ² = exp(log_sig2); differentiable."""
@@ -173,20 +181,37 @@ class Spectrum:
             probes = (torch.randint(0, 2, (dim, num_probes), generator=gen) * 2 - 1).to(quad_vector)
             trace_scale = 1.0 / num_probes  # Hutchinson: tr f(M) ≈ mean over z of zᵀ f(M) z
         iters = min(max_iter, dim, rank_bound + 1 if rank_bound is not None else dim)
-        if float(quad_vector.norm()) == 0.0:
-            # Residual (or its projection) is exactly zero: the quadratic term needs no quadrature.
-            nodes, weights = lanczos_quadrature(matmul, probes, iters)
+        zero = float(quad_vector.norm()) == 0.0  # the residual (or its projection) is 0: no quadratic term
+        start = probes if zero else torch.cat([quad_vector.unsqueeze(-1), probes], 1)
+        nodes, weights, beta, tail = lanczos_quadrature(matmul, start, iters, tails=True)
+        min_shift = _min_shift(beta, tail, nodes)
+        if zero:
             qn, qw = nodes.new_zeros(1), nodes.new_zeros(1)
             rho_sq = float(r_sq)
         else:
-            nodes, weights = lanczos_quadrature(matmul, torch.cat([quad_vector.unsqueeze(-1), probes], 1), iters)
             qn, qw, rho_sq = nodes[0], weights[0], 0.0
             if kind == "parameter":
                 qn, qw, rho_sq = _split_range(qn, qw, r_sq)
             nodes, weights = nodes[1:], weights[1:]
         ld_nodes = nodes.reshape(-1)
         ld_weights = (weights * trace_scale).reshape(-1)
-        return cls(kind, qn, qw, rho_sq, ld_nodes, ld_weights, dim, n_obs, False)
+        return cls(kind, qn, qw, rho_sq, ld_nodes, ld_weights, dim, n_obs, False, min_shift)
+
+
+def _min_shift(beta: torch.Tensor, tail: torch.Tensor, nodes: torch.Tensor) -> float:
+    """The smallest τ on a grid (quarter decades from 100 λ_max down to 10⁻¹⁶ λ_max, λ_max the largest node)
+    such that at it and at every larger τ of the grid all Lanczos quadratures have converged
+    (:func:`lanczos_shift_residual` ≤ ``SHIFT_TOL``); 0 when they have at every τ of the grid."""
+    top = float(nodes.max()) if nodes.numel() else 0.0
+    if top <= 0.0 or not bool((beta > 0).any()):
+        return 0.0
+    shift = 0.0
+    for e in range(8, -65, -1):  # τ = top · 10^(e/4)
+        tau = top * 10.0 ** (e / 4)
+        if lanczos_shift_residual(beta, tail, nodes, tau) > SHIFT_TOL:
+            return shift if shift > 0.0 else tau
+        shift = tau
+    return 0.0
 
 
 def single_threaded_blas() -> threadpool_limits:
@@ -282,8 +307,30 @@ def maximize_evidence(
     objective = spectrum.negative_log_ml_and_grad
     if noise_prior is not None:
         objective = noise_prior.penalize(objective, r_sq, spectrum.n_obs)
+    if spectrum.min_shift > 0.0:  # only where the Lanczos estimates are converged: log σ² − log s² ≥ log τ_min
+        log_tau = math.log(spectrum.min_shift)
+        unlimited = objective
+
+        def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+            value, grad = unlimited(x)
+            short = log_tau - (x[1] - x[0])
+            if short > 0.0:  # quadratic penalty, exact gradient; the result is projected below
+                value += _SHIFT_PENALTY * short**2
+                grad = grad + 2.0 * _SHIFT_PENALTY * short * np.array([1.0, -1.0])
+            return value, grad
+
     x, value = minimize_from(objective, starts, bounds)
-    if noise_prior is not None:
+    if spectrum.min_shift > 0.0:
+        if x[1] - x[0] < log_tau + 1e-3:
+            warnings.warn(
+                f"the matrix-free evidence keeps growing towards σ²/s² below {spectrum.min_shift:.3g}, where its "
+                "Lanczos quadrature has not converged: σ²/s² is held at that limit (more Lanczos iterations, or "
+                "the dense solver, would resolve smaller noise)",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        x = np.array([x[0], min(max(x[1], x[0] + log_tau), upper[1])])
+    if noise_prior is not None or spectrum.min_shift > 0.0:
         value = spectrum.negative_log_ml_and_grad(x)[0]
     return float(math.exp(x[0])), float(math.exp(x[1])), -value
 

@@ -15,6 +15,7 @@ tolerance warns and, when the dense matrix fits in the memory budget, is redone 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,11 @@ import torch
 from linear_operator.functions import pivoted_cholesky
 
 from linadapt._memory import default_memory_budget, resolve_memory_budget
-from linadapt.inference.evidence import Spectrum
-from linadapt.inference.posterior import LinearizedPosterior, TrainingData
+from linadapt.inference.evidence import NoisePrior, Spectrum, maximize_evidence
+from linadapt.inference.lanczos_variance import LanczosBasis
+from linadapt.inference.posterior import LinearizedPosterior, TrainingData, _diagonal_blocks
 from linadapt.inference.solvers import (
+    ConvergenceWarning,
     SolveInfo,
     SPDSystem,
     diagonal_preconditioner,
@@ -40,6 +43,8 @@ __all__ = [
     "choose_space",
     "choose_space_and_solver",
     "dense_kernel_flops",
+    "exact_evidence_fits",
+    "fit_shared_noise",
 ]
 
 _DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
@@ -58,6 +63,9 @@ class SolverOptions:
     lanczos_probes: int = 16
     seed: int = 0
     memory_budget: int = field(default_factory=default_memory_budget)
+    variance_basis: bool = True  # matrix-free predictive variances from a certified Lanczos basis
+    variance_basis_min: int = 16  # ... when a chunk has at least this many output columns
+    variance_rtol: float = 1e-3  # each such variance within this relative gap of the exact one (an upper bound)
     factorize: bool = True  # cache J(X_train) as per-layer factors for the solvers' products
     graph_products: bool = True  # else keep the network's autograd graph of X_train for them
 
@@ -348,3 +356,99 @@ class RegressionPosterior(LinearizedPosterior):
     def _data_terms(self, Kx: torch.Tensor) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         """Function space: −s⁴ Kxᵀ A⁻¹ Kx for Kx = J(X) Bᵀ (N, k)."""
         return [(-(self.s2**2), Kx.T, self.solve(Kx))]
+
+    def _blocks_from_kernels(self, Kx: torch.Tensor, Kss: torch.Tensor) -> torch.Tensor:
+        """As the base class; a matrix-free (CG) posterior with many columns solves them with its Lanczos basis,
+        each variance certified within ``variance_rtol`` (:mod:`~linadapt.inference.lanczos_variance`)."""
+        if not self._by_basis(Kx.shape[1]):
+            return super()._blocks_from_kernels(Kx, Kss)
+        prior = self.s2 * Kss.diagonal(dim1=1, dim2=2).reshape(-1)  # (b·c,) prior variances
+        rtol = self.options.variance_rtol
+        basis = self.lanczos_basis
+        while True:
+            Xt, gap = basis.galerkin(Kx)
+            var = prior - self.s2**2 * (Kx * Xt).sum(0)  # ≥ the exact variance, by at most s⁴ · gap
+            bad = self.s2**2 * gap > rtol * var.clamp_min(1e-300)
+            if not bool(bad.any()) or basis.size >= basis.cap or basis.exhausted:
+                break
+            basis.extend(2 * basis.size)
+        if bool(bad.any()):  # past the basis' cap: those columns by CG
+            Xt[:, bad] = self.solve(Kx[:, bad])
+        blocks = self.s2 * Kss + _diagonal_blocks(
+            [(-(self.s2**2), Kx.T, Xt)], Kss.shape[0], self.c, Kx.dtype, Kx.device
+        )
+        return 0.5 * (blocks + blocks.transpose(1, 2))
+
+    def _by_basis(self, columns: int) -> bool:
+        """Whether predictive blocks use the Lanczos basis: function space, matrix-free (CG), more columns than
+        ``options.variance_basis_min``, and the basis enabled."""
+        return (
+            self.space == "function"
+            and self.system.method == "cg"
+            and self.options.variance_basis
+            and columns >= self.options.variance_basis_min
+        )
+
+    @property
+    def lanczos_basis(self) -> LanczosBasis:
+        """The Lanczos basis of A = s²K + σ²I for predictive variances, built on first use (128 vectors, then
+        doubled as the variances need), at most a quarter of the memory budget."""
+        if getattr(self, "_basis", None) is None:
+            cap = int(self.memory_budget) // 4 // (8 * self.n_obs) - 1
+            self._basis = LanczosBasis(self._a_matmul, self.r.detach().clone(), self.sig2, max(cap, 1))
+            self._basis.extend(128)
+        return self._basis
+
+
+def exact_evidence_fits(space: str, n_obs: int, p: int, memory_budget: int) -> bool:
+    """Whether the exact evidence of this space fits ``memory_budget``: function space K, its eigenvectors and
+    eigh's workspace (3 N² float64); parameter space the dense J and its SVD (:func:`dense_fits`)."""
+    if space == "function":
+        return 3 * 8 * n_obs * n_obs <= memory_budget
+    return dense_fits(space, n_obs, p, memory_budget)
+
+
+def fit_shared_noise(
+    problem: RegressionProblem,
+    space: str,
+    solver: str,
+    start: tuple[float, float],
+    optimize: bool,
+    noise_prior: NoisePrior | None,
+    prior_offset: torch.Tensor | None,
+) -> tuple[RegressionPosterior, float, float]:
+    """The regressor's posterior with one noise variance: at ``start`` = (s², σ²), or (``optimize``) at the
+    hyperparameters that maximise the evidence (× ``noise_prior``) from there. Returns (posterior, s², σ²).
+
+    A matrix-free search (``solver="cg"``, Lanczos estimates of the evidence) is trusted only where its quadrature
+    has converged (:attr:`~linadapt.inference.evidence.Spectrum.min_shift`). When it stopped on that limit, or CG
+    then missed at the chosen hyperparameters (the dense solve took over), the hyperparameters are searched again
+    with the exact evidence — only when its dense matrices fit the memory budget — with a ``ConvergenceWarning``.
+    """
+    prior, noise = start
+    if not optimize:
+        return RegressionPosterior(problem, prior, noise, space, solver, prior_offset=prior_offset), prior, noise
+    spectrum = problem.spectrum(space, solver)
+    prior, noise, _ = maximize_evidence(spectrum, *start, noise_prior)
+    exact_fits = (
+        solver == "cg"
+        and not spectrum.exact
+        and exact_evidence_fits(space, problem.n_obs, problem.p, int(problem.options.memory_budget))
+    )
+    limited = exact_fits and spectrum.min_shift > 0.0 and noise / prior <= spectrum.min_shift * 1.01
+    posterior = (
+        None if limited else RegressionPosterior(problem, prior, noise, space, solver, prior_offset=prior_offset)
+    )
+    missed = posterior is not None and exact_fits and posterior.solver == "cholesky"
+    if posterior is not None and not missed:
+        return posterior, prior, noise
+    # nearly noiseless targets drive σ² towards 0, where the Lanczos estimates are unreliable
+    what = "CG does not converge" if missed else "the Lanczos quadrature has not converged"
+    warnings.warn(
+        f"the matrix-free evidence search chose σ² = {noise:.3g}, s² = {prior:.3g}, where {what}: its estimates "
+        "are unreliable there; searching again with the exact (dense) evidence",
+        ConvergenceWarning,
+        stacklevel=4,
+    )
+    prior, noise, _ = maximize_evidence(problem.spectrum(space, "cholesky"), *start, noise_prior)
+    return RegressionPosterior(problem, prior, noise, space, "cholesky", prior_offset=prior_offset), prior, noise

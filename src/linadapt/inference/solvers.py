@@ -24,6 +24,7 @@ __all__ = [
     "cg_solve",
     "diagonal_preconditioner",
     "lanczos_quadrature",
+    "lanczos_shift_residual",
     "low_rank_plus_diagonal_preconditioner",
     "slq_logdet",
 ]
@@ -139,12 +140,20 @@ def low_rank_plus_diagonal_preconditioner(L: torch.Tensor, scale: float, noise: 
     return apply
 
 
-def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lanczos_quadrature(
+    matmul: Matmul, start: torch.Tensor, max_iter: int, tails: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss quadrature for vᵀ f(A) v from Lanczos started at each column v of ``start``.
 
     For A symmetric PSD (D × D) and start (D, k), returns nodes θ (k, m) and weights w (k, m) with
     vⱼᵀ f(A) vⱼ ≈ Σ_l w[j, l] f(θ[j, l]); w[j] sums to ‖vⱼ‖². Exact for polynomials of degree < 2m and,
     once m reaches the dimension of the Krylov space, for every f.
+
+    With ``tails=True`` also (β (k,), c (k, m)) for :func:`lanczos_shift_residual`: β_j = β_{m+1}, the norm of
+    the part of A q_m outside the Krylov space (one more product), and c[j, l] = s_{m,l} s_{1,l} from the
+    eigenvectors s_l of the tridiagonal T_j. The m-point quadrature of vᵀ(A + τI)⁻¹v is vᵀx_m for x_m the m-th
+    CG iterate of (A + τI) x = v, whose relative residual is β |Σ_l c_l / (θ_l + τ)|: how far the quadrature
+    at shift τ is from converged, for every τ at no further cost.
     """
     D, _k = start.shape
     norms = start.norm(dim=0)
@@ -154,7 +163,7 @@ def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tu
     probe = matmul(start[:, :1] / norms[0])
     scale = float(probe.norm()) or 1.0
     m = max(1, min(int(max_iter), D))
-    _q, t = lanczos_tridiag(
+    q, t = lanczos_tridiag(
         lambda v: matmul(v) / scale,
         max_iter=m,
         dtype=start.dtype,
@@ -164,13 +173,33 @@ def lanczos_quadrature(matmul: Matmul, start: torch.Tensor, max_iter: int) -> tu
         tol=1e-10,
     )
     if t.dim() == 2:
-        t = t.unsqueeze(0)
+        t, q = t.unsqueeze(0), q.unsqueeze(0)
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError("Lanczos tridiagonalisation produced non-finite values")
     evals, evecs = torch.linalg.eigh(t)
     nodes = evals.clamp_min(0.0) * scale
     weights = evecs[:, 0, :] ** 2 * (norms**2).unsqueeze(-1)
-    return nodes, weights
+    if not tails:
+        return nodes, weights
+    beta = _next_beta(matmul, q, t, scale) if t.shape[-1] < D else torch.zeros_like(norms)
+    return nodes, weights, beta, evecs[:, -1, :] * evecs[:, 0, :]
+
+
+def _next_beta(matmul: Matmul, q: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """β_{m+1} (k,) of Lanczos runs with bases q (k, D, m) and tridiagonals t (k, m, m) of A / scale, in A's
+    units: ‖(I − QQᵀ) A q_m‖ (reorthogonalised twice, as the Lanczos vectors are)."""
+    last = q[..., -1].T  # (D, k)
+    w = (matmul(last) / scale).T.unsqueeze(-1)  # (k, D, 1)
+    for _ in range(2):
+        w = w - q @ (q.transpose(-1, -2) @ w)
+    return w.squeeze(-1).norm(dim=-1) * scale
+
+
+def lanczos_shift_residual(beta: torch.Tensor, tail: torch.Tensor, nodes: torch.Tensor, tau: float) -> float:
+    """The largest relative residual, over the Lanczos runs (β (k,), c (k, m), nodes θ (k, m) from
+    :func:`lanczos_quadrature` with ``tails=True``), of the CG iterate that their quadrature amounts to at shift
+    τ: max_j β_j |Σ_l c_jl / (θ_jl + τ)|. Small: the quadrature of f(θ) = g(θ + τ) has converged there."""
+    return float((beta * (tail / (nodes + tau)).sum(-1).abs()).max())
 
 
 def slq_logdet(
