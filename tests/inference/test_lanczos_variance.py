@@ -78,12 +78,12 @@ def test_cg_predictive_std_by_the_basis_matches_the_dense_posterior(c, prior_var
     assert basis is not None and basis.products >= 128  # the basis was used (40·c columns ≥ 16)
     np.testing.assert_allclose(mean_c, mean_d, rtol=1e-7, atol=1e-9)
     var_d, var_c = std_d**2, std_c**2
-    # certified: never below the exact variance, at most rtol = 1e-3 above it
+    # certified: never below the exact variance, at most rtol = 1e-2 above it
     assert np.all(var_c >= var_d * (1 - 1e-8))
-    assert np.all(var_c <= var_d * (1 + 1.001e-3))
+    assert np.all(var_c <= var_d * (1 + 1.001e-2))
     if c == 2:  # the within-example covariance blocks too
         torch.testing.assert_close(
-            cg.posterior_.latent_blocks(Xs), dense.posterior_.latent_blocks(Xs), rtol=2e-3, atol=1e-10
+            cg.posterior_.latent_blocks(Xs), dense.posterior_.latent_blocks(Xs), rtol=2e-2, atol=1e-10
         )
 
 
@@ -100,7 +100,7 @@ def test_columns_the_capped_basis_cannot_certify_are_solved_by_cg():
     post.solve = lambda B: solved.append(B.shape[1]) or solve(B)
     var_c, var_d = cg.predict(Xs, return_std=True)[1] ** 2, dense.predict(Xs, return_std=True)[1] ** 2
     assert post._basis.size == 40 and solved and 0 < solved[0] <= 40
-    np.testing.assert_allclose(var_c, var_d, rtol=1.001e-3)
+    np.testing.assert_allclose(var_c, var_d, rtol=1.001e-2)
 
 
 def test_few_columns_keep_the_cg_solve():
@@ -111,3 +111,14 @@ def test_few_columns_keep_the_cg_solve():
     dense = la.LinearizedRegressor(_net(1), solver="cholesky", **kw).fit(X, y)
     np.testing.assert_allclose(cg.predict(Xs, return_std=True)[1], dense.predict(Xs, return_std=True)[1], rtol=1e-6)
     assert getattr(cg.posterior_, "_basis", None) is None
+
+
+def test_a_tighter_certificate_gives_the_dense_variances_to_that_tolerance():
+    X, y, Xs = _data(150, 40, 1)
+    kw = {"space": "function", "prior_var": 0.5, "noise_var": 0.05, "optimize_hyperparameters": False}
+    cg = la.LinearizedRegressor(_net(1), solver="cg", **kw).fit(X, y)
+    dense = la.LinearizedRegressor(_net(1), solver="cholesky", **kw).fit(X, y)
+    cg.posterior_.options.variance_rtol = 1e-9
+    var_c, var_d = cg.predict(Xs, return_std=True)[1] ** 2, dense.predict(Xs, return_std=True)[1] ** 2
+    assert cg.posterior_._basis is not None
+    np.testing.assert_allclose(var_c, var_d, rtol=1.001e-9)
