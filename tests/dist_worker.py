@@ -39,29 +39,27 @@ def make_model(kind: str) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, out)).double()
 
 
+def _targets(kind: str, X: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Noisy regression targets (n, 2), or labels in 0 … 2, for inputs X."""
+    if kind == "regression":
+        y = torch.stack([torch.sin(X[:, 0]) + 0.5 * X[:, 1], torch.cos(X[:, 2])], 1)
+        return y + 0.3 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    return (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
+
+
 def make_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training inputs / targets (n = 29) and test inputs (m = 7), deterministic."""
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(29, 3, generator=gen, dtype=torch.float64)
     Xs = torch.randn(7, 3, generator=gen, dtype=torch.float64)
-    if kind == "regression":
-        y = torch.stack([torch.sin(X[:, 0]) + 0.5 * X[:, 1], torch.cos(X[:, 2])], 1)
-        y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    else:
-        y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
-    return X, y, Xs
+    return X, _targets(kind, X, gen), Xs
 
 
 def new_data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Examples for ``update`` (n = 13), from the same distribution as :func:`make_data`'s."""
     gen = torch.Generator().manual_seed(2)
     X = torch.randn(13, 3, generator=gen, dtype=torch.float64)
-    if kind == "regression":
-        y = torch.stack([torch.sin(X[:, 0]) + 0.5 * X[:, 1], torch.cos(X[:, 2])], 1)
-        y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    else:
-        y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
-    return X, y
+    return X, _targets(kind, X, gen)
 
 
 # the update batches: new examples 0–6 then 7–12, each split across the ranks by shard_bounds
