@@ -143,7 +143,8 @@ def shots_figure(records: list[dict], metric: str, title: str = ""):
                 (line,) = ax.plot(shots, mean, style, marker="o", ms=3, label=method, color=colour)
                 ax.fill_between(shots, mean - se, mean + se, color=line.get_color(), alpha=0.12)
         heading = f"{title} {variant}" if variant else title
-        unit = "labels per class" if metric in ("accuracy", "ece") else "target points"  # what a shot is
+        # what a shot is: the records may say (the active experiment counts labels over all classes)
+        unit = rows[0].get("shots_unit") or ("labels per class" if metric in ("accuracy", "ece") else "target points")
         if single:
             ax.set_yticks(range(len(methods)), methods, fontsize=8)
             ax.invert_yaxis()

@@ -52,7 +52,13 @@ def active(seed: int = 0, shots: int | None = None, quick: bool = False, step: S
             fit_seconds = time.perf_counter() - t
             proba = clf.predict_proba(Xt)
             scores = {"accuracy": metrics.accuracy(proba, yt), "nll": metrics.nll(proba, yt)}
-            record = {"experiment": "active", "method": method, "seed": seed, "shots": len(labelled)}
+            record = {
+                "experiment": "active",
+                "method": method,
+                "seed": seed,
+                "shots": len(labelled),
+                "shots_unit": "labels (all classes)",
+            }
             query_seconds = 0.0
             if r < rounds:
                 rest = np.setdiff1d(np.arange(Xp.shape[0]), labelled)
