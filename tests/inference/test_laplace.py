@@ -530,3 +530,31 @@ def test_blocks_at_the_training_inputs_come_from_the_held_kernel(estimator, monk
     held = post.latent_blocks(Xt)
     assert not calls
     assert float((held - generic).abs().max()) <= 1e-10 * float(generic.abs().max())
+
+
+def test_prior_variance_search_warns_when_the_evidence_has_no_interior_optimum():
+    """Labels unrelated to the features: on this draw the Laplace evidence keeps improving as s² → 0 and the
+    search ends 8 decades below prior_var, leaving the head at its initialisation — said in a warning; another
+    draw has an interior optimum and no warning."""
+    import warnings
+
+    import linadapt as la
+    from linadapt.inference.solvers import ConvergenceWarning
+
+    def fit(seed: int) -> tuple[float, list]:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+        with torch.no_grad():
+            net[2].weight.mul_(0.01)
+            net[2].bias.zero_()
+        X, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clf = la.LinearizedClassifier(net, params="2.*").fit(X, y)
+        return clf.prior_var_, [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+    s2, caught = fit(1)
+    assert s2 == pytest.approx(1e-8, rel=1e-6)
+    assert len(caught) == 1 and "stay at their trained values" in str(caught[0].message)
+    s2, caught = fit(0)
+    assert 1e-7 < s2 < 1e7 and not caught

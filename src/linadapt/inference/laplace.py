@@ -474,4 +474,18 @@ def optimize_prior_var(
         minimize_scalar(evaluate, bounds=(lo, hi), method="bounded", options={"xatol": 0.05})
     if "post" not in best:
         raise FloatingPointError("the Laplace evidence is not finite for any prior variance tried")
+    if abs(k_best) == _MAX_DECADES:  # still improving at the end of the walk: no interior optimum
+        s2 = best["post"].s2
+        why = (
+            "the adapted weights stay at their trained values (the evidence finds the labels no better explained by "
+            "moving them); to adapt anyway, pass prior_var with optimize_hyperparameters=False"
+            if k_best < 0
+            else "the labels are separable by the linearized model; predictions may be overconfident"
+        )
+        warnings.warn(
+            f"the Laplace evidence kept improving to the end of the prior-variance search (s² = {s2:.3g}, "
+            f"{_MAX_DECADES} decades from prior_var = {prior_var:.3g}): {why}",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return best["post"]
