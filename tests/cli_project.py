@@ -24,11 +24,14 @@ NETS = textwrap.dedent(
 )
 
 
-def two_network_project(tmp_path: Path, monkeypatch, module: str) -> tuple[ModuleType, np.ndarray, np.random.Generator]:
-    """Write ``module``.py (:data:`NETS`), reg.safetensors, clf.safetensors, reg.csv (x1, x2, y = sin x1 + 0.1 x2)
-    and clf.csv (x1, x2, label) for 30 points X ~ U[−2, 2]² into ``tmp_path``, made the working directory and
-    importable. Returns the imported module, X and the generator that drew it (for more draws)."""
-    (tmp_path / f"{module}.py").write_text(NETS)
+def two_network_project(
+    tmp_path: Path, monkeypatch, module: str, n: int = 30, source: str = NETS
+) -> tuple[ModuleType, np.ndarray, np.random.Generator]:
+    """Write ``module``.py (``source``, by default :data:`NETS`), reg.safetensors, clf.safetensors, reg.csv (x1, x2,
+    y = sin x1 + 0.1 x2) and clf.csv (x1, x2, label) for ``n`` points X ~ U[−2, 2]² into ``tmp_path``, made the
+    working directory and importable. Returns the imported module, X and the generator that drew it (for more
+    draws)."""
+    (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop(module, None)  # another test's tmp folder may hold a different module of that name
@@ -36,7 +39,7 @@ def two_network_project(tmp_path: Path, monkeypatch, module: str) -> tuple[Modul
     save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
     save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
     rng = np.random.default_rng(0)
-    X = rng.uniform(-2, 2, (30, 2))
+    X = rng.uniform(-2, 2, (n, 2))
     with open(tmp_path / "reg.csv", "w") as fh:
         fh.write("x1,x2,y\n" + "".join(f"{a},{b},{np.sin(a) + 0.1 * b}\n" for a, b in X))
     labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cli_project import NETS as TWO_NETS
+from cli_project import two_network_project
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -27,21 +28,7 @@ NETS = TWO_NETS + textwrap.dedent(
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    (tmp_path / "nets.py").write_text(NETS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("nets", None)  # another test's tmp folder may have a different nets.py
-    import nets
-
-    save_file(nets.regressor().state_dict(), tmp_path / "reg.safetensors")
-    save_file(nets.classifier().state_dict(), tmp_path / "clf.safetensors")
-    rng = np.random.default_rng(0)
-    X = rng.uniform(-2, 2, (40, 2))
-    with open(tmp_path / "reg.csv", "w") as fh:
-        fh.write("x1,x2,y\n" + "".join(f"{a},{b},{np.sin(a) + 0.1 * b}\n" for a, b in X))
-    labels = (X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)
-    with open(tmp_path / "clf.csv", "w") as fh:
-        fh.write("x1,x2,label\n" + "".join(f"{a},{b},{k}\n" for (a, b), k in zip(X, labels)))
+    nets, _, _ = two_network_project(tmp_path, monkeypatch, "nets", n=40, source=NETS)
     with open(tmp_path / "new.csv", "w") as fh:
         fh.write("x1,x2\n0.5,0.5\n-1,1.5\n")
     return tmp_path, nets

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from linadapt._inputs import KeywordInputs
-from linadapt.jacobian.inputs import default_output
+from linadapt.jacobian.inputs import forward_outputs
 
 __all__ = [
     "TASKS",
@@ -23,7 +23,6 @@ __all__ = [
     "target_summary",
     "task_of",
     "task_targets",
-    "torch_inputs",
 ]
 
 TASKS = ("auto", "regression", "classification", "binary", "multilabel")
@@ -53,18 +52,11 @@ def describe_inputs(X: np.ndarray | dict[str, np.ndarray]) -> str:
     return str(tuple(X.shape[1:]))
 
 
-def torch_inputs(X: np.ndarray | dict[str, np.ndarray]) -> torch.Tensor | KeywordInputs:
-    """The inputs as a tensor, or named arrays as :class:`~linadapt._inputs.KeywordInputs`."""
-    if isinstance(X, dict):
-        return KeywordInputs({k: torch.as_tensor(v) for k, v in X.items()})
-    return torch.as_tensor(X)
-
-
 def network_outputs(net: torch.nn.Module, X: torch.Tensor | KeywordInputs) -> torch.Tensor:
     """The network's outputs at X (``net(X)``, or ``net(**X)`` for keyword inputs) as linadapt reads them: a
     tensor, a dict's ``"logits"``, an object's ``.logits``. No gradient."""
     with torch.no_grad():
-        return default_output(net(**X.as_dict()) if isinstance(X, KeywordInputs) else net(X))
+        return forward_outputs(net, X)
 
 
 def task_of(est: Any) -> str:

@@ -14,8 +14,9 @@ import torch
 
 from linadapt import metrics
 from linadapt._files import atomic_write_text
+from linadapt._inputs import as_inputs
 from linadapt.app import report
-from linadapt.app._cli_data import network_outputs, torch_inputs
+from linadapt.app._cli_data import network_outputs
 from linadapt.experiments.baselines import finetune
 from linadapt.io.datasets import Dataset
 
@@ -106,7 +107,7 @@ def comparison(
     data, as an HTML table, and a figure (reliability diagram, linadapt's predictive band, or None: multilabel,
     keyword inputs). ``y``: the training targets as fitted."""
     classifier = len(pred) == 1
-    Xtr, Xte, yte = torch_inputs(data.X), torch_inputs(test_data.X), test_data.y
+    Xtr, Xte, yte = as_inputs(data.X), as_inputs(test_data.X), test_data.y
     rows, probas = [], {}
 
     def add(name: str, p: tuple[np.ndarray, ...], seconds: float) -> None:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from linadapt._files import atomic_write, atomic_write_text
+from linadapt._inputs import as_inputs
 from linadapt._memory import resolve_memory_budget
 from linadapt.app import _cli_data, _cli_results, report
 from linadapt.app._cli_common import TRUST_HELP as _TRUST_HELP
@@ -177,7 +178,7 @@ def adapt(
     n = _cli_data.n_examples(data.X)
     shape = _cli_data.describe_inputs(data.X)
     try:
-        first = _cli_data.network_outputs(net, _cli_data.torch_inputs(_cli_data.take(data.X, slice(0, 1))))
+        first = _cli_data.network_outputs(net, as_inputs(_cli_data.take(data.X, slice(0, 1))))
         n_outputs = int(np.prod(first.shape[1:]) or 1)
     except Exception as exc:
         _fail(f"the model cannot run on the training inputs of shape {shape}: {type(exc).__name__}: {exc}")

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from linadapt._inputs import KeywordInputs
 from linadapt.estimators.regressor import LinearizedRegressor
 from linadapt.inference.evidence import single_threaded_blas
-from linadapt.jacobian.inputs import default_output
+from linadapt.jacobian.inputs import forward_outputs
 from linadapt.jacobian.selection import ParamSpec, select_parameters
 from linadapt.kernels.gpytorch_kernel import NTKKernel
 
@@ -38,12 +37,6 @@ __all__ = [
 ]
 
 
-def _forward(net: nn.Module, X: Any) -> torch.Tensor:
-    """The network's outputs at X (a tensor, or keyword inputs called as ``net(**X)``), read by
-    :func:`~linadapt.jacobian.inputs.default_output`."""
-    return default_output(net(**X.as_dict()) if isinstance(X, KeywordInputs) else net(X))
-
-
 @dataclass
 class FineTuned:
     """A fine-tuned copy of a network: ``model`` (eval mode), the epoch kept, and the epochs run."""
@@ -55,7 +48,7 @@ class FineTuned:
     @torch.no_grad()
     def logits(self, X: Any, batch: int = 1024) -> torch.Tensor:
         """The fine-tuned network's outputs at X, (m, c), in batches."""
-        return torch.cat([_forward(self.model, X[i : i + batch]) for i in range(0, X.shape[0], batch)])
+        return torch.cat([forward_outputs(self.model, X[i : i + batch]) for i in range(0, X.shape[0], batch)])
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
         """Softmax of the logits, (m, c), float64."""
@@ -139,12 +132,12 @@ def finetune(
         for i in range(0, order.numel(), batch_size):
             idx = order[i : i + batch_size]
             opt.zero_grad()
-            loss_fn(_forward(net, X[idx]), y[idx]).backward()
+            loss_fn(forward_outputs(net, X[idx]), y[idx]).backward()
             opt.step()
         if n_val:
             net.eval()
             with torch.no_grad():
-                score = float(loss_fn(_forward(net, X[val]), y[val]))
+                score = float(loss_fn(forward_outputs(net, X[val]), y[val]))
             if score < best:
                 best, best_state, best_epoch, since = score, copy.deepcopy(net.state_dict()), epoch, 0
             else:

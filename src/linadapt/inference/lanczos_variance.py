@@ -54,7 +54,11 @@ class LanczosBasis:
         self.exhausted = False  # the Krylov space stopped growing (β = 0): Q spans an invariant subspace
 
     def extend(self, size: int) -> None:
-        """Run Lanczos until the basis has ``size`` vectors (at most ``cap``), or the Krylov space is exhausted."""
+        """Run Lanczos until the basis has ``size`` vectors (at most ``cap``), or the Krylov space is exhausted.
+
+        The recurrence is written here rather than taken from linear_operator's ``lanczos_tridiag``, which cannot
+        resume a run: the basis grows only as far as the variances need.
+        """
         size = min(int(size), self.cap)
         Q = self.Q
         while self.size < size and not self.exhausted:

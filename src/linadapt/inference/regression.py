@@ -380,8 +380,8 @@ class RegressionPosterior(LinearizedPosterior):
         return 0.5 * (blocks + blocks.transpose(1, 2))
 
     def _by_basis(self, columns: int) -> bool:
-        """Whether predictive blocks use the Lanczos basis: function space, matrix-free (CG), more columns than
-        ``options.variance_basis_min``, and the basis enabled."""
+        """Whether predictive blocks use the Lanczos basis: function space, matrix-free (CG), at least
+        ``options.variance_basis_min`` columns, and the basis enabled."""
         return (
             self.space == "function"
             and self.system.method == "cg"

@@ -181,13 +181,13 @@ def lanczos_quadrature(
     weights = evecs[:, 0, :] ** 2 * (norms**2).unsqueeze(-1)
     if not tails:
         return nodes, weights
-    beta = _next_beta(matmul, q, t, scale) if t.shape[-1] < D else torch.zeros_like(norms)
+    beta = _next_beta(matmul, q, scale) if t.shape[-1] < D else torch.zeros_like(norms)
     return nodes, weights, beta, evecs[:, -1, :] * evecs[:, 0, :]
 
 
-def _next_beta(matmul: Matmul, q: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    """β_{m+1} (k,) of Lanczos runs with bases q (k, D, m) and tridiagonals t (k, m, m) of A / scale, in A's
-    units: ‖(I − QQᵀ) A q_m‖ (reorthogonalised twice, as the Lanczos vectors are)."""
+def _next_beta(matmul: Matmul, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """β_{m+1} (k,) of Lanczos runs of A / scale with bases q (k, D, m), in A's units: ‖(I − QQᵀ) A q_m‖
+    (reorthogonalised twice, as the Lanczos vectors are)."""
     last = q[..., -1].T  # (D, k)
     w = (matmul(last) / scale).T.unsqueeze(-1)  # (k, D, 1)
     for _ in range(2):

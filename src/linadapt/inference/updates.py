@@ -261,7 +261,7 @@ def _extend_products(
     held = old.cache.get("factored") or None
     if held is not None:
         budget = int(old.options.memory_budget) // 8  # (the old examples' held J takes up to half the budget)
-        new.cache["factored"] = StackedJacobian.stacked(held, _n_local(old), lin, X_new, J3, budget)
+        new.cache["factored"] = StackedJacobian.stacked(held, old.X.shape[0], lin, X_new, J3, budget)  # (this rank's)
     if shard is not None:
         new.cache["X_all"] = cat_examples([old.all_inputs(), shard.gather(X_new)])
     if "K" in old.cache or "K_base" in old.cache:
@@ -275,11 +275,6 @@ def _extend_products(
         else:
             new.cache["K"] = extend_kernel(base if torch.is_tensor(base) else base.kernel(), K_on, K_nn)
     return None if J3 is None else _gather_new(shard, J3).reshape(-1, p)
-
-
-def _n_local(problem: Any) -> int:
-    """The number of examples this rank holds in ``problem`` (all of them without sharding)."""
-    return problem.X.shape[0]
 
 
 def _check_shard(problem: Any, shard: NewShard | None) -> None:

@@ -25,7 +25,15 @@ from linadapt.jacobian._common import LinearizationError, eval_mode
 if TYPE_CHECKING:
     from linadapt.jacobian.linearization import Linearization
 
-__all__ = ["OutputFn", "as_batch_of_one", "as_float64", "default_output", "network_outputs", "vmappable"]
+__all__ = [
+    "OutputFn",
+    "as_batch_of_one",
+    "as_float64",
+    "default_output",
+    "forward_outputs",
+    "network_outputs",
+    "vmappable",
+]
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -51,6 +59,12 @@ def default_output(out: Any) -> torch.Tensor:
         "object's .logits attribute. Pass output_fn= to map the model's return value to the (n, c) or (n,) outputs "
         "to linearize, e.g. output_fn=lambda out: out[0] or output_fn=lambda out: out['pooled']"
     )
+
+
+def forward_outputs(model: nn.Module, x: Any) -> torch.Tensor:
+    """The module's outputs at x as linadapt reads them (:func:`default_output`), called as ``model(x)`` or, for
+    keyword inputs, ``model(**x)`` — with its own weights (the fine-tuning baselines, the command line's checks)."""
+    return default_output(model(**x.as_dict()) if isinstance(x, KeywordInputs) else model(x))
 
 
 def network_outputs(
