@@ -24,7 +24,7 @@ from linadapt.estimators._targets import encode_targets
 from linadapt.inference.evidence import maximize_evidence, noise_prior_from
 from linadapt.inference.laplace import LaplacePosterior, optimize_prior_var
 from linadapt.inference.per_output_noise import PerOutputPosterior, fit_per_output, parse_noise_var, resolve_noise
-from linadapt.inference.regression import RegressionPosterior, dense_fits
+from linadapt.inference.regression import RegressionPosterior, dense_fits, shared_noise_guess
 from linadapt.inference.updates import (
     NewShard,
     extend_laplace_problem,
@@ -156,10 +156,8 @@ class UpdateMixin:
                 problem, post.space, prior0, noise0, None, True, noise_prior, post.prior_offset
             )
             return posterior
-        r, n_obs = problem.r, problem.n_obs
-        if noise0 is None:  # the fit's guess: a tenth of the residual variance
-            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
-            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
+        if noise0 is None:  # the fit's guess
+            noise0 = shared_noise_guess(problem.r, Y)
         prior, noise, _ = maximize_evidence(problem.spectrum(post.space, post.solver), prior0, noise0, noise_prior)
         return RegressionPosterior(problem, prior, noise, post.space, post.solver, prior_offset=post.prior_offset)
 

@@ -43,6 +43,7 @@ from linadapt.inference.regression import (
     SolverOptions,
     choose_space_and_solver,
     fit_shared_noise,
+    shared_noise_guess,
 )
 from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
 from linadapt.jacobian.linearization import Linearization
@@ -279,8 +280,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
         r = problem.r
         n_obs = r.numel()
         if noise0 is None and not per_output:
-            resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
-            noise0 = max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
+            noise0 = shared_noise_guess(r, Y)
         self.prior_vars_ = self.groups_ = None
         if self.prior_groups is not None:
             return self._fit_groups(lin, Xt, yt, r, prior0, noise0, fixed, noise_prior)

@@ -45,6 +45,7 @@ __all__ = [
     "dense_kernel_flops",
     "exact_evidence_fits",
     "fit_shared_noise",
+    "shared_noise_guess",
 ]
 
 _DENSE_FLOP_BUDGET = 2e11  # above this, forming and factorising a dense matrix is slower than CG in practice
@@ -398,6 +399,14 @@ class RegressionPosterior(LinearizedPosterior):
             self._basis = LanczosBasis(self._a_matmul, self.r.detach().clone(), self.sig2, max(cap, 1))
             self._basis.extend(128)
         return self._basis
+
+
+def shared_noise_guess(r: torch.Tensor, Y: torch.Tensor) -> float:
+    """The starting σ² of the evidence search without ``noise_var``: a tenth of the residual variance of r (all
+    N outputs), floored at 1e-8 × the targets' variance (Y) and at 1e-12."""
+    n_obs = r.numel()
+    resid_var = float(r.var()) if n_obs > 1 else float(r @ r)
+    return max(0.1 * resid_var, 1e-8 * max(float(Y.var()) if n_obs > 1 else 1.0, 1e-12), 1e-12)
 
 
 def exact_evidence_fits(space: str, n_obs: int, p: int, memory_budget: int) -> bool:
