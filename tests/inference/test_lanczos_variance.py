@@ -50,6 +50,27 @@ def test_full_basis_is_exact():
     assert float(gap.max()) < 1e-12 * float((B * B).sum(0).max()) / 1e-3
 
 
+def test_growing_basis_reuses_its_projections():
+    """quadratic(B, C) with C from a smaller basis equals a fresh call: the basis only appends vectors, so the
+    rows of QᵀB computed before stay valid (the predictive loop checks after every small step this way)."""
+    A = _spd(50, 3, 0.85)
+    B = A @ torch.randn(50, 6, dtype=torch.float64)
+    basis = LanczosBasis(lambda V: A @ V, torch.ones(50, dtype=torch.float64), 1e-3, 50)
+    basis.extend(12)
+    _, _, C, _ = basis.quadratic(B)
+    basis.extend(30)
+    reused = basis.quadratic(B, C)
+    fresh = basis.quadratic(B)
+    assert reused[2].shape == (30, 6)
+    for a, b in zip(reused, fresh):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    Xt, gap = basis.galerkin(B)  # the same quadratic form as the solution's
+    torch.testing.assert_close((B * Xt).sum(0), fresh[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gap, fresh[1])
+    with pytest.raises(ValueError, match="more than the basis"):
+        LanczosBasis(lambda V: A @ V, torch.ones(50, dtype=torch.float64), 1e-3, 50).project(B, C)
+
+
 def _net(c: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, c)).double()
@@ -85,6 +106,27 @@ def test_cg_predictive_std_by_the_basis_matches_the_dense_posterior(c, prior_var
         torch.testing.assert_close(
             cg.posterior_.latent_blocks(Xs), dense.posterior_.latent_blocks(Xs), rtol=2e-2, atol=1e-10
         )
+
+
+def test_the_basis_stops_one_small_step_after_the_variances_are_certified():
+    """The basis grows 128, then by max(size/16, 64): one step fewer would leave a variance uncertified (no
+    overshoot of more than one step: products are the whole cost of the std at large N)."""
+    X, y, Xs = _data(600, 60, 1)
+    kw = {"space": "function", "prior_var": 5.0, "noise_var": 3e-3, "optimize_hyperparameters": False}
+    cg = la.LinearizedRegressor(_net(1), solver="cg", **kw).fit(X, y)
+    cg.predict(Xs, return_std=True)
+    post = cg.posterior_
+    sizes = [128]
+    while sizes[-1] < post._basis.size:
+        sizes.append(sizes[-1] + max(sizes[-1] // 16, 64))
+    assert sizes[-1] == post._basis.size > 128, sizes  # it grew, along the documented steps
+    smaller = LanczosBasis(post._a_matmul, post.r.clone(), post.sig2, sizes[-2])
+    smaller.extend(sizes[-2])
+    Kx = post.problem.lin.ntk(X, Xs)  # (N, m) cross-kernel columns
+    dense = la.LinearizedRegressor(_net(1), solver="cholesky", **kw).fit(X, y)
+    var = dense.predict(Xs, return_std=True, include_noise=False)[1] ** 2  # the latent variance, as certified
+    _, gap, _, _ = smaller.quadratic(Kx)
+    assert bool((post.s2**2 * gap.numpy() > 1e-2 * var).any())
 
 
 def test_columns_the_capped_basis_cannot_certify_are_solved_by_cg():

@@ -12,7 +12,9 @@ so its residual, and with it a bound on the error, costs no product with A: ‖A
 2 β η q'ᵀk with η = e_rᵀ T⁻¹ Qᵀ k. The variance s² k** − s⁴ kᵀx̃ is then an upper bound of the exact one, at most
 s⁴ ‖A x̃ − k‖² / σ² above it. The basis grows (by half) until that gap is within ``rtol`` of the variance for every
 column, up to a cap set by the memory budget; columns still outside are solved by CG. The basis is built once per
-posterior and serves every later prediction.
+posterior and serves every later prediction. It grows in small steps (a sixteenth of its size, at least 64
+vectors), each check reusing the projections Qᵀk of the last: a check costs N·(new vectors)·k, far less than the
+products it can save (growing by half, the last step overshot the size the variances needed by up to a third).
 """
 
 from __future__ import annotations
@@ -92,17 +94,35 @@ class LanczosBasis:
             T[idx[1:], idx[:-1]] = off
         return T
 
-    def galerkin(self, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X̃, gap) for B (N, k): X̃ = Q T⁻¹ Qᵀ B (N, k) and, per column b, an upper bound of bᵀA⁻¹b − bᵀx̃ ≥ 0,
-        ‖A x̃ − b‖² / lower (k,)."""
+    def project(self, B: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """Qᵀ B (r, k) for the r basis vectors in use; ``known`` is Qᵀ B from an earlier, smaller basis (the basis
+        only grows, so its rows stay valid and only the new ones are computed)."""
         r = self.size
-        Q = self.Q[:, :r]
-        C = Q.T @ B  # (r, k)
+        done = 0 if known is None else known.shape[0]
+        if done > r:
+            raise ValueError(f"the known projection has {done} rows, more than the basis' {r} vectors")
+        fresh = self.Q[:, done:r].T @ B
+        return fresh if known is None else torch.cat([known, fresh])
+
+    def quadratic(
+        self, B: torch.Tensor, C: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per column b of B (N, k): (bᵀx̃ (k,), gap (k,), C, Y) with x̃ = Q Y the Galerkin solution, Y = T⁻¹ Qᵀ B
+        (r, k), C = Qᵀ B (r, k; pass the C of an earlier call on the same B to reuse its rows) and gap an upper
+        bound of bᵀA⁻¹b − bᵀx̃ ≥ 0, ‖A x̃ − b‖² / lower. No N-sized product with Y: bᵀx̃ = Σ C ⊙ Y."""
+        r = self.size
+        C = self.project(B, C)
         L = torch.linalg.cholesky(self._tridiagonal())
         Y = torch.cholesky_solve(C, L)  # T⁻¹ Qᵀ B
-        beta = self.beta[-1] if r else 0.0
+        beta = self.beta[r - 1] if r else 0.0
         eta = Y[-1]
         res2 = (B * B).sum(0) - (C * C).sum(0) + (beta * eta) ** 2
         if beta:
             res2 = res2 - 2.0 * beta * eta * (self.Q[:, r] @ B)
-        return Q @ Y, res2.clamp_min(0.0) / self.lower
+        return (C * Y).sum(0), res2.clamp_min(0.0) / self.lower, C, Y
+
+    def galerkin(self, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X̃, gap) for B (N, k): X̃ = Q T⁻¹ Qᵀ B (N, k) and, per column b, an upper bound of bᵀA⁻¹b − bᵀx̃ ≥ 0,
+        ‖A x̃ − b‖² / lower (k,)."""
+        _, gap, _, Y = self.quadratic(B)
+        return self.Q[:, : self.size] @ Y, gap

@@ -366,13 +366,15 @@ class RegressionPosterior(LinearizedPosterior):
         prior = self.s2 * Kss.diagonal(dim1=1, dim2=2).reshape(-1)  # (b·c,) prior variances
         rtol = self.options.variance_rtol
         basis = self.lanczos_basis
+        C = None
         while True:
-            Xt, gap = basis.galerkin(Kx)
-            var = prior - self.s2**2 * (Kx * Xt).sum(0)  # ≥ the exact variance, by at most s⁴ · gap
+            quad, gap, C, Y = basis.quadratic(Kx, C)
+            var = prior - self.s2**2 * quad  # ≥ the exact variance, by at most s⁴ · gap
             bad = self.s2**2 * gap > rtol * var.clamp_min(1e-300)
             if not bool(bad.any()) or basis.size >= basis.cap or basis.exhausted:
                 break
-            basis.extend(basis.size + max(basis.size // 2, 64))
+            basis.extend(basis.size + max(basis.size // 16, 64))
+        Xt = basis.Q[:, : basis.size] @ Y
         if bool(bad.any()):  # past the basis' cap: those columns by CG
             Xt[:, bad] = self.solve(Kx[:, bad])
         blocks = self.s2 * Kss + _diagonal_blocks(
@@ -393,7 +395,8 @@ class RegressionPosterior(LinearizedPosterior):
     @property
     def lanczos_basis(self) -> LanczosBasis:
         """The Lanczos basis of A = s²K + σ²I for predictive variances, built on first use (128 vectors, then
-        grown by half as the variances need), at most a quarter of the memory budget."""
+        grown by a sixteenth, at least 64 vectors at a time, as the variances need), at most a quarter of the
+        memory budget."""
         if getattr(self, "_basis", None) is None:
             cap = int(self.memory_budget) // 4 // (8 * self.n_obs) - 1
             self._basis = LanczosBasis(self._a_matmul, self.r.detach().clone(), self.sig2, max(cap, 1))
