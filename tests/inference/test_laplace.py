@@ -157,12 +157,16 @@ def test_prior_var_maximises_the_laplace_evidence():
 
 
 def test_prior_var_search_leaves_the_initial_grid_when_needed():
-    # Random labels a tiny net cannot explain: the evidence prefers (almost) no adaptation, far below 10⁻⁴.
+    # Random labels a tiny net cannot explain: the evidence prefers (almost) no adaptation, far below 10⁻⁴
+    # (the evidence alone; the default boundary-avoiding hyperprior stops where the logits' prior variance is ≈ 1).
     model, X = mlp(), inputs_for("mlp", 30)
     y = labels_for(30, 3, seed=11)
-    clf = la.LinearizedClassifier(model, prior_var=100.0).fit(X, y)
+    clf = la.LinearizedClassifier(model, prior_var=100.0, hyperprior=None).fit(X, y)
     assert clf.prior_var_ < 100.0 * 1e-4
     assert clf.log_marginal_likelihood(clf.prior_var_) >= clf.log_marginal_likelihood(clf.prior_var_ * 10) - 1e-9
+    kbar = clf.problem_.mean_kernel_diagonal()
+    default = la.LinearizedClassifier(model, prior_var=100.0).fit(X, y)
+    assert 0.05 < default.prior_var_ * kbar < 1.0  # in the prior's tail, above the evidence alone
 
 
 def test_newton_reaches_the_map_with_a_huge_prior_on_separable_data():
@@ -553,7 +557,7 @@ def test_prior_variance_search_warns_when_the_evidence_has_no_interior_optimum()
         X, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            clf = la.LinearizedClassifier(net, params="2.*").fit(X, y)
+            clf = la.LinearizedClassifier(net, params="2.*", hyperprior=None).fit(X, y)
         return clf.prior_var_, [w for w in caught if issubclass(w.category, ConvergenceWarning)]
 
     s2, caught = fit(1)

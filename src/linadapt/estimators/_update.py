@@ -25,6 +25,7 @@ from linadapt.inference.evidence import maximize_evidence, noise_prior_from
 from linadapt.inference.laplace import LaplacePosterior, optimize_prior_var
 from linadapt.inference.per_output_noise import PerOutputPosterior, fit_per_output, parse_noise_var, resolve_noise
 from linadapt.inference.regression import RegressionPosterior, dense_fits, shared_noise_guess
+from linadapt.inference.scale_prior import scale_prior_from
 from linadapt.inference.updates import (
     NewShard,
     extend_laplace_problem,
@@ -180,7 +181,8 @@ class UpdateMixin:
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if optimize:
             prior0 = check_positive(self.prior_var, "prior_var")
-            new = optimize_prior_var(problem, prior0, post.space, post.solver, tol, iters)
+            prior = scale_prior_from(getattr(self, "hyperprior", None))
+            new = optimize_prior_var(problem, prior0, post.space, post.solver, tol, iters, prior)
         else:
             start = laplace_start(post, Xn, f0_all, shard)
             new = LaplacePosterior(problem, post.s2, post.space, post.solver, tol, iters, start=start)  # type: ignore[arg-type]

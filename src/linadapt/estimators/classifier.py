@@ -26,6 +26,7 @@ from linadapt.inference.loo import loo_nll
 from linadapt.inference.prior_groups import GroupSpec, resolve_groups
 from linadapt.inference.regression import SolverOptions, choose_space_and_solver
 from linadapt.inference.sampling import check_sample_memory, gaussian_samples, sample_count
+from linadapt.inference.scale_prior import scale_prior_from
 from linadapt.jacobian.linearization import Linearization
 from linadapt.jacobian.selection import ParamSpec
 from linadapt.likelihoods import LIKELIHOODS
@@ -49,7 +50,12 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
             modified.
         params: parameters to adapt: ``"all"``, ``"last"``, ``"bias"``, or names / glob patterns.
         prior_var: s² (starting value when optimising, fixed otherwise).
-        optimize_hyperparameters: choose prior_var by maximising the Laplace evidence.
+        optimize_hyperparameters: choose prior_var by maximising the Laplace evidence (times ``hyperprior``).
+        hyperprior: ``"default"``: a boundary-avoiding prior on s² that is flat wherever the adapted logits' mean
+            prior variance v = s² · tr K / N is at least 1 and a half-log-normal tail (scale 2) below, so that
+            a nearly flat evidence on a few labels cannot send s² to 0 and leave a new head at its random
+            initialisation; ``None``: the evidence alone (type-II maximum likelihood); a pair (loc, scale) moves
+            the tail's start to v = e^loc. See :mod:`linadapt.inference.scale_prior`.
         prior_groups: one prior variance per group of weights instead of one for all — e.g. the new head and
             the backbone, whose scales an adapted network rarely shares: ``"layers"`` (a group per module owning
             adapted weights), ``"tensors"``, or a list of name / glob patterns (or lists of them), one group
@@ -122,6 +128,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         prior_var: float = 1.0,
         optimize_hyperparameters: bool = True,
         prior_groups: GroupSpec = None,
+        hyperprior: Any = "default",
         likelihood: str = "auto",
         link: str = "auto",
         n_samples: int = 1000,
@@ -145,6 +152,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         self.prior_var = prior_var
         self.optimize_hyperparameters = optimize_hyperparameters
         self.prior_groups = prior_groups
+        self.hyperprior = hyperprior
         self.likelihood = likelihood
         self.link = link
         self.n_samples = n_samples
@@ -171,6 +179,7 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
         check_choice(self.link, "link", (*CLASSIFIER_LINKS, "auto"))
         if self.likelihood != "auto" and self.link != "auto":
             LIKELIHOODS[self.likelihood]().check_link(self.link)
+        scale_prior_from(self.hyperprior)  # a bad spec is an error before any work
         check_choice(self.prior_mean, "prior_mean", ("network", "zero"))
         check_choice(self.space, "space", ("auto", "function", "parameter"))
         check_choice(self.solver, "solver", ("auto", "cholesky", "cg"))
@@ -278,7 +287,9 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
             if fixed is not None:
                 posterior = LaplacePosterior(problem, fixed, space, solver, tol, iters)
             elif self.optimize_hyperparameters:
-                posterior = optimize_prior_var(problem, prior0, space, solver, tol, iters)
+                posterior = optimize_prior_var(
+                    problem, prior0, space, solver, tol, iters, scale_prior_from(self.hyperprior)
+                )
             else:
                 posterior = LaplacePosterior(problem, prior0, space, solver, tol, iters)
         self.linearization_ = lin
@@ -320,7 +331,9 @@ class LinearizedClassifier(QueryMixin, UpdateMixin, SaveLoadMixin, ClassifierMix
                 raise ValueError(f"saved prior groups {fixed!r} differ from this model's groups {names}")
             posterior = GroupedLaplacePosterior(problem, np.array([float(fixed[g]) for g in names]), tol, iters)
         elif self.optimize_hyperparameters:
-            posterior = optimize_group_prior_vars(problem, prior0, tol, iters)
+            posterior = optimize_group_prior_vars(
+                problem, prior0, tol, iters, scale_prior=scale_prior_from(self.hyperprior)
+            )
         else:
             posterior = GroupedLaplacePosterior(problem, np.full(len(groups), prior0), tol, iters)
         self.prior_vars_ = {g: float(v) for g, v in zip(names, posterior.prior_vars)}

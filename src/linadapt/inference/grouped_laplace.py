@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from linadapt._memory import MemoryBudgetError, format_bytes
 from linadapt.inference.laplace import LaplacePosterior, LaplaceProblem, optimize_prior_var
 from linadapt.inference.prior_groups import GroupedKernels
 from linadapt.inference.regression import SolverOptions
+from linadapt.inference.scale_prior import ScalePrior
 from linadapt.jacobian.linearization import ALGEBRA_DTYPE, Linearization
 from linadapt.likelihoods import Likelihood
 
@@ -85,6 +87,14 @@ class GroupedLaplaceProblem(LaplaceProblem):
         ).to(lin.device)
         self.scales = np.zeros(len(groups))
         self.set_scales(np.ones(len(groups)))
+
+    def group_kernel_diagonals(self) -> np.ndarray:
+        """(G,): k̄_g = tr K_g / N, the mean diagonal of each group's kernel."""
+        return (self.Ks.diagonal(dim1=1, dim2=2).sum(-1) / max(self.n_obs, 1)).cpu().numpy()
+
+    def mean_kernel_diagonal(self) -> float:
+        """k̄ of the isotropic kernel Σ_g K_g (all s²_g = 1), whatever scales the held kernel has now."""
+        return float(self.group_kernel_diagonals().sum())
 
     def set_scales(self, s2: np.ndarray) -> None:
         """Make the held kernel K_s = Σ_g s²_g K_g (a no-op when it already is)."""
@@ -190,15 +200,27 @@ def optimize_group_prior_vars(
     newton_tol: float = 1e-12,
     newton_max_iter: int = 100,
     max_evaluations: int | None = None,
+    scale_prior: ScalePrior | None = None,
 ) -> GroupedLaplacePosterior:
     """argmax over (s²_1..G) of the Laplace evidence log q(y | s²): the isotropic optimum (by
     :func:`~linadapt.inference.laplace.optimize_prior_var` on K = Σ_g K_g, from ``prior_var``), then Nelder–Mead
     on log s²_g (to 0.02 in log s², each within 10^{±8} of the isotropic optimum; at most ``max_evaluations``
-    Newton runs, default 40·G), warm-started at the best point so far. Returns the posterior at the best point."""
+    Newton runs, default 40·G), warm-started at the best point so far. Returns the posterior at the best point.
+    With ``scale_prior``, both stages maximise the evidence plus log p(s²) at v = Σ_g s²_g k̄_g
+    (:mod:`~linadapt.inference.scale_prior`)."""
     G = len(problem.groups)
     problem.set_scales(np.ones(G))
-    iso = optimize_prior_var(problem, prior_var, "function", "cholesky", newton_tol, newton_max_iter)
-    best = {"post": GroupedLaplacePosterior(problem, np.full(G, iso.s2), newton_tol, newton_max_iter, start=iso)}
+    iso = optimize_prior_var(problem, prior_var, "function", "cholesky", newton_tol, newton_max_iter, scale_prior)
+    kbars = problem.group_kernel_diagonals()
+
+    def penalty(x: np.ndarray) -> float:
+        if scale_prior is None:
+            return 0.0
+        return scale_prior.penalty(math.log(max(float(np.exp(x) @ kbars), 1e-300)))[0]
+
+    x0 = np.full(G, math.log(iso.s2))
+    first = GroupedLaplacePosterior(problem, np.exp(x0), newton_tol, newton_max_iter, start=iso)
+    best: dict[str, Any] = {"post": first, "value": -first.log_evidence + penalty(x0)}
     if G == 1:
         return best["post"]
 
@@ -206,11 +228,11 @@ def optimize_group_prior_vars(
         post = GroupedLaplacePosterior(problem, np.exp(x), newton_tol, newton_max_iter, start=best["post"])
         if not math.isfinite(post.log_evidence):
             return math.inf
-        if post.log_evidence > best["post"].log_evidence:
-            best["post"] = post
-        return -post.log_evidence
+        value = -post.log_evidence + penalty(x)
+        if value < best["value"]:
+            best["post"], best["value"] = post, value
+        return value
 
-    x0 = np.full(G, math.log(iso.s2))
     span = _MAX_DECADES * math.log(10.0)
     simplex = np.vstack([x0, x0 + math.log(10.0) * np.eye(G)])  # one decade along each group to start
     minimize(

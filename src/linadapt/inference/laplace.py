@@ -44,6 +44,7 @@ from scipy.optimize import minimize_scalar
 
 from linadapt.inference.posterior import LinearizedPosterior, TrainingData
 from linadapt.inference.regression import SolverOptions
+from linadapt.inference.scale_prior import ScalePrior
 from linadapt.inference.solvers import (
     ConvergenceWarning,
     SPDSystem,
@@ -435,8 +436,11 @@ def optimize_prior_var(
     solver: str,
     newton_tol: float = 1e-12,
     newton_max_iter: int = 100,
+    scale_prior: ScalePrior | None = None,
 ) -> LaplacePosterior:
-    """Type-II maximum likelihood for s²: argmax of the Laplace evidence log q(y | s²).
+    """Type-II maximum likelihood for s²: argmax of the Laplace evidence log q(y | s²) — or, with ``scale_prior``,
+    type-II MAP: argmax of log q(y | s²) + log p(s²) (:mod:`~linadapt.inference.scale_prior`; the posterior's
+    ``log_evidence`` stays the evidence alone).
 
     Each evaluation finds the MAP for that s² (Newton, warm-started from the nearest evaluated s²) and
     the log-determinant at it. Decades s² = prior_var · 10^k, k = 0, ±1, then onwards in the improving
@@ -444,7 +448,7 @@ def optimize_prior_var(
     log s² refines it (to 0.05 in log s²). Returns the posterior at the best s² found. (The evidence of
     this model is unimodal in log s² in every case we have seen; the walk assumes so.)
     """
-    best: dict[str, LaplacePosterior] = {}
+    best: dict[str, Any] = {}
     last: list[LaplacePosterior] = []
     center, step = math.log(prior_var), math.log(10.0)
 
@@ -457,9 +461,12 @@ def optimize_prior_var(
         last[:] = [post]
         if not math.isfinite(post.log_evidence):
             return math.inf
-        if "post" not in best or post.log_evidence > best["post"].log_evidence:
-            best["post"] = post
-        return -post.log_evidence
+        value = -post.log_evidence
+        if scale_prior is not None:  # k̄ after the first posterior: the dense K or J it formed is then held
+            value += scale_prior.penalty(log_s2 + math.log(max(problem.mean_kernel_diagonal(), 1e-300)))[0]
+        if "post" not in best or value < best["value"]:
+            best["post"], best["value"] = post, value
+        return value
 
     # Bracket: one decade either side of prior_var, then walk a decade at a time in the improving direction.
     values = {k: evaluate(center + k * step) for k in (0, -1, 1)}
@@ -478,7 +485,8 @@ def optimize_prior_var(
         s2 = best["post"].s2
         why = (
             "the adapted weights stay at their trained values (the evidence finds the labels no better explained by "
-            "moving them); to adapt anyway, pass prior_var with optimize_hyperparameters=False"
+            "moving them); to adapt anyway, keep the default hyperprior (it bounds s² away from 0) or pass prior_var with "
+            "optimize_hyperparameters=False"
             if k_best < 0
             else "the labels are separable by the linearized model; predictions may be overconfident"
         )

@@ -142,6 +142,21 @@ class TrainingData:
             self.cache["K"] = self.lin.ntk(self.all_inputs())
         return self.cache["K"]
 
+    def mean_kernel_diagonal(self) -> float:
+        """k̄ = tr K / N, the mean of K's diagonal over all N training outputs, cached: from the dense K or J when
+        held, else from the per-example c × c blocks (one pass, nothing N × N; summed over ranks when sharded)."""
+        if "kbar" not in self.cache:
+            if "K" in self.cache:
+                total = float(self.cache["K"].diagonal().sum())
+            elif "J" in self.cache:
+                total = float(self.cache["J"].pow(2).sum())
+            else:
+                X = self.X
+                local = self.lin.ntk_blocks(X).diagonal(dim1=1, dim2=2).sum() if X.shape[0] else torch.zeros(())
+                total = float(self._all_reduce(local.to(ALGEBRA_DTYPE).reshape(1)))
+            self.cache["kbar"] = total / max(self.n_obs, 1)
+        return self.cache["kbar"]
+
     def jacobian_fits(self) -> bool:
         """Whether the dense J (N × p, float64) is held already or fits in half the memory budget."""
         return "J" in self.cache or self.n_obs * self.p * 8 <= int(self.options.memory_budget) // 2
