@@ -20,7 +20,7 @@ def contract_outputs(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
             for a in range(1, G.shape[0]):
                 w.addcmul_(G[a], u[a].unsqueeze(1))
             out.append(w)
-        return torch.stack(out)
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)  # one vector: a view, not a copy
     return torch.einsum("kba,abo->kbo", U, G)
 
 
