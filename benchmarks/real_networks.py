@@ -69,7 +69,7 @@ if method == "finetune-all":
 else:
     params = {"linadapt-all": "all", "linadapt-all-groups": "all", "linadapt-last": "last"}.get(method, task["head"])
     groups = [task["head"]] if method == "linadapt-all-groups" else None
-    clf = LinearizedClassifier(net, params=params, link="LINK", prior_groups=groups).fit(xa, ya)
+    clf = LinearizedClassifier(net, params=params, link="LINK", prior_groups=groups, memory_budget=BUDGET).fit(xa, ya)
     fit = time.perf_counter() - t
     proba = clf.predict_proba(xt)
     extra = {"prior_var": clf.prior_var_, "prior_vars": clf.prior_vars_, "link": clf.link_,
@@ -95,6 +95,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
         "NETWORK": args.network,
         "BENCH_DIR": repr(str(Path(__file__).resolve().parent)),
         "LINK": args.link,
+        "BUDGET": repr(args.memory_budget),
     }.items():
         code = code.replace(key, str(value))
     t = time.perf_counter()
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--methods", default="finetune-all,linadapt-all,linadapt-all-groups,linadapt-head")
     parser.add_argument("--link", default="auto", help="linadapt's readout (auto: chosen by leave-one-out)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--memory-budget", default=None, help="linadapt's memory_budget (default: the library's)")
     args = parser.parse_args()
     if args.network in PREPARE:  # e.g. train and cache the source network once, outside the measured processes
         print(json.dumps({"network": args.network, **PREPARE[args.network](args.size, args.threads)}), flush=True)

@@ -186,6 +186,27 @@ def test_noise_per_output(project):
     assert res.exit_code == 2 and "--noise applies to regression" in res.output
 
 
+def test_hyperprior_none_is_the_evidence_alone(project):
+    """--hyperprior none: the estimators' hyperprior=None (regression: no noise prior; classification: no prior on
+    s²), recorded in the file; the default keeps each estimator's default."""
+    tmp, nets, X, t, labels = project
+    reg = ["--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv", "--no-baselines"]
+    adapt(*reg, "--hyperprior", "none", "--out", "rn")
+    header = read_header(tmp / "rn" / "adapted.linadapt")
+    assert header["settings"]["hyperprior"] is None
+    ref = la.LinearizedRegressor(nets.regressor(), hyperprior=None).fit(X, t)
+    assert header["fitted"]["noise_var_"] == pytest.approx(ref.noise_var_, rel=1e-8)
+    default = la.LinearizedRegressor(nets.regressor()).fit(X, t)
+    assert abs(default.noise_var_ - ref.noise_var_) > 1e-6 * ref.noise_var_  # the flag changed the fit
+    clf = ["--model", "nets:classifier", "--weights", "clf.safetensors", "--train", "clf.csv", "--no-baselines"]
+    adapt(*clf, "--out", "cd")
+    assert read_header(tmp / "cd" / "adapted.linadapt")["settings"]["hyperprior"] == "default"
+    adapt(*clf, "--hyperprior", "none", "--out", "cn")
+    assert read_header(tmp / "cn" / "adapted.linadapt")["settings"]["hyperprior"] is None
+    res = runner.invoke(app, ["adapt", *clf, "--hyperprior", "flat"])
+    assert res.exit_code == 2 and "--hyperprior must be default or none" in res.output
+
+
 # ---------------------------------------------------------------- experiment --plot
 def _fake_records(name):
     """Records shaped like the registry's (two methods, two seeds, two shot counts)."""

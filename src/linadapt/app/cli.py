@@ -132,6 +132,13 @@ def adapt(
         str,
         typer.Option(help="Memory linadapt's arrays may take, e.g. 4GiB or 512MiB; auto: min(2 GiB, 1/4 available)."),
     ] = "auto",
+    hyperprior: Annotated[
+        str,
+        typer.Option(
+            help="The evidence search's hyperprior: default (regression: a weak prior on the noise; classification: "
+            "s² kept off 0) or none (the evidence alone)."
+        ),
+    ] = "default",
 ) -> None:
     """Fit the linearized GP of MODEL on the target data; write OUT/adapted.linadapt, OUT/report.html and, with
     --test, OUT/predictions.csv (and a comparison with the source network and fine-tuning when it has targets).
@@ -146,6 +153,8 @@ def adapt(
     if noise not in ("shared", "per-output", "per_output"):
         _fail(f"--noise must be shared or per-output, got {noise!r}")
     noise = noise.replace("-", "_")
+    if hyperprior not in ("default", "none"):
+        _fail(f"--hyperprior must be default or none, got {hyperprior!r}")
     target_names, input_names = target or None, _cli_data.split_names(inputs)
     groups_spec: str | list[str] | None = prior_groups
     if prior_groups is not None and prior_groups not in ("layers", "tensors"):
@@ -197,6 +206,8 @@ def adapt(
         extra["noise"] = noise
     if groups_spec is not None:
         extra["prior_groups"] = groups_spec
+    if hyperprior == "none":
+        extra["hyperprior"] = None
     est = est_cls(net, params=spec, distributed=world > 1, device=device, memory_budget=budget, **extra)
     rows = _shard(n, rank, world)
     if world > 1 and n < world:
