@@ -189,7 +189,7 @@ def test_noise_per_output(project):
 def test_hyperprior_none_is_the_evidence_alone(project):
     """--hyperprior none: the estimators' hyperprior=None (regression: no noise prior; classification: no prior on
     s²), recorded in the file; the default keeps each estimator's default."""
-    tmp, nets, X, t, labels = project
+    tmp, nets, X, t, _ = project
     reg = ["--model", "nets:regressor", "--weights", "reg.safetensors", "--train", "reg.csv", "--no-baselines"]
     adapt(*reg, "--hyperprior", "none", "--out", "rn")
     header = read_header(tmp / "rn" / "adapted.linadapt")

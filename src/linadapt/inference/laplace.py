@@ -485,8 +485,8 @@ def optimize_prior_var(
         s2 = best["post"].s2
         why = (
             "the adapted weights stay at their trained values (the evidence finds the labels no better explained by "
-            "moving them); to adapt anyway, keep the default hyperprior (it bounds s² away from 0) or pass prior_var with "
-            "optimize_hyperparameters=False"
+            "moving them); to adapt anyway, keep the default hyperprior (it bounds s² away from 0) or pass "
+            "prior_var with optimize_hyperparameters=False"
             if k_best < 0
             else "the labels are separable by the linearized model; predictions may be overconfident"
         )
