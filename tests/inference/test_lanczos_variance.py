@@ -64,6 +64,10 @@ def test_growing_basis_reuses_its_projections():
     assert reused[2].shape == (30, 6)
     for a, b in zip(reused, fresh):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    altered = C.clone()
+    altered[0] += 1.0  # the known rows are taken as given, not computed again: only the 18 new rows are
+    assert torch.equal(basis.project(B, altered)[:12], altered)
+    torch.testing.assert_close(basis.project(B, altered)[12:], fresh[2][12:], rtol=0, atol=0)
     Xt, gap = basis.galerkin(B)  # the same quadratic form as the solution's
     torch.testing.assert_close((B * Xt).sum(0), fresh[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gap, fresh[1])

@@ -35,7 +35,7 @@ def test_hyperprior_argument():
     assert scale_prior_from(None) is None
     assert scale_prior_from((1.0, 0.5)) == ScalePrior(1.0, 0.5)
     assert scale_prior_from([1, 3]) == ScalePrior(1.0, 3.0)  # as a saved file's JSON gives it back
-    for bad in ("flat", (1.0,), (0.0, -1.0), (math.nan, 1.0)):
+    for bad in ("flat", (1.0,), (0.0, -1.0), (math.nan, 1.0), ScalePrior()):  # an object would not save as JSON
         with pytest.raises(ValueError):
             scale_prior_from(bad)
     with pytest.raises(ValueError, match="hyperprior"):

@@ -148,7 +148,7 @@ def _classification(shots: int, quick: bool, step: Step) -> tuple[list[dict], st
     hyper = report.table_html(
         ["hyperparameter", "value"],
         [
-            ["prior variance s² (Laplace evidence)", clf.prior_var_],
+            ["prior variance s² (Laplace evidence × hyperprior)", clf.prior_var_],
             ["log evidence", clf.log_marginal_likelihood_value_],
             ["adapted parameters", clf.linearization_.num_params],
             ["Newton iterations", clf.n_iter_],

@@ -55,7 +55,8 @@ class UpdateMixin:
                 ``fit``).
             y_new: their targets as in ``fit`` (labels must be among ``classes_``).
             optimize_hyperparameters: also search the hyperparameters again on all data, as ``fit`` does (the
-                regressor: type-II MAP under ``hyperprior``; the classifier: the Laplace evidence), from ``fit``'s
+                regressor: type-II MAP under ``hyperprior``; the classifier: the Laplace evidence times its
+                ``hyperprior``), from ``fit``'s
                 starting values; by default ``prior_var_`` and ``noise_var_`` stay as they are.
 
         Returns:
@@ -181,7 +182,7 @@ class UpdateMixin:
         tol, iters = float(self.newton_tol), int(self.newton_max_iter)
         if optimize:
             prior0 = check_positive(self.prior_var, "prior_var")
-            prior = scale_prior_from(getattr(self, "hyperprior", None))
+            prior = scale_prior_from(self.hyperprior)
             new = optimize_prior_var(problem, prior0, post.space, post.solver, tol, iters, prior)
         else:
             start = laplace_start(post, Xn, f0_all, shard)

@@ -12,9 +12,10 @@ so its residual, and with it a bound on the error, costs no product with A: ‖A
 2 β η q'ᵀk with η = e_rᵀ T⁻¹ Qᵀ k. The variance s² k** − s⁴ kᵀx̃ is then an upper bound of the exact one, at most
 s⁴ ‖A x̃ − k‖² / σ² above it. The basis grows (by half) until that gap is within ``rtol`` of the variance for every
 column, up to a cap set by the memory budget; columns still outside are solved by CG. The basis is built once per
-posterior and serves every later prediction. It grows in small steps (a sixteenth of its size, at least 64
-vectors), each check reusing the projections Qᵀk of the last: a check costs N·(new vectors)·k, far less than the
-products it can save (growing by half, the last step overshot the size the variances needed by up to a third).
+posterior and serves every later prediction. It grows in small steps (a sixteenth of its size, at least 64 vectors),
+each check reusing the projections Qᵀk of the last: a check costs N·(new vectors)·k for the new rows plus a Cholesky
+of the r × r tridiagonal T and its solve (r³/3 + 2r²k), far less than the products with A it can save (growing by
+half, the last step overshot the size the variances needed by up to a third).
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ class LanczosBasis:
         bound of bᵀA⁻¹b − bᵀx̃ ≥ 0, ‖A x̃ − b‖² / lower. No N-sized product with Y: bᵀx̃ = Σ C ⊙ Y."""
         r = self.size
         C = self.project(B, C)
+        if r == 0:  # no basis yet: x̃ = 0, the residual is b
+            return torch.zeros_like(B[0]), (B * B).sum(0) / self.lower, C, C
         L = torch.linalg.cholesky(self._tridiagonal())
         Y = torch.cholesky_solve(C, L)  # T⁻¹ Qᵀ B
-        beta = self.beta[r - 1] if r else 0.0
+        beta = self.beta[r - 1]
         eta = Y[-1]
         res2 = (B * B).sum(0) - (C * C).sum(0) + (beta * eta) ** 2
         if beta:

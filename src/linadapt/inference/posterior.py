@@ -152,7 +152,11 @@ class TrainingData:
                 total = float(self.cache["J"].pow(2).sum())
             else:
                 X = self.X
-                local = self.lin.ntk_blocks(X).diagonal(dim1=1, dim2=2).sum() if X.shape[0] else torch.zeros(())
+                local = (
+                    self.lin.ntk_blocks(X).diagonal(dim1=1, dim2=2).sum()
+                    if X.shape[0]
+                    else torch.zeros((), device=self.lin.device)
+                )
                 total = float(self._all_reduce(local.to(ALGEBRA_DTYPE).reshape(1)))
             self.cache["kbar"] = total / max(self.n_obs, 1)
         return self.cache["kbar"]
