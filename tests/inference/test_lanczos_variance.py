@@ -118,7 +118,7 @@ def test_the_basis_stops_one_small_step_after_the_variances_are_certified():
     X, y, Xs = _data(600, 60, 1)
     kw = {"space": "function", "prior_var": 5.0, "noise_var": 3e-3, "optimize_hyperparameters": False}
     cg = la.LinearizedRegressor(_net(1), solver="cg", **kw).fit(X, y)
-    cg.predict(Xs, return_std=True)
+    cg.predict(Xs, return_std=True, include_noise=False)  # certifies the latent variances
     post = cg.posterior_
     sizes = [128]
     while sizes[-1] < post._basis.size:
@@ -131,6 +131,30 @@ def test_the_basis_stops_one_small_step_after_the_variances_are_certified():
     var = dense.predict(Xs, return_std=True, include_noise=False)[1] ** 2  # the latent variance, as certified
     _, gap, _, _ = smaller.quadratic(Kx)
     assert bool((post.s2**2 * gap.numpy() > 1e-2 * var).any())
+
+
+@pytest.mark.parametrize(("c", "prior_var", "noise_var"), [(1, 5.0, 3e-3), (2, 5.0, 3e-3)])
+def test_the_std_of_y_is_certified_with_the_noise_and_needs_a_smaller_basis(c, prior_var, noise_var):
+    """predict(return_std=True) returns the std of y: each returned variance (latent + σ²) is certified within
+    1 % — which needs fewer basis vectors than the latent variance alone; include_noise=False then grows the
+    same basis until the latent variances are certified too."""
+    X, y, Xs = _data(600, 60, c)
+    kw = {"space": "function", "prior_var": prior_var, "noise_var": noise_var, "optimize_hyperparameters": False}
+    dense = la.LinearizedRegressor(_net(c), solver="cholesky", **kw).fit(X, y)
+    cg = la.LinearizedRegressor(_net(c), solver="cg", **kw).fit(X, y)
+    noisy_d, noisy_c = dense.predict(Xs, return_std=True)[1] ** 2, cg.predict(Xs, return_std=True)[1] ** 2
+    with_noise = cg.posterior_._basis.size
+    assert np.all(noisy_c >= noisy_d * (1 - 1e-8)) and np.all(noisy_c <= noisy_d * (1 + 1.001e-2))
+    latent_d = dense.predict(Xs, return_std=True, include_noise=False)[1] ** 2
+    latent_c = cg.predict(Xs, return_std=True, include_noise=False)[1] ** 2
+    if c == 1:  # here the latent variances need a third more vectors (192 → 256); with c = 2 the same 384
+        assert cg.posterior_._basis.size > with_noise  # the same basis, grown further
+    assert np.all(latent_c >= latent_d * (1 - 1e-8)) and np.all(latent_c <= latent_d * (1 + 1.001e-2))
+    # predict_blocks follows its include_noise the same way
+    _, blocks = cg.predict_blocks(Xs)
+    _, blocks_d = dense.predict_blocks(Xs)
+    diag, diag_d = np.diagonal(blocks, axis1=1, axis2=2), np.diagonal(blocks_d, axis1=1, axis2=2)
+    assert np.all(diag <= diag_d * (1 + 1.001e-2)) and np.all(diag >= diag_d * (1 - 1e-8))
 
 
 def test_columns_the_capped_basis_cannot_certify_are_solved_by_cg():

@@ -504,7 +504,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
             return out_mean
         noise = noise_diagonal(self.noise_var_ if include_noise else 0.0, c, mean.device)
         if return_std:
-            blocks = post.latent_blocks(Xs)
+            blocks = post.latent_blocks(Xs, noise if include_noise else None)
             var = torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(0.0) + noise
             std = var.sqrt()
             return out_mean, (std[:, 0] if vector else std).cpu().numpy()
@@ -572,7 +572,8 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
         post, c = self.posterior_, self.n_outputs_
         post.progress = check_progress(self.progress)
         Xs, mean = self._latent_mean(X)
-        blocks = post.latent_blocks(Xs)
+        noise = noise_diagonal(self.noise_var_, c, mean.device)
+        blocks = post.latent_blocks(Xs, noise if include_noise else None)
         if include_noise:
-            blocks = blocks + torch.diag(noise_diagonal(self.noise_var_, c, blocks.device))
+            blocks = blocks + torch.diag(noise.to(blocks.device))
         return mean.cpu().numpy(), blocks.cpu().numpy()

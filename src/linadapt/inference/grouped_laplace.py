@@ -153,10 +153,10 @@ class GroupedLaplacePosterior(LaplacePosterior):
             self._delta = pr.mu + pr.weight_scales() * pr.jt_mv(self.a.unsqueeze(-1), self.dense).squeeze(-1)
         return self._delta
 
-    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
+    def latent_blocks(self, Xs: torch.Tensor, added_variance: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example c × c blocks of J(x) S J(x)ᵀ (m, c, c), through the groups' scaled cross kernels."""
         self._activate()
-        return super().latent_blocks(Xs)
+        return super().latent_blocks(Xs, added_variance)
 
     def latent_cov(self, Xs: torch.Tensor) -> torch.Tensor:
         """The joint posterior covariance of the logits at X* (m·c, m·c)."""

@@ -229,8 +229,13 @@ class LinearizedPosterior:
         Jacobian-vector product, so the MAP logits cost one pass."""
         return self.lin.jvp(Xs, self.delta, with_outputs=True)
 
-    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
-        """Per-example c × c posterior covariance blocks J(x) S J(x)ᵀ, shape (m, c, c)."""
+    def latent_blocks(self, Xs: torch.Tensor, added_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example c × c posterior covariance blocks J(x) S J(x)ᵀ, shape (m, c, c).
+
+        ``added_variance`` (c,): what the caller adds to each output's variance before returning it (the noise,
+        for the predictive of y). Exact paths ignore it; a matrix-free regression certifies each variance plus
+        it, the quantity the caller returns, rather than the latent variance alone (see
+        :meth:`~linadapt.inference.regression.RegressionPosterior._blocks_from_kernels`)."""
         out = []
         if self._by_kernels():
             X = self.problem.all_inputs()
@@ -240,7 +245,7 @@ class LinearizedPosterior:
             chunks = self._cross_kernel_chunks(X, Xs, size)
             steps = self._cross_kernel_steps(X, Xs.shape[0], size)
             out = [
-                self._blocks_from_kernels(Kx, Kss)
+                self._blocks_from_kernels(Kx, Kss, added_variance)
                 for _, Kx, Kss in with_progress(chunks, steps, self._progress_label(Xs), self.progress)
             ]
             return torch.cat(out) if out else torch.zeros(0, self.c, self.c, dtype=ALGEBRA_DTYPE)
@@ -282,9 +287,12 @@ class LinearizedPosterior:
             out.append(self._blocks_from_kernels(K[:, cols], Kss))
         return torch.cat(out)
 
-    def _blocks_from_kernels(self, Kx: torch.Tensor, Kss: torch.Tensor) -> torch.Tensor:
+    def _blocks_from_kernels(
+        self, Kx: torch.Tensor, Kss: torch.Tensor, added_variance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Function space: the symmetrised blocks s² Kss + (diagonal blocks of the data terms) for b points,
-        from Kx = K(X, x*) (N, b·c) and their prior blocks Kss (b, c, c)."""
+        from Kx = K(X, x*) (N, b·c) and their prior blocks Kss (b, c, c). Exact, so ``added_variance`` (see
+        :meth:`latent_blocks`) is unused."""
         b = Kss.shape[0]
         blocks = self.s2 * Kss + _diagonal_blocks(self._data_terms(Kx), b, self.c, Kx.dtype, Kx.device)
         return 0.5 * (blocks + blocks.transpose(1, 2))

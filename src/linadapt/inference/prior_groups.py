@@ -221,8 +221,8 @@ class GroupedPosterior:
         parts = [(self._cross(Xs[sl]) @ self.alpha).reshape(-1, self.c) for sl in self._blocks(Xs.shape[0])]
         return torch.cat(parts)
 
-    def latent_blocks(self, Xs: torch.Tensor) -> torch.Tensor:
-        """(m, c, c): per-example blocks of Σ_g s²_g K_g(X*, X*) − K* A⁻¹ K*ᵀ."""
+    def latent_blocks(self, Xs: torch.Tensor, added_variance: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, c, c): per-example blocks of Σ_g s²_g K_g(X*, X*) − K* A⁻¹ K*ᵀ (exact: ``added_variance`` unused)."""
         out = []
         for sl in self._blocks(Xs.shape[0]):
             xb = Xs[sl]

@@ -66,7 +66,7 @@ class SolverOptions:
     memory_budget: int = field(default_factory=default_memory_budget)
     variance_basis: bool = True  # matrix-free predictive variances from a certified Lanczos basis
     variance_basis_min: int = 16  # ... when a chunk has at least this many output columns
-    variance_rtol: float = 1e-2  # each such variance within this relative gap of the exact one (an upper bound)
+    variance_rtol: float = 1e-2  # each such variance (+ the noise, when returned with it) within this relative gap
     factorize: bool = True  # cache J(X_train) as per-layer factors for the solvers' products
     graph_products: bool = True  # else keep the network's autograd graph of X_train for them
 
@@ -358,19 +358,24 @@ class RegressionPosterior(LinearizedPosterior):
         """Function space: −s⁴ Kxᵀ A⁻¹ Kx for Kx = J(X) Bᵀ (N, k)."""
         return [(-(self.s2**2), Kx.T, self.solve(Kx))]
 
-    def _blocks_from_kernels(self, Kx: torch.Tensor, Kss: torch.Tensor) -> torch.Tensor:
+    def _blocks_from_kernels(
+        self, Kx: torch.Tensor, Kss: torch.Tensor, added_variance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """As the base class; a matrix-free (CG) posterior with many columns solves them with its Lanczos basis,
-        each variance certified within ``variance_rtol`` (:mod:`~linadapt.inference.lanczos_variance`)."""
+        each variance certified within ``variance_rtol`` (:mod:`~linadapt.inference.lanczos_variance`) — of the
+        variance the caller returns: the latent one plus ``added_variance`` (c,) when given (the noise, for the
+        predictive of y: ``predict(return_std=True)`` by default), else the latent one alone."""
         if not self._by_basis(Kx.shape[1]):
             return super()._blocks_from_kernels(Kx, Kss)
         prior = self.s2 * Kss.diagonal(dim1=1, dim2=2).reshape(-1)  # (b·c,) prior variances
         rtol = self.options.variance_rtol
+        floor = 0.0 if added_variance is None else added_variance.to(prior).repeat(Kss.shape[0])  # (b·c,)
         basis = self.lanczos_basis
         C = None
         while True:
             quad, gap, C, Y = basis.quadratic(Kx, C)
             var = prior - self.s2**2 * quad  # ≥ the exact variance, by at most s⁴ · gap
-            bad = self.s2**2 * gap > rtol * var.clamp_min(1e-300)
+            bad = self.s2**2 * gap > rtol * (var + floor).clamp_min(1e-300)
             if not bool(bad.any()) or basis.size >= basis.cap or basis.exhausted:
                 break
             basis.extend(basis.size + max(basis.size // 16, 64))
