@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import torch
@@ -184,6 +185,20 @@ def test_experiment_help_lists_every_experiment():
 
     text = CliRunner().invoke(app, ["experiment", "--help"], env={"COLUMNS": "400"}).output
     assert all(name in text for name in EXPERIMENTS)
+
+
+def test_every_linadapt_variant_of_the_pretrained_backbone_can_be_selected_alone():
+    """pretrained-backbone runs linadapt on the head, the head block and all weights; each can be run alone
+    (``--methods linadapt-all`` was refused as unknown), and selecting one leaves the others out."""
+    import inspect
+
+    from linadapt.experiments import compare, pretrained_backbone
+
+    names = set(re.findall(r'"(linadapt-[a-z]+)"', inspect.getsource(pretrained_backbone.pretrained_backbone)))
+    assert names == {"linadapt-last", "linadapt-head", "linadapt-all"}
+    for name in names:
+        with compare.selected_methods([name]):
+            assert compare._wanted(name) and not any(compare._wanted(m) for m in names - {name})
 
 
 def test_experiment_methods_selection_and_merge(tmp_path):

@@ -41,6 +41,7 @@ METHODS = (
     "linadapt",
     "linadapt-last",
     "linadapt-head",
+    "linadapt-all",
     "linadapt-rbf",
     "linadapt-layers",
     "linadapt-marginal",
