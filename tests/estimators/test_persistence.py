@@ -8,6 +8,7 @@ from models import embedder, inputs_for, mlp, resnet
 
 import linadapt as la
 from linadapt.estimators.persistence import FORMAT_VERSION, read_header
+from linadapt.inference.evidence import NoisePrior
 
 
 def regression_fit(**kw):
@@ -28,6 +29,29 @@ def test_regressor_round_trip(tmp_path, space):
     assert back.prior_var_ == reg.prior_var_ and back.noise_var_ == reg.noise_var_
     assert back.get_params()["space"] == space and back.model_reference_ == "tests.models:resnet"
     assert isinstance(la.LinearizedRegressor.load(path, model), la.LinearizedRegressor)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "hyperprior"),
+    [("regressor", NoisePrior(-3.0, 1.5)), ("regressor", (-3.0, 1.5)), ("regressor", None), ("classifier", None),
+     ("classifier", (0.5, 1.0))],
+)  # fmt: skip
+def test_hyperprior_settings_round_trip(tmp_path, estimator, hyperprior):
+    """Each accepted form of ``hyperprior`` saves (a NoisePrior object as its (loc, scale) pair) and loads with the
+    same fit and the same setting."""
+    model, X = mlp(), inputs_for("mlp", 12)
+    if estimator == "regressor":
+        est = la.LinearizedRegressor(model, hyperprior=hyperprior).fit(X, torch.randn(12, 3, dtype=torch.float64))
+    else:
+        est = la.LinearizedClassifier(model, hyperprior=hyperprior).fit(X, torch.arange(12) % 3)
+    path = tmp_path / "h.linadapt"
+    est.save(path)
+    stored = read_header(path)["settings"]["hyperprior"]
+    want = None if hyperprior is None else list(getattr(hyperprior, "__dict__", {}).values()) or list(hyperprior)
+    assert stored == want
+    back = la.load(path, mlp())
+    assert back.prior_var_ == est.prior_var_
+    assert back.hyperprior == want  # the loaded estimator searches again under the same prior
 
 
 @pytest.mark.parametrize("link", ["probit", "bridge"])

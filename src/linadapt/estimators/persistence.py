@@ -46,6 +46,7 @@ from torch import nn
 from linadapt._files import atomic_write
 from linadapt._inputs import KeywordInputs
 from linadapt._version import __version__
+from linadapt.inference.evidence import NoisePrior
 
 __all__ = [
     "ESTIMATORS",
@@ -109,6 +110,9 @@ def _settings(estimator: Any) -> dict[str, Any]:
         settings["output_fn"] = f"given: {getattr(fn, '__module__', None) or '?'}.{name}"
     if settings.get("device") is not None:
         settings["device"] = str(settings["device"])
+    prior = settings.get("hyperprior")
+    if isinstance(prior, NoisePrior):  # the regressor's hyperprior given as an object: stored as its (loc, scale)
+        settings["hyperprior"] = [prior.loc, prior.scale]
     for key, value in settings.items():  # numpy / torch arrays (e.g. one noise_var per output) as JSON lists
         if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
             settings[key] = value.tolist()
