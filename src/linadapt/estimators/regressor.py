@@ -504,7 +504,7 @@ class LinearizedRegressor(QueryMixin, UpdateMixin, SaveLoadMixin, RegressorMixin
             return out_mean
         noise = noise_diagonal(self.noise_var_ if include_noise else 0.0, c, mean.device)
         if return_std:
-            blocks = post.latent_blocks(Xs, noise if include_noise else None)
+            blocks = post.latent_blocks(Xs, noise)  # noise is zero without include_noise
             var = torch.diagonal(blocks, dim1=-2, dim2=-1).clamp_min(0.0) + noise
             std = var.sqrt()
             return out_mean, (std[:, 0] if vector else std).cpu().numpy()

@@ -10,7 +10,7 @@ with A Q = Q T + β q' e_rᵀ (T tridiagonal, q' ⟂ Q). For every column the Ga
 
 so its residual, and with it a bound on the error, costs no product with A: ‖A x̃ − k‖² = ‖k‖² − ‖Qᵀk‖² + (β η)² −
 2 β η q'ᵀk with η = e_rᵀ T⁻¹ Qᵀ k. The variance s² k** − s⁴ kᵀx̃ is then an upper bound of the exact one, at most
-s⁴ ‖A x̃ − k‖² / σ² above it. The basis grows (by half) until that gap is within ``rtol`` of the variance for every
+s⁴ ‖A x̃ − k‖² / σ² above it. The basis grows until that gap is within ``rtol`` of the variance for every
 column, up to a cap set by the memory budget; columns still outside are solved by CG. The basis is built once per
 posterior and serves every later prediction. It grows in small steps (a sixteenth of its size, at least 64 vectors),
 each check reusing the projections Qᵀk of the last: a check costs N·(new vectors)·k for the new rows plus a Cholesky
